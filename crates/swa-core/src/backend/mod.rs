@@ -1,0 +1,346 @@
+//! The tensor backend: every operation that training, averaging and evaluation need, behind one trait.
+//!
+//! Tensors are handles owned by a backend. On the CPU a handle is the `ndarray` array itself; on a GPU it
+//! names a device buffer, and operations may run asynchronously: [`Backend::to_host`] is the one explicit
+//! point where values come back, and [`Backend::synchronize`] waits for queued work. Handles are not
+//! `Clone`, because a copied GPU handle would alias the same buffer: deep copies go through
+//! [`Backend::duplicate`].
+//!
+//! All tensors are `f32`, row-major; images are `NCHW`. Convolution weights are `[out, in, kh, kw]` and
+//! linear weights `[out, in]`, the layouts of PyTorch, so that checkpoints are interchangeable.
+//!
+//! The reference semantics of every operation are those of [`cpu::CpuBackend`]; other backends are tested
+//! against it.
+
+pub mod cpu;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors raised by backend operations. Shape errors name the operation and both shapes.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum BackendError {
+    /// Operands whose shapes do not fit the operation.
+    #[error("{op}: shape mismatch: expected {expected}, got {got:?}")]
+    ShapeMismatch {
+        /// The operation that was called.
+        op: &'static str,
+        /// What the operation expected, in words.
+        expected: String,
+        /// The shape it was given.
+        got: Vec<usize>,
+    },
+    /// An argument outside its valid range (a stride of 0, a label out of range, …).
+    #[error("{op}: invalid argument: {message}")]
+    InvalidArgument {
+        /// The operation that was called.
+        op: &'static str,
+        /// What was wrong and what was expected.
+        message: String,
+    },
+    /// The backend has no device to run on (for example, no GPU adapter).
+    #[error("no device available: {0}")]
+    NoDevice(String),
+    /// The device failed while running an operation (out of memory, device lost, …).
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+/// Result of backend operations.
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// Anything that knows its own shape.
+pub trait HasShape {
+    /// The tensor's dimensions, outermost first.
+    fn dims(&self) -> &[usize];
+    /// The number of elements.
+    fn numel(&self) -> usize {
+        self.dims().iter().product()
+    }
+}
+
+/// Geometry of a 2-D convolution with square kernels (the only kind the paper's networks use).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conv2dSpec {
+    /// Step between output positions, in input pixels.
+    pub stride: usize,
+    /// Zero padding added on every side of the input.
+    pub padding: usize,
+}
+
+impl Conv2dSpec {
+    /// Output height or width for an input extent and a kernel extent.
+    pub fn output_extent(&self, input: usize, kernel: usize) -> Option<usize> {
+        let padded = input + 2 * self.padding;
+        if self.stride == 0 || padded < kernel {
+            return None;
+        }
+        Some((padded - kernel) / self.stride + 1)
+    }
+}
+
+/// Gradients of a convolution with respect to its input, weight and bias.
+#[derive(Debug)]
+pub struct Conv2dGrads<T> {
+    /// Gradient with respect to the input, when it was asked for (the first layer does not need it).
+    pub input: Option<T>,
+    /// Gradient with respect to the weight, same shape as the weight.
+    pub weight: T,
+    /// Gradient with respect to the bias, when the layer has one.
+    pub bias: Option<T>,
+}
+
+/// Per-channel statistics of a training-mode batch norm, kept for its backward pass.
+#[derive(Debug)]
+pub struct BatchNormSaved<T> {
+    /// Batch mean per channel, `[C]`.
+    pub mean: T,
+    /// `1 / sqrt(biased batch variance + eps)` per channel, `[C]`.
+    pub inv_std: T,
+}
+
+/// Gradients of batch norm.
+#[derive(Debug)]
+pub struct BatchNormGrads<T> {
+    /// Gradient with respect to the input.
+    pub input: T,
+    /// Gradient with respect to the scale (`weight` in PyTorch), `[C]`.
+    pub gamma: T,
+    /// Gradient with respect to the shift (`bias` in PyTorch), `[C]`.
+    pub beta: T,
+}
+
+/// Loss and gradient of the mean softmax cross-entropy over a batch.
+#[derive(Debug)]
+pub struct CrossEntropy<T> {
+    /// The mean loss, a tensor of shape `[1]` so that reading it back stays explicit.
+    pub loss: T,
+    /// Gradient of the mean loss with respect to the logits, `[N, classes]`.
+    pub grad: T,
+}
+
+/// Hyper-parameters of one SGD step, with PyTorch's semantics:
+/// `d = g + wd·p; buf = momentum·buf + (1 − dampening)·d; d = nesterov ? d + momentum·buf : buf; p −= lr·d`.
+///
+/// A momentum buffer that starts at zero gives PyTorch's first step exactly when `dampening` is 0.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SgdStep {
+    /// Learning rate of this step.
+    pub lr: f32,
+    /// Momentum factor.
+    pub momentum: f32,
+    /// L2 penalty added to the gradient.
+    pub weight_decay: f32,
+    /// Dampening of the momentum buffer's update.
+    pub dampening: f32,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+}
+
+/// The tensor operations that training, averaging and evaluation need.
+///
+/// Implementations must be deterministic: the same inputs and seeds give the same outputs (bit-identical
+/// on the CPU for a fixed thread count).
+pub trait Backend: Clone + Send + Sync + std::fmt::Debug + 'static {
+    /// A handle to a tensor owned by this backend.
+    type Tensor: HasShape + std::fmt::Debug + Send + Sync;
+
+    /// A short human-readable name (for logs and benchmark tables), e.g. `cpu (2 threads)`.
+    fn name(&self) -> String;
+
+    // ---------------------------------------------------------------- creation and transfer
+
+    /// Uploads host values (row-major) as a tensor of `shape`.
+    fn from_host(&self, data: &[f32], shape: &[usize]) -> BackendResult<Self::Tensor>;
+    /// A tensor of zeros.
+    fn zeros(&self, shape: &[usize]) -> BackendResult<Self::Tensor>;
+    /// Reads a tensor back to the host, waiting for any queued work that writes it.
+    fn to_host(&self, tensor: &Self::Tensor) -> BackendResult<Vec<f32>>;
+    /// A deep copy.
+    fn duplicate(&self, tensor: &Self::Tensor) -> BackendResult<Self::Tensor>;
+    /// The same values under another shape with the same number of elements.
+    fn reshape(&self, tensor: Self::Tensor, shape: &[usize]) -> BackendResult<Self::Tensor>;
+    /// Waits until all queued work has finished.
+    fn synchronize(&self) -> BackendResult<()>;
+
+    // ---------------------------------------------------------------- element-wise, in place
+
+    /// Sets every element to `value`.
+    fn fill_(&self, tensor: &mut Self::Tensor, value: f32) -> BackendResult<()>;
+    /// `dst = src`.
+    fn copy_(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> BackendResult<()>;
+    /// `dst += weight · (src − dst)`: the SWA running mean (`weight = 1/(n+1)`), EMA (`weight = 1 − decay`)
+    /// and the merge of two averages all reduce to it.
+    fn lerp_(&self, dst: &mut Self::Tensor, src: &Self::Tensor, weight: f32) -> BackendResult<()>;
+    /// [`Backend::lerp_`] over many tensor pairs with one weight. Backends may fuse this into one pass.
+    fn lerp_many_(
+        &self,
+        dsts: &mut [&mut Self::Tensor],
+        srcs: &[&Self::Tensor],
+        weight: f32,
+    ) -> BackendResult<()> {
+        if dsts.len() != srcs.len() {
+            return Err(BackendError::InvalidArgument {
+                op: "lerp_many_",
+                message: format!("{} destinations but {} sources", dsts.len(), srcs.len()),
+            });
+        }
+        for (dst, src) in dsts.iter_mut().zip(srcs) {
+            self.lerp_(dst, src, weight)?;
+        }
+        Ok(())
+    }
+    /// `dst += alpha · x`.
+    fn axpy_(&self, dst: &mut Self::Tensor, alpha: f32, x: &Self::Tensor) -> BackendResult<()>;
+    /// `tensor *= factor`.
+    fn scale_(&self, tensor: &mut Self::Tensor, factor: f32) -> BackendResult<()>;
+    /// One fused SGD step on a parameter, its gradient and its momentum buffer (see [`SgdStep`]).
+    fn sgd_step_(
+        &self,
+        param: &mut Self::Tensor,
+        grad: &Self::Tensor,
+        momentum: &mut Self::Tensor,
+        step: &SgdStep,
+    ) -> BackendResult<()>;
+
+    // ---------------------------------------------------------------- element-wise, new tensors
+
+    /// `a + b` (same shapes): residual connections.
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> BackendResult<Self::Tensor>;
+    /// `a ⊙ b` (same shapes): dropout masks.
+    fn mul(&self, a: &Self::Tensor, b: &Self::Tensor) -> BackendResult<Self::Tensor>;
+    /// `max(x, 0)`.
+    fn relu(&self, x: &Self::Tensor) -> BackendResult<Self::Tensor>;
+    /// `dy` where the ReLU's output `y` is positive, else 0.
+    fn relu_backward(&self, y: &Self::Tensor, dy: &Self::Tensor) -> BackendResult<Self::Tensor>;
+    /// A dropout mask of `shape`: each element is `1/(1−p)` when [`dropout_keeps`] keeps it, else 0.
+    /// Counter-based, so every backend draws the same mask from the same seed.
+    fn dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<Self::Tensor>;
+
+    // ---------------------------------------------------------------- dense layers
+
+    /// Matrix product of 2-D tensors: `op(a) · op(b)`, where `op` transposes when asked.
+    fn matmul(
+        &self,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> BackendResult<Self::Tensor>;
+    /// `x[n, j] += bias[j]` for a 2-D `x`.
+    fn add_row_bias_(&self, x: &mut Self::Tensor, bias: &Self::Tensor) -> BackendResult<()>;
+    /// Column sums of a 2-D tensor: `[n, m] → [m]` (the gradient of a row bias).
+    fn sum_rows(&self, x: &Self::Tensor) -> BackendResult<Self::Tensor>;
+
+    // ---------------------------------------------------------------- convolution
+
+    /// 2-D convolution (cross-correlation, as in PyTorch) of `x: [N, Cin, H, W]` with
+    /// `weight: [Cout, Cin, K, K]` and an optional `bias: [Cout]`.
+    fn conv2d(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        spec: Conv2dSpec,
+    ) -> BackendResult<Self::Tensor>;
+    /// Gradients of [`Backend::conv2d`] given the output gradient `dy`.
+    fn conv2d_backward(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        dy: &Self::Tensor,
+        spec: Conv2dSpec,
+        need_input_grad: bool,
+        need_bias_grad: bool,
+    ) -> BackendResult<Conv2dGrads<Self::Tensor>>;
+
+    // ---------------------------------------------------------------- batch norm (over N, H, W per channel)
+
+    /// Training-mode batch norm of `x: [N, C, H, W]` (or `[N, C]`): normalises with the batch statistics and
+    /// updates the running statistics in place, as PyTorch does:
+    /// `running = (1 − momentum)·running + momentum·batch`, the variance unbiased (`n/(n−1)`).
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_train(
+        &self,
+        x: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        running_mean: &mut Self::Tensor,
+        running_var: &mut Self::Tensor,
+        momentum: f32,
+        eps: f32,
+    ) -> BackendResult<(Self::Tensor, BatchNormSaved<Self::Tensor>)>;
+    /// Evaluation-mode batch norm with the running statistics.
+    fn batch_norm_eval(
+        &self,
+        x: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        running_mean: &Self::Tensor,
+        running_var: &Self::Tensor,
+        eps: f32,
+    ) -> BackendResult<Self::Tensor>;
+    /// Gradients of training-mode batch norm.
+    fn batch_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        gamma: &Self::Tensor,
+        saved: &BatchNormSaved<Self::Tensor>,
+        dy: &Self::Tensor,
+    ) -> BackendResult<BatchNormGrads<Self::Tensor>>;
+
+    // ---------------------------------------------------------------- pooling
+
+    /// Max pooling with a square window `kernel` and step `stride`, no padding.
+    fn max_pool2d(
+        &self,
+        x: &Self::Tensor,
+        kernel: usize,
+        stride: usize,
+    ) -> BackendResult<Self::Tensor>;
+    /// Gradient of max pooling: each window's `dy` goes to the first position holding the window's maximum.
+    fn max_pool2d_backward(
+        &self,
+        x: &Self::Tensor,
+        dy: &Self::Tensor,
+        kernel: usize,
+        stride: usize,
+    ) -> BackendResult<Self::Tensor>;
+    /// Average pooling with a square window `kernel` and step `kernel`, no padding.
+    fn avg_pool2d(&self, x: &Self::Tensor, kernel: usize) -> BackendResult<Self::Tensor>;
+    /// Gradient of average pooling, for an input of `input_shape`.
+    fn avg_pool2d_backward(
+        &self,
+        dy: &Self::Tensor,
+        kernel: usize,
+        input_shape: &[usize],
+    ) -> BackendResult<Self::Tensor>;
+
+    // ---------------------------------------------------------------- losses and predictions
+
+    /// Mean softmax cross-entropy of `logits: [N, classes]` against `labels` (one per row), and its gradient.
+    fn softmax_cross_entropy(
+        &self,
+        logits: &Self::Tensor,
+        labels: &[u32],
+    ) -> BackendResult<CrossEntropy<Self::Tensor>>;
+    /// Row-wise softmax of `logits: [N, classes]` (for ensembling predictions).
+    fn softmax(&self, logits: &Self::Tensor) -> BackendResult<Self::Tensor>;
+}
+
+/// Whether dropout keeps element `index` for `seed` and drop probability `p`.
+///
+/// A counter-based hash (PCG's output permutation), so that the CPU and the GPU draw identical masks with no
+/// shared generator state. The GPU kernels implement the same arithmetic in WGSL.
+pub fn dropout_keeps(seed: u64, index: u32, p: f32) -> bool {
+    let stream = pcg_hash((seed as u32) ^ pcg_hash((seed >> 32) as u32));
+    let h = pcg_hash(index ^ stream);
+    // 24 high bits give a uniform in [0, 1) exactly representable in f32.
+    ((h >> 8) as f32) * (1.0 / 16_777_216.0) >= p
+}
+
+/// PCG-RXS-M-XS 32-bit hash (Jarzynski & Olano, "Hash Functions for GPU Rendering", 2020).
+pub fn pcg_hash(input: u32) -> u32 {
+    let state = input.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
+    let word = ((state >> ((state >> 28) + 4)) ^ state).wrapping_mul(277_803_737);
+    (word >> 22) ^ word
+}

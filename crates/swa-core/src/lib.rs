@@ -1,0 +1,23 @@
+//! # swa-core
+//!
+//! The mathematics of Stochastic Weight Averaging (Izmailov et al., UAI 2018), independent of any network or
+//! device:
+//!
+//! - [`backend`]: the tensor [`Backend`](backend::Backend) trait that every network is written against, and
+//!   its reference implementation on the CPU over `ndarray`;
+//! - [`averaging`]: weight averages over named tensors: the SWA running mean, EMA, and the count-weighted
+//!   merge of two averages;
+//! - [`schedule`]: learning-rate schedules as pure functions of (epoch, step);
+//! - [`policy`]: the SWA policy that tells a training loop the learning rate now and whether to average now.
+//!
+//! swa-core does not depend on a GPU API: a user who wants only the maths depends on this crate alone.
+
+pub mod averaging;
+pub mod backend;
+pub mod params;
+pub mod policy;
+pub mod schedule;
+
+pub use backend::cpu::{CpuBackend, CpuTensor};
+pub use backend::{Backend, BackendError, BackendResult, HasShape};
+pub use params::{NamedTensors, TensorRole};

@@ -1,0 +1,3 @@
+//! # swa-models
+//!
+//! The networks of the SWA paper, written once over swa-core's `Backend`, and how they are trained.
