@@ -1,4 +1,6 @@
-//! `cargo xtask`: experiment orchestration for swa-rs.
+//! `cargo xtask`: experiment orchestration for swa-rs. Thin: the work lives in the library crates.
+
+mod data;
 
 use clap::{Parser, Subcommand};
 
@@ -12,6 +14,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Inspect and verify the CIFAR data sets.
+    #[command(subcommand)]
+    Data(data::DataCommand),
     /// Print each network with its class count and parameter count.
     Models,
 }
@@ -19,6 +24,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Data(command) => data::run(command),
         Command::Models => anyhow::bail!("the networks are not available yet"),
     }
 }

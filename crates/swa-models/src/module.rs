@@ -1,0 +1,104 @@
+//! The module interface every layer and network implements.
+//!
+//! There is no autograd graph: each module caches what its backward pass needs during a training forward
+//! pass, and `backward` accumulates its parameters' gradients and returns the gradient of its input. This is
+//! all the paper's feed-forward networks need, and it keeps a training step free of graph bookkeeping.
+
+use swa_core::backend::{Backend, BackendResult};
+use swa_core::params::{NamedTensors, TensorRole};
+
+/// How a forward pass runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ForwardMode {
+    /// Training: batch statistics in BatchNorm (running statistics updated with the layer's own momentum),
+    /// dropout active with masks drawn from `seed`, activations cached for `backward`.
+    Train {
+        /// Seed of this step's dropout masks; each dropout layer derives its own stream from it.
+        seed: u64,
+    },
+    /// Evaluation: running statistics in BatchNorm, no dropout, nothing cached.
+    Eval,
+    /// BatchNorm recomputation for averaged weights (PyTorch's `update_bn`): batch statistics, and running
+    /// statistics updated with this `momentum` instead of the layer's own; dropout as in training; nothing
+    /// cached. A momentum of `b / (n + b)` for a batch of `b` after `n` samples gives the exact average.
+    RecomputeBatchNorm {
+        /// Weight of this batch's statistics in the running statistics.
+        momentum: f32,
+        /// Seed of this pass's dropout masks.
+        seed: u64,
+    },
+}
+
+/// A trainable parameter: its value and, after a backward pass, its accumulated gradient.
+#[derive(Debug)]
+pub struct Param<B: Backend> {
+    /// The current value.
+    pub value: B::Tensor,
+    /// The gradient accumulated since the last [`Module::zero_grads`], `None` before the first backward pass.
+    pub grad: Option<B::Tensor>,
+}
+
+impl<B: Backend> Param<B> {
+    /// A parameter with no gradient yet.
+    pub fn new(value: B::Tensor) -> Self {
+        Self { value, grad: None }
+    }
+
+    /// Adds `g` to the accumulated gradient (taking it as the gradient when there is none).
+    pub fn accumulate_grad(&mut self, backend: &B, g: B::Tensor) -> BackendResult<()> {
+        match &mut self.grad {
+            Some(acc) => backend.axpy_(acc, 1.0, &g),
+            None => {
+                self.grad = Some(g);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A layer or a network.
+///
+/// [`NamedTensors`] (the supertrait) visits parameters *and* BatchNorm buffers with their PyTorch names;
+/// [`Module::visit_params_mut`] visits only the trainable parameters, with their gradients, for optimisers.
+pub trait Module<B: Backend>: NamedTensors<B> + Send {
+    /// Runs the module on `x`.
+    fn forward(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        mode: ForwardMode,
+    ) -> BackendResult<B::Tensor>;
+
+    /// Back-propagates `dy` (the gradient of the loss with respect to the last training forward's output):
+    /// accumulates parameter gradients and returns the gradient with respect to that forward's input.
+    fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor>;
+
+    /// Visits every trainable parameter with its name, in the same order as [`NamedTensors`] visits them.
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Param<B>));
+
+    /// Drops accumulated gradients and cached activations.
+    fn zero_grads(&mut self) {
+        self.visit_params_mut(&mut |_, p| p.grad = None);
+    }
+}
+
+/// Prefixes a child's names with `prefix.`, as PyTorch's `state_dict` does.
+pub fn child_name(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// The number of trainable scalars of a module (PyTorch's `sum(p.numel() for p in model.parameters())`).
+pub fn parameter_count<B: Backend, M: NamedTensors<B> + ?Sized>(module: &M) -> usize {
+    use swa_core::backend::HasShape;
+    let mut total = 0;
+    module.visit_tensors(&mut |_, role, t| {
+        if role == TensorRole::Parameter {
+            total += t.numel();
+        }
+    });
+    total
+}
