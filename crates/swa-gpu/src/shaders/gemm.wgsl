@@ -1,0 +1,214 @@
+// Tiled, register-blocked matrix product C[M, N] = A[M, K] · B[K, N] with pluggable operand loaders:
+//
+//   MODE 0: dense matmul; A and B are read through (row, column) strides, so transposes cost nothing;
+//   MODE 1: convolution forward as implicit GEMM: A = weight [Cout, Cin·K·K], B = input patches
+//           [Cin·K·K, N·OH·OW] gathered on the fly (no im2col buffer), C scattered to NCHW (+ bias);
+//   MODE 2: convolution input gradient: A = weightᵀ [Cin, Cout·K·K], B = output-gradient taps
+//           [Cout·K·K, N·H·W], C scattered to NCHW;
+//   MODE 3: convolution weight gradient: A = dy [Cout, N·OH·OW], B = input patches [N·OH·OW, Cin·K·K].
+//
+// A workgroup computes a BM × BN tile; each thread accumulates TM × TN outputs in registers, rows strided
+// by the workgroup's height and columns by its width so that neighbouring threads store neighbouring
+// columns. The K loop runs in order inside one thread, so results are deterministic. With split-K
+// (workgroup z), each z slice writes its partial product to its own [M, N] block; the host sums the
+// blocks in order afterwards. Placeholders {{…}} are filled when the pipeline is created.
+
+const BM: u32 = {{BM}}u;
+const BN: u32 = {{BN}}u;
+const BK: u32 = {{BK}}u;
+const TM: u32 = {{TM}}u;
+const TN: u32 = {{TN}}u;
+const MODE: u32 = {{MODE}}u;
+const THREADS_N: u32 = BN / TN;
+const THREADS_M: u32 = BM / TM;
+const THREADS: u32 = THREADS_M * THREADS_N;
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    k_chunk: u32,
+    a_row_stride: u32,
+    a_col_stride: u32,
+    b_row_stride: u32,
+    b_col_stride: u32,
+    batch: u32,
+    cin: u32,
+    h: u32,
+    w: u32,
+    cout: u32,
+    oh: u32,
+    ow: u32,
+    ksize: u32,
+    stride: u32,
+    pad: u32,
+    has_bias: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> lhs: array<f32>;
+@group(0) @binding(2) var<storage, read> rhs: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
+
+var<workgroup> a_tile: array<f32, BK * BM>;
+var<workgroup> b_tile: array<f32, BK * BN>;
+
+// Input pixel of image `n`, channel `c` at padded coordinates (y, x), or 0 in the padding.
+fn input_at(n: u32, c: u32, y: i32, x: i32) -> f32 {
+    if (y < 0 || x < 0 || y >= i32(p.h) || x >= i32(p.w)) {
+        return 0.0;
+    }
+    return rhs[((n * p.cin + c) * p.h + u32(y)) * p.w + u32(x)];
+}
+
+fn load_a(row: u32, kk: u32) -> f32 {
+    if (MODE == 0u) {
+        return lhs[row * p.a_row_stride + kk * p.a_col_stride];
+    } else if (MODE == 1u) {
+        return lhs[row * p.k + kk];
+    } else if (MODE == 2u) {
+        // row = ci, kk = (co, tap)
+        let taps = p.ksize * p.ksize;
+        let co = kk / taps;
+        let tap = kk % taps;
+        return lhs[(co * p.cin + row) * taps + tap];
+    } else {
+        // row = co, kk = (n, pixel)
+        let pixels = p.oh * p.ow;
+        let n = kk / pixels;
+        let pixel = kk % pixels;
+        return lhs[(n * p.cout + row) * pixels + pixel];
+    }
+}
+
+fn load_b(kk: u32, col: u32) -> f32 {
+    if (MODE == 0u) {
+        return rhs[kk * p.b_row_stride + col * p.b_col_stride];
+    } else if (MODE == 1u) {
+        // kk = (ci, ky, kx), col = (n, oy, ox)
+        let taps = p.ksize * p.ksize;
+        let ci = kk / taps;
+        let tap = kk % taps;
+        let pixels = p.oh * p.ow;
+        let n = col / pixels;
+        let pixel = col % pixels;
+        let y = i32((pixel / p.ow) * p.stride + tap / p.ksize) - i32(p.pad);
+        let x = i32((pixel % p.ow) * p.stride + tap % p.ksize) - i32(p.pad);
+        return input_at(n, ci, y, x);
+    } else if (MODE == 2u) {
+        // kk = (co, ky, kx), col = (n, iy, ix): the output position whose tap (ky, kx) lands on (iy, ix).
+        let taps = p.ksize * p.ksize;
+        let co = kk / taps;
+        let tap = kk % taps;
+        let pixels = p.h * p.w;
+        let n = col / pixels;
+        let pixel = col % pixels;
+        let ty = i32(pixel / p.w) + i32(p.pad) - i32(tap / p.ksize);
+        let tx = i32(pixel % p.w) + i32(p.pad) - i32(tap % p.ksize);
+        let s = i32(p.stride);
+        if (ty < 0 || tx < 0 || ty % s != 0 || tx % s != 0) {
+            return 0.0;
+        }
+        let oy = u32(ty / s);
+        let ox = u32(tx / s);
+        if (oy >= p.oh || ox >= p.ow) {
+            return 0.0;
+        }
+        return rhs[((n * p.cout + co) * p.oh + oy) * p.ow + ox];
+    } else {
+        // kk = (n, oy, ox), col = (ci, ky, kx)
+        let pixels = p.oh * p.ow;
+        let n = kk / pixels;
+        let pixel = kk % pixels;
+        let taps = p.ksize * p.ksize;
+        let ci = col / taps;
+        let tap = col % taps;
+        let y = i32((pixel / p.ow) * p.stride + tap / p.ksize) - i32(p.pad);
+        let x = i32((pixel % p.ow) * p.stride + tap % p.ksize) - i32(p.pad);
+        return input_at(n, ci, y, x);
+    }
+}
+
+fn store(split: u32, row: u32, col: u32, value: f32) {
+    if (MODE == 1u) {
+        let pixels = p.oh * p.ow;
+        let n = col / pixels;
+        var v = value;
+        if (p.has_bias != 0u) {
+            v = v + bias[row];
+        }
+        out[(n * p.cout + row) * pixels + col % pixels] = v;
+    } else if (MODE == 2u) {
+        let pixels = p.h * p.w;
+        let n = col / pixels;
+        out[(n * p.cin + row) * pixels + col % pixels] = value;
+    } else {
+        out[(split * p.m + row) * p.n + col] = value;
+    }
+}
+
+@compute @workgroup_size({{THREADS_N}}, {{THREADS_M}}, 1)
+fn main(
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(workgroup_id) wid: vec3<u32>,
+) {
+    let tid = lid.y * THREADS_N + lid.x;
+    let row0 = wid.y * BM;
+    let col0 = wid.x * BN;
+    let k_begin = wid.z * p.k_chunk;
+    let k_end = min(p.k, k_begin + p.k_chunk);
+
+    var acc: array<f32, {{TM_TN}}>;
+    var a_reg: array<f32, {{TM}}>;
+    var b_reg: array<f32, {{TN}}>;
+
+    for (var k0 = k_begin; k0 < k_end; k0 = k0 + BK) {
+        // Neighbouring threads take neighbouring k for A (contiguous along a row-major A's rows)
+        // and neighbouring columns for B (contiguous along a row-major B's rows).
+        for (var i = tid; i < BK * BM; i = i + THREADS) {
+            let m = i / BK;
+            let kk = i % BK;
+            var v = 0.0;
+            if (row0 + m < p.m && k0 + kk < k_end) {
+                v = load_a(row0 + m, k0 + kk);
+            }
+            a_tile[kk * BM + m] = v;
+        }
+        for (var i = tid; i < BK * BN; i = i + THREADS) {
+            let kk = i / BN;
+            let c = i % BN;
+            var v = 0.0;
+            if (col0 + c < p.n && k0 + kk < k_end) {
+                v = load_b(k0 + kk, col0 + c);
+            }
+            b_tile[kk * BN + c] = v;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk = kk + 1u) {
+            for (var i = 0u; i < TM; i = i + 1u) {
+                a_reg[i] = a_tile[kk * BM + lid.y + i * THREADS_M];
+            }
+            for (var j = 0u; j < TN; j = j + 1u) {
+                b_reg[j] = b_tile[kk * BN + lid.x + j * THREADS_N];
+            }
+            for (var i = 0u; i < TM; i = i + 1u) {
+                for (var j = 0u; j < TN; j = j + 1u) {
+                    acc[i * TN + j] = acc[i * TN + j] + a_reg[i] * b_reg[j];
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    for (var i = 0u; i < TM; i = i + 1u) {
+        let row = row0 + lid.y + i * THREADS_M;
+        if (row >= p.m) { continue; }
+        for (var j = 0u; j < TN; j = j + 1u) {
+            let col = col0 + lid.x + j * THREADS_N;
+            if (col < p.n) {
+                store(wid.z, row, col, acc[i * TN + j]);
+            }
+        }
+    }
+}

@@ -1,0 +1,493 @@
+//! Every kernel against the CPU reference on random inputs, including sizes that are not multiples of
+//! the tile sizes.
+//!
+//! Tolerances:
+//! - element-wise arithmetic (`+`, `·`, lerp, axpy, SGD) is the same IEEE f32 expression on both sides;
+//!   only a fused multiply-add the shader compiler may form differs, by at most one rounding of each
+//!   product: `1e-6` absolute + `1e-6` relative on values of magnitude ≤ ~4;
+//! - matrix products and convolutions sum in different orders: each side is within `K·u·Σ|a·b|` of the
+//!   exact sum (u = 2⁻²⁴), so they are within twice that, with `Σ|a·b|` computed by the same op on
+//!   absolute values;
+//! - batch norm, softmax and cross-entropy use `sqrt`, `exp` and `log`, which WGSL only guarantees to a
+//!   few ulp, after reductions over ≤ 130 values: `2e-5` absolute + `2e-5` relative, well above the
+//!   expected error (~10 ulp) and far below any formula error (which would be ≥ 1e-2).
+
+mod common;
+
+use common::*;
+use swa_core::backend::{dropout_keeps, Backend, Conv2dSpec, HasShape, SgdStep};
+
+const ELEMENTWISE_TOL: f32 = 1e-6;
+const TRANSCENDENTAL_TOL: f32 = 2e-5;
+
+#[test]
+fn fill_copy_scale_duplicate_reshape() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let (mut gt, mut ct) = random_pair(&g, 1, &[3, 7]);
+    g.scale_(&mut gt, -2.5).unwrap();
+    c.scale_(&mut ct, -2.5).unwrap();
+    assert_close("scale_", &g, &gt, &ct, ELEMENTWISE_TOL, ELEMENTWISE_TOL);
+
+    let copy = g.duplicate(&gt).unwrap();
+    g.fill_(&mut gt, 0.75).unwrap();
+    assert_eq!(host(&g, &gt), vec![0.75; 21]);
+    assert_close("duplicate", &g, &copy, &ct, 0.0, 0.0);
+
+    let (src, csrc) = random_pair(&g, 2, &[3, 7]);
+    g.copy_(&mut gt, &src).unwrap();
+    assert_close("copy_", &g, &gt, &csrc, 0.0, 0.0);
+
+    let reshaped = g.reshape(gt, &[7, 3]).unwrap();
+    assert_eq!(reshaped.dims(), &[7, 3]);
+    assert_eq!(
+        host(&g, &reshaped),
+        csrc.iter().copied().collect::<Vec<_>>()
+    );
+    assert!(g.reshape(reshaped, &[4, 5]).is_err());
+
+    let zeros = g.zeros(&[5, 3]).unwrap();
+    assert_eq!(host(&g, &zeros), vec![0.0; 15]);
+    let empty = g.zeros(&[0, 4]).unwrap();
+    assert!(host(&g, &empty).is_empty());
+}
+
+#[test]
+fn shape_errors_are_typed() {
+    let Some(g) = gpu() else { return };
+    let mut a = g.zeros(&[2, 3]).unwrap();
+    let b = g.zeros(&[3, 2]).unwrap();
+    assert!(matches!(
+        g.add(&a, &b),
+        Err(swa_core::BackendError::ShapeMismatch { op: "add", .. })
+    ));
+    assert!(matches!(
+        g.lerp_(&mut a, &b, 0.5),
+        Err(swa_core::BackendError::ShapeMismatch { op: "lerp_", .. })
+    ));
+    assert!(g.from_host(&[1.0, 2.0], &[3]).is_err());
+    assert!(g.matmul(&a, &a, false, false).is_err());
+    assert!(g.softmax_cross_entropy(&a, &[0, 3]).is_err());
+}
+
+#[test]
+fn averaging_updates_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let shapes: [&[usize]; 4] = [&[17], &[5, 3, 3, 3], &[1000], &[10, 33]];
+    let mut gd = Vec::new();
+    let mut cd = Vec::new();
+    let mut gs = Vec::new();
+    let mut cs = Vec::new();
+    for (i, shape) in shapes.iter().enumerate() {
+        let (a, b) = random_pair(&g, 10 + i as u64, shape);
+        gd.push(a);
+        cd.push(b);
+        let (a, b) = random_pair(&g, 20 + i as u64, shape);
+        gs.push(a);
+        cs.push(b);
+    }
+    for weight in [1.0, 0.5, 1.0 / 3.0] {
+        let mut gdm: Vec<&mut _> = gd.iter_mut().collect();
+        let gsr: Vec<&_> = gs.iter().collect();
+        g.lerp_many_(&mut gdm, &gsr, weight).unwrap();
+        let mut cdm: Vec<&mut _> = cd.iter_mut().collect();
+        let csr: Vec<&_> = cs.iter().collect();
+        c.lerp_many_(&mut cdm, &csr, weight).unwrap();
+    }
+    for (i, (a, b)) in gd.iter().zip(&cd).enumerate() {
+        assert_close(
+            &format!("lerp_many_ #{i}"),
+            &g,
+            a,
+            b,
+            ELEMENTWISE_TOL,
+            ELEMENTWISE_TOL,
+        );
+    }
+    let (mut a, mut b) = random_pair(&g, 30, &[9, 4]);
+    let (x, y) = random_pair(&g, 31, &[9, 4]);
+    g.lerp_(&mut a, &x, 0.25).unwrap();
+    c.lerp_(&mut b, &y, 0.25).unwrap();
+    g.axpy_(&mut a, -1.5, &x).unwrap();
+    c.axpy_(&mut b, -1.5, &y).unwrap();
+    assert_close(
+        "lerp_ then axpy_",
+        &g,
+        &a,
+        &b,
+        ELEMENTWISE_TOL,
+        ELEMENTWISE_TOL,
+    );
+
+    let mut too_few: Vec<&mut _> = gd.iter_mut().take(1).collect();
+    assert!(g.lerp_many_(&mut too_few, &[], 0.5).is_err());
+}
+
+#[test]
+fn sgd_step_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let steps = [
+        SgdStep {
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            dampening: 0.0,
+            nesterov: false,
+        },
+        SgdStep {
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 1e-3,
+            dampening: 0.0,
+            nesterov: true,
+        },
+        SgdStep {
+            lr: 0.2,
+            momentum: 0.5,
+            weight_decay: 0.0,
+            dampening: 0.1,
+            nesterov: false,
+        },
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        let seed = 40 + 3 * i as u64;
+        let (mut gp, mut cp) = random_pair(&g, seed, &[37, 3]);
+        let (gg, cg) = random_pair(&g, seed + 1, &[37, 3]);
+        let (mut gm, mut cm) = random_pair(&g, seed + 2, &[37, 3]);
+        for _ in 0..3 {
+            g.sgd_step_(&mut gp, &gg, &mut gm, step).unwrap();
+            c.sgd_step_(&mut cp, &cg, &mut cm, step).unwrap();
+        }
+        assert_close(
+            &format!("sgd param {step:?}"),
+            &g,
+            &gp,
+            &cp,
+            ELEMENTWISE_TOL,
+            ELEMENTWISE_TOL,
+        );
+        assert_close(
+            &format!("sgd momentum {step:?}"),
+            &g,
+            &gm,
+            &cm,
+            ELEMENTWISE_TOL,
+            ELEMENTWISE_TOL,
+        );
+    }
+}
+
+#[test]
+fn arithmetic_relu_and_bias_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let (ga, ca) = random_pair(&g, 50, &[2, 3, 5, 7]);
+    let (gb, cb) = random_pair(&g, 51, &[2, 3, 5, 7]);
+    assert_close(
+        "add",
+        &g,
+        &g.add(&ga, &gb).unwrap(),
+        &c.add(&ca, &cb).unwrap(),
+        0.0,
+        0.0,
+    );
+    assert_close(
+        "mul",
+        &g,
+        &g.mul(&ga, &gb).unwrap(),
+        &c.mul(&ca, &cb).unwrap(),
+        0.0,
+        0.0,
+    );
+    assert_close(
+        "add(a, a)",
+        &g,
+        &g.add(&ga, &ga).unwrap(),
+        &c.add(&ca, &ca).unwrap(),
+        0.0,
+        0.0,
+    );
+    let gy = g.relu(&ga).unwrap();
+    let cy = c.relu(&ca).unwrap();
+    assert_close("relu", &g, &gy, &cy, 0.0, 0.0);
+    assert_close(
+        "relu_backward",
+        &g,
+        &g.relu_backward(&gy, &gb).unwrap(),
+        &c.relu_backward(&cy, &cb).unwrap(),
+        0.0,
+        0.0,
+    );
+
+    let (mut gx, mut cx) = random_pair(&g, 52, &[13, 6]);
+    let (gbias, cbias) = random_pair(&g, 53, &[6]);
+    g.add_row_bias_(&mut gx, &gbias).unwrap();
+    c.add_row_bias_(&mut cx, &cbias).unwrap();
+    assert_close("add_row_bias_", &g, &gx, &cx, 0.0, 0.0);
+    // 13 rows summed in order on both sides.
+    let sums_bound = 13.0 * 2.0 * U * 13.0;
+    assert_close(
+        "sum_rows",
+        &g,
+        &g.sum_rows(&gx).unwrap(),
+        &c.sum_rows(&cx).unwrap(),
+        sums_bound,
+        0.0,
+    );
+}
+
+#[test]
+fn dropout_masks_equal_cpu_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for (shape, p, seed) in [
+        (&[4usize, 33][..], 0.5f32, 7u64),
+        (&[1000][..], 0.1, 0xDEAD_BEEF_0123_4567),
+        (&[3, 5, 7][..], 0.0, 1),
+    ] {
+        let gm = g.dropout_mask(shape, p, seed).unwrap();
+        let cm = c.dropout_mask(shape, p, seed).unwrap();
+        assert_close(&format!("dropout {shape:?} p={p}"), &g, &gm, &cm, 0.0, 0.0);
+        let kept = host(&g, &gm).iter().filter(|&&v| v != 0.0).count();
+        let expected = (0..cm.len() as u32)
+            .filter(|&i| dropout_keeps(seed, i, p))
+            .count();
+        assert_eq!(kept, expected);
+    }
+    assert!(g.dropout_mask(&[3], 1.0, 0).is_err());
+}
+
+/// Matmul with every transpose, at sizes that are not multiples of any tile, and with a long K that
+/// splits the reduction.
+#[test]
+fn matmul_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for (m, k, n) in [(17, 33, 9), (1, 1, 1), (5, 2000, 3), (64, 16, 65)] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a_shape = if ta { [k, m] } else { [m, k] };
+            let b_shape = if tb { [n, k] } else { [k, n] };
+            let (ga, ca) = random_pair(&g, 60 + m as u64, &a_shape);
+            let (gb, cb) = random_pair(&g, 61 + n as u64, &b_shape);
+            let got = g.matmul(&ga, &gb, ta, tb).unwrap();
+            let want = c.matmul(&ca, &cb, ta, tb).unwrap();
+            let magnitudes = c.matmul(&abs(&ca), &abs(&cb), ta, tb).unwrap();
+            assert_eq!(got.dims(), &[m, n]);
+            assert_within(
+                &format!("matmul {m}×{k}×{n} ta={ta} tb={tb}"),
+                &host(&g, &got),
+                &want.iter().copied().collect::<Vec<_>>(),
+                &summation_bounds(k, &magnitudes),
+            );
+        }
+    }
+}
+
+/// Convolution forward and all gradients: 3 → 5 channels on 7×9 images, stride 1 and 2, padding 0 and
+/// 1, kernels 1×1 and 3×3, with and without bias.
+#[test]
+fn conv2d_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for ksize in [1usize, 3] {
+        for stride in [1usize, 2] {
+            for padding in [0usize, 1] {
+                let spec = Conv2dSpec { stride, padding };
+                let case = format!("k={ksize} s={stride} p={padding}");
+                let seed = (ksize * 100 + stride * 10 + padding) as u64;
+                let (gx, cx) = random_pair(&g, seed, &[2, 3, 7, 9]);
+                let (gw, cw) = random_pair(&g, seed + 1, &[5, 3, ksize, ksize]);
+                let (gb, cb) = random_pair(&g, seed + 2, &[5]);
+                let bias = stride == 1;
+                let gy = g.conv2d(&gx, &gw, bias.then_some(&gb), spec).unwrap();
+                let cy = c.conv2d(&cx, &cw, bias.then_some(&cb), spec).unwrap();
+                let taps = 3 * ksize * ksize;
+                let mag = c
+                    .conv2d(&abs(&cx), &abs(&cw), bias.then_some(&abs(&cb)), spec)
+                    .unwrap();
+                assert_eq!(gy.dims(), cy.shape(), "{case}");
+                assert_within(
+                    &format!("conv2d {case}"),
+                    &host(&g, &gy),
+                    &cy.iter().copied().collect::<Vec<_>>(),
+                    &summation_bounds(taps + 1, &mag),
+                );
+
+                let (gdy, cdy) = random_pair(&g, seed + 3, cy.shape());
+                let gg = g.conv2d_backward(&gx, &gw, &gdy, spec, true, true).unwrap();
+                let cg = c.conv2d_backward(&cx, &cw, &cdy, spec, true, true).unwrap();
+                let cabs = c
+                    .conv2d_backward(&abs(&cx), &abs(&cw), &abs(&cdy), spec, true, true)
+                    .unwrap();
+                let pixels = cy.shape()[2] * cy.shape()[3];
+                let checks = [
+                    (
+                        "input grad",
+                        gg.input.as_ref(),
+                        cg.input.as_ref(),
+                        cabs.input.as_ref(),
+                        5 * ksize * ksize,
+                    ),
+                    (
+                        "weight grad",
+                        Some(&gg.weight),
+                        Some(&cg.weight),
+                        Some(&cabs.weight),
+                        2 * pixels,
+                    ),
+                    (
+                        "bias grad",
+                        gg.bias.as_ref(),
+                        cg.bias.as_ref(),
+                        cabs.bias.as_ref(),
+                        2 * pixels,
+                    ),
+                ];
+                for (what, got, want, mag, terms) in checks {
+                    let (got, want, mag) = (got.unwrap(), want.unwrap(), mag.unwrap());
+                    assert_eq!(got.dims(), want.shape(), "{what} {case}");
+                    assert_within(
+                        &format!("conv2d {what} {case}"),
+                        &host(&g, got),
+                        &want.iter().copied().collect::<Vec<_>>(),
+                        &summation_bounds(terms, mag),
+                    );
+                }
+                let no_extras = g
+                    .conv2d_backward(&gx, &gw, &gdy, spec, false, false)
+                    .unwrap();
+                assert!(no_extras.input.is_none() && no_extras.bias.is_none());
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_norm_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for shape in [&[4usize, 3, 5, 6][..], &[9, 7][..]] {
+        let ch = shape[1];
+        let (gx, cx) = random_pair(&g, 70, shape);
+        let (ggamma, cgamma) = random_pair(&g, 71, &[ch]);
+        let (gbeta, cbeta) = random_pair(&g, 72, &[ch]);
+        let (mut grm, mut crm) = random_pair(&g, 73, &[ch]);
+        let ones = vec![1.0; ch];
+        let (mut grv, mut crv) = pair(&g, &ones, &[ch]);
+        let (gy, gsaved) = g
+            .batch_norm_train(&gx, &ggamma, &gbeta, &mut grm, &mut grv, 0.1, 1e-5)
+            .unwrap();
+        let (cy, csaved) = c
+            .batch_norm_train(&cx, &cgamma, &cbeta, &mut crm, &mut crv, 0.1, 1e-5)
+            .unwrap();
+        let t = TRANSCENDENTAL_TOL;
+        assert_close("bn train y", &g, &gy, &cy, t, t);
+        assert_close("bn saved mean", &g, &gsaved.mean, &csaved.mean, t, t);
+        assert_close(
+            "bn saved inv_std",
+            &g,
+            &gsaved.inv_std,
+            &csaved.inv_std,
+            t,
+            t,
+        );
+        assert_close("bn running mean", &g, &grm, &crm, t, t);
+        assert_close("bn running var", &g, &grv, &crv, t, t);
+
+        let (gdy, cdy) = random_pair(&g, 74, shape);
+        let gg = g.batch_norm_backward(&gx, &ggamma, &gsaved, &gdy).unwrap();
+        let cg = c.batch_norm_backward(&cx, &cgamma, &csaved, &cdy).unwrap();
+        assert_close("bn dx", &g, &gg.input, &cg.input, t, t);
+        assert_close("bn dgamma", &g, &gg.gamma, &cg.gamma, t, t);
+        assert_close("bn dbeta", &g, &gg.beta, &cg.beta, t, t);
+
+        let ge = g
+            .batch_norm_eval(&gx, &ggamma, &gbeta, &grm, &grv, 1e-5)
+            .unwrap();
+        let ce = c
+            .batch_norm_eval(&cx, &cgamma, &cbeta, &crm, &crv, 1e-5)
+            .unwrap();
+        assert_close("bn eval", &g, &ge, &ce, t, t);
+    }
+}
+
+#[test]
+fn pooling_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    // Values on a coarse grid so that windows hold ties, which must go to the first maximum.
+    let data: Vec<f32> = random(80, 2 * 3 * 7 * 9)
+        .iter()
+        .map(|v| (v * 3.0).round())
+        .collect();
+    let (gx, cx) = pair(&g, &data, &[2, 3, 7, 9]);
+    for (kernel, stride) in [(2, 2), (3, 2), (3, 1)] {
+        let case = format!("k={kernel} s={stride}");
+        let gy = g.max_pool2d(&gx, kernel, stride).unwrap();
+        let cy = c.max_pool2d(&cx, kernel, stride).unwrap();
+        assert_close(&format!("max_pool2d {case}"), &g, &gy, &cy, 0.0, 0.0);
+        let (gdy, cdy) = random_pair(&g, 81, cy.shape());
+        let gdx = g.max_pool2d_backward(&gx, &gdy, kernel, stride).unwrap();
+        let cdx = c.max_pool2d_backward(&cx, &cdy, kernel, stride).unwrap();
+        // Up to 4 overlapping windows add into one input: a few roundings.
+        assert_close(
+            &format!("max_pool2d_backward {case}"),
+            &g,
+            &gdx,
+            &cdx,
+            4.0 * 4.0 * U,
+            0.0,
+        );
+    }
+    let (gx, cx) = random_pair(&g, 82, &[2, 3, 7, 9]);
+    for kernel in [2, 3] {
+        let gy = g.avg_pool2d(&gx, kernel).unwrap();
+        let cy = c.avg_pool2d(&cx, kernel).unwrap();
+        let terms = (kernel * kernel) as f32;
+        assert_close(
+            &format!("avg_pool2d k={kernel}"),
+            &g,
+            &gy,
+            &cy,
+            2.0 * terms * U,
+            4.0 * U,
+        );
+        let (gdy, cdy) = random_pair(&g, 83, cy.shape());
+        let gdx = g.avg_pool2d_backward(&gdy, kernel, &[2, 3, 7, 9]).unwrap();
+        let cdx = c.avg_pool2d_backward(&cdy, kernel, &[2, 3, 7, 9]).unwrap();
+        assert_close(
+            &format!("avg_pool2d_backward k={kernel}"),
+            &g,
+            &gdx,
+            &cdx,
+            2.0 * U,
+            2.0 * U,
+        );
+    }
+}
+
+#[test]
+fn softmax_and_cross_entropy_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let logits: Vec<f32> = random(90, 13 * 10).iter().map(|v| v * 8.0).collect();
+    let (gl, cl) = pair(&g, &logits, &[13, 10]);
+    let labels: Vec<u32> = (0..13).map(|i| (i * 7 % 10) as u32).collect();
+    let t = TRANSCENDENTAL_TOL;
+    assert_close(
+        "softmax",
+        &g,
+        &g.softmax(&gl).unwrap(),
+        &c.softmax(&cl).unwrap(),
+        t,
+        t,
+    );
+    let gx = g.softmax_cross_entropy(&gl, &labels).unwrap();
+    let cx = c.softmax_cross_entropy(&cl, &labels).unwrap();
+    assert_eq!(gx.loss.dims(), &[1]);
+    assert_close("cross-entropy loss", &g, &gx.loss, &cx.loss, t, t);
+    assert_close("cross-entropy grad", &g, &gx.grad, &cx.grad, t, t);
+    assert!(g.softmax_cross_entropy(&gl, &[10; 13]).is_err());
+}
