@@ -150,6 +150,8 @@ pub trait Backend: Clone + Send + Sync + std::fmt::Debug + 'static {
     // ---------------------------------------------------------------- creation and transfer
 
     /// Uploads host values (row-major) as a tensor of `shape`.
+    // `from_host` names the direction of the transfer, the twin of `to_host`; it needs the backend (`self`).
+    #[allow(clippy::wrong_self_convention)]
     fn from_host(&self, data: &[f32], shape: &[usize]) -> BackendResult<Self::Tensor>;
     /// A tensor of zeros.
     fn zeros(&self, shape: &[usize]) -> BackendResult<Self::Tensor>;

@@ -1,0 +1,65 @@
+//! Errors of training, evaluation and checkpointing.
+
+use std::path::PathBuf;
+
+use swa_core::backend::BackendError;
+
+/// What can go wrong while training or evaluating a network.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A backend operation failed; `context` says what the trainer was doing.
+    #[error("{context}: {source}")]
+    Backend {
+        /// What was being done.
+        context: String,
+        /// The backend's error.
+        #[source]
+        source: BackendError,
+    },
+    /// The loss became NaN or infinite; training stops and the last good checkpoint is kept.
+    #[error("the training loss is {loss} at epoch {epoch}, step {step} (learning rate {lr}); the last good checkpoint is kept")]
+    NonFiniteLoss {
+        /// 0-based epoch.
+        epoch: usize,
+        /// 0-based step within the epoch.
+        step: usize,
+        /// The loss value.
+        loss: f32,
+        /// The learning rate of that step.
+        lr: f32,
+    },
+    /// Saved state does not fit the model or run it is loaded into.
+    #[error("saved state does not fit: {0}")]
+    StateMismatch(String),
+    /// A batch whose shape does not fit the model or the data set.
+    #[error("bad batch: {0}")]
+    BadBatch(String),
+    /// Weight averaging failed.
+    #[error("weight averaging: {0}")]
+    Averaging(String),
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file's contents could not be parsed.
+    #[error("{path}: {message}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl TrainError {
+    /// Wraps a backend error with what the trainer was doing.
+    pub fn backend(context: impl Into<String>) -> impl FnOnce(BackendError) -> TrainError {
+        let context = context.into();
+        move |source| TrainError::Backend { context, source }
+    }
+}

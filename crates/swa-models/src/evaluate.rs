@@ -1,0 +1,193 @@
+//! Evaluation: accuracy and mean negative log-likelihood of a network, and of an ensemble of weight sets
+//! (Fast Geometric Ensembling averages the predicted probabilities of its snapshots).
+
+use serde::{Deserialize, Serialize};
+use swa_core::backend::Backend;
+
+use crate::batch::HostBatch;
+use crate::error::TrainError;
+use crate::module::{ForwardMode, Module};
+
+/// Accuracy and loss over a data set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Mean negative log-likelihood of the true class.
+    pub loss: f64,
+    /// Fraction of images whose most probable class is the true one, in percent.
+    pub accuracy: f64,
+    /// Number of images.
+    pub count: usize,
+}
+
+/// Sums of per-image loss and hits, turned into [`Metrics`] at the end.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MetricsAccumulator {
+    loss_sum: f64,
+    hits: usize,
+    count: usize,
+}
+
+impl MetricsAccumulator {
+    /// Adds a batch of log-probabilities `[n, classes]` (row-major) with its labels.
+    pub fn add_log_probs(&mut self, log_probs: &[f64], classes: usize, labels: &[u32]) {
+        for (row, &label) in log_probs.chunks_exact(classes).zip(labels) {
+            let label = label as usize;
+            self.loss_sum -= row.get(label).copied().unwrap_or(f64::NEG_INFINITY);
+            let predicted = argmax(row);
+            self.hits += usize::from(predicted == label);
+            self.count += 1;
+        }
+    }
+
+    /// The metrics so far.
+    pub fn finish(&self) -> Metrics {
+        if self.count == 0 {
+            return Metrics::default();
+        }
+        Metrics {
+            loss: self.loss_sum / self.count as f64,
+            accuracy: 100.0 * self.hits as f64 / self.count as f64,
+            count: self.count,
+        }
+    }
+}
+
+fn argmax(row: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Log-softmax of each row of `logits`, in f64 so that the loss of confident predictions stays exact.
+pub fn log_softmax_rows(logits: &[f32], classes: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(logits.len());
+    for row in logits.chunks_exact(classes) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let log_sum = row
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+        out.extend(row.iter().map(|&v| v as f64 - max - log_sum));
+    }
+    out
+}
+
+/// Runs `model` in evaluation mode on one batch and returns its logits on the host with the class count.
+pub fn predict_logits<B: Backend>(
+    backend: &B,
+    model: &mut dyn Module<B>,
+    batch: &HostBatch,
+) -> Result<(Vec<f32>, usize), TrainError> {
+    batch.validate()?;
+    let x = backend
+        .from_host(&batch.images, &batch.shape)
+        .map_err(TrainError::backend("uploading a batch"))?;
+    let logits = model
+        .forward(backend, &x, ForwardMode::Eval)
+        .map_err(TrainError::backend("evaluation forward pass"))?;
+    let values = backend
+        .to_host(&logits)
+        .map_err(TrainError::backend("reading logits back"))?;
+    let classes = if batch.is_empty() {
+        0
+    } else {
+        values.len() / batch.len()
+    };
+    Ok((values, classes))
+}
+
+/// Accuracy and mean NLL of `model` (in evaluation mode) on `batches`.
+pub fn evaluate<B: Backend>(
+    backend: &B,
+    model: &mut dyn Module<B>,
+    batches: impl IntoIterator<Item = HostBatch>,
+) -> Result<Metrics, TrainError> {
+    let mut acc = MetricsAccumulator::default();
+    for batch in batches {
+        let (logits, classes) = predict_logits(backend, model, &batch)?;
+        acc.add_log_probs(&log_softmax_rows(&logits, classes), classes, &batch.labels);
+    }
+    Ok(acc.finish())
+}
+
+/// An ensemble's running mean of predicted probabilities over a fixed, ordered evaluation set.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Ensemble {
+    /// Mean probabilities `[images, classes]`, row-major.
+    mean_probs: Vec<f64>,
+    /// The evaluation set's labels, in order.
+    labels: Vec<u32>,
+    classes: usize,
+    members: usize,
+}
+
+impl Ensemble {
+    /// An empty ensemble.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The number of weight sets averaged so far.
+    pub fn members(&self) -> usize {
+        self.members
+    }
+
+    /// Adds the predictions of `model` on `batches` (which must be the same images, in the same order, for
+    /// every member) and returns that member's own metrics.
+    pub fn add_member<B: Backend>(
+        &mut self,
+        backend: &B,
+        model: &mut dyn Module<B>,
+        batches: impl IntoIterator<Item = HostBatch>,
+    ) -> Result<Metrics, TrainError> {
+        let mut probs = Vec::new();
+        let mut labels = Vec::new();
+        let mut classes = 0;
+        let mut own = MetricsAccumulator::default();
+        for batch in batches {
+            let (logits, c) = predict_logits(backend, model, &batch)?;
+            classes = c;
+            let log_probs = log_softmax_rows(&logits, c);
+            own.add_log_probs(&log_probs, c, &batch.labels);
+            probs.extend(log_probs.iter().map(|v| v.exp()));
+            labels.extend_from_slice(&batch.labels);
+        }
+        if self.members == 0 {
+            self.mean_probs = probs;
+            self.labels = labels;
+            self.classes = classes;
+        } else {
+            if labels != self.labels || classes != self.classes {
+                return Err(TrainError::StateMismatch(format!(
+                    "ensemble member {} was evaluated on {} images of {classes} classes, the ensemble on {} of {}",
+                    self.members + 1,
+                    labels.len(),
+                    self.labels.len(),
+                    self.classes
+                )));
+            }
+            let weight = 1.0 / (self.members as f64 + 1.0);
+            for (mean, p) in self.mean_probs.iter_mut().zip(&probs) {
+                *mean += weight * (p - *mean);
+            }
+        }
+        self.members += 1;
+        Ok(own.finish())
+    }
+
+    /// Accuracy and NLL of the ensemble's mean probabilities.
+    pub fn metrics(&self) -> Metrics {
+        let mut acc = MetricsAccumulator::default();
+        if self.classes > 0 {
+            // A floor keeps the log finite when every member gave a class zero probability.
+            let log_probs: Vec<f64> = self.mean_probs.iter().map(|p| p.max(1e-300).ln()).collect();
+            acc.add_log_probs(&log_probs, self.classes, &self.labels);
+        }
+        acc.finish()
+    }
+}

@@ -1,0 +1,139 @@
+//! Stochastic gradient descent with momentum and weight decay, as PyTorch's `torch.optim.SGD`.
+//!
+//! The update of each parameter is one fused backend call ([`Backend::sgd_step_`]); the optimiser only owns
+//! the momentum buffers, keyed by parameter name so that a checkpoint can restore them.
+
+use serde::{Deserialize, Serialize};
+use swa_core::backend::{Backend, HasShape, SgdStep};
+
+use crate::error::TrainError;
+use crate::module::Module;
+use crate::state::HostTensor;
+
+/// SGD hyper-parameters other than the learning rate (which the schedule sets each step).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SgdConfig {
+    /// Momentum factor (0.9 in the paper).
+    pub momentum: f32,
+    /// L2 penalty applied to every parameter, BatchNorm's included, as the original SWA code does.
+    pub weight_decay: f32,
+    /// Dampening of the momentum update.
+    pub dampening: f32,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+}
+
+impl SgdConfig {
+    /// Momentum 0.9 with the given weight decay: the paper's setting.
+    pub fn momentum(weight_decay: f32) -> Self {
+        Self {
+            momentum: 0.9,
+            weight_decay,
+            dampening: 0.0,
+            nesterov: false,
+        }
+    }
+}
+
+/// SGD over a module's parameters.
+#[derive(Debug)]
+pub struct Sgd<B: Backend> {
+    config: SgdConfig,
+    /// One buffer per parameter in visiting order, created at the parameter's first update.
+    buffers: Vec<(String, Option<B::Tensor>)>,
+}
+
+impl<B: Backend> Sgd<B> {
+    /// An optimiser with empty momentum buffers.
+    pub fn new(config: SgdConfig) -> Self {
+        Self {
+            config,
+            buffers: Vec::new(),
+        }
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> SgdConfig {
+        self.config
+    }
+
+    /// Applies one step with learning rate `lr` to every parameter that has a gradient, then clears the
+    /// gradients. Parameters without a gradient are left alone, as in PyTorch.
+    pub fn step(
+        &mut self,
+        backend: &B,
+        model: &mut dyn Module<B>,
+        lr: f32,
+    ) -> Result<(), TrainError> {
+        let step = SgdStep {
+            lr,
+            momentum: self.config.momentum,
+            weight_decay: self.config.weight_decay,
+            dampening: self.config.dampening,
+            nesterov: self.config.nesterov,
+        };
+        let buffers = &mut self.buffers;
+        let mut index = 0;
+        let mut failure = None;
+        model.visit_params_mut(&mut |name, param| {
+            if failure.is_some() {
+                return;
+            }
+            let slot = index;
+            index += 1;
+            if buffers.len() <= slot {
+                buffers.push((name.to_string(), None));
+            } else if buffers[slot].0 != name {
+                failure = Some(TrainError::StateMismatch(format!(
+                    "optimiser buffer {slot} belongs to `{}` but the model's parameter {slot} is `{name}`",
+                    buffers[slot].0
+                )));
+                return;
+            }
+            let Some(grad) = param.grad.take() else { return };
+            let result = (|| {
+                let buffer = match &mut buffers[slot].1 {
+                    Some(buffer) => buffer,
+                    empty => empty.insert(backend.zeros(param.value.dims())?),
+                };
+                backend.sgd_step_(&mut param.value, &grad, buffer, &step)
+            })();
+            if let Err(e) = result {
+                failure = Some(TrainError::Backend { context: format!("SGD step of `{name}`"), source: e });
+            }
+        });
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// The momentum buffers on the host, for a checkpoint.
+    pub fn state(&self, backend: &B) -> Result<Vec<(String, Option<HostTensor>)>, TrainError> {
+        self.buffers
+            .iter()
+            .map(|(name, buffer)| {
+                let host = buffer
+                    .as_ref()
+                    .map(|t| HostTensor::download(backend, t))
+                    .transpose()?;
+                Ok((name.clone(), host))
+            })
+            .collect()
+    }
+
+    /// Restores momentum buffers saved by [`Sgd::state`].
+    pub fn load_state(
+        &mut self,
+        backend: &B,
+        state: &[(String, Option<HostTensor>)],
+    ) -> Result<(), TrainError> {
+        self.buffers = state
+            .iter()
+            .map(|(name, host)| {
+                Ok((
+                    name.clone(),
+                    host.as_ref().map(|h| h.upload(backend)).transpose()?,
+                ))
+            })
+            .collect::<Result<_, TrainError>>()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,613 @@
+//! The training loop: SGD under any schedule, with SWA weight averaging or FGE prediction ensembling, per-epoch
+//! metrics, and checkpoints that make an interrupted run resume to the same result.
+//!
+//! One [`Trainer`] runs one trajectory. What the paper compares are three kinds of run:
+//! - **SGD**: a schedule and nothing else ([`Snapshots`] absent);
+//! - **SWA**: the SWA schedule, the running mean of the weights taken by the [`SwaPolicy`], and the average
+//!   evaluated after its BatchNorm statistics are recomputed ([`crate::bn::update_bn`]);
+//! - **FGE**: a cyclical schedule, the predictions of the snapshots at the cycles' low points ensembled.
+//!
+//! Every epoch ends with a checkpoint written atomically (a directory renamed into place), holding the
+//! weights, the momentum buffers, the average with its count, the ensemble and the history; dropout masks
+//! and data order are pure functions of (seed, epoch, step), so a resumed run repeats the uninterrupted one
+//! bit for bit on the CPU.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use swa_core::averaging::{AverageState, BufferPolicy, SwaAverage, WeightAveraging};
+use swa_core::backend::Backend;
+use swa_core::policy::SwaPolicy;
+use swa_core::schedule::{LrSchedule, Period, Schedule};
+
+use crate::batch::{BatchSource, HostBatch};
+use crate::bn::update_bn;
+use crate::checkpoint::{load_module, save_module, write_atomically};
+use crate::error::TrainError;
+use crate::evaluate::{evaluate, log_softmax_rows, Ensemble, Metrics, MetricsAccumulator};
+use crate::module::{ForwardMode, Module};
+use crate::optim::{Sgd, SgdConfig};
+use crate::state::HostTensor;
+
+/// What a run does with the snapshots its policy takes.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "use", rename_all = "snake_case")]
+pub enum SnapshotUse {
+    /// SWA: the running mean of the weights, BatchNorm statistics treated by `buffers`.
+    AverageWeights {
+        /// How BatchNorm statistics enter the average (the paper recomputes them: `RecomputeLater`).
+        buffers: BufferPolicy,
+    },
+    /// FGE: the mean of the snapshots' predicted probabilities on the test set.
+    EnsemblePredictions,
+}
+
+/// When snapshots are taken and what they are for.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshots {
+    /// Completed epochs before the first snapshot (`swa_start`).
+    pub start_epoch: usize,
+    /// How often a snapshot is taken from then on.
+    pub every: Period,
+    /// What the snapshots are for.
+    pub usage: SnapshotUse,
+}
+
+/// Everything that defines a run; a checkpoint only resumes a run with the same configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// Epochs to train in all.
+    pub epochs: usize,
+    /// The learning rate of every step.
+    pub schedule: Schedule,
+    /// Snapshots for SWA or FGE; `None` for plain SGD.
+    pub snapshots: Option<Snapshots>,
+    /// SGD hyper-parameters.
+    pub sgd: SgdConfig,
+    /// Seed of dropout masks (the data's order has its own seed, in the batch source).
+    pub seed: u64,
+    /// Completed epoch counts after which the SWA average is evaluated (its BN recomputed first), besides
+    /// every `swa_eval_every` epochs and the last epoch.
+    pub swa_eval_epochs: Vec<usize>,
+    /// Evaluate the SWA average every this many epochs of the SWA phase (0: only at `swa_eval_epochs` and at
+    /// the end).
+    pub swa_eval_every: usize,
+}
+
+impl RunConfig {
+    /// The averaging policy of this run (the schedule with the snapshot times), if it takes snapshots.
+    pub fn policy(&self) -> Option<SwaPolicy> {
+        self.snapshots.map(|s| SwaPolicy {
+            schedule: self.schedule.clone(),
+            swa_start_epoch: s.start_epoch,
+            every: s.every,
+        })
+    }
+}
+
+/// Metrics of one epoch. Fields that were not measured that epoch are `None`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// Completed epochs (1-based epoch number).
+    pub epoch: usize,
+    /// Learning rate of the epoch's first and last step.
+    pub lr_first: f32,
+    /// Learning rate of the epoch's last step.
+    pub lr_last: f32,
+    /// Training loss and accuracy, measured on the fly during the epoch.
+    pub train: Metrics,
+    /// Test metrics of the SGD weights.
+    pub test: Metrics,
+    /// Test metrics of the SWA average (after BN recomputation), when evaluated this epoch.
+    pub swa_test: Option<Metrics>,
+    /// Snapshots averaged or ensembled so far.
+    pub snapshots: u64,
+    /// Test metrics of the FGE ensemble, when it has members.
+    pub ensemble_test: Option<Metrics>,
+    /// Wall time of the epoch's training steps, in seconds.
+    pub train_seconds: f64,
+    /// Wall time of the epoch including evaluations and the checkpoint, in seconds.
+    pub epoch_seconds: f64,
+}
+
+/// Callbacks for progress display and logging.
+pub trait TrainObserver {
+    /// After each optimiser step: epoch (0-based), step (0-based), steps per epoch, the step's loss.
+    fn on_step(&mut self, _epoch: usize, _step: usize, _steps_per_epoch: usize, _loss: f32) {}
+    /// After each epoch, once its checkpoint is written.
+    fn on_epoch(&mut self, _record: &EpochRecord) {}
+}
+
+/// An observer that does nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Silent;
+impl TrainObserver for Silent {}
+
+/// The saved part of a run besides its tensors.
+#[derive(Debug, Serialize, Deserialize)]
+struct TrainerMeta {
+    config: RunConfig,
+    epochs_done: usize,
+    history: Vec<EpochRecord>,
+    momentum: Vec<(String, Option<HostTensor>)>,
+    average: Option<AverageState>,
+    ensemble: Option<Ensemble>,
+}
+
+/// One training run of a network on a backend.
+pub struct Trainer<B: Backend> {
+    backend: B,
+    config: RunConfig,
+    policy: Option<SwaPolicy>,
+    model: Box<dyn Module<B>>,
+    /// A second instance of the network that receives the average's weights for evaluation.
+    eval_model: Box<dyn Module<B>>,
+    optimizer: Sgd<B>,
+    average: Option<SwaAverage<B>>,
+    ensemble: Option<Ensemble>,
+    epochs_done: usize,
+    history: Vec<EpochRecord>,
+    checkpoint_dir: Option<PathBuf>,
+}
+
+impl<B: Backend> std::fmt::Debug for Trainer<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("backend", &self.backend)
+            .field("config", &self.config)
+            .field("epochs_done", &self.epochs_done)
+            .finish_non_exhaustive()
+    }
+}
+
+const STATE_FILE: &str = "state.json";
+const MODEL_FILE: &str = "model.safetensors";
+
+impl<B: Backend> Trainer<B> {
+    /// A trainer for `model`; `eval_model` must be another instance of the same network (its weights are
+    /// overwritten by the average's before each SWA evaluation).
+    pub fn new(
+        backend: B,
+        config: RunConfig,
+        model: Box<dyn Module<B>>,
+        eval_model: Box<dyn Module<B>>,
+    ) -> Result<Self, TrainError> {
+        let policy = config.policy();
+        if let Some(policy) = &policy {
+            policy
+                .validate()
+                .map_err(|e| TrainError::StateMismatch(format!("invalid policy: {e}")))?;
+        } else {
+            config
+                .schedule
+                .validate()
+                .map_err(|e| TrainError::StateMismatch(format!("invalid schedule: {e}")))?;
+        }
+        let ensemble = matches!(
+            config.snapshots,
+            Some(Snapshots {
+                usage: SnapshotUse::EnsemblePredictions,
+                ..
+            })
+        )
+        .then(Ensemble::new);
+        Ok(Self {
+            optimizer: Sgd::new(config.sgd),
+            backend,
+            config,
+            policy,
+            model,
+            eval_model,
+            average: None,
+            ensemble,
+            epochs_done: 0,
+            history: Vec::new(),
+            checkpoint_dir: None,
+        })
+    }
+
+    /// Writes a checkpoint into `dir` after every epoch, and resumes from the latest one found there.
+    /// Returns the number of epochs already done.
+    pub fn with_checkpoints(&mut self, dir: impl Into<PathBuf>) -> Result<usize, TrainError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|source| TrainError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        if let Some(latest) = latest_checkpoint(&dir)? {
+            self.restore(&latest)?;
+        }
+        self.checkpoint_dir = Some(dir);
+        Ok(self.epochs_done)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RunConfig {
+        &self.config
+    }
+
+    /// Epochs completed.
+    pub fn epochs_done(&self) -> usize {
+        self.epochs_done
+    }
+
+    /// Per-epoch metrics so far.
+    pub fn history(&self) -> &[EpochRecord] {
+        &self.history
+    }
+
+    /// The trained (SGD) network.
+    pub fn model(&mut self) -> &mut dyn Module<B> {
+        self.model.as_mut()
+    }
+
+    /// The weight average, once the first snapshot is taken.
+    pub fn average(&self) -> Option<&SwaAverage<B>> {
+        self.average.as_ref()
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The network holding the SWA average's weights with recomputed BatchNorm statistics, ready for
+    /// evaluation or saving. `None` before the first snapshot.
+    pub fn swa_model(
+        &mut self,
+        data: &dyn BatchSource,
+    ) -> Result<Option<&mut dyn Module<B>>, TrainError> {
+        let Some(average) = &self.average else {
+            return Ok(None);
+        };
+        average
+            .copy_into(&self.backend, self.eval_model.as_mut())
+            .map_err(|e| TrainError::Averaging(e.to_string()))?;
+        let bn_epoch = self.epochs_done.saturating_sub(1);
+        update_bn(
+            &self.backend,
+            self.eval_model.as_mut(),
+            data.train_epoch(bn_epoch),
+            bn_seed(self.config.seed, bn_epoch),
+        )?;
+        Ok(Some(self.eval_model.as_mut()))
+    }
+
+    /// Trains until the configured number of epochs, calling `observer` along the way.
+    pub fn run(
+        &mut self,
+        data: &dyn BatchSource,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<(), TrainError> {
+        while self.epochs_done < self.config.epochs {
+            self.run_epoch(data, observer)?;
+        }
+        Ok(())
+    }
+
+    /// Trains one epoch, evaluates, takes snapshots and writes the checkpoint.
+    pub fn run_epoch(
+        &mut self,
+        data: &dyn BatchSource,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<EpochRecord, TrainError> {
+        let epoch = self.epochs_done;
+        let started = Instant::now();
+        let steps = data.train_batches_per_epoch();
+        let mut train = MetricsAccumulator::default();
+        let (mut lr_first, mut lr_last) = (f32::NAN, f32::NAN);
+        for (step, batch) in data.train_epoch(epoch).enumerate() {
+            let lr = self.lr(epoch, step, steps);
+            if step == 0 {
+                lr_first = lr;
+            }
+            lr_last = lr;
+            let loss = self.train_step(
+                &batch,
+                lr,
+                step_seed(self.config.seed, epoch, step),
+                &mut train,
+            )?;
+            if !loss.is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    epoch,
+                    step,
+                    loss,
+                    lr,
+                });
+            }
+            observer.on_step(epoch, step, steps, loss);
+            if self
+                .policy
+                .as_ref()
+                .is_some_and(|p| p.average_after_step(epoch, step, steps))
+            {
+                self.take_snapshot(data)?;
+            }
+        }
+        let train_seconds = started.elapsed().as_secs_f64();
+        if self
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.average_after_epoch(epoch))
+        {
+            self.take_snapshot(data)?;
+        }
+        self.epochs_done = epoch + 1;
+
+        let test = evaluate(&self.backend, self.model.as_mut(), data.test())?;
+        let swa_test = if self.average.is_some() && self.evaluate_swa_now() {
+            let backend = self.backend.clone();
+            match self.swa_model(data)? {
+                Some(model) => Some(evaluate(&backend, model, data.test())?),
+                None => None,
+            }
+        } else {
+            None
+        };
+        let snapshots = match (&self.average, &self.ensemble) {
+            (Some(a), _) => a.count(),
+            (None, Some(e)) => e.members() as u64,
+            _ => 0,
+        };
+        let ensemble_test = self
+            .ensemble
+            .as_ref()
+            .filter(|e| e.members() > 0)
+            .map(Ensemble::metrics);
+        let mut record = EpochRecord {
+            epoch: self.epochs_done,
+            lr_first,
+            lr_last,
+            train: train.finish(),
+            test,
+            swa_test,
+            snapshots,
+            ensemble_test,
+            train_seconds,
+            epoch_seconds: 0.0,
+        };
+        record.epoch_seconds = started.elapsed().as_secs_f64();
+        self.history.push(record.clone());
+        if let Some(dir) = self.checkpoint_dir.clone() {
+            self.save_checkpoint(&dir)?;
+        }
+        observer.on_epoch(&record);
+        Ok(record)
+    }
+
+    fn lr(&self, epoch: usize, step: usize, steps: usize) -> f32 {
+        match &self.policy {
+            Some(policy) => policy.lr(epoch, step, steps),
+            None => self.config.schedule.lr(epoch, step, steps),
+        }
+    }
+
+    fn evaluate_swa_now(&self) -> bool {
+        let done = self.epochs_done;
+        let every = self.config.swa_eval_every;
+        let start = self.config.snapshots.map_or(0, |s| s.start_epoch);
+        done == self.config.epochs
+            || self.config.swa_eval_epochs.contains(&done)
+            || (every > 0 && done >= start && (done - start) % every == 0)
+    }
+
+    fn train_step(
+        &mut self,
+        batch: &HostBatch,
+        lr: f32,
+        seed: u64,
+        metrics: &mut MetricsAccumulator,
+    ) -> Result<f32, TrainError> {
+        batch.validate()?;
+        let backend = &self.backend;
+        let x = backend
+            .from_host(&batch.images, &batch.shape)
+            .map_err(TrainError::backend("uploading a batch"))?;
+        let logits = self
+            .model
+            .forward(backend, &x, ForwardMode::Train { seed })
+            .map_err(TrainError::backend("training forward pass"))?;
+        let ce = backend
+            .softmax_cross_entropy(&logits, &batch.labels)
+            .map_err(TrainError::backend("loss"))?;
+        let loss = backend
+            .to_host(&ce.loss)
+            .map_err(TrainError::backend("reading the loss"))?;
+        let loss = loss.first().copied().unwrap_or(f32::NAN);
+        if !loss.is_finite() {
+            return Ok(loss);
+        }
+        let host_logits = backend
+            .to_host(&logits)
+            .map_err(TrainError::backend("reading logits"))?;
+        let classes = host_logits.len() / batch.len().max(1);
+        metrics.add_log_probs(
+            &log_softmax_rows(&host_logits, classes),
+            classes,
+            &batch.labels,
+        );
+        self.model
+            .backward(backend, &ce.grad)
+            .map_err(TrainError::backend("backward pass"))?;
+        self.optimizer.step(backend, self.model.as_mut(), lr)?;
+        Ok(loss)
+    }
+
+    fn take_snapshot(&mut self, data: &dyn BatchSource) -> Result<(), TrainError> {
+        let Some(snapshots) = self.config.snapshots else {
+            return Ok(());
+        };
+        match snapshots.usage {
+            SnapshotUse::AverageWeights { buffers } => {
+                let averaging =
+                    |e: swa_core::averaging::AveragingError| TrainError::Averaging(e.to_string());
+                match &mut self.average {
+                    Some(average) => average
+                        .update(&self.backend, self.model.as_ref())
+                        .map_err(averaging)?,
+                    None => {
+                        self.average = Some(
+                            SwaAverage::new(&self.backend, self.model.as_ref(), buffers)
+                                .map_err(averaging)?,
+                        )
+                    }
+                }
+            }
+            SnapshotUse::EnsemblePredictions => {
+                let ensemble = self.ensemble.get_or_insert_with(Ensemble::new);
+                ensemble.add_member(&self.backend, self.model.as_mut(), data.test())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the checkpoint of the epochs done so far into `dir/epoch-NNNN`, atomically, and removes older
+    /// ones.
+    fn save_checkpoint(&self, dir: &Path) -> Result<(), TrainError> {
+        let name = format!("epoch-{:04}", self.epochs_done);
+        let staging = dir.join(format!(".{name}.partial"));
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TrainError::Io { path, source }
+        };
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
+        }
+        std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+        let checkpoint = |e: crate::checkpoint::CheckpointError| TrainError::Format {
+            path: staging.clone(),
+            message: e.to_string(),
+        };
+        save_module(
+            &self.backend,
+            self.model.as_ref(),
+            &staging.join(MODEL_FILE),
+        )
+        .map_err(checkpoint)?;
+        let average = match &self.average {
+            Some(a) => Some(
+                a.to_state(&self.backend)
+                    .map_err(|e| TrainError::Averaging(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let meta = TrainerMeta {
+            config: self.config.clone(),
+            epochs_done: self.epochs_done,
+            history: self.history.clone(),
+            momentum: self.optimizer.state(&self.backend)?,
+            average,
+            ensemble: self.ensemble.clone(),
+        };
+        let json = serde_json::to_vec(&meta).map_err(|e| TrainError::Format {
+            path: staging.join(STATE_FILE),
+            message: e.to_string(),
+        })?;
+        write_atomically(&staging.join(STATE_FILE), &json).map_err(checkpoint)?;
+        let final_dir = dir.join(&name);
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+        }
+        std::fs::rename(&staging, &final_dir).map_err(io(&final_dir))?;
+        for old in checkpoints(dir)? {
+            if old.1 != final_dir {
+                std::fs::remove_dir_all(&old.1).map_err(io(&old.1))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, dir: &Path) -> Result<(), TrainError> {
+        let state_path = dir.join(STATE_FILE);
+        let bytes = std::fs::read(&state_path).map_err(|source| TrainError::Io {
+            path: state_path.clone(),
+            source,
+        })?;
+        let meta: TrainerMeta = serde_json::from_slice(&bytes).map_err(|e| TrainError::Format {
+            path: state_path.clone(),
+            message: e.to_string(),
+        })?;
+        if meta.config != self.config {
+            return Err(TrainError::StateMismatch(format!(
+                "{} was written by a run with another configuration; use another output folder or remove it",
+                state_path.display()
+            )));
+        }
+        let model_path = dir.join(MODEL_FILE);
+        load_module(&self.backend, self.model.as_mut(), &model_path).map_err(|e| {
+            TrainError::Format {
+                path: model_path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        self.optimizer.load_state(&self.backend, &meta.momentum)?;
+        self.average = match &meta.average {
+            Some(state) => Some(
+                SwaAverage::from_state(&self.backend, state)
+                    .map_err(|e| TrainError::Averaging(e.to_string()))?,
+            ),
+            None => None,
+        };
+        self.ensemble = meta.ensemble;
+        self.epochs_done = meta.epochs_done;
+        self.history = meta.history;
+        Ok(())
+    }
+}
+
+/// Saves the SWA average's weights (with BN statistics recomputed by [`Trainer::swa_model`]) or any model
+/// to a PyTorch-loadable safetensors file.
+pub fn save_weights<B: Backend>(
+    backend: &B,
+    model: &dyn Module<B>,
+    path: &Path,
+) -> Result<(), TrainError> {
+    save_module(backend, model, path).map_err(|e| TrainError::Format {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>, TrainError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| TrainError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(epoch) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("epoch-"))
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        if entry.path().join(STATE_FILE).is_file() {
+            found.push((epoch, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>, TrainError> {
+    Ok(checkpoints(dir)?.pop().map(|(_, path)| path))
+}
+
+/// SplitMix64's finaliser: decorrelates seeds derived from consecutive counters.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn step_seed(seed: u64, epoch: usize, step: usize) -> u64 {
+    mix(mix(seed ^ 0x5157_4153) ^ ((epoch as u64) << 32 | step as u64))
+}
+
+fn bn_seed(seed: u64, epoch: usize) -> u64 {
+    mix(mix(seed ^ 0x424e) ^ epoch as u64)
+}
