@@ -1,30 +1,533 @@
-//! Convolution kernels (placeholder until the CPU engine lands).
+//! 2-D convolution as matrix products.
+//!
+//! The batch is cut into chunks of a few images. For each chunk the input is unrolled (`im2col`) into a
+//! `[Cin·K·K, images·Ho·Wo]` matrix, so the forward pass is one GEMM `W · col`, the weight gradient one GEMM
+//! `dY · colᵀ` and the input gradient one GEMM `Wᵀ · dY` folded back by `col2im`. Small images are grouped
+//! so that every GEMM has enough columns to run near the GEMM kernel's peak; a 1×1 stride-1 convolution
+//! without padding uses the images themselves and skips the unrolling.
+//!
+//! Chunks run in parallel on the backend's rayon pool, each GEMM single-threaded; when there are fewer
+//! chunks than threads the GEMM splits itself instead. The weight gradient sums over the batch in a fixed
+//! order (fixed segments of chunks, each summed in order, then the segments in order), so results are
+//! bit-identical for a given thread count.
+
+use rayon::prelude::*;
+
+use super::matrix::{contiguous, gemm_into, into_tensor, parallelism, MatRef};
 use super::CpuTensor;
 use crate::backend::{BackendError, BackendResult, Conv2dGrads, Conv2dSpec};
 
-fn pending(op: &'static str) -> BackendError {
-    BackendError::InvalidArgument {
-        op,
-        message: "not implemented on the CPU backend yet".into(),
+/// Columns a chunk's GEMM should have at least: below this the GEMM's packing and edge handling dominate.
+const TARGET_COLUMNS: usize = 256;
+
+/// The validated geometry of one convolution.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    batch: usize,
+    in_channels: usize,
+    height: usize,
+    width: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    out_height: usize,
+    out_width: usize,
+}
+
+impl Geometry {
+    fn new(op: &'static str, x: &[usize], w: &[usize], spec: Conv2dSpec) -> BackendResult<Self> {
+        let &[batch, in_channels, height, width] = x else {
+            return Err(BackendError::ShapeMismatch {
+                op,
+                expected: "an input of rank 4 [N, Cin, H, W]".into(),
+                got: x.to_vec(),
+            });
+        };
+        let &[out_channels, w_in, kernel, kernel_w] = w else {
+            return Err(BackendError::ShapeMismatch {
+                op,
+                expected: "a weight of rank 4 [Cout, Cin, K, K]".into(),
+                got: w.to_vec(),
+            });
+        };
+        if w_in != in_channels || kernel != kernel_w || kernel == 0 {
+            return Err(BackendError::ShapeMismatch {
+                op,
+                expected: format!(
+                    "a weight [Cout, {in_channels}, K, K] with a square non-empty kernel for the input {x:?}"
+                ),
+                got: w.to_vec(),
+            });
+        }
+        if in_channels == 0 || out_channels == 0 || height == 0 || width == 0 {
+            return Err(BackendError::ShapeMismatch {
+                op,
+                expected: "non-empty channel and spatial dimensions".into(),
+                got: [x, w].concat(),
+            });
+        }
+        if spec.stride == 0 {
+            return Err(BackendError::InvalidArgument {
+                op,
+                message: "stride 0; the stride must be at least 1".into(),
+            });
+        }
+        let (Some(out_height), Some(out_width)) = (
+            spec.output_extent(height, kernel),
+            spec.output_extent(width, kernel),
+        ) else {
+            return Err(BackendError::InvalidArgument {
+                op,
+                message: format!(
+                    "kernel {kernel} does not fit the input {height}×{width} with padding {}",
+                    spec.padding
+                ),
+            });
+        };
+        Ok(Self {
+            batch,
+            in_channels,
+            height,
+            width,
+            out_channels,
+            kernel,
+            stride: spec.stride,
+            padding: spec.padding,
+            out_height,
+            out_width,
+        })
+    }
+
+    fn in_plane(&self) -> usize {
+        self.height * self.width
+    }
+    fn in_image(&self) -> usize {
+        self.in_channels * self.in_plane()
+    }
+    fn out_plane(&self) -> usize {
+        self.out_height * self.out_width
+    }
+    fn out_image(&self) -> usize {
+        self.out_channels * self.out_plane()
+    }
+    /// Rows of the unrolled input, also the columns of the weight viewed as a matrix.
+    fn patch(&self) -> usize {
+        self.in_channels * self.kernel * self.kernel
+    }
+    /// A 1×1 stride-1 unpadded convolution: each image already is its own unrolled input.
+    fn is_pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.padding == 0
+    }
+    fn output_shape(&self) -> [usize; 4] {
+        [
+            self.batch,
+            self.out_channels,
+            self.out_height,
+            self.out_width,
+        ]
+    }
+
+    /// Images per chunk: enough for [`TARGET_COLUMNS`] GEMM columns, but never so many that some thread
+    /// would be left without a chunk.
+    fn images_per_chunk(&self, threads: usize) -> usize {
+        let for_columns = TARGET_COLUMNS.div_ceil(self.out_plane().max(1));
+        let for_threads = self.batch.div_ceil(threads.max(1));
+        for_columns.min(for_threads).max(1)
+    }
+
+    /// For output column `ow` and kernel column `kw`, the input column is `ow·stride + kw − padding`; this
+    /// is the range of `ow` for which it lies inside the image.
+    fn valid_out_columns(&self, kw: usize) -> (usize, usize) {
+        let (s, p) = (self.stride, self.padding);
+        let lo = p.saturating_sub(kw).div_ceil(s).min(self.out_width);
+        let hi = if self.width + p > kw {
+            (self.width + p - kw).div_ceil(s).min(self.out_width)
+        } else {
+            0
+        };
+        (lo, hi.max(lo))
+    }
+
+    /// The input row for output row `oh` and kernel row `kh`, if it is not padding.
+    fn input_row(&self, oh: usize, kh: usize) -> Option<usize> {
+        (oh * self.stride + kh)
+            .checked_sub(self.padding)
+            .filter(|&ih| ih < self.height)
+    }
+}
+
+/// Unrolls one image into `col`'s columns `offset .. offset + Ho·Wo`, where `col` has row stride `ld`.
+fn im2col(g: &Geometry, image: &[f32], col: &mut [f32], ld: usize, offset: usize) {
+    let (k, ow_n, plane) = (g.kernel, g.out_width, g.out_plane());
+    for c in 0..g.in_channels {
+        let channel = &image[c * g.in_plane()..][..g.in_plane()];
+        for kh in 0..k {
+            for kw in 0..k {
+                let row = (c * k + kh) * k + kw;
+                let dst_row = &mut col[row * ld + offset..][..plane];
+                let (lo, hi) = g.valid_out_columns(kw);
+                for (oh, dst) in dst_row.chunks_exact_mut(ow_n).enumerate() {
+                    let Some(ih) = g.input_row(oh, kh) else {
+                        dst.fill(0.0);
+                        continue;
+                    };
+                    let src = &channel[ih * g.width..][..g.width];
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    if lo < hi {
+                        let first = lo * g.stride + kw - g.padding;
+                        if g.stride == 1 {
+                            dst[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
+                        } else {
+                            for (d, s) in dst[lo..hi]
+                                .iter_mut()
+                                .zip(src[first..].iter().step_by(g.stride))
+                            {
+                                *d = *s;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds `col`'s columns `offset .. offset + Ho·Wo` back onto the image positions they were read from: the
+/// adjoint of [`im2col`]. `image` must start zeroed; rows are added in a fixed order.
+fn col2im(g: &Geometry, col: &[f32], ld: usize, offset: usize, image: &mut [f32]) {
+    let (k, ow_n, plane) = (g.kernel, g.out_width, g.out_plane());
+    for c in 0..g.in_channels {
+        let channel = &mut image[c * g.in_plane()..][..g.in_plane()];
+        for kh in 0..k {
+            for kw in 0..k {
+                let row = (c * k + kh) * k + kw;
+                let src_row = &col[row * ld + offset..][..plane];
+                let (lo, hi) = g.valid_out_columns(kw);
+                if lo >= hi {
+                    continue;
+                }
+                for (oh, src) in src_row.chunks_exact(ow_n).enumerate() {
+                    let Some(ih) = g.input_row(oh, kh) else {
+                        continue;
+                    };
+                    let dst = &mut channel[ih * g.width..][..g.width];
+                    let first = lo * g.stride + kw - g.padding;
+                    if g.stride == 1 {
+                        for (d, s) in dst[first..first + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+                            *d += *s;
+                        }
+                    } else {
+                        for (d, s) in dst[first..].iter_mut().step_by(g.stride).zip(&src[lo..hi]) {
+                            *d += *s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Copies a chunk of images `[images, rows, plane]` into one matrix `[rows, images·plane]`.
+fn gather_planes(src: &[f32], rows: usize, plane: usize, dst: &mut [f32]) {
+    let images = src.len() / (rows * plane);
+    let ld = images * plane;
+    for (i, image) in src.chunks_exact(rows * plane).enumerate() {
+        for (r, from) in image.chunks_exact(plane).enumerate() {
+            dst[r * ld + i * plane..][..plane].copy_from_slice(from);
+        }
+    }
+}
+
+/// The inverse of [`gather_planes`]: spreads a `[rows, images·plane]` matrix over `[images, rows, plane]`.
+fn scatter_planes(src: &[f32], rows: usize, plane: usize, dst: &mut [f32]) {
+    let images = dst.len() / (rows * plane);
+    let ld = images * plane;
+    for (i, image) in dst.chunks_exact_mut(rows * plane).enumerate() {
+        for (r, to) in image.chunks_exact_mut(plane).enumerate() {
+            to.copy_from_slice(&src[r * ld + i * plane..][..plane]);
+        }
+    }
+}
+
+/// Per-worker buffers, reused across the chunks a worker handles.
+#[derive(Default)]
+struct Scratch {
+    col: Vec<f32>,
+    grouped: Vec<f32>,
+}
+
+fn resized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
+}
+
+/// The chunk's unrolled input `[patch, images·plane]`: the image itself for a single pointwise image, else
+/// built in `scratch`.
+fn unrolled<'a>(g: &Geometry, x_chunk: &'a [f32], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    let images = x_chunk.len() / g.in_image();
+    if g.is_pointwise() {
+        if images == 1 {
+            return x_chunk;
+        }
+        let col = resized(scratch, g.patch() * images * g.out_plane());
+        gather_planes(x_chunk, g.in_channels, g.in_plane(), col);
+        return col;
+    }
+    let ld = images * g.out_plane();
+    let col = resized(scratch, g.patch() * ld);
+    for (i, image) in x_chunk.chunks_exact(g.in_image()).enumerate() {
+        im2col(g, image, col, ld, i * g.out_plane());
+    }
+    col
+}
+
+fn check_bias(g: &Geometry, bias: &CpuTensor) -> BackendResult<()> {
+    if bias.shape() == [g.out_channels] {
+        Ok(())
+    } else {
+        Err(BackendError::ShapeMismatch {
+            op: "conv2d",
+            expected: format!("a bias of shape [{}]", g.out_channels),
+            got: bias.shape().to_vec(),
+        })
     }
 }
 
 pub(super) fn forward(
-    _x: &CpuTensor,
-    _w: &CpuTensor,
-    _b: Option<&CpuTensor>,
-    _s: Conv2dSpec,
+    x: &CpuTensor,
+    w: &CpuTensor,
+    bias: Option<&CpuTensor>,
+    spec: Conv2dSpec,
 ) -> BackendResult<CpuTensor> {
-    Err(pending("conv2d"))
+    let g = Geometry::new("conv2d", x.shape(), w.shape(), spec)?;
+    if let Some(b) = bias {
+        check_bias(&g, b)?;
+    }
+    let x = contiguous(x);
+    let w = contiguous(w);
+    let bias = bias.map(contiguous);
+    let mut y = vec![0.0f32; g.batch * g.out_image()];
+    if y.is_empty() {
+        return into_tensor("conv2d", &g.output_shape(), y);
+    }
+    let threads = rayon::current_num_threads();
+    let per_chunk = g.images_per_chunk(threads);
+    let chunks = g.batch.div_ceil(per_chunk);
+    let par = parallelism(chunks < threads);
+    let weight = MatRef::row_major(&w, g.out_channels, g.patch());
+
+    y.par_chunks_mut(per_chunk * g.out_image())
+        .zip(x.par_chunks(per_chunk * g.in_image()))
+        .for_each_init(Scratch::default, |scratch, (y_chunk, x_chunk)| {
+            let images = x_chunk.len() / g.in_image();
+            let columns = images * g.out_plane();
+            let col = unrolled(&g, x_chunk, &mut scratch.col);
+            let rhs = MatRef::row_major(col, g.patch(), columns);
+            if images == 1 {
+                gemm_into(y_chunk, weight, rhs, false, par);
+            } else {
+                let out = resized(&mut scratch.grouped, g.out_channels * columns);
+                gemm_into(out, weight, rhs, false, par);
+                scatter_planes(out, g.out_channels, g.out_plane(), y_chunk);
+            }
+            if let Some(b) = &bias {
+                for (plane, &b) in y_chunk
+                    .chunks_exact_mut(g.out_plane())
+                    .zip(b.iter().cycle())
+                {
+                    plane.iter_mut().for_each(|v| *v += b);
+                }
+            }
+        });
+    into_tensor("conv2d", &g.output_shape(), y)
 }
 
 pub(super) fn backward(
-    _x: &CpuTensor,
-    _w: &CpuTensor,
-    _dy: &CpuTensor,
-    _s: Conv2dSpec,
-    _need_input: bool,
-    _need_bias: bool,
+    x: &CpuTensor,
+    w: &CpuTensor,
+    dy: &CpuTensor,
+    spec: Conv2dSpec,
+    need_input: bool,
+    need_bias: bool,
 ) -> BackendResult<Conv2dGrads<CpuTensor>> {
-    Err(pending("conv2d_backward"))
+    let g = Geometry::new("conv2d_backward", x.shape(), w.shape(), spec)?;
+    if dy.shape() != g.output_shape() {
+        return Err(BackendError::ShapeMismatch {
+            op: "conv2d_backward",
+            expected: format!(
+                "an output gradient of shape {:?} for the input {:?} and weight {:?}",
+                g.output_shape(),
+                x.shape(),
+                w.shape()
+            ),
+            got: dy.shape().to_vec(),
+        });
+    }
+    let x = contiguous(x);
+    let w = contiguous(w);
+    let dy = contiguous(dy);
+    let weight_len = g.out_channels * g.patch();
+
+    let bias = need_bias.then(|| bias_gradient(&g, &dy));
+    let (dx, dw) = if g.batch == 0 || g.out_plane() == 0 {
+        (vec![0.0; g.batch * g.in_image()], vec![0.0; weight_len])
+    } else {
+        input_and_weight_gradients(&g, &x, &w, &dy, need_input)
+    };
+
+    let input = if need_input {
+        Some(into_tensor(
+            "conv2d_backward",
+            &[g.batch, g.in_channels, g.height, g.width],
+            dx,
+        )?)
+    } else {
+        None
+    };
+    let bias = bias
+        .map(|b| into_tensor("conv2d_backward", &[g.out_channels], b))
+        .transpose()?;
+    Ok(Conv2dGrads {
+        input,
+        weight: into_tensor(
+            "conv2d_backward",
+            &[g.out_channels, g.in_channels, g.kernel, g.kernel],
+            dw,
+        )?,
+        bias,
+    })
+}
+
+/// Sums `dy` over the batch and the positions of each output channel: per image and channel in f32 with
+/// several lanes, then over images in f64, always in the same order.
+fn bias_gradient(g: &Geometry, dy: &[f32]) -> Vec<f32> {
+    (0..g.out_channels)
+        .into_par_iter()
+        .map(|c| {
+            let total: f64 = (0..g.batch)
+                .map(|n| {
+                    f64::from(lane_sum(
+                        &dy[n * g.out_image() + c * g.out_plane()..][..g.out_plane()],
+                    ))
+                })
+                .sum();
+            total as f32
+        })
+        .collect()
+}
+
+/// A sum over eight interleaved accumulators, which the compiler keeps in one vector register.
+pub(super) fn lane_sum(values: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let mut chunks = values.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(chunk) {
+            *l += *v;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Both gradients in one pass over the batch, so each chunk's `dy` is read while it is still in cache.
+///
+/// The batch's chunks are cut into a fixed number of contiguous segments; each segment sums its chunks'
+/// weight gradients in order into its own buffer, and the buffers are added in segment order.
+fn input_and_weight_gradients(
+    g: &Geometry,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    need_input: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let threads = rayon::current_num_threads();
+    let per_chunk = g.images_per_chunk(threads);
+    let chunks = g.batch.div_ceil(per_chunk);
+    let segments = chunks.min(threads.max(4));
+    let chunks_per_segment = chunks.div_ceil(segments);
+    let segments = chunks.div_ceil(chunks_per_segment);
+    let images_per_segment = chunks_per_segment * per_chunk;
+    let par = parallelism(segments < threads);
+    let weight_len = g.out_channels * g.patch();
+    let weight_t = MatRef::row_major(w, g.out_channels, g.patch()).t();
+
+    let mut dx = vec![
+        0.0f32;
+        if need_input {
+            g.batch * g.in_image()
+        } else {
+            0
+        }
+    ];
+    let mut partials = vec![0.0f32; segments * weight_len];
+
+    let segment_work = |(s, dw): (usize, &mut [f32]), dx_segment: Option<&mut [f32]>| {
+        let mut scratch = Scratch::default();
+        let mut dy_group = Vec::new();
+        let first = s * images_per_segment;
+        let last = (first + images_per_segment).min(g.batch);
+        let mut dx_segment = dx_segment;
+        for (c, n0) in (first..last).step_by(per_chunk).enumerate() {
+            let images = per_chunk.min(last - n0);
+            let columns = images * g.out_plane();
+            let dy_chunk = &dy[n0 * g.out_image()..][..images * g.out_image()];
+            let dy_mat: &[f32] = if images == 1 {
+                dy_chunk
+            } else {
+                let grouped = resized(&mut dy_group, g.out_channels * columns);
+                gather_planes(dy_chunk, g.out_channels, g.out_plane(), grouped);
+                grouped
+            };
+            let dy_mat = MatRef::row_major(dy_mat, g.out_channels, columns);
+
+            let x_chunk = &x[n0 * g.in_image()..][..images * g.in_image()];
+            let col = unrolled(g, x_chunk, &mut scratch.col);
+            let col_t = MatRef::row_major(col, g.patch(), columns).t();
+            gemm_into(dw, dy_mat, col_t, c > 0, par);
+
+            if let Some(dx_segment) = dx_segment.as_deref_mut() {
+                let offset = (n0 - first) * g.in_image();
+                let dx_chunk = &mut dx_segment[offset..][..images * g.in_image()];
+                if g.is_pointwise() && images == 1 {
+                    gemm_into(dx_chunk, weight_t, dy_mat, false, par);
+                } else if g.is_pointwise() {
+                    let dcol = resized(&mut scratch.col, g.patch() * columns);
+                    gemm_into(dcol, weight_t, dy_mat, false, par);
+                    scatter_planes(dcol, g.in_channels, g.in_plane(), dx_chunk);
+                } else {
+                    let dcol = resized(&mut scratch.col, g.patch() * columns);
+                    gemm_into(dcol, weight_t, dy_mat, false, par);
+                    for (i, image) in dx_chunk.chunks_exact_mut(g.in_image()).enumerate() {
+                        col2im(g, dcol, columns, i * g.out_plane(), image);
+                    }
+                }
+            }
+        }
+    };
+
+    if need_input {
+        partials
+            .par_chunks_mut(weight_len)
+            .enumerate()
+            .zip(dx.par_chunks_mut(images_per_segment * g.in_image()))
+            .for_each(|(seg, dxs)| segment_work(seg, Some(dxs)));
+    } else {
+        partials
+            .par_chunks_mut(weight_len)
+            .enumerate()
+            .for_each(|seg| segment_work(seg, None));
+    }
+
+    let (dw, rest) = partials.split_at_mut(weight_len);
+    for partial in rest.chunks_exact(weight_len) {
+        for (d, p) in dw.iter_mut().zip(partial) {
+            *d += *p;
+        }
+    }
+    partials.truncate(weight_len);
+    (dx, partials)
 }

@@ -7,6 +7,7 @@ mod conv;
 mod dense;
 mod elementwise;
 mod loss;
+mod matrix;
 mod norm;
 mod pool;
 

@@ -1,40 +1,330 @@
-//! Batch-norm kernels (placeholder until the CPU engine lands).
+//! Batch norm over `[N, C, H, W]` (or `[N, C]`), per channel, in PyTorch's formulation.
+//!
+//! Each channel is one parallel task that computes its statistics and then writes its outputs while the
+//! channel's values are still in cache. Sums run over each `H·W` row in f32 with eight lanes and over the
+//! rows in f64, always in the same order, so results are deterministic and accurate for large batches.
+
+use ndarray::{ArrayViewMut3, Axis, Zip};
+use rayon::prelude::*;
+
+use super::matrix::{contiguous, into_tensor};
 use super::CpuTensor;
 use crate::backend::{BackendError, BackendResult, BatchNormGrads, BatchNormSaved};
 
-fn pending(op: &'static str) -> BackendError {
-    BackendError::InvalidArgument {
-        op,
-        message: "not implemented on the CPU backend yet".into(),
+/// `[N, C, H·W]`: the batch, the channels, and the values per channel and image.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    batch: usize,
+    channels: usize,
+    plane: usize,
+}
+
+impl Layout {
+    fn of(op: &'static str, x: &CpuTensor) -> BackendResult<Self> {
+        match *x.shape() {
+            [batch, channels] => Ok(Self {
+                batch,
+                channels,
+                plane: 1,
+            }),
+            [batch, channels, h, w] => Ok(Self {
+                batch,
+                channels,
+                plane: h * w,
+            }),
+            _ => Err(BackendError::ShapeMismatch {
+                op,
+                expected: "an input of rank 2 [N, C] or 4 [N, C, H, W]".into(),
+                got: x.shape().to_vec(),
+            }),
+        }
+    }
+
+    /// Values per channel over the batch.
+    fn count(&self) -> usize {
+        self.batch * self.plane
+    }
+
+    /// Channel `c`'s row of image `n`.
+    fn row<'a>(&self, data: &'a [f32], n: usize, c: usize) -> &'a [f32] {
+        &data[(n * self.channels + c) * self.plane..][..self.plane]
+    }
+
+    fn view_mut<'a>(&self, data: &'a mut [f32]) -> BackendResult<ArrayViewMut3<'a, f32>> {
+        let shape = [self.batch, self.channels, self.plane];
+        let len = data.len();
+        ArrayViewMut3::from_shape(shape, data).map_err(|_| BackendError::ShapeMismatch {
+            op: "batch_norm",
+            expected: format!(
+                "{} values for the shape {shape:?}",
+                shape.iter().product::<usize>()
+            ),
+            got: vec![len],
+        })
     }
 }
 
+fn check_per_channel(
+    op: &'static str,
+    what: &str,
+    t: &CpuTensor,
+    layout: &Layout,
+) -> BackendResult<()> {
+    if t.shape() == [layout.channels] {
+        Ok(())
+    } else {
+        Err(BackendError::ShapeMismatch {
+            op,
+            expected: format!(
+                "{what} of shape [{}], one value per channel",
+                layout.channels
+            ),
+            got: t.shape().to_vec(),
+        })
+    }
+}
+
+/// Sums of `x − shift` and of its square over eight lanes.
+fn shifted_sums(row: &[f32], shift: f32) -> (f32, f32) {
+    let mut sum = [0.0f32; 8];
+    let mut squares = [0.0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for chunk in &mut chunks {
+        for i in 0..8 {
+            let d = chunk[i] - shift;
+            sum[i] += d;
+            squares[i] += d * d;
+        }
+    }
+    let (mut s, mut q) = (sum.iter().sum::<f32>(), squares.iter().sum::<f32>());
+    for &v in chunks.remainder() {
+        let d = v - shift;
+        s += d;
+        q += d * d;
+    }
+    (s, q)
+}
+
+/// Sums of `dy` and of `dy · (x − mean)` over eight lanes.
+fn gradient_sums(dy: &[f32], x: &[f32], mean: f32) -> (f32, f32) {
+    let mut sum = [0.0f32; 8];
+    let mut dot = [0.0f32; 8];
+    let mut dy_chunks = dy.chunks_exact(8);
+    let mut x_chunks = x.chunks_exact(8);
+    for (d, v) in (&mut dy_chunks).zip(&mut x_chunks) {
+        for i in 0..8 {
+            sum[i] += d[i];
+            dot[i] += d[i] * (v[i] - mean);
+        }
+    }
+    let (mut s, mut p) = (sum.iter().sum::<f32>(), dot.iter().sum::<f32>());
+    for (&d, &v) in dy_chunks.remainder().iter().zip(x_chunks.remainder()) {
+        s += d;
+        p += d * (v - mean);
+    }
+    (s, p)
+}
+
+/// Channel statistics of a training batch.
+struct Moments {
+    mean: f64,
+    biased_var: f64,
+}
+
+/// Mean and biased variance of channel `c`, shifted by its first value so that a large mean does not
+/// cancel the variance away.
+fn moments(layout: &Layout, x: &[f32], c: usize) -> Moments {
+    let shift = layout.row(x, 0, c)[0];
+    let (mut sum, mut squares) = (0.0f64, 0.0f64);
+    for n in 0..layout.batch {
+        let (s, q) = shifted_sums(layout.row(x, n, c), shift);
+        sum += f64::from(s);
+        squares += f64::from(q);
+    }
+    let count = layout.count() as f64;
+    let shifted_mean = sum / count;
+    Moments {
+        mean: f64::from(shift) + shifted_mean,
+        biased_var: (squares / count - shifted_mean * shifted_mean).max(0.0),
+    }
+}
+
+/// Writes `y = x · scale[c] + shift[c]` channel by channel.
+fn affine(
+    layout: &Layout,
+    x: &[f32],
+    y: &mut [f32],
+    coefficients: impl Fn(usize) -> (f32, f32) + Sync,
+) -> BackendResult<()> {
+    let mut y3 = layout.view_mut(y)?;
+    y3.axis_iter_mut(Axis(1))
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(c, mut y_channel)| {
+            let (scale, shift) = coefficients(c);
+            for (n, y_row) in y_channel.outer_iter_mut().enumerate() {
+                Zip::from(y_row)
+                    .and(layout.row(x, n, c))
+                    .for_each(|y, &x| *y = x * scale + shift);
+            }
+        });
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(super) fn train(
-    _x: &CpuTensor,
-    _g: &CpuTensor,
-    _b: &CpuTensor,
-    _rm: &mut CpuTensor,
-    _rv: &mut CpuTensor,
-    _momentum: f32,
-    _eps: f32,
+    x: &CpuTensor,
+    gamma: &CpuTensor,
+    beta: &CpuTensor,
+    running_mean: &mut CpuTensor,
+    running_var: &mut CpuTensor,
+    momentum: f32,
+    eps: f32,
 ) -> BackendResult<(CpuTensor, BatchNormSaved<CpuTensor>)> {
-    Err(pending("batch_norm_train"))
+    const OP: &str = "batch_norm_train";
+    let layout = Layout::of(OP, x)?;
+    check_per_channel(OP, "gamma", gamma, &layout)?;
+    check_per_channel(OP, "beta", beta, &layout)?;
+    check_per_channel(OP, "running_mean", running_mean, &layout)?;
+    check_per_channel(OP, "running_var", running_var, &layout)?;
+    if layout.count() < 2 {
+        return Err(BackendError::InvalidArgument {
+            op: OP,
+            message: format!(
+                "training needs more than one value per channel, got input {:?}",
+                x.shape()
+            ),
+        });
+    }
+    if eps.is_nan() || eps < 0.0 {
+        return Err(BackendError::InvalidArgument {
+            op: OP,
+            message: format!("eps {eps} must be non-negative"),
+        });
+    }
+    let xs = contiguous(x);
+    let gamma = contiguous(gamma);
+    let beta = contiguous(beta);
+
+    let stats: Vec<Moments> = (0..layout.channels)
+        .into_par_iter()
+        .map(|c| moments(&layout, &xs, c))
+        .collect();
+    let inv_std: Vec<f32> = stats
+        .iter()
+        .map(|m| (1.0 / (m.biased_var + f64::from(eps)).sqrt()) as f32)
+        .collect();
+    let mean: Vec<f32> = stats.iter().map(|m| m.mean as f32).collect();
+
+    let mut y = vec![0.0f32; xs.len()];
+    affine(&layout, &xs, &mut y, |c| {
+        let scale = gamma[c] * inv_std[c];
+        (scale, beta[c] - mean[c] * scale)
+    })?;
+
+    let unbias = layout.count() as f64 / (layout.count() - 1) as f64;
+    let keep = 1.0 - momentum;
+    for ((rm, rv), m) in running_mean
+        .iter_mut()
+        .zip(running_var.iter_mut())
+        .zip(&stats)
+    {
+        *rm = keep * *rm + momentum * m.mean as f32;
+        *rv = keep * *rv + momentum * (m.biased_var * unbias) as f32;
+    }
+
+    let c = layout.channels;
+    Ok((
+        into_tensor(OP, x.shape(), y)?,
+        BatchNormSaved {
+            mean: into_tensor(OP, &[c], mean)?,
+            inv_std: into_tensor(OP, &[c], inv_std)?,
+        },
+    ))
 }
+
 pub(super) fn eval(
-    _x: &CpuTensor,
-    _g: &CpuTensor,
-    _b: &CpuTensor,
-    _rm: &CpuTensor,
-    _rv: &CpuTensor,
-    _eps: f32,
+    x: &CpuTensor,
+    gamma: &CpuTensor,
+    beta: &CpuTensor,
+    running_mean: &CpuTensor,
+    running_var: &CpuTensor,
+    eps: f32,
 ) -> BackendResult<CpuTensor> {
-    Err(pending("batch_norm_eval"))
+    const OP: &str = "batch_norm_eval";
+    let layout = Layout::of(OP, x)?;
+    check_per_channel(OP, "gamma", gamma, &layout)?;
+    check_per_channel(OP, "beta", beta, &layout)?;
+    check_per_channel(OP, "running_mean", running_mean, &layout)?;
+    check_per_channel(OP, "running_var", running_var, &layout)?;
+    let xs = contiguous(x);
+    let (gamma, beta) = (contiguous(gamma), contiguous(beta));
+    let (mean, var) = (contiguous(running_mean), contiguous(running_var));
+    let mut y = vec![0.0f32; xs.len()];
+    affine(&layout, &xs, &mut y, |c| {
+        let scale = gamma[c] / (var[c] + eps).sqrt();
+        (scale, beta[c] - mean[c] * scale)
+    })?;
+    into_tensor(OP, x.shape(), y)
 }
+
 pub(super) fn backward(
-    _x: &CpuTensor,
-    _g: &CpuTensor,
-    _s: &BatchNormSaved<CpuTensor>,
-    _dy: &CpuTensor,
+    x: &CpuTensor,
+    gamma: &CpuTensor,
+    saved: &BatchNormSaved<CpuTensor>,
+    dy: &CpuTensor,
 ) -> BackendResult<BatchNormGrads<CpuTensor>> {
-    Err(pending("batch_norm_backward"))
+    const OP: &str = "batch_norm_backward";
+    let layout = Layout::of(OP, x)?;
+    check_per_channel(OP, "gamma", gamma, &layout)?;
+    check_per_channel(OP, "saved mean", &saved.mean, &layout)?;
+    check_per_channel(OP, "saved inv_std", &saved.inv_std, &layout)?;
+    if dy.shape() != x.shape() {
+        return Err(BackendError::ShapeMismatch {
+            op: OP,
+            expected: format!("an output gradient of the input's shape {:?}", x.shape()),
+            got: dy.shape().to_vec(),
+        });
+    }
+    let xs = contiguous(x);
+    let dys = contiguous(dy);
+    let gamma = contiguous(gamma);
+    let mean = contiguous(&saved.mean);
+    let inv_std = contiguous(&saved.inv_std);
+    let count = layout.count() as f64;
+
+    let mut dx = vec![0.0f32; xs.len()];
+    let mut dx3 = layout.view_mut(&mut dx)?;
+    let sums: Vec<(f32, f32)> = dx3
+        .axis_iter_mut(Axis(1))
+        .into_par_iter()
+        .enumerate()
+        .map(|(c, mut dx_channel)| {
+            let (mut dbeta, mut dot) = (0.0f64, 0.0f64);
+            for n in 0..layout.batch {
+                let (s, p) = gradient_sums(layout.row(&dys, n, c), layout.row(&xs, n, c), mean[c]);
+                dbeta += f64::from(s);
+                dot += f64::from(p);
+            }
+            let dgamma = dot * f64::from(inv_std[c]);
+            // dx = γ·σ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂)), with x̂ = (x − μ)·σ⁻¹.
+            let scale = gamma[c] * inv_std[c];
+            let mean_dy = (dbeta / count) as f32;
+            let slope = (dgamma / count) as f32 * inv_std[c];
+            let mu = mean[c];
+            for (n, dx_row) in dx_channel.outer_iter_mut().enumerate() {
+                Zip::from(dx_row)
+                    .and(layout.row(&dys, n, c))
+                    .and(layout.row(&xs, n, c))
+                    .for_each(|dx, &dy, &x| *dx = scale * (dy - mean_dy - (x - mu) * slope));
+            }
+            (dgamma as f32, dbeta as f32)
+        })
+        .collect();
+    let c = layout.channels;
+    Ok(BatchNormGrads {
+        input: into_tensor(OP, x.shape(), dx)?,
+        gamma: into_tensor(OP, &[c], sums.iter().map(|s| s.0).collect())?,
+        beta: into_tensor(OP, &[c], sums.iter().map(|s| s.1).collect())?,
+    })
 }
