@@ -30,6 +30,7 @@ const GEMM: &str = include_str!("shaders/gemm.wgsl");
 const BATCHNORM: &str = include_str!("shaders/batchnorm.wgsl");
 const POOL: &str = include_str!("shaders/pool.wgsl");
 const LOSS: &str = include_str!("shaders/loss.wgsl");
+const LERP_MANY: &str = include_str!("shaders/lerp_many.wgsl");
 
 use Access::{Read as R, Write as W};
 
@@ -47,7 +48,6 @@ macro_rules! kernel {
 // Element-wise: 1 = dst (rw), 2 = src, 3 = aux (rw), 4 = src2.
 kernel!(FILL, "elementwise", ELEMENTWISE, "fill", [W(1)]);
 kernel!(SCALE, "elementwise", ELEMENTWISE, "scale", [W(1)]);
-kernel!(LERP, "elementwise", ELEMENTWISE, "lerp", [W(1), R(2)]);
 kernel!(AXPY, "elementwise", ELEMENTWISE, "axpy", [W(1), R(2)]);
 kernel!(SGD, "elementwise", ELEMENTWISE, "sgd", [W(1), R(2), W(3)]);
 kernel!(ADD, "elementwise", ELEMENTWISE, "add", [W(1), R(2), R(4)]);
@@ -157,3 +157,78 @@ kernel!(
     [R(1), R(2), W(3), W(4)]
 );
 kernel!(MEAN_LOSS, "loss", LOSS, "mean_loss", [W(4), W(5)]);
+
+/// The most (destination, source) pairs one fused averaging dispatch binds (`ends` holds 16 counts).
+pub(crate) const LERP_MANY_MAX_PAIRS: usize = 8;
+
+const LERP_MANY_ACCESS: [Access; 2 * LERP_MANY_MAX_PAIRS] = [
+    W(1),
+    R(2),
+    W(3),
+    R(4),
+    W(5),
+    R(6),
+    W(7),
+    R(8),
+    W(9),
+    R(10),
+    W(11),
+    R(12),
+    W(13),
+    R(14),
+    W(15),
+    R(16),
+];
+
+const fn lerp_many(pairs: usize) -> Kernel {
+    Kernel {
+        family: "lerp_many",
+        source: LERP_MANY,
+        entry: "main",
+        storage: LERP_MANY_ACCESS.split_at(2 * pairs).0,
+    }
+}
+
+/// `LERP_MANY_KERNELS[k - 1]` fuses `k` pairs.
+pub(crate) static LERP_MANY_KERNELS: [Kernel; LERP_MANY_MAX_PAIRS] = [
+    lerp_many(1),
+    lerp_many(2),
+    lerp_many(3),
+    lerp_many(4),
+    lerp_many(5),
+    lerp_many(6),
+    lerp_many(7),
+    lerp_many(8),
+];
+
+/// The generated declarations and pair selection of the fused averaging kernel for `pairs` pairs.
+pub(crate) fn lerp_many_variant(pairs: usize) -> Vec<(&'static str, String)> {
+    let mut bindings = String::new();
+    let mut select = String::new();
+    for k in 0..pairs {
+        bindings.push_str(&format!(
+            "@group(0) @binding({}) var<storage, read_write> dst{k}: array<f32>;\n\
+             @group(0) @binding({}) var<storage, read> src{k}: array<f32>;\n",
+            2 * k + 1,
+            2 * k + 2
+        ));
+        let start = if k == 0 {
+            "0u".to_string()
+        } else {
+            format!("end_of({}u)", k - 1)
+        };
+        let keyword = if k == 0 { "if" } else { "} else if" };
+        select.push_str(&format!(
+            "    {keyword} (i < end_of({k}u)) {{\n\
+             \x20       let j = i - {start};\n\
+             \x20       let d = dst{k}[j];\n\
+             \x20       dst{k}[j] = d + w * (src{k}[j] - d);\n"
+        ));
+    }
+    select.push_str("    }\n");
+    vec![
+        ("{{PAIRS}}", pairs.to_string()),
+        ("{{BINDINGS}}", bindings),
+        ("{{SELECT}}", select),
+    ]
+}

@@ -120,6 +120,37 @@ fn averaging_updates_match_cpu() {
         ELEMENTWISE_TOL,
     );
 
+    // More pairs than one fused dispatch binds, of assorted sizes, including an empty tensor.
+    let sizes = [3usize, 0, 700, 1, 64, 65, 5000, 2, 17, 300, 9, 1025];
+    let mut gd2 = Vec::new();
+    let mut cd2 = Vec::new();
+    let mut gs2 = Vec::new();
+    let mut cs2 = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let (a, b) = random_pair(&g, 100 + i as u64, &[n]);
+        gd2.push(a);
+        cd2.push(b);
+        let (a, b) = random_pair(&g, 200 + i as u64, &[n]);
+        gs2.push(a);
+        cs2.push(b);
+    }
+    let mut gdm: Vec<&mut _> = gd2.iter_mut().collect();
+    g.lerp_many_(&mut gdm, &gs2.iter().collect::<Vec<_>>(), 0.3)
+        .unwrap();
+    let mut cdm: Vec<&mut _> = cd2.iter_mut().collect();
+    c.lerp_many_(&mut cdm, &cs2.iter().collect::<Vec<_>>(), 0.3)
+        .unwrap();
+    for (i, (a, b)) in gd2.iter().zip(&cd2).enumerate() {
+        assert_close(
+            &format!("lerp_many_ of {} pairs, #{i}", sizes.len()),
+            &g,
+            a,
+            b,
+            ELEMENTWISE_TOL,
+            ELEMENTWISE_TOL,
+        );
+    }
+
     let mut too_few: Vec<&mut _> = gd.iter_mut().take(1).collect();
     assert!(g.lerp_many_(&mut too_few, &[], 0.5).is_err());
 }

@@ -64,33 +64,67 @@ impl GpuBackend {
         )])
     }
 
-    /// All pairs in one compute pass of back-to-back dispatches, with no submission in between.
+    /// The SWA update over all pairs: up to eight pairs per dispatch, bound side by side and treated as
+    /// one concatenated range, and all dispatches in one compute pass with no submission in between.
     pub(crate) fn lerp_many(
         &self,
         dsts: &mut [&mut GpuTensor],
         srcs: &[&GpuTensor],
         weight: f32,
     ) -> BackendResult<()> {
+        let op = "lerp_many_";
         if dsts.len() != srcs.len() {
             return Err(BackendError::InvalidArgument {
-                op: "lerp_many_",
+                op,
                 message: format!("{} destinations but {} sources", dsts.len(), srcs.len()),
             });
         }
-        let mut dispatches = Vec::with_capacity(dsts.len());
+        let mut pairs = Vec::with_capacity(dsts.len());
         for (dst, src) in dsts.iter().zip(srcs) {
             same_shape("lerp_", dst, src)?;
-            let n = dst.numel();
-            if n == 0 {
-                continue;
+            if dst.numel() > 0 {
+                pairs.push((&**dst, *src));
             }
-            let params = self.elementwise_params("lerp_", n)?.f(weight);
-            dispatches.push(Dispatch::new(
-                &kernels::LERP,
+        }
+        let per_dispatch = (self.ctx.limits.max_storage_buffers_per_shader_stage as usize / 2)
+            .clamp(1, kernels::LERP_MANY_MAX_PAIRS);
+        let mut dispatches = Vec::new();
+        let mut rest = &pairs[..];
+        while !rest.is_empty() {
+            // Take pairs while the concatenated count stays within 32-bit indexing.
+            let mut take = 0;
+            let mut total = 0usize;
+            while take < per_dispatch.min(rest.len()) {
+                let next = total + rest[take].0.numel();
+                if take > 0 && next > u32::MAX as usize {
+                    break;
+                }
+                total = next;
+                take += 1;
+            }
+            let (chunk, tail) = rest.split_at(take);
+            rest = tail;
+            let mut params = Params::new()
+                .f(weight)
+                .u(u32_extent(op, "element count", total)?)
+                .u(take as u32)
+                .u(0);
+            let mut end = 0usize;
+            let mut buffers = Vec::with_capacity(2 * take);
+            for (dst, src) in chunk {
+                end += dst.numel();
+                params = params.u(end as u32);
+                buffers.push(*dst);
+                buffers.push(*src);
+            }
+            let mut dispatch = Dispatch::new(
+                &kernels::LERP_MANY_KERNELS[take - 1],
                 params,
-                vec![&**dst, *src],
-                self.ctx.grid_1d(n),
-            ));
+                buffers,
+                self.ctx.grid_1d(total),
+            );
+            dispatch.variant = kernels::lerp_many_variant(take);
+            dispatches.push(dispatch);
         }
         self.ctx.encode(&dispatches)
     }

@@ -1,4 +1,4 @@
-// Element-wise kernels: fills, averaging updates, the fused SGD step, arithmetic, ReLU, dropout masks,
+// Element-wise kernels: fills, scaling, axpy, the fused SGD step, arithmetic, ReLU, dropout masks,
 // row biases and column sums.
 //
 // One thread per element over a 2-D grid of 256-wide workgroups (the host spreads large tensors over y
@@ -40,15 +40,6 @@ fn scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
     dst[i] = dst[i] * p.a;
-}
-
-// dst += a · (src − dst)
-@compute @workgroup_size(256)
-fn lerp(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat(gid, nwg);
-    if (i >= p.n) { return; }
-    let d = dst[i];
-    dst[i] = d + p.a * (src[i] - d);
 }
 
 // dst += a · src
