@@ -1,7 +1,30 @@
 //! # swa-models
 //!
 //! The networks of the SWA paper, written once over swa-core's `Backend`, and how they are trained.
+//!
+//! - [`layers`]: convolution, BatchNorm, linear, pooling, ReLU, dropout, sequential containers and residual
+//!   blocks, each a [`Module`] with PyTorch's tensor names;
+//! - [`nets`]: VGG-16 (with and without BatchNorm), PreResNet and WideResNet, built as the original SWA
+//!   code builds them, by name ([`Architecture`]) or configuration ([`NetworkConfig`]);
+//! - [`checkpoint`]: weights in safetensors files that PyTorch loads strictly.
+//!
+//! ```
+//! use swa_core::CpuBackend;
+//! use swa_models::{module::parameter_count, Architecture};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let backend = CpuBackend::with_threads(1);
+//! let architecture: Architecture = "preresnet20".parse()?;
+//! let net = architecture.build(&backend, 10, 0)?;
+//! assert_eq!(parameter_count(net.as_ref()), 272_282);
+//! # Ok(())
+//! # }
+//! ```
 
+pub mod checkpoint;
+pub mod layers;
 pub mod module;
+pub mod nets;
 
 pub use module::{ForwardMode, Module, Param};
+pub use nets::{Architecture, ModelError, Network, NetworkConfig};

@@ -80,6 +80,21 @@ pub trait Module<B: Backend>: NamedTensors<B> + Send {
     fn zero_grads(&mut self) {
         self.visit_params_mut(&mut |_, p| p.grad = None);
     }
+
+    /// Says whether [`Module::backward`] must compute the gradient of the input.
+    ///
+    /// The first layer of a network has no use for it, and skipping it saves a full transposed
+    /// convolution per step. When told `false`, a module may return an empty tensor of shape `[0]` from
+    /// `backward` instead; modules that cannot skip the work ignore the hint.
+    fn require_input_grad(&mut self, _required: bool) {}
+
+    /// Visits the number of training batches each BatchNorm layer has seen (PyTorch's
+    /// `num_batches_tracked` buffer), named `<layer>.num_batches_tracked`. Modules without BatchNorm visit
+    /// nothing.
+    fn visit_batch_counters(&self, _f: &mut dyn FnMut(&str, u64)) {}
+
+    /// Visits the BatchNorm batch counters mutably (to restore them from a checkpoint).
+    fn visit_batch_counters_mut(&mut self, _f: &mut dyn FnMut(&str, &mut u64)) {}
 }
 
 /// Prefixes a child's names with `prefix.`, as PyTorch's `state_dict` does.

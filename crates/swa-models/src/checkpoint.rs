@@ -1,0 +1,624 @@
+//! Checkpoints of weights in the safetensors format, readable by PyTorch.
+//!
+//! A checkpoint holds every named tensor of a network under its PyTorch `state_dict` key, as little-endian
+//! `F32` in PyTorch's layout, plus one `I64` scalar `<bn>.num_batches_tracked` per BatchNorm layer, so that
+//! `model.load_state_dict(safetensors.torch.load_file(path), strict=True)` accepts the file. Loading checks
+//! names, shapes and element types before it writes a single tensor, and reports every missing and
+//! unexpected key at once.
+//!
+//! Every write is atomic: the file is written to a temporary file in the same directory, flushed to disk and
+//! renamed over the destination, so a crash leaves either the old checkpoint or the new one, never a torn
+//! file.
+//!
+//! ```
+//! use swa_core::CpuBackend;
+//! use swa_models::checkpoint::{load_module, save_module};
+//! use swa_models::layers::BatchNorm2d;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let backend = CpuBackend::with_threads(1);
+//! let bn = BatchNorm2d::new(&backend, 4)?;
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("bn.safetensors");
+//! save_module(&backend, &bn, &path)?;
+//! let mut restored = BatchNorm2d::new(&backend, 4)?;
+//! load_module(&backend, &mut restored, &path)?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use swa_core::backend::{Backend, BackendError, HasShape};
+use swa_core::params::{NamedTensors, TensorRole};
+
+use crate::module::Module;
+
+/// The suffix PyTorch gives a BatchNorm layer's batch counter.
+pub const BATCH_COUNTER_SUFFIX: &str = "num_batches_tracked";
+
+/// Errors reading, writing or applying a checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file system operation failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done (`writing`, `reading`, …).
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The bytes are not a valid safetensors file, or a tensor cannot be stored in one.
+    #[error("{origin}: not a valid safetensors checkpoint: {message}")]
+    Format {
+        /// The file (or `in-memory state dict`).
+        origin: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// The checkpoint's keys differ from the model's.
+    #[error(
+        "{origin}: keys do not match the model: missing {missing:?}, unexpected {unexpected:?}"
+    )]
+    KeyMismatch {
+        /// The file.
+        origin: String,
+        /// Keys the model has and the checkpoint lacks.
+        missing: Vec<String>,
+        /// Keys the checkpoint has and the model lacks.
+        unexpected: Vec<String>,
+    },
+    /// A tensor whose shape differs from the model's.
+    #[error("{origin}: tensor {name:?} has shape {got:?}, the model expects {expected:?}")]
+    ShapeMismatch {
+        /// The file.
+        origin: String,
+        /// The tensor's key.
+        name: String,
+        /// The model's shape.
+        expected: Vec<usize>,
+        /// The checkpoint's shape.
+        got: Vec<usize>,
+    },
+    /// A tensor of another element type than the model's.
+    #[error("{origin}: tensor {name:?} is {got}, expected {expected}")]
+    DtypeMismatch {
+        /// The file.
+        origin: String,
+        /// The tensor's key.
+        name: String,
+        /// The expected type.
+        expected: &'static str,
+        /// The stored type.
+        got: String,
+    },
+    /// A batch counter that does not fit the model's counter (negative).
+    #[error("{origin}: {name:?} = {value} is not a valid batch count")]
+    InvalidCounter {
+        /// The file.
+        origin: String,
+        /// The counter's key.
+        name: String,
+        /// The stored value.
+        value: i64,
+    },
+    /// The backend failed to read or write a tensor.
+    #[error("tensor {name:?}: {source}")]
+    Backend {
+        /// The tensor's key.
+        name: String,
+        /// The backend's error.
+        source: BackendError,
+    },
+}
+
+/// A tensor held on the host, as stored in a checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoredTensor {
+    /// 32-bit floats: weights, biases, BatchNorm statistics.
+    F32 {
+        /// Dimensions, outermost first.
+        shape: Vec<usize>,
+        /// Row-major values.
+        values: Vec<f32>,
+    },
+    /// 64-bit integers: BatchNorm batch counters (scalars, shape `[]`).
+    I64 {
+        /// Dimensions, outermost first.
+        shape: Vec<usize>,
+        /// Row-major values.
+        values: Vec<i64>,
+    },
+}
+
+impl StoredTensor {
+    /// The dimensions.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            StoredTensor::F32 { shape, .. } | StoredTensor::I64 { shape, .. } => shape,
+        }
+    }
+
+    fn dtype_name(&self) -> &'static str {
+        match self {
+            StoredTensor::F32 { .. } => "F32",
+            StoredTensor::I64 { .. } => "I64",
+        }
+    }
+
+    fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            StoredTensor::F32 { values, .. } => {
+                values.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            StoredTensor::I64 { values, .. } => {
+                values.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+        }
+    }
+}
+
+/// Named host tensors in key order: the content of one checkpoint file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateDict {
+    origin: String,
+    tensors: BTreeMap<String, StoredTensor>,
+}
+
+impl Default for StateDict {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StateDict {
+    /// An empty state dict.
+    pub fn new() -> Self {
+        Self {
+            origin: "in-memory state dict".into(),
+            tensors: BTreeMap::new(),
+        }
+    }
+
+    /// Reads every tensor of `tensors` back to the host, as `F32`.
+    pub fn from_tensors<B: Backend, M: NamedTensors<B> + ?Sized>(
+        backend: &B,
+        tensors: &M,
+    ) -> Result<Self, CheckpointError> {
+        let mut dict = Self::new();
+        let mut failure = None;
+        tensors.visit_tensors(&mut |name, _, t| {
+            if failure.is_some() {
+                return;
+            }
+            match backend.to_host(t) {
+                Ok(values) => {
+                    let stored = StoredTensor::F32 {
+                        shape: t.dims().to_vec(),
+                        values,
+                    };
+                    dict.tensors.insert(name.to_string(), stored);
+                }
+                Err(source) => {
+                    failure = Some(CheckpointError::Backend {
+                        name: name.to_string(),
+                        source,
+                    })
+                }
+            }
+        });
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(dict),
+        }
+    }
+
+    /// Reads every tensor of `module` back to the host, with its BatchNorm batch counters as `I64` scalars.
+    pub fn from_module<B: Backend, M: Module<B> + ?Sized>(
+        backend: &B,
+        module: &M,
+    ) -> Result<Self, CheckpointError> {
+        let mut dict = Self::from_tensors(backend, module)?;
+        module.visit_batch_counters(&mut |name, count| {
+            dict.insert_counter(name, count);
+        });
+        Ok(dict)
+    }
+
+    /// Adds `<bn>.num_batches_tracked = 0` for every BatchNorm layer (every `<bn>.running_mean`) that has
+    /// no counter yet, as PyTorch's strict loading expects one. The counter only matters to PyTorch for a
+    /// cumulative average (`momentum=None`), which the paper's networks do not use.
+    pub fn add_missing_batch_counters(&mut self) {
+        let layers: Vec<String> = self
+            .tensors
+            .keys()
+            .filter_map(|k| k.strip_suffix("running_mean"))
+            .map(|prefix| format!("{prefix}{BATCH_COUNTER_SUFFIX}"))
+            .collect();
+        for name in layers {
+            self.tensors.entry(name).or_insert(StoredTensor::I64 {
+                shape: vec![],
+                values: vec![0],
+            });
+        }
+    }
+
+    /// Inserts or replaces a tensor.
+    pub fn insert(&mut self, name: impl Into<String>, tensor: StoredTensor) {
+        self.tensors.insert(name.into(), tensor);
+    }
+
+    /// Inserts a batch counter as PyTorch stores it: an `I64` scalar.
+    pub fn insert_counter(&mut self, name: impl Into<String>, count: u64) {
+        let value = i64::try_from(count).unwrap_or(i64::MAX);
+        self.insert(
+            name,
+            StoredTensor::I64 {
+                shape: vec![],
+                values: vec![value],
+            },
+        );
+    }
+
+    /// The tensor stored under `name`.
+    pub fn get(&self, name: &str) -> Option<&StoredTensor> {
+        self.tensors.get(name)
+    }
+
+    /// The tensors, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &StoredTensor)> {
+        self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// The number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Where the tensors came from (a file path, or `in-memory state dict`), for error messages.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The safetensors encoding of the tensors.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, CheckpointError> {
+        let format_error = |message: String| CheckpointError::Format {
+            origin: self.origin.clone(),
+            message,
+        };
+        let bytes: Vec<(&String, Vec<u8>)> = self
+            .tensors
+            .iter()
+            .map(|(name, t)| (name, t.to_le_bytes()))
+            .collect();
+        let mut views = Vec::with_capacity(bytes.len());
+        for ((name, data), tensor) in bytes.iter().zip(self.tensors.values()) {
+            let dtype = match tensor {
+                StoredTensor::F32 { .. } => Dtype::F32,
+                StoredTensor::I64 { .. } => Dtype::I64,
+            };
+            let view = TensorView::new(dtype, tensor.shape().to_vec(), data)
+                .map_err(|e| format_error(format!("tensor {name:?}: {e}")))?;
+            views.push((name.as_str(), view));
+        }
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::tensor::serialize(views, Some(metadata))
+            .map_err(|e| format_error(e.to_string()))
+    }
+
+    /// Decodes a safetensors file's bytes; `origin` names them in errors. Only `F32` and `I64` tensors are
+    /// accepted.
+    pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Self, CheckpointError> {
+        let format_error = |message: String| CheckpointError::Format {
+            origin: origin.to_string(),
+            message,
+        };
+        let file = SafeTensors::deserialize(bytes).map_err(|e| format_error(e.to_string()))?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in file.iter() {
+            let shape = view.shape().to_vec();
+            let data = view.data();
+            let stored = match view.dtype() {
+                Dtype::F32 => StoredTensor::F32 {
+                    shape,
+                    values: data
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                },
+                Dtype::I64 => StoredTensor::I64 {
+                    shape,
+                    values: data
+                        .chunks_exact(8)
+                        .map(|c| {
+                            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+                        })
+                        .collect(),
+                },
+                other => {
+                    return Err(CheckpointError::DtypeMismatch {
+                        origin: origin.to_string(),
+                        name: name.to_string(),
+                        expected: "F32 or I64",
+                        got: format!("{other:?}"),
+                    })
+                }
+            };
+            tensors.insert(name.to_string(), stored);
+        }
+        Ok(Self {
+            origin: origin.to_string(),
+            tensors,
+        })
+    }
+
+    /// Writes the tensors to `path` atomically (temporary file in the same directory, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
+        let bytes = self.to_bytes()?;
+        write_atomically(path, &bytes)
+    }
+
+    /// Reads a checkpoint file.
+    pub fn load(path: &Path) -> Result<Self, CheckpointError> {
+        let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
+            action: "reading",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// Copies the stored tensors into `tensors`, after checking that the keys are exactly the model's
+    /// (batch counters of the model's BatchNorm layers are accepted and ignored: a [`NamedTensors`] set has
+    /// none) and that every shape and type matches. Nothing is written when a check fails.
+    pub fn copy_into_tensors<B: Backend, M: NamedTensors<B> + ?Sized>(
+        &self,
+        backend: &B,
+        tensors: &mut M,
+    ) -> Result<(), CheckpointError> {
+        let mut counters = BTreeSet::new();
+        tensors.visit_tensors(&mut |name, role, _| {
+            if role == TensorRole::BatchNormStatistic {
+                if let Some(prefix) = name.strip_suffix("running_mean") {
+                    counters.insert(format!("{prefix}{BATCH_COUNTER_SUFFIX}"));
+                }
+            }
+        });
+        self.check_tensors(tensors, &counters, false)?;
+        self.write_tensors(backend, tensors)
+    }
+
+    /// Copies the stored tensors and BatchNorm batch counters into `module`, after checking that the keys
+    /// are exactly the module's and that every shape and type matches. Nothing is written when a check fails.
+    pub fn copy_into_module<B: Backend, M: Module<B> + ?Sized>(
+        &self,
+        backend: &B,
+        module: &mut M,
+    ) -> Result<(), CheckpointError> {
+        let mut counters = BTreeSet::new();
+        module.visit_batch_counters(&mut |name, _| {
+            counters.insert(name.to_string());
+        });
+        self.check_tensors(module, &counters, true)?;
+        let mut counts = Vec::new();
+        for name in &counters {
+            match self.tensors.get(name) {
+                Some(StoredTensor::I64 { shape, values })
+                    if shape.is_empty() && values.len() == 1 =>
+                {
+                    let count =
+                        u64::try_from(values[0]).map_err(|_| CheckpointError::InvalidCounter {
+                            origin: self.origin.clone(),
+                            name: name.clone(),
+                            value: values[0],
+                        })?;
+                    counts.push((name.as_str(), count));
+                }
+                Some(StoredTensor::I64 { shape, .. }) => {
+                    return Err(CheckpointError::ShapeMismatch {
+                        origin: self.origin.clone(),
+                        name: name.clone(),
+                        expected: vec![],
+                        got: shape.clone(),
+                    })
+                }
+                Some(other) => {
+                    return Err(CheckpointError::DtypeMismatch {
+                        origin: self.origin.clone(),
+                        name: name.clone(),
+                        expected: "I64",
+                        got: other.dtype_name().into(),
+                    })
+                }
+                // `check_tensors` already reported missing counters.
+                None => {}
+            }
+        }
+        self.write_tensors(backend, module)?;
+        let counts: BTreeMap<&str, u64> = counts.into_iter().collect();
+        module.visit_batch_counters_mut(&mut |name, count| {
+            if let Some(&stored) = counts.get(name) {
+                *count = stored;
+            }
+        });
+        Ok(())
+    }
+
+    /// Checks keys, shapes and types of the model's tensors. `counters` are the batch counter keys the
+    /// model accepts; with `counters_required` they are also expected in the file.
+    fn check_tensors<B: Backend, M: NamedTensors<B> + ?Sized>(
+        &self,
+        tensors: &M,
+        counters: &BTreeSet<String>,
+        counters_required: bool,
+    ) -> Result<(), CheckpointError> {
+        let mut expected = BTreeSet::new();
+        let mut missing = Vec::new();
+        let mut first_error = None;
+        tensors.visit_tensors(&mut |name, _, t| {
+            expected.insert(name.to_string());
+            match self.tensors.get(name) {
+                None => missing.push(name.to_string()),
+                Some(StoredTensor::F32 { shape, .. }) => {
+                    if shape.as_slice() != t.dims() && first_error.is_none() {
+                        first_error = Some(CheckpointError::ShapeMismatch {
+                            origin: self.origin.clone(),
+                            name: name.to_string(),
+                            expected: t.dims().to_vec(),
+                            got: shape.clone(),
+                        });
+                    }
+                }
+                Some(other) => {
+                    if first_error.is_none() {
+                        first_error = Some(CheckpointError::DtypeMismatch {
+                            origin: self.origin.clone(),
+                            name: name.to_string(),
+                            expected: "F32",
+                            got: other.dtype_name().into(),
+                        });
+                    }
+                }
+            }
+        });
+        if counters_required {
+            missing.extend(
+                counters
+                    .iter()
+                    .filter(|c| !self.tensors.contains_key(c.as_str()))
+                    .cloned(),
+            );
+        }
+        let unexpected: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| !expected.contains(k.as_str()) && !counters.contains(k.as_str()))
+            .cloned()
+            .collect();
+        if !missing.is_empty() || !unexpected.is_empty() {
+            return Err(CheckpointError::KeyMismatch {
+                origin: self.origin.clone(),
+                missing,
+                unexpected,
+            });
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Uploads every stored `F32` tensor into the model's tensor of the same name (checked beforehand).
+    fn write_tensors<B: Backend, M: NamedTensors<B> + ?Sized>(
+        &self,
+        backend: &B,
+        tensors: &mut M,
+    ) -> Result<(), CheckpointError> {
+        let mut failure = None;
+        tensors.visit_tensors_mut(&mut |name, _, t| {
+            if failure.is_some() {
+                return;
+            }
+            if let Some(StoredTensor::F32 { shape, values }) = self.tensors.get(name) {
+                let result = backend
+                    .from_host(values, shape)
+                    .and_then(|src| backend.copy_(t, &src));
+                if let Err(source) = result {
+                    failure = Some(CheckpointError::Backend {
+                        name: name.to_string(),
+                        source,
+                    });
+                }
+            }
+        });
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` so that readers see either the old file or the whole new one: a temporary
+/// file in the same directory (so the rename stays on one file system), flushed to disk, then renamed.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CheckpointError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut temp = tempfile::Builder::new()
+        .prefix(".checkpoint-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io("creating a temporary file in", dir))?;
+    temp.write_all(bytes)
+        .map_err(io("writing a temporary file for", path))?;
+    temp.as_file()
+        .sync_all()
+        .map_err(io("flushing a temporary file for", path))?;
+    temp.persist(path)
+        .map_err(|e| io("renaming a temporary file to", path)(e.error))?;
+    // The rename itself is durable only once the directory is flushed (on systems that allow opening one).
+    if let Ok(dir) = std::fs::File::open(dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+/// Saves a module's tensors and BatchNorm batch counters to `path` (atomically).
+pub fn save_module<B: Backend, M: Module<B> + ?Sized>(
+    backend: &B,
+    module: &M,
+    path: &Path,
+) -> Result<(), CheckpointError> {
+    StateDict::from_module(backend, module)?.save(path)
+}
+
+/// Loads a checkpoint into a module: tensors and BatchNorm batch counters, with key, shape and type checks.
+pub fn load_module<B: Backend, M: Module<B> + ?Sized>(
+    backend: &B,
+    module: &mut M,
+    path: &Path,
+) -> Result<(), CheckpointError> {
+    StateDict::load(path)?.copy_into_module(backend, module)
+}
+
+/// Saves any set of named tensors (an averaged model, for instance) to `path` (atomically). A zero batch
+/// counter is written for every BatchNorm layer, as PyTorch's strict loading expects one (see
+/// [`StateDict::add_missing_batch_counters`]).
+pub fn save_tensors<B: Backend, M: NamedTensors<B> + ?Sized>(
+    backend: &B,
+    tensors: &M,
+    path: &Path,
+) -> Result<(), CheckpointError> {
+    let mut dict = StateDict::from_tensors(backend, tensors)?;
+    dict.add_missing_batch_counters();
+    dict.save(path)
+}
+
+/// Loads a checkpoint into any set of named tensors, with key, shape and type checks (batch counters in the
+/// file are accepted and ignored).
+pub fn load_tensors<B: Backend, M: NamedTensors<B> + ?Sized>(
+    backend: &B,
+    tensors: &mut M,
+    path: &Path,
+) -> Result<(), CheckpointError> {
+    StateDict::load(path)?.copy_into_tensors(backend, tensors)
+}

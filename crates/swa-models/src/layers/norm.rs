@@ -1,0 +1,199 @@
+//! Batch normalisation over `N, H, W` per channel.
+
+use swa_core::backend::{Backend, BackendError, BackendResult, BatchNormSaved};
+use swa_core::params::{NamedTensors, TensorRole};
+
+use super::no_cached_forward;
+use crate::module::{ForwardMode, Module, Param};
+
+/// PyTorch's `nn.BatchNorm2d`: parameters `weight` (scale, initially 1) and `bias` (shift, initially 0),
+/// buffers `running_mean` (initially 0) and `running_var` (initially 1), and the `num_batches_tracked`
+/// counter, visited through [`Module::visit_batch_counters`].
+///
+/// Training uses the batch statistics and moves the running ones by `momentum` (PyTorch's convention: the
+/// weight of the new batch, 0.1 by default); evaluation uses the running statistics.
+#[derive(Debug)]
+pub struct BatchNorm2d<B: Backend> {
+    weight: Param<B>,
+    bias: Param<B>,
+    running_mean: B::Tensor,
+    running_var: B::Tensor,
+    num_batches_tracked: u64,
+    momentum: f32,
+    eps: f32,
+    cache: Option<(B::Tensor, BatchNormSaved<B::Tensor>)>,
+}
+
+impl<B: Backend> BatchNorm2d<B> {
+    /// PyTorch's default momentum.
+    pub const DEFAULT_MOMENTUM: f32 = 0.1;
+    /// PyTorch's default epsilon.
+    pub const DEFAULT_EPS: f32 = 1e-5;
+
+    /// A freshly initialised layer over `channels` channels with PyTorch's defaults.
+    pub fn new(backend: &B, channels: usize) -> BackendResult<Self> {
+        if channels == 0 {
+            return Err(BackendError::InvalidArgument {
+                op: "BatchNorm2d::new",
+                message: "the channel count must be positive".into(),
+            });
+        }
+        Ok(Self {
+            weight: Param::new(backend.from_host(&vec![1.0; channels], &[channels])?),
+            bias: Param::new(backend.zeros(&[channels])?),
+            running_mean: backend.zeros(&[channels])?,
+            running_var: backend.from_host(&vec![1.0; channels], &[channels])?,
+            num_batches_tracked: 0,
+            momentum: Self::DEFAULT_MOMENTUM,
+            eps: Self::DEFAULT_EPS,
+            cache: None,
+        })
+    }
+
+    /// The same layer with another momentum (the weight of a new batch in the running statistics).
+    pub fn with_momentum(mut self, momentum: f32) -> Self {
+        self.momentum = momentum;
+        self
+    }
+
+    /// The same layer with another epsilon.
+    pub fn with_eps(mut self, eps: f32) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    /// The layer's own momentum, used in [`ForwardMode::Train`].
+    pub fn momentum(&self) -> f32 {
+        self.momentum
+    }
+
+    /// The epsilon added to the variance.
+    pub fn eps(&self) -> f32 {
+        self.eps
+    }
+
+    /// The scale and its gradient.
+    pub fn weight(&self) -> &Param<B> {
+        &self.weight
+    }
+
+    /// The shift and its gradient.
+    pub fn bias(&self) -> &Param<B> {
+        &self.bias
+    }
+
+    /// The running mean.
+    pub fn running_mean(&self) -> &B::Tensor {
+        &self.running_mean
+    }
+
+    /// The running (unbiased) variance.
+    pub fn running_var(&self) -> &B::Tensor {
+        &self.running_var
+    }
+
+    /// How many batches have updated the running statistics (PyTorch's `num_batches_tracked`).
+    pub fn num_batches_tracked(&self) -> u64 {
+        self.num_batches_tracked
+    }
+}
+
+impl<B: Backend> NamedTensors<B> for BatchNorm2d<B> {
+    fn visit_tensors(&self, f: &mut dyn FnMut(&str, TensorRole, &B::Tensor)) {
+        f("weight", TensorRole::Parameter, &self.weight.value);
+        f("bias", TensorRole::Parameter, &self.bias.value);
+        f(
+            "running_mean",
+            TensorRole::BatchNormStatistic,
+            &self.running_mean,
+        );
+        f(
+            "running_var",
+            TensorRole::BatchNormStatistic,
+            &self.running_var,
+        );
+    }
+
+    fn visit_tensors_mut(&mut self, f: &mut dyn FnMut(&str, TensorRole, &mut B::Tensor)) {
+        f("weight", TensorRole::Parameter, &mut self.weight.value);
+        f("bias", TensorRole::Parameter, &mut self.bias.value);
+        f(
+            "running_mean",
+            TensorRole::BatchNormStatistic,
+            &mut self.running_mean,
+        );
+        f(
+            "running_var",
+            TensorRole::BatchNormStatistic,
+            &mut self.running_var,
+        );
+    }
+}
+
+impl<B: Backend> Module<B> for BatchNorm2d<B> {
+    fn forward(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        mode: ForwardMode,
+    ) -> BackendResult<B::Tensor> {
+        let momentum = match mode {
+            ForwardMode::Eval => {
+                return backend.batch_norm_eval(
+                    x,
+                    &self.weight.value,
+                    &self.bias.value,
+                    &self.running_mean,
+                    &self.running_var,
+                    self.eps,
+                );
+            }
+            ForwardMode::Train { .. } => self.momentum,
+            ForwardMode::RecomputeBatchNorm { momentum, .. } => momentum,
+        };
+        let (y, saved) = backend.batch_norm_train(
+            x,
+            &self.weight.value,
+            &self.bias.value,
+            &mut self.running_mean,
+            &mut self.running_var,
+            momentum,
+            self.eps,
+        )?;
+        self.num_batches_tracked += 1;
+        if let ForwardMode::Train { .. } = mode {
+            self.cache = Some((backend.duplicate(x)?, saved));
+        }
+        Ok(y)
+    }
+
+    fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
+        let (x, saved) = self
+            .cache
+            .take()
+            .ok_or_else(|| no_cached_forward("BatchNorm2d::backward"))?;
+        let grads = backend.batch_norm_backward(&x, &self.weight.value, &saved, dy)?;
+        self.weight.accumulate_grad(backend, grads.gamma)?;
+        self.bias.accumulate_grad(backend, grads.beta)?;
+        Ok(grads.input)
+    }
+
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Param<B>)) {
+        f("weight", &mut self.weight);
+        f("bias", &mut self.bias);
+    }
+
+    fn zero_grads(&mut self) {
+        self.weight.grad = None;
+        self.bias.grad = None;
+        self.cache = None;
+    }
+
+    fn visit_batch_counters(&self, f: &mut dyn FnMut(&str, u64)) {
+        f("num_batches_tracked", self.num_batches_tracked);
+    }
+
+    fn visit_batch_counters_mut(&mut self, f: &mut dyn FnMut(&str, &mut u64)) {
+        f("num_batches_tracked", &mut self.num_batches_tracked);
+    }
+}

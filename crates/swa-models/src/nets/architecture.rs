@@ -1,0 +1,176 @@
+//! Network names and their parsing.
+
+use std::fmt;
+use std::str::FromStr;
+
+use swa_core::backend::{Backend, BackendError};
+
+use super::preresnet::blocks_per_stage;
+use super::{Network, NetworkConfig};
+use crate::module::Module;
+
+/// The names [`Architecture::from_str`] accepts, for error messages and help texts.
+pub const VALID_NAMES: &str =
+    "vgg16, vgg16bn, preresnet20, preresnet56, preresnet110, preresnet164, \
+     wrn28x10, wrn16x4, or in general preresnet<depth> (depth = 6n+2 below 44, 9n+2 from 44) and \
+     wrn<depth>x<k> (depth = 6n+4)";
+
+/// Errors building a network.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A name that is not one of the known networks.
+    #[error("unknown network {name:?}: valid names are {valid}")]
+    UnknownArchitecture {
+        /// The name that was given.
+        name: String,
+        /// The valid names.
+        valid: &'static str,
+    },
+    /// A known family with an impossible configuration (a PreResNet depth that is not 6n+2, …).
+    #[error("invalid {architecture}: {message}")]
+    InvalidConfig {
+        /// The network.
+        architecture: String,
+        /// What is wrong and what was expected.
+        message: String,
+    },
+    /// The backend failed while creating the network's tensors.
+    #[error("creating the network's tensors: {0}")]
+    Backend(#[from] BackendError),
+}
+
+/// One of the paper's architectures.
+///
+/// Parsed from and displayed as the names of the original code's command line: `vgg16`, `vgg16bn`,
+/// `preresnet<depth>`, `wrn<depth>x<k>` (WideResNet without dropout; set
+/// [`Architecture::WideResNet::dropout_rate`] to use it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Architecture {
+    /// VGG-16 without BatchNorm.
+    Vgg16,
+    /// VGG-16 with BatchNorm after every convolution.
+    Vgg16Bn,
+    /// Pre-activation ResNet of the given depth.
+    PreResNet {
+        /// Total depth: 6n+2 (basic blocks) below 44, 9n+2 (bottleneck blocks) from 44.
+        depth: usize,
+    },
+    /// Wide ResNet.
+    WideResNet {
+        /// Total depth, 6n+4.
+        depth: usize,
+        /// Width multiplier `k`.
+        widen_factor: usize,
+        /// Dropout probability between the two convolutions of each block (0 leaves the layer out).
+        dropout_rate: f32,
+    },
+}
+
+impl Architecture {
+    /// Checks that the configuration describes a network the original code builds exactly.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let invalid = |message: String| ModelError::InvalidConfig {
+            architecture: self.to_string(),
+            message,
+        };
+        match *self {
+            Architecture::Vgg16 | Architecture::Vgg16Bn => Ok(()),
+            Architecture::PreResNet { depth } => {
+                let (bottleneck, blocks) = blocks_per_stage(depth);
+                let per_block = if bottleneck { 9 } else { 6 };
+                if blocks == 0 || (depth - 2) % per_block != 0 {
+                    Err(invalid(format!(
+                        "depth {depth} must be 6n+2 below 44 (basic blocks) or 9n+2 from 44 \
+                         (bottleneck blocks), with n ≥ 1"
+                    )))
+                } else {
+                    Ok(())
+                }
+            }
+            Architecture::WideResNet {
+                depth,
+                widen_factor,
+                dropout_rate,
+            } => {
+                if depth < 10 || (depth - 4) % 6 != 0 {
+                    Err(invalid(format!("depth {depth} must be 6n+4 with n ≥ 1")))
+                } else if widen_factor == 0 {
+                    Err(invalid("the widen factor must be positive".into()))
+                } else if !(0.0..1.0).contains(&dropout_rate) {
+                    Err(invalid(format!(
+                        "dropout rate {dropout_rate} is outside [0, 1)"
+                    )))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Builds the network for `classes` classes, initialised from `seed`, as a boxed [`Module`].
+    pub fn build<B: Backend>(
+        &self,
+        backend: &B,
+        classes: usize,
+        seed: u64,
+    ) -> Result<Box<dyn Module<B>>, ModelError> {
+        let config = NetworkConfig {
+            architecture: *self,
+            classes,
+        };
+        Ok(Box::new(Network::new(backend, &config, seed)?))
+    }
+}
+
+impl fmt::Display for Architecture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Architecture::Vgg16 => write!(f, "vgg16"),
+            Architecture::Vgg16Bn => write!(f, "vgg16bn"),
+            Architecture::PreResNet { depth } => write!(f, "preresnet{depth}"),
+            Architecture::WideResNet {
+                depth,
+                widen_factor,
+                dropout_rate,
+            } => {
+                write!(f, "wrn{depth}x{widen_factor}")?;
+                if *dropout_rate > 0.0 {
+                    write!(f, " (dropout {dropout_rate})")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl FromStr for Architecture {
+    type Err = ModelError;
+
+    fn from_str(name: &str) -> Result<Self, ModelError> {
+        let unknown = || ModelError::UnknownArchitecture {
+            name: name.to_string(),
+            valid: VALID_NAMES,
+        };
+        let lower = name.trim().to_ascii_lowercase();
+        let architecture = if lower == "vgg16" {
+            Architecture::Vgg16
+        } else if lower == "vgg16bn" {
+            Architecture::Vgg16Bn
+        } else if let Some(depth) = lower.strip_prefix("preresnet") {
+            Architecture::PreResNet {
+                depth: depth.parse().map_err(|_| unknown())?,
+            }
+        } else if let Some(rest) = lower.strip_prefix("wrn") {
+            let (depth, widen) = rest.split_once('x').ok_or_else(unknown)?;
+            Architecture::WideResNet {
+                depth: depth.parse().map_err(|_| unknown())?,
+                widen_factor: widen.parse().map_err(|_| unknown())?,
+                dropout_rate: 0.0,
+            }
+        } else {
+            return Err(unknown());
+        };
+        architecture.validate()?;
+        Ok(architecture)
+    }
+}

@@ -1,0 +1,135 @@
+//! The paper's networks, built exactly as the original SWA code defines them (same layers, order, tensor
+//! names, shapes and initialisation), so that checkpoints load in PyTorch and parameter counts agree.
+//!
+//! - VGG-16, with or without BatchNorm (`vgg16`, `vgg16bn`);
+//! - PreResNet-`depth` (`preresnet20`, `preresnet164`, …): basic blocks below depth 44, bottlenecks from 44;
+//! - WideResNet-`depth`-`k` (`wrn28x10`, `wrn16x4`, …).
+//!
+//! Every network is a [`Network`], a [`Module`] whose first convolution skips its input gradient (call
+//! [`Module::require_input_grad`] with `true` to get it back).
+
+mod architecture;
+mod preresnet;
+mod vgg;
+mod wide_resnet;
+
+pub use architecture::{Architecture, ModelError};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use swa_core::backend::{Backend, BackendResult};
+use swa_core::params::{NamedTensors, TensorRole};
+
+use crate::layers::Sequential;
+use crate::module::{ForwardMode, Module, Param};
+
+/// What to build: an architecture and the number of classes it predicts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NetworkConfig {
+    /// The architecture.
+    pub architecture: Architecture,
+    /// The number of output classes (10 for CIFAR-10, 100 for CIFAR-100).
+    pub classes: usize,
+}
+
+/// One of the paper's networks, initialised from a seed.
+#[derive(Debug)]
+pub struct Network<B: Backend> {
+    config: NetworkConfig,
+    body: Sequential<B>,
+}
+
+impl<B: Backend> Network<B> {
+    /// Builds and initialises the network on the host with a generator seeded by `seed` (the same seed
+    /// gives the same weights on every machine), then uploads it to `backend`.
+    pub fn new(backend: &B, config: &NetworkConfig, seed: u64) -> Result<Self, ModelError> {
+        config.architecture.validate()?;
+        if config.classes == 0 {
+            return Err(ModelError::InvalidConfig {
+                architecture: config.architecture.to_string(),
+                message: "the class count must be positive".into(),
+            });
+        }
+        let mut rng = StdRng::seed_from_u64(seed);
+        let classes = config.classes;
+        let mut body = match config.architecture {
+            Architecture::Vgg16 => vgg::build(backend, classes, false, &mut rng)?,
+            Architecture::Vgg16Bn => vgg::build(backend, classes, true, &mut rng)?,
+            Architecture::PreResNet { depth } => {
+                preresnet::build(backend, classes, depth, &mut rng)?
+            }
+            Architecture::WideResNet {
+                depth,
+                widen_factor,
+                dropout_rate,
+            } => wide_resnet::build(
+                backend,
+                classes,
+                depth,
+                widen_factor,
+                dropout_rate,
+                &mut rng,
+            )?,
+        };
+        body.require_input_grad(false);
+        Ok(Self {
+            config: *config,
+            body,
+        })
+    }
+
+    /// The configuration the network was built from.
+    pub fn config(&self) -> &NetworkConfig {
+        &self.config
+    }
+
+    /// The layers, in order.
+    pub fn body(&self) -> &Sequential<B> {
+        &self.body
+    }
+}
+
+impl<B: Backend> NamedTensors<B> for Network<B> {
+    fn visit_tensors(&self, f: &mut dyn FnMut(&str, TensorRole, &B::Tensor)) {
+        self.body.visit_tensors(f);
+    }
+
+    fn visit_tensors_mut(&mut self, f: &mut dyn FnMut(&str, TensorRole, &mut B::Tensor)) {
+        self.body.visit_tensors_mut(f);
+    }
+}
+
+impl<B: Backend> Module<B> for Network<B> {
+    fn forward(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        mode: ForwardMode,
+    ) -> BackendResult<B::Tensor> {
+        self.body.forward(backend, x, mode)
+    }
+
+    fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
+        self.body.backward(backend, dy)
+    }
+
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Param<B>)) {
+        self.body.visit_params_mut(f);
+    }
+
+    fn zero_grads(&mut self) {
+        self.body.zero_grads();
+    }
+
+    fn require_input_grad(&mut self, required: bool) {
+        self.body.require_input_grad(required);
+    }
+
+    fn visit_batch_counters(&self, f: &mut dyn FnMut(&str, u64)) {
+        self.body.visit_batch_counters(f);
+    }
+
+    fn visit_batch_counters_mut(&mut self, f: &mut dyn FnMut(&str, &mut u64)) {
+        self.body.visit_batch_counters_mut(f);
+    }
+}

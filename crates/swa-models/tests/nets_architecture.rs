@@ -1,0 +1,95 @@
+//! Network names: parsing, display, and the errors for names and configurations that do not exist.
+
+use swa_core::CpuBackend;
+use swa_models::{Architecture, ModelError, Network, NetworkConfig};
+
+#[test]
+fn known_names_parse_and_display_back() {
+    for name in [
+        "vgg16",
+        "vgg16bn",
+        "preresnet20",
+        "preresnet56",
+        "preresnet110",
+        "preresnet164",
+        "wrn28x10",
+        "wrn16x4",
+        "preresnet8",
+        "preresnet47",
+        "wrn10x1",
+    ] {
+        let architecture: Architecture = name.parse().unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(architecture.to_string(), name);
+    }
+    assert_eq!(
+        "PreResNet164".parse::<Architecture>().unwrap(),
+        Architecture::PreResNet { depth: 164 }
+    );
+    assert_eq!(
+        "wrn28x10".parse::<Architecture>().unwrap(),
+        Architecture::WideResNet {
+            depth: 28,
+            widen_factor: 10,
+            dropout_rate: 0.0
+        }
+    );
+}
+
+#[test]
+fn unknown_names_list_the_valid_ones() {
+    for name in ["resnet50", "vgg19", "wrn28", "preresnetX", ""] {
+        match name.parse::<Architecture>() {
+            Err(ModelError::UnknownArchitecture { name: got, valid }) => {
+                assert_eq!(got, name);
+                assert!(valid.contains("preresnet164") && valid.contains("wrn28x10"));
+            }
+            other => panic!("{name:?} gave {other:?}"),
+        }
+    }
+    let message = "resnet50".parse::<Architecture>().unwrap_err().to_string();
+    assert!(
+        message.contains("resnet50") && message.contains("vgg16bn"),
+        "{message}"
+    );
+}
+
+#[test]
+fn impossible_configurations_are_rejected() {
+    // 21 is not 6n+2; 50 is not 9n+2; 2 has no blocks; 27 is not 6n+4; k = 0 has no channels.
+    for name in [
+        "preresnet21",
+        "preresnet50",
+        "preresnet2",
+        "wrn27x2",
+        "wrn28x0",
+    ] {
+        assert!(
+            matches!(
+                name.parse::<Architecture>(),
+                Err(ModelError::InvalidConfig { .. })
+            ),
+            "{name} was accepted"
+        );
+    }
+    let backend = CpuBackend::with_threads(1);
+    let config = NetworkConfig {
+        architecture: Architecture::WideResNet {
+            depth: 16,
+            widen_factor: 1,
+            dropout_rate: 1.5,
+        },
+        classes: 10,
+    };
+    assert!(matches!(
+        Network::new(&backend, &config, 0),
+        Err(ModelError::InvalidConfig { .. })
+    ));
+    let config = NetworkConfig {
+        architecture: Architecture::Vgg16,
+        classes: 0,
+    };
+    assert!(matches!(
+        Network::new(&backend, &config, 0),
+        Err(ModelError::InvalidConfig { .. })
+    ));
+}

@@ -1,0 +1,124 @@
+"""Makes the fixtures of swa-models' golden and shape tests from the PyTorch reference networks.
+
+    python crates/swa-models/tools/make_golden.py [--torch-ref DIR] [--out DIR]
+    python crates/swa-models/tools/make_golden.py --check-load CHECKPOINT NAME CLASSES
+
+The first form writes, into crates/swa-models/tests/fixtures/:
+  golden_<net>.safetensors     the network's state_dict (fixed torch seed, BatchNorm parameters and running
+                               statistics randomised so that BatchNorm is not the identity);
+  golden_<net>_io.safetensors  a fixed input batch, the eval-mode logits, the train-mode logits (batch
+                               statistics) and every BatchNorm running statistic after that train-mode pass
+                               (keys "after_train.<key>");
+  torch_shapes.json            every state_dict key with its shape and dtype, and the parameter count, of
+                               each reference network for 10 and 100 classes.
+The second form loads a checkpoint written by swa-models into the reference network NAME (a key of
+torch_ref.MODELS, or preresnet<depth> / wrn<depth>x<k>) with load_state_dict(strict=True).
+
+torch_ref.py is found in --torch-ref (default: the SWA_TORCH_REF directory, else /work/shared/tools).
+"""
+import argparse, json, os, re, sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+GOLDEN = {
+    'preresnet20': 10,   # basic blocks, identity and projection shortcuts
+    'preresnet47': 10,   # bottleneck blocks
+    'wrn10x1': 10,       # wide basic blocks with biased convolutions; final BN momentum 0.9
+}
+BATCH = 2
+
+
+def build(ref, name, classes):
+    if name in ref.MODELS:
+        return ref.MODELS[name](classes)
+    m = re.fullmatch(r'preresnet(\d+)', name)
+    if m:
+        return ref.PreResNet(classes, int(m.group(1)))
+    m = re.fullmatch(r'wrn(\d+)x(\d+)', name)
+    if m:
+        return ref.WideResNet(classes, int(m.group(1)), int(m.group(2)))
+    raise SystemExit(f'unknown network {name}')
+
+
+def randomise_batch_norm(model, gen):
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            c = module.num_features
+            module.weight.data = 0.5 + torch.rand(c, generator=gen)
+            module.bias.data = 0.1 * torch.randn(c, generator=gen)
+            module.running_mean.data = 0.1 * torch.randn(c, generator=gen)
+            module.running_var.data = 0.5 + torch.rand(c, generator=gen)
+            module.num_batches_tracked.fill_(7)
+
+
+def golden(ref, out):
+    for i, (name, classes) in enumerate(GOLDEN.items()):
+        torch.manual_seed(1000 + i)
+        model = build(ref, name, classes)
+        gen = torch.Generator().manual_seed(2000 + i)
+        randomise_batch_norm(model, gen)
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, os.path.join(out, f'golden_{name}.safetensors'), metadata={'format': 'pt'})
+        x = torch.randn(BATCH, 3, 32, 32, generator=gen)
+        with torch.no_grad():
+            model.eval()
+            logits_eval = model(x)
+            model.train()
+            logits_train = model(x)
+        io = {'input': x, 'logits_eval': logits_eval, 'logits_train': logits_train}
+        for k, v in model.state_dict().items():
+            if k.endswith('running_mean') or k.endswith('running_var'):
+                io['after_train.' + k] = v.detach().clone()
+        save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(out, f'golden_{name}_io.safetensors'))
+        print(f'{name}: {sum(p.numel() for p in model.parameters())} parameters, '
+              f'eval logits[0,:3] {logits_eval[0, :3].tolist()}')
+
+
+def shapes(ref, out):
+    names = list(ref.MODELS) + ['preresnet56']
+    table = {}
+    for name in names:
+        for classes in (10, 100):
+            model = build(ref, name, classes)
+            table[f'{name}/{classes}'] = {
+                'parameters': sum(p.numel() for p in model.parameters()),
+                'state_dict': [[k, list(v.shape), str(v.dtype).replace('torch.', '')]
+                               for k, v in model.state_dict().items()],
+            }
+    with open(os.path.join(out, 'torch_shapes.json'), 'w') as f:
+        json.dump(table, f, separators=(',', ':'))
+    print(f'shapes of {len(table)} networks written')
+
+
+def check_load(ref, path, name, classes):
+    model = build(ref, name, int(classes))
+    state = load_file(path)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    with torch.no_grad():
+        y = model(torch.zeros(1, 3, 32, 32))
+    print(f'{path}: load_state_dict(strict=True) into {name} ({classes} classes) accepted {len(state)} '
+          f'tensors; logits on a zero image {y[0, :3].tolist()}')
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--torch-ref', default=os.environ.get('SWA_TORCH_REF', '/work/shared/tools'))
+    parser.add_argument('--out', default=os.path.join(here, '..', 'tests', 'fixtures'))
+    parser.add_argument('--check-load', nargs=3, metavar=('CHECKPOINT', 'NAME', 'CLASSES'))
+    args = parser.parse_args()
+    sys.path.insert(0, args.torch_ref)
+    import torch_ref as ref
+    torch.set_num_threads(2)
+    if args.check_load:
+        check_load(ref, *args.check_load)
+        return
+    os.makedirs(args.out, exist_ok=True)
+    golden(ref, args.out)
+    shapes(ref, args.out)
+
+
+if __name__ == '__main__':
+    main()
