@@ -1,0 +1,205 @@
+//! One split of a data set in memory: images as bytes, labels, class names.
+
+use std::path::PathBuf;
+
+use crate::error::{DataError, Result};
+use crate::layout::{DatasetKind, Split, CHANNELS, IMAGE_BYTES, IMAGE_SIDE};
+
+/// One split (train or test) of CIFAR-10 or CIFAR-100.
+///
+/// Images are stored as the official files hold them: `len() × 3072` bytes, each image its red,
+/// green and blue 32×32 planes (CHW), rows in order. Labels are the (fine) class indices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    kind: DatasetKind,
+    split: Split,
+    images: Vec<u8>,
+    labels: Vec<u32>,
+    coarse_labels: Option<Vec<u32>>,
+    class_names: Vec<String>,
+    coarse_class_names: Option<Vec<String>>,
+}
+
+/// The parts of a [`Dataset`], for [`Dataset::new`].
+#[derive(Debug, Clone, Default)]
+pub struct DatasetParts {
+    /// `n × 3072` pixel bytes, CHW per image.
+    pub images: Vec<u8>,
+    /// `n` class indices (fine classes for CIFAR-100).
+    pub labels: Vec<u32>,
+    /// `n` coarse class indices (CIFAR-100).
+    pub coarse_labels: Option<Vec<u32>>,
+    /// Class names in label order.
+    pub class_names: Vec<String>,
+    /// Coarse class names in label order (CIFAR-100).
+    pub coarse_class_names: Option<Vec<String>>,
+}
+
+impl Dataset {
+    /// Builds a split after checking that sizes agree and every label names a class.
+    ///
+    /// `origin` names the files the parts came from, for error messages.
+    pub fn new(
+        kind: DatasetKind,
+        split: Split,
+        parts: DatasetParts,
+        origin: PathBuf,
+    ) -> Result<Self> {
+        let DatasetParts {
+            images,
+            labels,
+            coarse_labels,
+            class_names,
+            coarse_class_names,
+        } = parts;
+        if images.len() != labels.len() * IMAGE_BYTES {
+            return Err(DataError::CountMismatch {
+                file: origin,
+                what: format!("pixel bytes for {} labels", labels.len()),
+                expected: labels.len() * IMAGE_BYTES,
+                actual: images.len(),
+            });
+        }
+        check_labels(&origin, &labels, class_names.len(), "class")?;
+        match (&coarse_labels, &coarse_class_names) {
+            (Some(coarse), Some(names)) => {
+                if coarse.len() != labels.len() {
+                    return Err(DataError::CountMismatch {
+                        file: origin,
+                        what: "coarse labels".into(),
+                        expected: labels.len(),
+                        actual: coarse.len(),
+                    });
+                }
+                check_labels(&origin, coarse, names.len(), "coarse")?;
+            }
+            (None, None) => {}
+            _ => {
+                return Err(DataError::ClassNames {
+                    file: origin,
+                    message: "coarse labels and coarse class names must come together".into(),
+                })
+            }
+        }
+        Ok(Dataset {
+            kind,
+            split,
+            images,
+            labels,
+            coarse_labels,
+            class_names,
+            coarse_class_names,
+        })
+    }
+
+    /// Which data set.
+    pub fn kind(&self) -> DatasetKind {
+        self.kind
+    }
+
+    /// Which split.
+    pub fn split(&self) -> Split {
+        self.split
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// All pixel bytes, `len() × 3072`.
+    pub fn images(&self) -> &[u8] {
+        &self.images
+    }
+
+    /// The 3,072 bytes of image `index` (CHW), or `None` past the end.
+    pub fn image(&self, index: usize) -> Option<&[u8]> {
+        let start = index.checked_mul(IMAGE_BYTES)?;
+        self.images.get(start..start.checked_add(IMAGE_BYTES)?)
+    }
+
+    /// Class index of every image (fine class for CIFAR-100).
+    pub fn labels(&self) -> &[u32] {
+        &self.labels
+    }
+
+    /// Coarse class index of every image (CIFAR-100 only).
+    pub fn coarse_labels(&self) -> Option<&[u32]> {
+        self.coarse_labels.as_deref()
+    }
+
+    /// Class names in label order.
+    pub fn class_names(&self) -> &[String] {
+        &self.class_names
+    }
+
+    /// Coarse class names in label order (CIFAR-100 only).
+    pub fn coarse_class_names(&self) -> Option<&[String]> {
+        self.coarse_class_names.as_deref()
+    }
+
+    /// Number of (fine) classes.
+    pub fn num_classes(&self) -> usize {
+        self.class_names.len()
+    }
+
+    /// Images per class, indexed by label.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.class_names.len()];
+        for &label in &self.labels {
+            if let Some(count) = counts.get_mut(label as usize) {
+                *count += 1;
+            }
+        }
+        counts
+    }
+
+    /// Mean of each colour channel over all images, on the 0–255 scale.
+    pub fn channel_means(&self) -> [f64; CHANNELS] {
+        let plane = IMAGE_SIDE * IMAGE_SIDE;
+        let mut sums = [0u64; CHANNELS];
+        for image in self.images.chunks_exact(IMAGE_BYTES) {
+            for (channel, sum) in sums.iter_mut().enumerate() {
+                *sum += image[channel * plane..(channel + 1) * plane]
+                    .iter()
+                    .map(|&b| u64::from(b))
+                    .sum::<u64>();
+            }
+        }
+        let count = (self.len() * plane).max(1) as f64;
+        sums.map(|sum| sum as f64 / count)
+    }
+}
+
+fn check_labels(
+    origin: &std::path::Path,
+    labels: &[u32],
+    classes: usize,
+    which: &'static str,
+) -> Result<()> {
+    match labels.iter().position(|&label| label as usize >= classes) {
+        Some(record) => Err(DataError::LabelOutOfRange {
+            file: origin.to_path_buf(),
+            record,
+            offset: 0,
+            which,
+            label: i64::from(labels[record]),
+            classes,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Both splits of a data set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CifarSplits {
+    /// The training split.
+    pub train: Dataset,
+    /// The test split.
+    pub test: Dataset,
+}
