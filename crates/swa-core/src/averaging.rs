@@ -1,1 +1,844 @@
+//! Weight averages over named tensors: the SWA running mean, EMA, and the count-weighted merge of two
+//! averages.
+//!
+//! An average is created from a model (its first snapshot), lives on the model's backend, and is updated
+//! from later snapshots of the same model:
+//!
+//! - [`SwaAverage`], PyTorch's `AveragedModel` with its default `avg_fn`: the equal-weight running mean
+//!   `avg += (w − avg)/(n + 1)`, where `n` (PyTorch's `n_averaged`, [`WeightAveraging::count`]) is the number
+//!   of snapshots already averaged. [`SwaAverage::merge`] combines the averages of two disjoint sets of
+//!   snapshots, weighting each by its count, for SWA averaged in several processes;
+//! - [`EmaAverage`]: the exponential moving average `avg = decay·avg + (1 − decay)·w`, whose first snapshot is
+//!   copied.
+//!
+//! Both reduce every update to [`Backend::lerp_`], so they run on any backend without reading values back.
+//!
+//! # Buffers
+//!
+//! Tensors that are not trained parameters ([`TensorRole::BatchNormStatistic`]) are treated by the
+//! [`BufferPolicy`] the caller chooses when creating the average, never silently:
+//!
+//! | [`BufferPolicy`] | BN statistics in the average | PyTorch equivalent |
+//! |---|---|---|
+//! | [`Average`](BufferPolicy::Average) | averaged like parameters | `AveragedModel(use_buffers=True)` |
+//! | [`CopyLatest`](BufferPolicy::CopyLatest) | copied from the latest snapshot | `AveragedModel(use_buffers=False)`, which copies the model's buffers on every `update_parameters` |
+//! | [`RecomputeLater`](BufferPolicy::RecomputeLater) | not held; [`WeightAveraging::copy_into`] leaves the model's untouched | the original SWA code, which averages `parameters()` only and recomputes BN with `bn_update` |
+//!
+//! With `CopyLatest` and `RecomputeLater` the averaged weights need their BN statistics recomputed on
+//! training data (PyTorch's `update_bn`) before evaluation.
+//!
+//! # Checkpoints
+//!
+//! [`WeightAveraging::to_state`] reads an average back to the host as an [`AverageState`] (names, shapes,
+//! values, the count `n_averaged`, the kind, the buffer policy) that `serde` can write, and
+//! [`SwaAverage::from_state`] / [`EmaAverage::from_state`] / [`average_from_state`] restore it, so a resumed
+//! run keeps averaging with the right weights.
+//!
+//! # Example
+//!
+//! SWA over a toy network with one weight, one bias and a BatchNorm running mean, on the CPU:
+//!
+//! ```
+//! use swa_core::averaging::{BufferPolicy, SwaAverage, WeightAveraging};
+//! use swa_core::{Backend, CpuBackend, CpuTensor, NamedTensors, TensorRole};
+//!
+//! struct Toy {
+//!     weight: CpuTensor,
+//!     bias: CpuTensor,
+//!     running_mean: CpuTensor,
+//! }
+//!
+//! impl NamedTensors<CpuBackend> for Toy {
+//!     fn visit_tensors(&self, f: &mut dyn FnMut(&str, TensorRole, &CpuTensor)) {
+//!         f("fc.weight", TensorRole::Parameter, &self.weight);
+//!         f("fc.bias", TensorRole::Parameter, &self.bias);
+//!         f("bn.running_mean", TensorRole::BatchNormStatistic, &self.running_mean);
+//!     }
+//!     fn visit_tensors_mut(&mut self, f: &mut dyn FnMut(&str, TensorRole, &mut CpuTensor)) {
+//!         f("fc.weight", TensorRole::Parameter, &mut self.weight);
+//!         f("fc.bias", TensorRole::Parameter, &mut self.bias);
+//!         f("bn.running_mean", TensorRole::BatchNormStatistic, &mut self.running_mean);
+//!     }
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let backend = CpuBackend::with_threads(1);
+//! let snapshot = |w: f32| -> Result<Toy, swa_core::BackendError> {
+//!     Ok(Toy {
+//!         weight: backend.from_host(&[w, 2.0 * w, 3.0 * w, 4.0 * w], &[2, 2])?,
+//!         bias: backend.from_host(&[w, -w], &[2])?,
+//!         running_mean: backend.from_host(&[10.0 * w], &[1])?,
+//!     })
+//! };
+//!
+//! // Three snapshots with w = 1, 2, 6: their mean has w = 3.
+//! let mut swa = SwaAverage::new(&backend, &snapshot(1.0)?, BufferPolicy::CopyLatest)?;
+//! swa.update(&backend, &snapshot(2.0)?)?;
+//! swa.update(&backend, &snapshot(6.0)?)?;
+//! assert_eq!(swa.count(), 3); // PyTorch's n_averaged
+//!
+//! // Write the average into a model, as evaluating PyTorch's AveragedModel does.
+//! let mut model = snapshot(0.0)?;
+//! swa.copy_into(&backend, &mut model)?;
+//! assert_eq!(backend.to_host(&model.weight)?, vec![3.0, 6.0, 9.0, 12.0]);
+//! assert_eq!(backend.to_host(&model.running_mean)?, vec![60.0]); // CopyLatest: the last snapshot's
+//!
+//! // The count survives a checkpoint.
+//! let state = swa.to_state(&backend)?;
+//! let restored = SwaAverage::from_state(&backend, &state)?;
+//! assert_eq!(restored.count(), 3);
+//! # Ok(())
+//! # }
+//! ```
 
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, BackendError, HasShape};
+use crate::params::{NamedTensors, TensorRole};
+
+/// How an average treats tensors that are not trained parameters ([`TensorRole::BatchNormStatistic`]).
+#[doc(alias = "use_buffers")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferPolicy {
+    /// Averaged with the same weights as parameters (PyTorch's `use_buffers=True`).
+    Average,
+    /// Copied from the latest snapshot (PyTorch's `use_buffers=False`, which syncs buffers on every update).
+    CopyLatest,
+    /// Not held by the average: [`WeightAveraging::copy_into`] leaves the model's statistics untouched and
+    /// the caller recomputes them on training data (the original SWA code's `bn_update`).
+    RecomputeLater,
+}
+
+/// Which rule an average follows.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AverageKind {
+    /// The equal-weight running mean of SWA.
+    Swa,
+    /// The exponential moving average `avg = decay·avg + (1 − decay)·w`.
+    Ema {
+        /// The weight kept from the previous average, in `[0, 1]`.
+        decay: f32,
+    },
+}
+
+/// Errors of averaging. Mismatch errors name the tensor, its position and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum AveragingError {
+    /// A snapshot or average with another number of tensors than the average holds.
+    #[error("{op}: expected {expected} named tensors (the average's), got {got}")]
+    TensorCountMismatch {
+        /// The operation (`update`, `copy_into`, `merge`).
+        op: &'static str,
+        /// The number of tensors the average holds.
+        expected: usize,
+        /// The number given.
+        got: usize,
+    },
+    /// A tensor whose name differs from the average's tensor at the same position.
+    #[error("{op}: tensor #{index} is named `{got}`, expected `{expected}` (the average's name)")]
+    NameMismatch {
+        /// The operation.
+        op: &'static str,
+        /// The position in visiting order.
+        index: usize,
+        /// The average's name.
+        expected: String,
+        /// The name given.
+        got: String,
+    },
+    /// A tensor whose role differs from the average's.
+    #[error("{op}: tensor `{name}` has role {got:?}, expected {expected:?} (the average's)")]
+    RoleMismatch {
+        /// The operation.
+        op: &'static str,
+        /// The tensor's name.
+        name: String,
+        /// The average's role.
+        expected: TensorRole,
+        /// The role given.
+        got: TensorRole,
+    },
+    /// A tensor whose shape differs from the average's.
+    #[error("{op}: tensor `{name}` has shape {got:?}, expected {expected:?} (the average's)")]
+    ShapeMismatch {
+        /// The operation.
+        op: &'static str,
+        /// The tensor's name.
+        name: String,
+        /// The average's shape.
+        expected: Vec<usize>,
+        /// The shape given.
+        got: Vec<usize>,
+    },
+    /// Two tensors of a model with the same name, which would make checkpoints ambiguous.
+    #[error("{op}: tensor name `{name}` appears more than once")]
+    DuplicateName {
+        /// The operation.
+        op: &'static str,
+        /// The repeated name.
+        name: String,
+    },
+    /// An EMA decay outside `[0, 1]`.
+    #[error("EMA decay {decay} is outside [0, 1]")]
+    InvalidDecay {
+        /// The decay given.
+        decay: f32,
+    },
+    /// Two averages that cannot be merged, or a state restored as the wrong kind of average.
+    #[error("{op}: {message}")]
+    Incompatible {
+        /// The operation.
+        op: &'static str,
+        /// What differs.
+        message: String,
+    },
+    /// A saved state that is inconsistent (count 0, values that do not fill a shape, …).
+    #[error("from_state: tensor `{name}`: {message}")]
+    InvalidState {
+        /// The tensor concerned, or `n_averaged` for the count.
+        name: String,
+        /// What is wrong and what was expected.
+        message: String,
+    },
+    /// More snapshots than a `u64` counts.
+    #[error("{op}: the snapshot count overflows u64")]
+    CountOverflow {
+        /// The operation.
+        op: &'static str,
+    },
+    /// A backend operation failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// One named tensor of a saved average, on the host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorState {
+    /// The tensor's name (a PyTorch `state_dict` key).
+    pub name: String,
+    /// Whether it is a parameter or a BN statistic.
+    pub role: TensorRole,
+    /// Its dimensions.
+    pub shape: Vec<usize>,
+    /// Its values, row-major; `None` for BN statistics under [`BufferPolicy::RecomputeLater`].
+    pub values: Option<Vec<f32>>,
+}
+
+/// An average read back to the host, for checkpoints: everything needed to continue averaging.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AverageState {
+    /// SWA or EMA (with its decay).
+    pub kind: AverageKind,
+    /// How BN statistics are treated.
+    pub buffer_policy: BufferPolicy,
+    /// The number of snapshots averaged (PyTorch's `n_averaged`).
+    pub n_averaged: u64,
+    /// The tensors, in the model's visiting order.
+    pub tensors: Vec<TensorState>,
+}
+
+/// A weight average over named tensors on a backend.
+///
+/// The models passed to [`update`](Self::update) and [`copy_into`](Self::copy_into) must visit the same
+/// names, roles and shapes in the same order as the model the average was created from; otherwise they
+/// fail with a typed error and change nothing.
+#[doc(alias = "AveragedModel")]
+pub trait WeightAveraging<B: Backend> {
+    /// Averages one more snapshot of the model in (PyTorch's `update_parameters`).
+    #[doc(alias = "update_parameters")]
+    fn update(&mut self, backend: &B, model: &dyn NamedTensors<B>) -> Result<(), AveragingError>;
+
+    /// The number of snapshots averaged so far, including the first (PyTorch's `n_averaged`).
+    #[doc(alias = "n_averaged")]
+    fn count(&self) -> u64;
+
+    /// Writes the averaged tensors into a model: parameters always, BN statistics unless the buffer policy
+    /// is [`BufferPolicy::RecomputeLater`].
+    fn copy_into(&self, backend: &B, model: &mut dyn NamedTensors<B>)
+        -> Result<(), AveragingError>;
+
+    /// Which rule the average follows.
+    fn kind(&self) -> AverageKind;
+
+    /// How BN statistics are treated.
+    fn buffer_policy(&self) -> BufferPolicy;
+
+    /// The names of the tensors, in visiting order.
+    fn names(&self) -> Vec<&str>;
+
+    /// The averaged tensor of a name, if the average holds it (BN statistics under
+    /// [`BufferPolicy::RecomputeLater`] are not held).
+    fn tensor(&self, name: &str) -> Option<&B::Tensor>;
+
+    /// Reads the average back to the host for a checkpoint.
+    fn to_state(&self, backend: &B) -> Result<AverageState, AveragingError>;
+}
+
+/// One named tensor of an average.
+#[derive(Debug)]
+struct Slot<T> {
+    name: String,
+    role: TensorRole,
+    shape: Vec<usize>,
+    /// `None` for BN statistics under [`BufferPolicy::RecomputeLater`].
+    tensor: Option<T>,
+}
+
+/// The tensors of an average and how they are treated; the averaging rules live in the public types.
+#[derive(Debug)]
+struct Slots<B: Backend> {
+    slots: Vec<Slot<B::Tensor>>,
+    buffer_policy: BufferPolicy,
+}
+
+fn holds(role: TensorRole, policy: BufferPolicy) -> bool {
+    role == TensorRole::Parameter || policy != BufferPolicy::RecomputeLater
+}
+
+impl<B: Backend> Slots<B> {
+    /// Deep copies of the model's tensors: the first snapshot.
+    fn capture(
+        backend: &B,
+        model: &dyn NamedTensors<B>,
+        buffer_policy: BufferPolicy,
+    ) -> Result<Self, AveragingError> {
+        let mut slots = Vec::new();
+        let mut seen = HashSet::new();
+        let mut failure: Option<AveragingError> = None;
+        model.visit_tensors(&mut |name, role, tensor| {
+            if failure.is_some() {
+                return;
+            }
+            if !seen.insert(name.to_owned()) {
+                failure = Some(AveragingError::DuplicateName {
+                    op: "new",
+                    name: name.to_owned(),
+                });
+                return;
+            }
+            let copy = if holds(role, buffer_policy) {
+                match backend.duplicate(tensor) {
+                    Ok(copy) => Some(copy),
+                    Err(e) => {
+                        failure = Some(e.into());
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            slots.push(Slot {
+                name: name.to_owned(),
+                role,
+                shape: tensor.dims().to_vec(),
+                tensor: copy,
+            });
+        });
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(Slots {
+                slots,
+                buffer_policy,
+            }),
+        }
+    }
+
+    /// Checks one visited tensor against slot `index`.
+    fn check_one(
+        &self,
+        op: &'static str,
+        index: usize,
+        name: &str,
+        role: TensorRole,
+        shape: &[usize],
+    ) -> Result<(), AveragingError> {
+        let Some(slot) = self.slots.get(index) else {
+            // Counted and reported once the visit is over.
+            return Ok(());
+        };
+        if slot.name != name {
+            return Err(AveragingError::NameMismatch {
+                op,
+                index,
+                expected: slot.name.clone(),
+                got: name.to_owned(),
+            });
+        }
+        if slot.role != role {
+            return Err(AveragingError::RoleMismatch {
+                op,
+                name: name.to_owned(),
+                expected: slot.role,
+                got: role,
+            });
+        }
+        if slot.shape != shape {
+            return Err(AveragingError::ShapeMismatch {
+                op,
+                name: name.to_owned(),
+                expected: slot.shape.clone(),
+                got: shape.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that a model visits the same names, roles and shapes as the average, before anything is
+    /// written, so that a mismatch leaves both unchanged.
+    fn check_model(
+        &self,
+        op: &'static str,
+        model: &dyn NamedTensors<B>,
+    ) -> Result<(), AveragingError> {
+        let mut index = 0;
+        let mut failure = None;
+        model.visit_tensors(&mut |name, role, tensor| {
+            if failure.is_none() {
+                failure = self.check_one(op, index, name, role, tensor.dims()).err();
+            }
+            index += 1;
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        self.check_count(op, index)
+    }
+
+    fn check_count(&self, op: &'static str, got: usize) -> Result<(), AveragingError> {
+        if got == self.slots.len() {
+            Ok(())
+        } else {
+            Err(AveragingError::TensorCountMismatch {
+                op,
+                expected: self.slots.len(),
+                got,
+            })
+        }
+    }
+
+    fn check_same_layout(&self, op: &'static str, other: &Slots<B>) -> Result<(), AveragingError> {
+        if self.buffer_policy != other.buffer_policy {
+            return Err(AveragingError::Incompatible {
+                op,
+                message: format!(
+                    "buffer policies differ: {:?} and {:?}",
+                    self.buffer_policy, other.buffer_policy
+                ),
+            });
+        }
+        for (index, slot) in other.slots.iter().enumerate() {
+            self.check_one(op, index, &slot.name, slot.role, &slot.shape)?;
+        }
+        self.check_count(op, other.slots.len())
+    }
+
+    /// `avg += weight · (snapshot − avg)` for parameters (and BN statistics under `Average`); BN statistics
+    /// under `CopyLatest` are copied. `weight = 1` copies and `weight = 0` keeps, bit-exactly.
+    fn blend(
+        &mut self,
+        backend: &B,
+        model: &dyn NamedTensors<B>,
+        weight: f32,
+    ) -> Result<(), AveragingError> {
+        let buffer_policy = self.buffer_policy;
+        let mut index = 0;
+        let mut failure: Option<BackendError> = None;
+        let slots = &mut self.slots;
+        model.visit_tensors(&mut |_, role, snapshot| {
+            let slot = slots.get_mut(index);
+            index += 1;
+            if failure.is_some() {
+                return;
+            }
+            let Some(avg) = slot.and_then(|s| s.tensor.as_mut()) else {
+                return;
+            };
+            let result = match (role, buffer_policy) {
+                (TensorRole::BatchNormStatistic, BufferPolicy::CopyLatest) => {
+                    backend.copy_(avg, snapshot)
+                }
+                _ if weight == 1.0 => backend.copy_(avg, snapshot),
+                _ if weight == 0.0 => Ok(()),
+                _ => backend.lerp_(avg, snapshot, weight),
+            };
+            failure = result.err();
+        });
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    fn write_into(
+        &self,
+        backend: &B,
+        model: &mut dyn NamedTensors<B>,
+    ) -> Result<(), AveragingError> {
+        self.check_model("copy_into", model)?;
+        let mut index = 0;
+        let mut failure: Option<BackendError> = None;
+        model.visit_tensors_mut(&mut |_, _, dst| {
+            let slot = self.slots.get(index);
+            index += 1;
+            if failure.is_some() {
+                return;
+            }
+            if let Some(src) = slot.and_then(|s| s.tensor.as_ref()) {
+                failure = backend.copy_(dst, src).err();
+            }
+        });
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// `self += weight · (other − self)` for every held tensor; BN statistics under `CopyLatest` keep
+    /// `self`'s.
+    fn merge_from(
+        &mut self,
+        backend: &B,
+        other: &Slots<B>,
+        weight: f32,
+    ) -> Result<(), AveragingError> {
+        self.check_same_layout("merge", other)?;
+        let buffer_policy = self.buffer_policy;
+        let mut dsts = Vec::new();
+        let mut srcs = Vec::new();
+        for (mine, theirs) in self.slots.iter_mut().zip(&other.slots) {
+            if mine.role == TensorRole::BatchNormStatistic
+                && buffer_policy == BufferPolicy::CopyLatest
+            {
+                continue;
+            }
+            if let (Some(dst), Some(src)) = (mine.tensor.as_mut(), theirs.tensor.as_ref()) {
+                dsts.push(dst);
+                srcs.push(src);
+            }
+        }
+        backend.lerp_many_(&mut dsts, &srcs, weight)?;
+        Ok(())
+    }
+
+    fn names(&self) -> Vec<&str> {
+        self.slots.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    fn tensor(&self, name: &str) -> Option<&B::Tensor> {
+        self.slots
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.tensor.as_ref())
+    }
+
+    fn to_state(
+        &self,
+        backend: &B,
+        kind: AverageKind,
+        n_averaged: u64,
+    ) -> Result<AverageState, AveragingError> {
+        let mut tensors = Vec::with_capacity(self.slots.len());
+        for slot in &self.slots {
+            let values = match &slot.tensor {
+                Some(t) => Some(backend.to_host(t)?),
+                None => None,
+            };
+            tensors.push(TensorState {
+                name: slot.name.clone(),
+                role: slot.role,
+                shape: slot.shape.clone(),
+                values,
+            });
+        }
+        Ok(AverageState {
+            kind,
+            buffer_policy: self.buffer_policy,
+            n_averaged,
+            tensors,
+        })
+    }
+
+    fn from_state(backend: &B, state: &AverageState) -> Result<Self, AveragingError> {
+        if state.n_averaged == 0 {
+            return Err(AveragingError::InvalidState {
+                name: "n_averaged".to_owned(),
+                message: "the count is 0, but an average holds at least its first snapshot"
+                    .to_owned(),
+            });
+        }
+        let mut seen = HashSet::new();
+        let mut slots = Vec::with_capacity(state.tensors.len());
+        for t in &state.tensors {
+            let invalid = |message: String| AveragingError::InvalidState {
+                name: t.name.clone(),
+                message,
+            };
+            if !seen.insert(t.name.as_str()) {
+                return Err(invalid("the name appears more than once".to_owned()));
+            }
+            let expected_held = holds(t.role, state.buffer_policy);
+            let tensor = match (&t.values, expected_held) {
+                (Some(values), true) => {
+                    let numel = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+                    if numel != Some(values.len()) {
+                        return Err(invalid(format!(
+                            "{} values do not fill shape {:?}",
+                            values.len(),
+                            t.shape
+                        )));
+                    }
+                    Some(backend.from_host(values, &t.shape)?)
+                }
+                (None, false) => None,
+                (Some(_), false) => {
+                    return Err(invalid(format!(
+                        "holds values, but a {:?} under {:?} is not held",
+                        t.role, state.buffer_policy
+                    )))
+                }
+                (None, true) => {
+                    return Err(invalid(format!(
+                        "has no values, but a {:?} under {:?} must be held",
+                        t.role, state.buffer_policy
+                    )))
+                }
+            };
+            slots.push(Slot {
+                name: t.name.clone(),
+                role: t.role,
+                shape: t.shape.clone(),
+                tensor,
+            });
+        }
+        Ok(Slots {
+            slots,
+            buffer_policy: state.buffer_policy,
+        })
+    }
+}
+
+/// The SWA running mean of a model's snapshots: PyTorch's `AveragedModel` with its default averaging
+/// function, and the `swa_model`/`swa_n` pair of the original code.
+///
+/// After `n` snapshots `w_1 … w_n` each averaged tensor is their arithmetic mean, computed as the running
+/// update `avg += (w_n − avg)/n` in the tensors' `f32`; its rounding error grows at most linearly in `n`
+/// (about `n/2 · ε · max|w|`, ε = 2⁻²⁴) and in practice like `√n`.
+#[doc(alias = "AveragedModel")]
+#[doc(alias = "swa_n")]
+#[derive(Debug)]
+pub struct SwaAverage<B: Backend> {
+    slots: Slots<B>,
+    count: u64,
+}
+
+impl<B: Backend> SwaAverage<B> {
+    /// An average whose first snapshot is `model` (count 1), with BN statistics treated by `buffer_policy`.
+    pub fn new(
+        backend: &B,
+        model: &dyn NamedTensors<B>,
+        buffer_policy: BufferPolicy,
+    ) -> Result<Self, AveragingError> {
+        Ok(SwaAverage {
+            slots: Slots::capture(backend, model, buffer_policy)?,
+            count: 1,
+        })
+    }
+
+    /// Merges the average of a disjoint set of snapshots into this one: `self += n_b/(n_a + n_b)·(other −
+    /// self)`, `n_a` and `n_b` the two counts, so the result is the mean of all `n_a + n_b` snapshots and the
+    /// count becomes `n_a + n_b`. BN statistics under `CopyLatest` keep this average's.
+    ///
+    /// Both averages must hold the same names, roles and shapes and use the same buffer policy.
+    pub fn merge(&mut self, backend: &B, other: &SwaAverage<B>) -> Result<(), AveragingError> {
+        let total = self
+            .count
+            .checked_add(other.count)
+            .ok_or(AveragingError::CountOverflow { op: "merge" })?;
+        let weight = (other.count as f64 / total as f64) as f32;
+        self.slots.merge_from(backend, &other.slots, weight)?;
+        self.count = total;
+        Ok(())
+    }
+
+    /// Restores an average saved with [`WeightAveraging::to_state`]; the state must be of kind
+    /// [`AverageKind::Swa`].
+    pub fn from_state(backend: &B, state: &AverageState) -> Result<Self, AveragingError> {
+        if state.kind != AverageKind::Swa {
+            return Err(AveragingError::Incompatible {
+                op: "from_state",
+                message: format!("the state is a {:?} average, not SWA", state.kind),
+            });
+        }
+        Ok(SwaAverage {
+            slots: Slots::from_state(backend, state)?,
+            count: state.n_averaged,
+        })
+    }
+}
+
+impl<B: Backend> WeightAveraging<B> for SwaAverage<B> {
+    fn update(&mut self, backend: &B, model: &dyn NamedTensors<B>) -> Result<(), AveragingError> {
+        self.slots.check_model("update", model)?;
+        let next = self
+            .count
+            .checked_add(1)
+            .ok_or(AveragingError::CountOverflow { op: "update" })?;
+        // 1/(n + 1) rounded once from f64: the weight of the (n + 1)-th snapshot.
+        let weight = (1.0 / next as f64) as f32;
+        self.slots.blend(backend, model, weight)?;
+        self.count = next;
+        Ok(())
+    }
+
+    fn count(&self) -> u64 {
+        self.count
+    }
+
+    fn copy_into(
+        &self,
+        backend: &B,
+        model: &mut dyn NamedTensors<B>,
+    ) -> Result<(), AveragingError> {
+        self.slots.write_into(backend, model)
+    }
+
+    fn kind(&self) -> AverageKind {
+        AverageKind::Swa
+    }
+
+    fn buffer_policy(&self) -> BufferPolicy {
+        self.slots.buffer_policy
+    }
+
+    fn names(&self) -> Vec<&str> {
+        self.slots.names()
+    }
+
+    fn tensor(&self, name: &str) -> Option<&B::Tensor> {
+        self.slots.tensor(name)
+    }
+
+    fn to_state(&self, backend: &B) -> Result<AverageState, AveragingError> {
+        self.slots.to_state(backend, AverageKind::Swa, self.count)
+    }
+}
+
+/// The exponential moving average of a model's snapshots: `avg = decay·avg + (1 − decay)·w`, the first
+/// snapshot copied. Decay 0 keeps the latest snapshot and decay 1 the first, both bit-exactly.
+#[doc(alias = "EMA")]
+#[doc(alias = "get_ema_multi_avg_fn")]
+#[derive(Debug)]
+pub struct EmaAverage<B: Backend> {
+    slots: Slots<B>,
+    decay: f32,
+    count: u64,
+}
+
+fn check_decay(decay: f32) -> Result<(), AveragingError> {
+    if (0.0..=1.0).contains(&decay) {
+        Ok(())
+    } else {
+        Err(AveragingError::InvalidDecay { decay })
+    }
+}
+
+impl<B: Backend> EmaAverage<B> {
+    /// An EMA whose first snapshot is `model`, with `decay ∈ [0, 1]`.
+    pub fn new(
+        backend: &B,
+        model: &dyn NamedTensors<B>,
+        decay: f32,
+        buffer_policy: BufferPolicy,
+    ) -> Result<Self, AveragingError> {
+        check_decay(decay)?;
+        Ok(EmaAverage {
+            slots: Slots::capture(backend, model, buffer_policy)?,
+            decay,
+            count: 1,
+        })
+    }
+
+    /// The decay.
+    pub fn decay(&self) -> f32 {
+        self.decay
+    }
+
+    /// Restores an average saved with [`WeightAveraging::to_state`]; the state must be of kind
+    /// [`AverageKind::Ema`].
+    pub fn from_state(backend: &B, state: &AverageState) -> Result<Self, AveragingError> {
+        let AverageKind::Ema { decay } = state.kind else {
+            return Err(AveragingError::Incompatible {
+                op: "from_state",
+                message: format!("the state is a {:?} average, not EMA", state.kind),
+            });
+        };
+        check_decay(decay)?;
+        Ok(EmaAverage {
+            slots: Slots::from_state(backend, state)?,
+            decay,
+            count: state.n_averaged,
+        })
+    }
+}
+
+impl<B: Backend> WeightAveraging<B> for EmaAverage<B> {
+    fn update(&mut self, backend: &B, model: &dyn NamedTensors<B>) -> Result<(), AveragingError> {
+        self.slots.check_model("update", model)?;
+        let next = self
+            .count
+            .checked_add(1)
+            .ok_or(AveragingError::CountOverflow { op: "update" })?;
+        let weight = (1.0 - f64::from(self.decay)) as f32;
+        self.slots.blend(backend, model, weight)?;
+        self.count = next;
+        Ok(())
+    }
+
+    fn count(&self) -> u64 {
+        self.count
+    }
+
+    fn copy_into(
+        &self,
+        backend: &B,
+        model: &mut dyn NamedTensors<B>,
+    ) -> Result<(), AveragingError> {
+        self.slots.write_into(backend, model)
+    }
+
+    fn kind(&self) -> AverageKind {
+        AverageKind::Ema { decay: self.decay }
+    }
+
+    fn buffer_policy(&self) -> BufferPolicy {
+        self.slots.buffer_policy
+    }
+
+    fn names(&self) -> Vec<&str> {
+        self.slots.names()
+    }
+
+    fn tensor(&self, name: &str) -> Option<&B::Tensor> {
+        self.slots.tensor(name)
+    }
+
+    fn to_state(&self, backend: &B) -> Result<AverageState, AveragingError> {
+        self.slots
+            .to_state(backend, AverageKind::Ema { decay: self.decay }, self.count)
+    }
+}
+
+/// Restores an average of either kind from a checkpoint, as the kind recorded in the state.
+pub fn average_from_state<B: Backend>(
+    backend: &B,
+    state: &AverageState,
+) -> Result<Box<dyn WeightAveraging<B>>, AveragingError> {
+    Ok(match state.kind {
+        AverageKind::Swa => Box::new(SwaAverage::from_state(backend, state)?),
+        AverageKind::Ema { .. } => Box::new(EmaAverage::from_state(backend, state)?),
+    })
+}

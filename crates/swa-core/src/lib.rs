@@ -21,3 +21,10 @@ pub mod schedule;
 pub use backend::cpu::{CpuBackend, CpuTensor};
 pub use backend::{Backend, BackendError, BackendResult, HasShape};
 pub use params::{NamedTensors, TensorRole};
+
+pub use averaging::{
+    AverageKind, AverageState, AveragingError, BufferPolicy, EmaAverage, SwaAverage,
+    WeightAveraging,
+};
+pub use policy::SwaPolicy;
+pub use schedule::{AnnealStrategy, LrSchedule, Period, Schedule, ScheduleError};

@@ -1,0 +1,305 @@
+//! The averaging API's contracts: worked values, buffer handling in merges, and the typed errors for
+//! snapshots and checkpoints that do not fit.
+
+mod toy_model;
+
+use swa_core::averaging::{
+    average_from_state, AverageKind, AveragingError, BufferPolicy, EmaAverage, SwaAverage,
+    WeightAveraging,
+};
+use swa_core::{Backend, CpuBackend, TensorRole};
+use toy_model::{backend, is_statistic, Loose, ToyNet, NUMEL};
+
+fn flat(value: f32) -> Vec<f32> {
+    vec![value; NUMEL]
+}
+
+fn values_of(avg: &dyn WeightAveraging<CpuBackend>) -> Vec<f32> {
+    let mut out = ToyNet::from_flat(&flat(0.0));
+    avg.copy_into(backend(), &mut out).unwrap();
+    out.to_flat()
+}
+
+#[test]
+fn swa_of_worked_example_is_the_arithmetic_mean() {
+    // Snapshots 1, 2, 6 (every element): weights 1/2 then 1/3 give 1 → 1.5 → 1.5 + (6 − 1.5)/3 = 3.
+    let b = backend();
+    let mut swa =
+        SwaAverage::new(b, &ToyNet::from_flat(&flat(1.0)), BufferPolicy::Average).unwrap();
+    assert_eq!(swa.count(), 1);
+    swa.update(b, &ToyNet::from_flat(&flat(2.0))).unwrap();
+    assert_eq!(values_of(&swa), flat(1.5));
+    swa.update(b, &ToyNet::from_flat(&flat(6.0))).unwrap();
+    assert_eq!(swa.count(), 3);
+    assert_eq!(values_of(&swa), flat(3.0));
+    assert_eq!(swa.kind(), AverageKind::Swa);
+    assert_eq!(swa.names()[6], "fc.weight");
+    let fc = b.to_host(swa.tensor("fc.weight").unwrap()).unwrap();
+    assert_eq!(fc, vec![3.0; 12]);
+}
+
+#[test]
+fn ema_of_worked_example() {
+    // decay 0.75: 4 → 0.75·4 + 0.25·8 = 5 → 0.75·5 + 0.25·(−3) = 3.
+    let b = backend();
+    let mut ema = EmaAverage::new(
+        b,
+        &ToyNet::from_flat(&flat(4.0)),
+        0.75,
+        BufferPolicy::Average,
+    )
+    .unwrap();
+    ema.update(b, &ToyNet::from_flat(&flat(8.0))).unwrap();
+    assert_eq!(values_of(&ema), flat(5.0));
+    ema.update(b, &ToyNet::from_flat(&flat(-3.0))).unwrap();
+    assert_eq!(values_of(&ema), flat(3.0));
+    assert_eq!(ema.count(), 3);
+    assert_eq!(ema.kind(), AverageKind::Ema { decay: 0.75 });
+}
+
+#[test]
+fn merge_weights_by_counts_and_treats_buffers_by_policy() {
+    // A = mean of {0, 0, 0} = 0 (count 3), B = 8 (count 1): merged = 8·1/4 = 2 with count 4.
+    let b = backend();
+    for policy in [
+        BufferPolicy::Average,
+        BufferPolicy::CopyLatest,
+        BufferPolicy::RecomputeLater,
+    ] {
+        let mut a = SwaAverage::new(b, &ToyNet::from_flat(&flat(0.0)), policy).unwrap();
+        a.update(b, &ToyNet::from_flat(&flat(0.0))).unwrap();
+        a.update(b, &ToyNet::from_flat(&flat(0.0))).unwrap();
+        let other = SwaAverage::new(b, &ToyNet::from_flat(&flat(8.0)), policy).unwrap();
+        a.merge(b, &other).unwrap();
+        assert_eq!(a.count(), 4);
+        let mut model = ToyNet::from_flat(&flat(-1.0));
+        a.copy_into(b, &mut model).unwrap();
+        for (i, v) in model.to_flat().into_iter().enumerate() {
+            let expected = match (is_statistic(i), policy) {
+                (false, _) | (true, BufferPolicy::Average) => 2.0,
+                (true, BufferPolicy::CopyLatest) => 0.0, // the receiver keeps its own latest statistics
+                (true, BufferPolicy::RecomputeLater) => -1.0, // left to the caller
+            };
+            assert_eq!(v, expected, "element {i} under {policy:?}");
+        }
+    }
+}
+
+#[test]
+fn merge_rejects_different_buffer_policies_and_layouts() {
+    let b = backend();
+    let mut a = SwaAverage::new(b, &ToyNet::from_flat(&flat(0.0)), BufferPolicy::Average).unwrap();
+    let other =
+        SwaAverage::new(b, &ToyNet::from_flat(&flat(1.0)), BufferPolicy::CopyLatest).unwrap();
+    let err = a.merge(b, &other).unwrap_err();
+    assert!(
+        matches!(err, AveragingError::Incompatible { op: "merge", .. }),
+        "{err}"
+    );
+
+    let mut renamed = Loose::like_toy(1.0);
+    renamed.entries[2].0 = "bn.gamma".to_owned();
+    let other = SwaAverage::new(b, &renamed, BufferPolicy::Average).unwrap();
+    let err = a.merge(b, &other).unwrap_err();
+    assert!(
+        matches!(&err, AveragingError::NameMismatch { op: "merge", index: 2, expected, got } if expected == "bn.weight" && got == "bn.gamma"),
+        "{err}"
+    );
+    assert_eq!(a.count(), 1);
+    assert_eq!(values_of(&a), flat(0.0));
+}
+
+/// Updates the average with a snapshot that does not fit and checks the error, and that nothing changed.
+fn rejects(snapshot: &Loose, check: impl Fn(&AveragingError) -> bool) {
+    let b = backend();
+    let mut swa =
+        SwaAverage::new(b, &ToyNet::from_flat(&flat(1.0)), BufferPolicy::Average).unwrap();
+    let err = swa.update(b, snapshot).unwrap_err();
+    assert!(check(&err), "unexpected error: {err}");
+    assert_eq!(swa.count(), 1, "a rejected snapshot is not counted");
+    assert_eq!(
+        values_of(&swa),
+        flat(1.0),
+        "a rejected snapshot changes nothing"
+    );
+}
+
+#[test]
+fn update_names_the_mismatching_tensor() {
+    let mut renamed = Loose::like_toy(5.0);
+    renamed.entries[7].0 = "classifier.bias".to_owned();
+    rejects(&renamed, |e| {
+        matches!(e, AveragingError::NameMismatch { op: "update", index: 7, expected, got }
+            if expected == "fc.bias" && got == "classifier.bias")
+            && e.to_string().contains("fc.bias")
+    });
+
+    let mut reshaped = Loose::like_toy(5.0);
+    reshaped.entries[6].2 = backend().zeros(&[4, 3]).unwrap();
+    rejects(&reshaped, |e| {
+        matches!(e, AveragingError::ShapeMismatch { name, expected, got, .. }
+            if name == "fc.weight" && expected == &[3, 4] && got == &[4, 3])
+    });
+
+    let mut role = Loose::like_toy(5.0);
+    role.entries[4].1 = TensorRole::Parameter;
+    rejects(&role, |e| {
+        matches!(e, AveragingError::RoleMismatch { name, expected: TensorRole::BatchNormStatistic, got: TensorRole::Parameter, .. }
+            if name == "bn.running_mean")
+    });
+
+    let mut shorter = Loose::like_toy(5.0);
+    shorter.entries.pop();
+    rejects(&shorter, |e| {
+        matches!(
+            e,
+            AveragingError::TensorCountMismatch {
+                expected: 8,
+                got: 7,
+                ..
+            }
+        )
+    });
+
+    let mut longer = Loose::like_toy(5.0);
+    let extra = backend().zeros(&[1]).unwrap();
+    longer
+        .entries
+        .push(("extra".to_owned(), TensorRole::Parameter, extra));
+    rejects(&longer, |e| {
+        matches!(
+            e,
+            AveragingError::TensorCountMismatch {
+                expected: 8,
+                got: 9,
+                ..
+            }
+        )
+    });
+}
+
+#[test]
+fn copy_into_rejects_a_different_model_and_leaves_it_unchanged() {
+    let b = backend();
+    let swa = SwaAverage::new(b, &ToyNet::from_flat(&flat(1.0)), BufferPolicy::Average).unwrap();
+    let mut other = Loose::like_toy(7.0);
+    other.entries[0].0 = "features.0.weight".to_owned();
+    let err = swa.copy_into(b, &mut other).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AveragingError::NameMismatch {
+                op: "copy_into",
+                index: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    for (_, _, t) in &other.entries {
+        assert!(b.to_host(t).unwrap().iter().all(|&v| v == 7.0));
+    }
+}
+
+#[test]
+fn invalid_models_and_decays_are_rejected() {
+    let b = backend();
+    let mut dup = Loose::like_toy(0.0);
+    dup.entries[1].0 = "conv.weight".to_owned();
+    let err = SwaAverage::new(b, &dup, BufferPolicy::Average).unwrap_err();
+    assert!(
+        matches!(&err, AveragingError::DuplicateName { name, .. } if name == "conv.weight"),
+        "{err}"
+    );
+
+    for decay in [-0.1, 1.5, f32::NAN] {
+        let err = EmaAverage::new(
+            b,
+            &ToyNet::from_flat(&flat(0.0)),
+            decay,
+            BufferPolicy::Average,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, AveragingError::InvalidDecay { .. }),
+            "decay {decay}: {err}"
+        );
+    }
+}
+
+#[test]
+fn from_state_rejects_inconsistent_checkpoints() {
+    let b = backend();
+    let mut swa = SwaAverage::new(
+        b,
+        &ToyNet::from_flat(&flat(2.0)),
+        BufferPolicy::RecomputeLater,
+    )
+    .unwrap();
+    swa.update(b, &ToyNet::from_flat(&flat(4.0))).unwrap();
+    let state = swa.to_state(b).unwrap();
+    assert_eq!(state.n_averaged, 2);
+    assert!(
+        state.tensors[4].values.is_none(),
+        "RecomputeLater holds no BN statistics"
+    );
+    assert_eq!(state.tensors[0].values.as_deref(), Some(&[3.0f32; 18][..]));
+
+    let mut zero = state.clone();
+    zero.n_averaged = 0;
+    assert!(matches!(
+        SwaAverage::from_state(b, &zero),
+        Err(AveragingError::InvalidState { .. })
+    ));
+
+    let mut short = state.clone();
+    short.tensors[6].values.as_mut().unwrap().pop();
+    let err = SwaAverage::from_state(b, &short).unwrap_err();
+    assert!(
+        matches!(&err, AveragingError::InvalidState { name, .. } if name == "fc.weight"),
+        "{err}"
+    );
+
+    let mut held = state.clone();
+    held.tensors[4].values = Some(vec![0.0, 0.0]);
+    assert!(matches!(
+        SwaAverage::from_state(b, &held),
+        Err(AveragingError::InvalidState { .. })
+    ));
+
+    let mut missing = state.clone();
+    missing.tensors[0].values = None;
+    assert!(matches!(
+        SwaAverage::from_state(b, &missing),
+        Err(AveragingError::InvalidState { .. })
+    ));
+
+    let mut duplicated = state.clone();
+    duplicated.tensors[1].name = "conv.weight".to_owned();
+    assert!(matches!(
+        SwaAverage::from_state(b, &duplicated),
+        Err(AveragingError::InvalidState { .. })
+    ));
+
+    let err = EmaAverage::from_state(b, &state).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AveragingError::Incompatible {
+                op: "from_state",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut bad_decay = state.clone();
+    bad_decay.kind = AverageKind::Ema { decay: 2.0 };
+    assert!(matches!(
+        average_from_state(b, &bad_decay),
+        Err(AveragingError::InvalidDecay { .. })
+    ));
+
+    let restored = average_from_state(b, &state).unwrap();
+    assert_eq!(restored.count(), 2);
+    assert_eq!(restored.kind(), AverageKind::Swa);
+}
