@@ -126,7 +126,7 @@ pub enum AverageKind {
 }
 
 /// Errors of averaging. Mismatch errors name the tensor, its position and what was expected.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AveragingError {
     /// A snapshot or average with another number of tensors than the average holds.
     #[error("{op}: expected {expected} named tensors (the average's), got {got}")]

@@ -3,7 +3,7 @@
 //! The mathematics of Stochastic Weight Averaging (Izmailov et al., UAI 2018), independent of any network or
 //! device:
 //!
-//! - [`backend`]: the tensor [`Backend`](backend::Backend) trait that every network is written against, and
+//! - [`backend`]: the tensor [`Backend`] trait that every network is written against, and
 //!   its reference implementation on the CPU over `ndarray`;
 //! - [`averaging`]: weight averages over named tensors: the SWA running mean, EMA, and the count-weighted
 //!   merge of two averages;
@@ -11,6 +11,12 @@
 //! - [`policy`]: the SWA policy that tells a training loop the learning rate now and whether to average now.
 //!
 //! swa-core does not depend on a GPU API: a user who wants only the maths depends on this crate alone.
+//!
+//! For users of PyTorch's `torch.optim.swa_utils`: `AveragedModel` is [`SwaAverage`] (or [`EmaAverage`])
+//! behind the [`WeightAveraging`] trait, `n_averaged` is [`WeightAveraging::count`] and is saved in the
+//! [`AverageState`] of a checkpoint, `use_buffers` is the explicit [`BufferPolicy`], and `SWALR` is
+//! [`Schedule::SwaAnneal`] (with [`SwaPolicy::swalr`] for the whole recipe). `update_bn` needs a network
+//! and data, so it is not here.
 
 pub mod averaging;
 pub mod backend;

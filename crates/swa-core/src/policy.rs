@@ -17,7 +17,6 @@
 //!
 //! ```
 //! use swa_core::policy::SwaPolicy;
-//! use swa_core::schedule::LrSchedule;
 //!
 //! // VGG-16 on CIFAR with the original code's preset: lr_init 0.05, swa_start 161, swa_lr 0.01, every epoch.
 //! let policy = SwaPolicy::original(0.05, 0.01, 161, 1).unwrap();
@@ -112,6 +111,12 @@ impl SwaPolicy {
     ) -> Result<Self, ScheduleError> {
         let schedule = base.then_anneal_to(swa_start, swa_lr, anneal_epochs, strategy)?;
         SwaPolicy::new(schedule, swa_start, every)
+    }
+
+    /// The learning rate of step `step` of epoch `epoch` (both 0-based): the schedule's, so that a loop needs
+    /// only the policy. The same as [`LrSchedule::lr`].
+    pub fn lr(&self, epoch: usize, step: usize, steps_per_epoch: usize) -> f32 {
+        self.schedule.lr(epoch, step, steps_per_epoch)
     }
 
     /// Checks the schedule and that the period is at least 1.

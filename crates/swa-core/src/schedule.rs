@@ -396,7 +396,8 @@ impl Schedule {
 
     /// This schedule before `switch_epoch`, then SWALR-style annealing to `swa_lr` starting from the
     /// learning rate this schedule has at the start of `switch_epoch`, as PyTorch's `SWALR` starts from
-    /// the optimiser's current learning rate.
+    /// the optimiser's current learning rate. A per-iteration schedule is read at step 0 of
+    /// `switch_epoch` with one step per epoch.
     #[doc(alias = "SWALR")]
     pub fn then_anneal_to(
         self,
