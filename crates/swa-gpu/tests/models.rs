@@ -1,0 +1,95 @@
+//! The paper's networks from swa-models run unchanged on the GPU: the same seed gives the same logits
+//! and gradients as on the CPU reference.
+//!
+//! Tolerance: each op agrees to ~1e-6 relative (see `ops.rs`); through a dozen layers of convolution and
+//! batch norm (whose backward pass divides by the batch's standard deviation) the differences grow, so
+//! each tensor is compared with `1e-3 · max|want| + 1e-6` — two orders of magnitude above the observed
+//! differences, and orders below what any wrong index or formula produces (differences of the size of
+//! the values themselves).
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use swa_core::backend::{Backend, HasShape};
+use swa_models::{Architecture, ForwardMode, Module, Network, NetworkConfig};
+
+const BATCH: usize = 2;
+const CLASSES: usize = 10;
+
+/// Logits, then every parameter's gradient by name, after one training-mode forward and backward.
+fn forward_backward<B: Backend>(
+    b: &B,
+    architecture: Architecture,
+) -> (Vec<f32>, BTreeMap<String, Vec<f32>>) {
+    let config = NetworkConfig {
+        architecture,
+        classes: CLASSES,
+    };
+    let mut net = Network::new(b, &config, 17).unwrap();
+    let x = b
+        .from_host(&random(4, BATCH * 3 * 32 * 32), &[BATCH, 3, 32, 32])
+        .unwrap();
+    let logits = net.forward(b, &x, ForwardMode::Train { seed: 99 }).unwrap();
+    assert_eq!(logits.dims(), &[BATCH, CLASSES]);
+    let ce = b.softmax_cross_entropy(&logits, &[3, 7]).unwrap();
+    net.backward(b, &ce.grad).unwrap();
+    let mut grads = BTreeMap::new();
+    net.visit_params_mut(&mut |name, param| {
+        let grad = param
+            .grad
+            .as_ref()
+            .map(|g| b.to_host(g).unwrap())
+            .unwrap_or_default();
+        grads.insert(name.to_string(), grad);
+    });
+    (b.to_host(&logits).unwrap(), grads)
+}
+
+fn relative_bounds(want: &[f32]) -> Vec<f32> {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    vec![1e-3 * scale + 1e-6; want.len()]
+}
+
+fn compare(architecture: Architecture) {
+    let Some(g) = gpu() else { return };
+    let (gpu_logits, gpu_grads) = forward_backward(&g, architecture);
+    let (cpu_logits, cpu_grads) = forward_backward(&cpu(), architecture);
+    assert_within(
+        &format!("{architecture} logits"),
+        &gpu_logits,
+        &cpu_logits,
+        &relative_bounds(&cpu_logits),
+    );
+    assert_eq!(
+        gpu_grads.keys().collect::<Vec<_>>(),
+        cpu_grads.keys().collect::<Vec<_>>()
+    );
+    let mut worst = 0.0f32;
+    for (name, want) in &cpu_grads {
+        let got = &gpu_grads[name];
+        assert!(!want.is_empty(), "{architecture}: {name} has no gradient");
+        assert_within(
+            &format!("{architecture} grad {name}"),
+            got,
+            want,
+            &relative_bounds(want),
+        );
+        let bound = relative_bounds(want)[0];
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        worst = worst.max(err / bound);
+    }
+    eprintln!(
+        "{architecture}: {} gradients, worst difference {worst:.2e} of the bound",
+        cpu_grads.len()
+    );
+}
+
+#[test]
+fn preresnet_matches_cpu() {
+    compare(Architecture::PreResNet { depth: 8 });
+}
