@@ -133,8 +133,38 @@ impl GemmTiles {
         }
     }
 
-    pub(crate) fn substitutions(&self, mode: u32) -> Vec<(&'static str, String)> {
+    /// The kernel's placeholders for a mode and for vec4 loads of A and/or B.
+    pub(crate) fn substitutions(
+        &self,
+        mode: u32,
+        vec_a: bool,
+        vec_b: bool,
+    ) -> Vec<(&'static str, String)> {
+        let accessors = |name: &str, vectorised: bool| {
+            if vectorised {
+                format!(
+                    "fn {name}_at(i: u32) -> f32 {{ return {name}[i / 4u][i % 4u]; }}\n\
+                     fn {name}_vec4(i: u32) -> vec4<f32> {{ return {name}[i]; }}\n"
+                )
+            } else {
+                format!(
+                    "fn {name}_at(i: u32) -> f32 {{ return {name}[i]; }}\n\
+                     fn {name}_vec4(i: u32) -> vec4<f32> {{\n\
+                     \x20   return vec4<f32>({name}[4u * i], {name}[4u * i + 1u], {name}[4u * i + 2u], {name}[4u * i + 3u]);\n\
+                     }}\n"
+                )
+            }
+        };
+        let element = |vectorised: bool| if vectorised { "vec4<f32>" } else { "f32" };
         vec![
+            ("{{VEC_A}}", vec_a.to_string()),
+            ("{{VEC_B}}", vec_b.to_string()),
+            ("{{LHS_ELEM}}", element(vec_a).to_string()),
+            ("{{RHS_ELEM}}", element(vec_b).to_string()),
+            (
+                "{{ACCESSORS}}",
+                accessors("lhs", vec_a) + &accessors("rhs", vec_b),
+            ),
             ("{{BM}}", self.bm.to_string()),
             ("{{BN}}", self.bn.to_string()),
             ("{{BK}}", self.bk.to_string()),

@@ -296,7 +296,14 @@ fn dropout_masks_equal_cpu_bit_for_bit() {
 fn matmul_matches_cpu() {
     let Some(g) = gpu() else { return };
     let c = cpu();
-    for (m, k, n) in [(17, 33, 9), (1, 1, 1), (5, 2000, 3), (64, 16, 65)] {
+    // (12, 20, 8) and (64, 16, 65) take the vec4 loads where not transposed.
+    for (m, k, n) in [
+        (17, 33, 9),
+        (1, 1, 1),
+        (5, 2000, 3),
+        (64, 16, 65),
+        (12, 20, 8),
+    ] {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             let a_shape = if ta { [k, m] } else { [m, k] };
             let b_shape = if tb { [n, k] } else { [k, n] };
@@ -393,6 +400,32 @@ fn conv2d_matches_cpu() {
             }
         }
     }
+}
+
+/// Four input channels make the weights' rows (4·3·3 values) a multiple of four: the vec4 weight loads.
+#[test]
+fn conv2d_with_vectorised_weight_loads_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let spec = Conv2dSpec {
+        stride: 1,
+        padding: 1,
+    };
+    let (gx, cx) = random_pair(&g, 300, &[2, 4, 7, 9]);
+    let (gw, cw) = random_pair(&g, 301, &[6, 4, 3, 3]);
+    let (gb, cb) = random_pair(&g, 302, &[6]);
+    let gy = g.conv2d(&gx, &gw, Some(&gb), spec).unwrap();
+    let cy = c.conv2d(&cx, &cw, Some(&cb), spec).unwrap();
+    let mag = c
+        .conv2d(&abs(&cx), &abs(&cw), Some(&abs(&cb)), spec)
+        .unwrap();
+    assert_eq!(gy.dims(), cy.shape());
+    assert_within(
+        "conv2d 4 → 6 channels",
+        &host(&g, &gy),
+        &cy.iter().copied().collect::<Vec<_>>(),
+        &summation_bounds(4 * 9 + 1, &mag),
+    );
 }
 
 #[test]

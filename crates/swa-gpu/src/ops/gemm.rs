@@ -149,7 +149,14 @@ impl GpuBackend {
             vec![lhs, rhs, out, bias],
             [groups_x as u32, groups_y as u32, splits as u32],
         );
-        dispatch.variant = t.substitutions(mode as u32);
+        // vec4 loads need contiguous rows whose length (and so every tile's start) is a multiple of 4.
+        let vec_a = match mode {
+            GemmMode::Dense => shape.a_strides.1 == 1 && shape.k % 4 == 0,
+            GemmMode::ConvForward => shape.k % 4 == 0,
+            GemmMode::ConvInputGrad | GemmMode::ConvWeightGrad => false,
+        };
+        let vec_b = mode == GemmMode::Dense && shape.b_strides.1 == 1 && shape.n % 4 == 0;
+        dispatch.variant = t.substitutions(mode as u32, vec_a, vec_b);
         self.ctx.encode(&[dispatch])
     }
 

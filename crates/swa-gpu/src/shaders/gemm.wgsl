@@ -12,6 +12,10 @@
 // columns. The K loop runs in order inside one thread, so results are deterministic. With split-K
 // (workgroup z), each z slice writes its partial product to its own [M, N] block; the host sums the
 // blocks in order afterwards. Placeholders {{…}} are filled when the pipeline is created.
+//
+// Where rows of A (dense, or convolution weights) or of B (dense) are contiguous and a multiple of four
+// long, the variant binds that operand as vec4 and loads its tile four values at a time (VEC_A / VEC_B);
+// `lhs_at` / `rhs_at` read single values under either binding.
 
 const BM: u32 = {{BM}}u;
 const BN: u32 = {{BN}}u;
@@ -19,6 +23,8 @@ const BK: u32 = {{BK}}u;
 const TM: u32 = {{TM}}u;
 const TN: u32 = {{TN}}u;
 const MODE: u32 = {{MODE}}u;
+const VEC_A: bool = {{VEC_A}};
+const VEC_B: bool = {{VEC_B}};
 const THREADS_N: u32 = BN / TN;
 const THREADS_M: u32 = BM / TM;
 const THREADS: u32 = THREADS_M * THREADS_N;
@@ -46,10 +52,12 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> lhs: array<f32>;
-@group(0) @binding(2) var<storage, read> rhs: array<f32>;
+@group(0) @binding(1) var<storage, read> lhs: array<{{LHS_ELEM}}>;
+@group(0) @binding(2) var<storage, read> rhs: array<{{RHS_ELEM}}>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
+
+{{ACCESSORS}}
 
 var<workgroup> a_tile: array<f32, BK * BM>;
 var<workgroup> b_tile: array<f32, BK * BN>;
@@ -59,32 +67,32 @@ fn input_at(n: u32, c: u32, y: i32, x: i32) -> f32 {
     if (y < 0 || x < 0 || y >= i32(p.h) || x >= i32(p.w)) {
         return 0.0;
     }
-    return rhs[((n * p.cin + c) * p.h + u32(y)) * p.w + u32(x)];
+    return rhs_at(((n * p.cin + c) * p.h + u32(y)) * p.w + u32(x));
 }
 
 fn load_a(row: u32, kk: u32) -> f32 {
     if (MODE == 0u) {
-        return lhs[row * p.a_row_stride + kk * p.a_col_stride];
+        return lhs_at(row * p.a_row_stride + kk * p.a_col_stride);
     } else if (MODE == 1u) {
-        return lhs[row * p.k + kk];
+        return lhs_at(row * p.k + kk);
     } else if (MODE == 2u) {
         // row = ci, kk = (co, tap)
         let taps = p.ksize * p.ksize;
         let co = kk / taps;
         let tap = kk % taps;
-        return lhs[(co * p.cin + row) * taps + tap];
+        return lhs_at((co * p.cin + row) * taps + tap);
     } else {
         // row = co, kk = (n, pixel)
         let pixels = p.oh * p.ow;
         let n = kk / pixels;
         let pixel = kk % pixels;
-        return lhs[(n * p.cout + row) * pixels + pixel];
+        return lhs_at((n * p.cout + row) * pixels + pixel);
     }
 }
 
 fn load_b(kk: u32, col: u32) -> f32 {
     if (MODE == 0u) {
-        return rhs[kk * p.b_row_stride + col * p.b_col_stride];
+        return rhs_at(kk * p.b_row_stride + col * p.b_col_stride);
     } else if (MODE == 1u) {
         // kk = (ci, ky, kx), col = (n, oy, ox)
         let taps = p.ksize * p.ksize;
@@ -115,7 +123,7 @@ fn load_b(kk: u32, col: u32) -> f32 {
         if (oy >= p.oh || ox >= p.ow) {
             return 0.0;
         }
-        return rhs[((n * p.cout + co) * p.oh + oy) * p.ow + ox];
+        return rhs_at(((n * p.cout + co) * p.oh + oy) * p.ow + ox);
     } else {
         // kk = (n, oy, ox), col = (ci, ky, kx)
         let pixels = p.oh * p.ow;
@@ -166,23 +174,55 @@ fn main(
     for (var k0 = k_begin; k0 < k_end; k0 = k0 + BK) {
         // Neighbouring threads take neighbouring k for A (contiguous along a row-major A's rows)
         // and neighbouring columns for B (contiguous along a row-major B's rows).
-        for (var i = tid; i < BK * BM; i = i + THREADS) {
-            let m = i / BK;
-            let kk = i % BK;
-            var v = 0.0;
-            if (row0 + m < p.m && k0 + kk < k_end) {
-                v = load_a(row0 + m, k0 + kk);
+        if (VEC_A) {
+            // Rows of A are contiguous with length K, a multiple of 4, and k0 is too: whole vec4s.
+            for (var i = tid; i < BK * BM / 4u; i = i + THREADS) {
+                let m = i / (BK / 4u);
+                let kk = (i % (BK / 4u)) * 4u;
+                var v = vec4<f32>(0.0);
+                if (row0 + m < p.m && k0 + kk < k_end) {
+                    v = lhs_vec4(((row0 + m) * p.k + k0 + kk) / 4u);
+                }
+                a_tile[kk * BM + m] = v.x;
+                a_tile[(kk + 1u) * BM + m] = v.y;
+                a_tile[(kk + 2u) * BM + m] = v.z;
+                a_tile[(kk + 3u) * BM + m] = v.w;
             }
-            a_tile[kk * BM + m] = v;
+        } else {
+            for (var i = tid; i < BK * BM; i = i + THREADS) {
+                let m = i / BK;
+                let kk = i % BK;
+                var v = 0.0;
+                if (row0 + m < p.m && k0 + kk < k_end) {
+                    v = load_a(row0 + m, k0 + kk);
+                }
+                a_tile[kk * BM + m] = v;
+            }
         }
-        for (var i = tid; i < BK * BN; i = i + THREADS) {
-            let kk = i / BN;
-            let c = i % BN;
-            var v = 0.0;
-            if (col0 + c < p.n && k0 + kk < k_end) {
-                v = load_b(k0 + kk, col0 + c);
+        if (VEC_B) {
+            // Rows of B are contiguous with length N, a multiple of 4: whole vec4s along the columns.
+            for (var i = tid; i < BK * BN / 4u; i = i + THREADS) {
+                let kk = i / (BN / 4u);
+                let c = (i % (BN / 4u)) * 4u;
+                var v = vec4<f32>(0.0);
+                if (col0 + c < p.n && k0 + kk < k_end) {
+                    v = rhs_vec4(((k0 + kk) * p.n + col0 + c) / 4u);
+                }
+                b_tile[kk * BN + c] = v.x;
+                b_tile[kk * BN + c + 1u] = v.y;
+                b_tile[kk * BN + c + 2u] = v.z;
+                b_tile[kk * BN + c + 3u] = v.w;
             }
-            b_tile[kk * BN + c] = v;
+        } else {
+            for (var i = tid; i < BK * BN; i = i + THREADS) {
+                let kk = i / BN;
+                let c = i % BN;
+                var v = 0.0;
+                if (col0 + c < p.n && k0 + kk < k_end) {
+                    v = load_b(k0 + kk, col0 + c);
+                }
+                b_tile[kk * BN + c] = v;
+            }
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk = kk + 1u) {
