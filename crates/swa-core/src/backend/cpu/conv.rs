@@ -13,7 +13,9 @@
 
 use rayon::prelude::*;
 
-use super::matrix::{contiguous, gemm_into, into_tensor, parallelism, MatRef};
+use gemm::Parallelism;
+
+use super::matrix::{contiguous, gemm_into, gemm_into_col_major, into_tensor, parallelism, MatRef};
 use super::CpuTensor;
 use crate::backend::{BackendError, BackendResult, Conv2dGrads, Conv2dSpec};
 
@@ -149,6 +151,49 @@ impl Geometry {
         (lo, hi.max(lo))
     }
 
+    /// The convolution whose forward pass is this one's input gradient, when the stride is 1: `dy` padded
+    /// by `K − 1 − padding` and correlated with the weight flipped in space and transposed in channels.
+    fn input_gradient_as_convolution(&self) -> Option<Self> {
+        if self.stride != 1 || self.padding >= self.kernel || self.is_pointwise() {
+            return None;
+        }
+        Some(Self {
+            batch: self.batch,
+            in_channels: self.out_channels,
+            height: self.out_height,
+            width: self.out_width,
+            out_channels: self.in_channels,
+            kernel: self.kernel,
+            stride: 1,
+            padding: self.kernel - 1 - self.padding,
+            out_height: self.height,
+            out_width: self.width,
+        })
+    }
+
+    /// `W'[ci, co, a, b] = W[co, ci, K−1−a, K−1−b]`, the weight of [`Self::input_gradient_as_convolution`].
+    fn flipped_weight(&self, w: &[f32]) -> Vec<f32> {
+        let k = self.kernel;
+        let mut flipped = vec![0.0; w.len()];
+        for co in 0..self.out_channels {
+            for ci in 0..self.in_channels {
+                let from = &w[(co * self.in_channels + ci) * k * k..][..k * k];
+                let to = &mut flipped[(ci * self.out_channels + co) * k * k..][..k * k];
+                for (t, f) in to.iter_mut().zip(from.iter().rev()) {
+                    *t = *f;
+                }
+            }
+        }
+        flipped
+    }
+
+    /// Whether the weight gradient `dY · colᵀ` should be accumulated column-major: measured faster when
+    /// `dY` has few rows, both fewer than the unrolled input's and at most 64, because the GEMM then
+    /// repacks the small `dY` instead of the unrolled input; for wide layers the row-major order wins.
+    fn prefers_column_major_weight_gradient(&self) -> bool {
+        self.out_channels <= 64 && self.out_channels <= self.patch()
+    }
+
     /// The input row for output row `oh` and kernel row `kh`, if it is not padding.
     fn input_row(&self, oh: usize, kh: usize) -> Option<usize> {
         (oh * self.stride + kh)
@@ -256,6 +301,7 @@ fn scatter_planes(src: &[f32], rows: usize, plane: usize, dst: &mut [f32]) {
 struct Scratch {
     col: Vec<f32>,
     grouped: Vec<f32>,
+    output_gradient: Vec<f32>,
 }
 
 fn resized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
@@ -297,6 +343,29 @@ fn check_bias(g: &Geometry, bias: &CpuTensor) -> BackendResult<()> {
     }
 }
 
+/// The convolution of a chunk of images: `y = W · col(x)` per chunk, written straight into `y_chunk` for a
+/// single image and through a grouped buffer for several.
+fn forward_chunk(
+    g: &Geometry,
+    weight: MatRef<'_>,
+    x_chunk: &[f32],
+    y_chunk: &mut [f32],
+    scratch: &mut Scratch,
+    par: Parallelism,
+) {
+    let images = x_chunk.len() / g.in_image();
+    let columns = images * g.out_plane();
+    let col = unrolled(g, x_chunk, &mut scratch.col);
+    let rhs = MatRef::row_major(col, g.patch(), columns);
+    if images == 1 {
+        gemm_into(y_chunk, weight, rhs, false, par);
+    } else {
+        let out = resized(&mut scratch.grouped, g.out_channels * columns);
+        gemm_into(out, weight, rhs, false, par);
+        scatter_planes(out, g.out_channels, g.out_plane(), y_chunk);
+    }
+}
+
 pub(super) fn forward(
     x: &CpuTensor,
     w: &CpuTensor,
@@ -323,17 +392,7 @@ pub(super) fn forward(
     y.par_chunks_mut(per_chunk * g.out_image())
         .zip(x.par_chunks(per_chunk * g.in_image()))
         .for_each_init(Scratch::default, |scratch, (y_chunk, x_chunk)| {
-            let images = x_chunk.len() / g.in_image();
-            let columns = images * g.out_plane();
-            let col = unrolled(&g, x_chunk, &mut scratch.col);
-            let rhs = MatRef::row_major(col, g.patch(), columns);
-            if images == 1 {
-                gemm_into(y_chunk, weight, rhs, false, par);
-            } else {
-                let out = resized(&mut scratch.grouped, g.out_channels * columns);
-                gemm_into(out, weight, rhs, false, par);
-                scatter_planes(out, g.out_channels, g.out_plane(), y_chunk);
-            }
+            forward_chunk(&g, weight, x_chunk, y_chunk, scratch, par);
             if let Some(b) = &bias {
                 for (plane, &b) in y_chunk
                     .chunks_exact_mut(g.out_plane())
@@ -435,8 +494,14 @@ pub(super) fn lane_sum(values: &[f32]) -> f32 {
 
 /// Both gradients in one pass over the batch, so each chunk's `dy` is read while it is still in cache.
 ///
-/// The batch's chunks are cut into a fixed number of contiguous segments; each segment sums its chunks'
-/// weight gradients in order into its own buffer, and the buffers are added in segment order.
+/// The weight gradient `dY · colᵀ` is accumulated column-major, so the GEMM repacks the short `dY` rather
+/// than the long unrolled input. The batch's chunks are cut into a fixed number of contiguous segments;
+/// each segment sums its chunks' weight gradients in order into its own buffer, and the buffers are added
+/// in segment order.
+///
+/// With stride 1 the input gradient is itself a convolution of `dy` (see
+/// [`Geometry::input_gradient_as_convolution`]), which writes `dx` directly; otherwise `Wᵀ · dY` is folded
+/// back by [`col2im`].
 fn input_and_weight_gradients(
     g: &Geometry,
     x: &[f32],
@@ -454,6 +519,16 @@ fn input_and_weight_gradients(
     let par = parallelism(segments < threads);
     let weight_len = g.out_channels * g.patch();
     let weight_t = MatRef::row_major(w, g.out_channels, g.patch()).t();
+    let transposed = g.input_gradient_as_convolution();
+    let flipped = match (&transposed, need_input) {
+        (Some(_), true) => g.flipped_weight(w),
+        _ => Vec::new(),
+    };
+    let flipped = MatRef::row_major(
+        &flipped,
+        g.in_channels,
+        g.out_channels * g.kernel * g.kernel,
+    );
 
     let mut dx = vec![
         0.0f32;
@@ -465,12 +540,10 @@ fn input_and_weight_gradients(
     ];
     let mut partials = vec![0.0f32; segments * weight_len];
 
-    let segment_work = |(s, dw): (usize, &mut [f32]), dx_segment: Option<&mut [f32]>| {
+    let segment_work = |(s, dw): (usize, &mut [f32]), mut dx_segment: Option<&mut [f32]>| {
         let mut scratch = Scratch::default();
-        let mut dy_group = Vec::new();
         let first = s * images_per_segment;
         let last = (first + images_per_segment).min(g.batch);
-        let mut dx_segment = dx_segment;
         for (c, n0) in (first..last).step_by(per_chunk).enumerate() {
             let images = per_chunk.min(last - n0);
             let columns = images * g.out_plane();
@@ -478,7 +551,7 @@ fn input_and_weight_gradients(
             let dy_mat: &[f32] = if images == 1 {
                 dy_chunk
             } else {
-                let grouped = resized(&mut dy_group, g.out_channels * columns);
+                let grouped = resized(&mut scratch.output_gradient, g.out_channels * columns);
                 gather_planes(dy_chunk, g.out_channels, g.out_plane(), grouped);
                 grouped
             };
@@ -487,23 +560,30 @@ fn input_and_weight_gradients(
             let x_chunk = &x[n0 * g.in_image()..][..images * g.in_image()];
             let col = unrolled(g, x_chunk, &mut scratch.col);
             let col_t = MatRef::row_major(col, g.patch(), columns).t();
-            gemm_into(dw, dy_mat, col_t, c > 0, par);
+            if g.prefers_column_major_weight_gradient() {
+                gemm_into_col_major(dw, dy_mat, col_t, c > 0, par);
+            } else {
+                gemm_into(dw, dy_mat, col_t, c > 0, par);
+            }
 
-            if let Some(dx_segment) = dx_segment.as_deref_mut() {
-                let offset = (n0 - first) * g.in_image();
-                let dx_chunk = &mut dx_segment[offset..][..images * g.in_image()];
-                if g.is_pointwise() && images == 1 {
-                    gemm_into(dx_chunk, weight_t, dy_mat, false, par);
-                } else if g.is_pointwise() {
-                    let dcol = resized(&mut scratch.col, g.patch() * columns);
-                    gemm_into(dcol, weight_t, dy_mat, false, par);
-                    scatter_planes(dcol, g.in_channels, g.in_plane(), dx_chunk);
-                } else {
-                    let dcol = resized(&mut scratch.col, g.patch() * columns);
-                    gemm_into(dcol, weight_t, dy_mat, false, par);
-                    for (i, image) in dx_chunk.chunks_exact_mut(g.in_image()).enumerate() {
-                        col2im(g, dcol, columns, i * g.out_plane(), image);
-                    }
+            let Some(dx_segment) = dx_segment.as_deref_mut() else {
+                continue;
+            };
+            let offset = (n0 - first) * g.in_image();
+            let dx_chunk = &mut dx_segment[offset..][..images * g.in_image()];
+            if let Some(t) = &transposed {
+                forward_chunk(t, flipped, dy_chunk, dx_chunk, &mut scratch, par);
+            } else if g.is_pointwise() && images == 1 {
+                gemm_into(dx_chunk, weight_t, dy_mat, false, par);
+            } else if g.is_pointwise() {
+                let dcol = resized(&mut scratch.col, g.patch() * columns);
+                gemm_into(dcol, weight_t, dy_mat, false, par);
+                scatter_planes(dcol, g.in_channels, g.in_plane(), dx_chunk);
+            } else {
+                let dcol = resized(&mut scratch.col, g.patch() * columns);
+                gemm_into(dcol, weight_t, dy_mat, false, par);
+                for (i, image) in dx_chunk.chunks_exact_mut(g.in_image()).enumerate() {
+                    col2im(g, dcol, columns, i * g.out_plane(), image);
                 }
             }
         }
@@ -522,12 +602,22 @@ fn input_and_weight_gradients(
             .for_each(|seg| segment_work(seg, None));
     }
 
-    let (dw, rest) = partials.split_at_mut(weight_len);
+    let (sum, rest) = partials.split_at_mut(weight_len);
     for partial in rest.chunks_exact(weight_len) {
-        for (d, p) in dw.iter_mut().zip(partial) {
+        for (d, p) in sum.iter_mut().zip(partial) {
             *d += *p;
         }
     }
-    partials.truncate(weight_len);
-    (dx, partials)
+    if !g.prefers_column_major_weight_gradient() {
+        partials.truncate(weight_len);
+        return (dx, partials);
+    }
+    // The sum is column-major `[patch, Cout]`; the weight gradient is row-major `[Cout, patch]`.
+    let mut dw = vec![0.0f32; weight_len];
+    for (j, column) in sum.chunks_exact(g.out_channels).enumerate() {
+        for (co, &v) in column.iter().enumerate() {
+            dw[co * g.patch() + j] = v;
+        }
+    }
+    (dx, dw)
 }

@@ -73,32 +73,67 @@ pub(super) fn gemm_into(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
+    gemm_strided(dst, b.cols, 1, a, b, accumulate, parallelism);
+}
+
+/// [`gemm_into`] with a column-major destination (element `(i, j)` at `dst[i + j · a.rows]`), which lets
+/// the GEMM kernel read a short, wide left operand without repacking a long right one.
+pub(super) fn gemm_into_col_major(
+    dst: &mut [f32],
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    gemm_strided(dst, 1, a.rows, a, b, accumulate, parallelism);
+}
+
+fn gemm_strided(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    dst_col_stride: usize,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(b.rows, k, "gemm_into: inner dimensions differ");
-    assert!(dst.len() >= m * n, "gemm_into: destination too small");
+    assert_eq!(b.rows, k, "gemm: inner dimensions differ");
     assert!(
         a.in_bounds() && b.in_bounds(),
-        "gemm_into: operand out of bounds"
+        "gemm: operand out of bounds"
     );
+    let out = MatRef {
+        data: dst,
+        rows: m,
+        cols: n,
+        row_stride: dst_row_stride,
+        col_stride: dst_col_stride,
+    };
+    assert!(out.in_bounds(), "gemm: destination too small");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            for i in 0..m {
+                for j in 0..n {
+                    dst[i * dst_row_stride + j * dst_col_stride] = 0.0;
+                }
+            }
         }
         return;
     }
-    // SAFETY: the asserts above show that every element gemm reads (`a`, `b`) or writes (`dst`, dense
-    // row-major m × n) lies inside its slice, and the slices cannot overlap since `dst` is borrowed mutably.
+    // SAFETY: the asserts above show that every element gemm reads (`a`, `b`) or writes (`dst`) lies
+    // inside its slice, and the slices cannot overlap since `dst` is borrowed mutably.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_col_stride as isize,
+            dst_row_stride as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,
