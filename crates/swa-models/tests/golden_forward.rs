@@ -1,0 +1,116 @@
+//! The networks compute what the PyTorch reference computes on the same weights.
+//!
+//! The fixtures come from `tools/make_golden.py` (torch_ref.py's networks with a fixed torch seed and
+//! randomised BatchNorm parameters and statistics): each network's `state_dict` as safetensors, loaded here
+//! through the checkpoint loader, and a batch of two images with PyTorch's eval-mode logits, train-mode
+//! logits (batch statistics) and the running statistics after that train-mode pass.
+
+use std::path::PathBuf;
+
+use swa_core::backend::{Backend, HasShape};
+use swa_core::params::NamedTensors;
+use swa_core::CpuBackend;
+use swa_models::checkpoint::{load_module, StateDict, StoredTensor};
+use swa_models::{Architecture, ForwardMode, Module, Network, NetworkConfig};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn f32_tensor<'a>(dict: &'a StateDict, name: &str) -> (&'a [usize], &'a [f32]) {
+    match dict.get(name) {
+        Some(StoredTensor::F32 { shape, values }) => (shape, values),
+        other => panic!("{}: {name} is {other:?}", dict.origin()),
+    }
+}
+
+/// Largest element-wise difference, relative to the largest magnitude of the expected values.
+fn relative_error(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
+
+fn check_network(name: &str) {
+    let backend = CpuBackend::with_threads(2);
+    let architecture: Architecture = name.parse().unwrap();
+    let io = StateDict::load(&fixture(&format!("golden_{name}_io.safetensors"))).unwrap();
+    let (input_shape, input) = f32_tensor(&io, "input");
+    let (logits_shape, logits_eval) = f32_tensor(&io, "logits_eval");
+    let (_, logits_train) = f32_tensor(&io, "logits_train");
+
+    let config = NetworkConfig {
+        architecture,
+        classes: logits_shape[1],
+    };
+    // A different seed from PyTorch's: every value must come from the checkpoint.
+    let mut net = Network::new(&backend, &config, 99).unwrap();
+    load_module(
+        &backend,
+        &mut net,
+        &fixture(&format!("golden_{name}.safetensors")),
+    )
+    .unwrap();
+    let mut counters = Vec::new();
+    net.visit_batch_counters(&mut |n, c| counters.push((n.to_string(), c)));
+    assert!(
+        !counters.is_empty() && counters.iter().all(|(_, c)| *c == 7),
+        "{counters:?}"
+    );
+
+    let x = backend.from_host(input, input_shape).unwrap();
+    let y = net.forward(&backend, &x, ForwardMode::Eval).unwrap();
+    assert_eq!(y.dims(), logits_shape);
+    let err = relative_error(&backend.to_host(&y).unwrap(), logits_eval);
+    eprintln!("{name}: eval-mode logits, relative error {err:.2e}");
+    assert!(
+        err < 1e-4,
+        "{name}: eval-mode logits differ by {err} (relative)"
+    );
+
+    let y = net
+        .forward(&backend, &x, ForwardMode::Train { seed: 0 })
+        .unwrap();
+    let err = relative_error(&backend.to_host(&y).unwrap(), logits_train);
+    eprintln!("{name}: train-mode logits, relative error {err:.2e}");
+    assert!(
+        err < 1e-4,
+        "{name}: train-mode logits differ by {err} (relative)"
+    );
+
+    // The running statistics moved as PyTorch's did (WideResNet's final BatchNorm with momentum 0.9).
+    let mut checked = 0;
+    net.visit_tensors(&mut |n, _, t| {
+        if n.ends_with("running_mean") || n.ends_with("running_var") {
+            let (_, want) = f32_tensor(&io, &format!("after_train.{n}"));
+            let err = relative_error(&backend.to_host(t).unwrap(), want);
+            assert!(
+                err < 1e-4,
+                "{name}: {n} after a training pass differs by {err}"
+            );
+            checked += 1;
+        }
+    });
+    assert_eq!(checked + 3, io.len(), "{name}: statistics compared");
+}
+
+#[test]
+fn preresnet20_matches_pytorch() {
+    check_network("preresnet20");
+}
+
+#[test]
+fn preresnet47_bottleneck_matches_pytorch() {
+    check_network("preresnet47");
+}
+
+#[test]
+fn wide_resnet_10x1_matches_pytorch() {
+    check_network("wrn10x1");
+}
