@@ -200,8 +200,8 @@ const fn case(x: [usize; 4], cout: usize, k: usize, stride: usize, pad: usize) -
 }
 
 /// Odd sizes, strides 1 and 2, padding 0 and 1, 1×1 and 3×3 kernels, batches of 1 and 3, and batches of
-/// small images that the backend groups into one GEMM.
-const CONV_CASES: [ConvCase; 12] = [
+/// small images that the backend groups into one GEMM, and large images that it unrolls in bands of rows.
+const CONV_CASES: [ConvCase; 14] = [
     case([1, 3, 5, 7], 4, 3, 1, 1),
     case([3, 3, 5, 7], 2, 3, 2, 1),
     case([3, 2, 7, 5], 3, 3, 1, 0),
@@ -214,6 +214,8 @@ const CONV_CASES: [ConvCase; 12] = [
     case([7, 2, 4, 4], 3, 2, 2, 0),
     case([2, 1, 3, 3], 2, 5, 1, 2),
     case([4, 8, 8, 8], 16, 3, 1, 1),
+    case([2, 3, 23, 25], 4, 3, 1, 1),
+    case([1, 2, 47, 49], 3, 3, 2, 1),
 ];
 
 #[test]
@@ -1168,6 +1170,39 @@ fn relu_gradient_matches_finite_differences() {
             &probe,
         )
     });
+}
+
+#[test]
+fn large_elementwise_ops_match_their_definitions() {
+    let b = CpuBackend::with_threads(2);
+    let mut r = rng(16);
+    // Large enough to run split over the threads.
+    let shape = [4, 16, 32, 32];
+    let n: usize = shape.iter().product();
+    let x = uniform(&mut r, n);
+    let y = uniform(&mut r, n);
+    let (xt, yt) = (tensor(&b, &x, &shape), tensor(&b, &y, &shape));
+    let relu = b.relu(&xt).expect("relu");
+    let want: Vec<f64> = x.iter().map(|&v| f64::from(v.max(0.0))).collect();
+    assert_close("relu", &host(&b, &relu), &want, 0.0);
+    let back = b.relu_backward(&relu, &yt).expect("relu_backward");
+    let want: Vec<f64> = x
+        .iter()
+        .zip(&y)
+        .map(|(&x, &d)| if x > 0.0 { f64::from(d) } else { 0.0 })
+        .collect();
+    assert_close("relu_backward", &host(&b, &back), &want, 0.0);
+    let sum = b.add(&xt, &yt).expect("add");
+    let want: Vec<f64> = x.iter().zip(&y).map(|(&a, &c)| f64::from(a + c)).collect();
+    assert_close("add", &host(&b, &sum), &want, 0.0);
+    let product = b.mul(&xt, &yt).expect("mul");
+    let want: Vec<f64> = x.iter().zip(&y).map(|(&a, &c)| f64::from(a * c)).collect();
+    assert_close("mul", &host(&b, &product), &want, 0.0);
+    let wrong = b.zeros(&[4, 16, 32, 31]).expect("zeros");
+    assert!(matches!(
+        b.add(&xt, &wrong),
+        Err(BackendError::ShapeMismatch { op: "add", .. })
+    ));
 }
 
 // ------------------------------------------------------------------------------------------ SGD

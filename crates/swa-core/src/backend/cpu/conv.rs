@@ -15,12 +15,17 @@ use rayon::prelude::*;
 
 use gemm::Parallelism;
 
-use super::matrix::{contiguous, gemm_into, gemm_into_col_major, into_tensor, parallelism, MatRef};
+use super::matrix::{
+    contiguous, gemm_into, gemm_into_col_major, gemm_into_rows, into_tensor, parallelism, MatRef,
+};
 use super::CpuTensor;
 use crate::backend::{BackendError, BackendResult, Conv2dGrads, Conv2dSpec};
 
 /// Columns a chunk's GEMM should have at least: below this the GEMM's packing and edge handling dominate.
 const TARGET_COLUMNS: usize = 256;
+
+/// Columns of the unrolled input handled at once for a large image.
+const TILE_COLUMNS: usize = 256;
 
 /// The validated geometry of one convolution.
 #[derive(Clone, Copy, Debug)]
@@ -204,7 +209,20 @@ impl Geometry {
 
 /// Unrolls one image into `col`'s columns `offset .. offset + Ho·Wo`, where `col` has row stride `ld`.
 fn im2col(g: &Geometry, image: &[f32], col: &mut [f32], ld: usize, offset: usize) {
-    let (k, ow_n, plane) = (g.kernel, g.out_width, g.out_plane());
+    im2col_rows(g, image, col, ld, offset, 0..g.out_height);
+}
+
+/// [`im2col`] restricted to the output rows `rows`, whose columns start at `offset`.
+fn im2col_rows(
+    g: &Geometry,
+    image: &[f32],
+    col: &mut [f32],
+    ld: usize,
+    offset: usize,
+    rows: std::ops::Range<usize>,
+) {
+    let (k, ow_n) = (g.kernel, g.out_width);
+    let plane = rows.len() * ow_n;
     for c in 0..g.in_channels {
         let channel = &image[c * g.in_plane()..][..g.in_plane()];
         for kh in 0..k {
@@ -212,7 +230,7 @@ fn im2col(g: &Geometry, image: &[f32], col: &mut [f32], ld: usize, offset: usize
                 let row = (c * k + kh) * k + kw;
                 let dst_row = &mut col[row * ld + offset..][..plane];
                 let (lo, hi) = g.valid_out_columns(kw);
-                for (oh, dst) in dst_row.chunks_exact_mut(ow_n).enumerate() {
+                for (oh, dst) in rows.clone().zip(dst_row.chunks_exact_mut(ow_n)) {
                     let Some(ih) = g.input_row(oh, kh) else {
                         dst.fill(0.0);
                         continue;
@@ -355,6 +373,27 @@ fn forward_chunk(
 ) {
     let images = x_chunk.len() / g.in_image();
     let columns = images * g.out_plane();
+    if images == 1 && !g.is_pointwise() && columns >= 2 * TILE_COLUMNS {
+        // A large image is unrolled a band of output rows at a time, so that the band's unrolled input
+        // stays in cache between its writing and the GEMM's reading.
+        let band = TILE_COLUMNS.div_ceil(g.out_width);
+        for first in (0..g.out_height).step_by(band) {
+            let rows = first..(first + band).min(g.out_height);
+            let tile = rows.len() * g.out_width;
+            let col = resized(&mut scratch.col, g.patch() * tile);
+            im2col_rows(g, x_chunk, col, tile, 0, rows);
+            let rhs = MatRef::row_major(col, g.patch(), tile);
+            gemm_into_rows(
+                &mut y_chunk[first * g.out_width..],
+                g.out_plane(),
+                weight,
+                rhs,
+                false,
+                par,
+            );
+        }
+        return;
+    }
     let col = unrolled(g, x_chunk, &mut scratch.col);
     let rhs = MatRef::row_major(col, g.patch(), columns);
     if images == 1 {

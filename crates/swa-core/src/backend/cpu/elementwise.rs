@@ -50,3 +50,43 @@ pub(super) fn dropout_mask(shape: &[usize], p: f32, seed: u64) -> BackendResult<
         .collect();
     Ok(ArrayD::from_shape_vec(IxDyn(shape), values).expect("length equals the shape's product"))
 }
+
+/// Below this many elements a single thread beats the cost of splitting the work.
+const PARALLEL_MIN_LEN: usize = 1 << 15;
+
+/// `f(a, b)` element by element into a new tensor of `a`'s shape (the shapes were checked to agree).
+fn zip_map(a: &CpuTensor, b: &CpuTensor, f: impl Fn(f32, f32) -> f32 + Sync + Send) -> CpuTensor {
+    let mut out = CpuTensor::zeros(a.raw_dim());
+    let zip = Zip::from(&mut out).and(a).and(b);
+    if a.len() >= PARALLEL_MIN_LEN {
+        zip.par_for_each(|o, &a, &b| *o = f(a, b));
+    } else {
+        zip.for_each(|o, &a, &b| *o = f(a, b));
+    }
+    out
+}
+
+pub(super) fn add(a: &CpuTensor, b: &CpuTensor) -> CpuTensor {
+    zip_map(a, b, |a, b| a + b)
+}
+
+pub(super) fn mul(a: &CpuTensor, b: &CpuTensor) -> CpuTensor {
+    zip_map(a, b, |a, b| a * b)
+}
+
+pub(super) fn relu(x: &CpuTensor) -> CpuTensor {
+    if x.len() >= PARALLEL_MIN_LEN {
+        let mut out = CpuTensor::zeros(x.raw_dim());
+        Zip::from(&mut out)
+            .and(x)
+            .par_for_each(|o, &v| *o = v.max(0.0));
+        out
+    } else {
+        x.mapv(|v| v.max(0.0))
+    }
+}
+
+/// `dy` where the ReLU's output `y` is positive, else 0.
+pub(super) fn relu_backward(y: &CpuTensor, dy: &CpuTensor) -> CpuTensor {
+    zip_map(y, dy, |y, dy| if y <= 0.0 { 0.0 } else { dy })
+}

@@ -88,6 +88,19 @@ pub(super) fn gemm_into_col_major(
     gemm_strided(dst, 1, a.rows, a, b, accumulate, parallelism);
 }
 
+/// [`gemm_into`] into the first `b.cols` columns of a row-major destination with row stride
+/// `dst_row_stride`: a band of columns of a wider matrix.
+pub(super) fn gemm_into_rows(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    gemm_strided(dst, dst_row_stride, 1, a, b, accumulate, parallelism);
+}
+
 fn gemm_strided(
     dst: &mut [f32],
     dst_row_stride: usize,

@@ -205,27 +205,21 @@ impl Backend for CpuBackend {
 
     fn add(&self, a: &CpuTensor, b: &CpuTensor) -> BackendResult<CpuTensor> {
         same_shape("add", a, b)?;
-        Ok(a + b)
+        Ok(self.install(|| elementwise::add(a, b)))
     }
 
     fn mul(&self, a: &CpuTensor, b: &CpuTensor) -> BackendResult<CpuTensor> {
         same_shape("mul", a, b)?;
-        Ok(a * b)
+        Ok(self.install(|| elementwise::mul(a, b)))
     }
 
     fn relu(&self, x: &CpuTensor) -> BackendResult<CpuTensor> {
-        Ok(x.mapv(|v| v.max(0.0)))
+        Ok(self.install(|| elementwise::relu(x)))
     }
 
     fn relu_backward(&self, y: &CpuTensor, dy: &CpuTensor) -> BackendResult<CpuTensor> {
         same_shape("relu_backward", y, dy)?;
-        let mut dx = dy.to_owned();
-        ndarray::Zip::from(&mut dx).and(y).for_each(|d, &y| {
-            if y <= 0.0 {
-                *d = 0.0;
-            }
-        });
-        Ok(dx)
+        Ok(self.install(|| elementwise::relu_backward(y, dy)))
     }
 
     fn dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<CpuTensor> {
