@@ -4,6 +4,11 @@
 //! randomised BatchNorm parameters and statistics): each network's `state_dict` as safetensors, loaded here
 //! through the checkpoint loader, and a batch of two images with PyTorch's eval-mode logits, train-mode
 //! logits (batch statistics) and the running statistics after that train-mode pass.
+//!
+//! The paper's own networks (VGG-16 with and without BatchNorm, PreResNet-164, WRN-16-4, WRN-28-10) have too
+//! many weights to store: for them the script and this test both compute the weights from the same integer
+//! hash formula, and only the input, PyTorch's eval-mode logits and its running statistics after a
+//! train-mode pass are stored.
 
 use std::path::PathBuf;
 
@@ -113,4 +118,131 @@ fn preresnet47_bottleneck_matches_pytorch() {
 #[test]
 fn wide_resnet_10x1_matches_pytorch() {
     check_network("wrn10x1");
+}
+
+/// `make_golden.py`'s `formula_uniform`: values in [-0.5, 0.5) from an integer hash of the tensor's index
+/// in state_dict order and the element's index, exact in any language.
+fn formula_uniform(tensor_index: u64, numel: usize) -> Vec<f64> {
+    const MASK: u64 = 0xFFFF_FFFF;
+    (0..numel as u64)
+        .map(|i| {
+            let mut h = (i.wrapping_mul(2_654_435_761) + (tensor_index + 1) * 40_503) & MASK;
+            h ^= h >> 15;
+            h = h.wrapping_mul(2_246_822_519) & MASK;
+            h ^= h >> 13;
+            h as f64 / 4_294_967_296.0 - 0.5
+        })
+        .collect()
+}
+
+/// `make_golden.py`'s `formula_weights` for `net`, with zero batch counters.
+fn formula_weights<M: Module<CpuBackend> + ?Sized>(net: &M) -> StateDict {
+    let mut dict = StateDict::new();
+    let mut index = 0;
+    net.visit_tensors(&mut |name, _, t| {
+        let shape = t.dims().to_vec();
+        let numel: usize = shape.iter().product();
+        let u = formula_uniform(index, numel);
+        index += 1;
+        let values = u
+            .iter()
+            .map(|&u| {
+                let v = if name.ends_with("running_var")
+                    || (name.ends_with("weight") && shape.len() == 1)
+                {
+                    1.0 + 0.5 * u
+                } else if name.ends_with("running_mean") || name.ends_with("bias") {
+                    0.2 * u
+                } else {
+                    let fan_in = numel / shape[0];
+                    u * (24.0 / fan_in as f64).sqrt()
+                };
+                v as f32
+            })
+            .collect();
+        dict.insert(name, StoredTensor::F32 { shape, values });
+    });
+    net.visit_batch_counters(&mut |name, _| dict.insert_counter(name, 0));
+    dict
+}
+
+fn check_formula_network(name: &str) {
+    let backend = CpuBackend::with_threads(2);
+    let io = StateDict::load(&fixture(&format!("golden_{name}_formula_io.safetensors"))).unwrap();
+    let (input_shape, input) = f32_tensor(&io, "input");
+    let (logits_shape, logits_eval) = f32_tensor(&io, "logits_eval");
+    let architecture: Architecture = name.parse().unwrap();
+    let mut net = architecture.build(&backend, logits_shape[1], 0).unwrap();
+    formula_weights(net.as_ref())
+        .copy_into_module(&backend, net.as_mut())
+        .unwrap();
+
+    let x = backend.from_host(input, input_shape).unwrap();
+    let y = net.forward(&backend, &x, ForwardMode::Eval).unwrap();
+    let err = relative_error(&backend.to_host(&y).unwrap(), logits_eval);
+    eprintln!("{name}: eval-mode logits, relative error {err:.2e}");
+    assert!(
+        err < 1e-4,
+        "{name}: eval-mode logits differ by {err} (relative)"
+    );
+
+    // VGG's dropout acts only after its last BatchNorm (the others have none), so dropout masks do not
+    // touch the running statistics; the train-mode logits are stored for the networks without dropout.
+    let y = net
+        .forward(&backend, &x, ForwardMode::Train { seed: 0 })
+        .unwrap();
+    let mut outputs = 2;
+    if io.get("logits_train").is_some() {
+        let (_, logits_train) = f32_tensor(&io, "logits_train");
+        let err = relative_error(&backend.to_host(&y).unwrap(), logits_train);
+        eprintln!("{name}: train-mode logits, relative error {err:.2e}");
+        assert!(
+            err < 1e-4,
+            "{name}: train-mode logits differ by {err} (relative)"
+        );
+        outputs += 1;
+    } else {
+        assert!(
+            name.starts_with("vgg"),
+            "{name}: no train-mode logits stored"
+        );
+    }
+    let mut checked = 0;
+    net.visit_tensors(&mut |n, _, t| {
+        if n.ends_with("running_mean") || n.ends_with("running_var") {
+            let (_, want) = f32_tensor(&io, &format!("after_train.{n}"));
+            let err = relative_error(&backend.to_host(t).unwrap(), want);
+            assert!(
+                err < 1e-4,
+                "{name}: {n} after a training pass differs by {err}"
+            );
+            checked += 1;
+        }
+    });
+    assert_eq!(checked + outputs, io.len(), "{name}: statistics compared");
+}
+
+#[test]
+fn vgg16_matches_pytorch() {
+    check_formula_network("vgg16");
+}
+
+#[test]
+fn vgg16_bn_matches_pytorch() {
+    check_formula_network("vgg16bn");
+}
+
+#[test]
+fn preresnet164_matches_pytorch() {
+    check_formula_network("preresnet164");
+}
+
+#[test]
+fn wrn16x4_matches_pytorch() {
+    check_formula_network("wrn16x4");
+}
+
+#[test]
+fn wrn28x10_matches_pytorch() {
+    check_formula_network("wrn28x10");
 }

@@ -141,6 +141,7 @@ fn a_small_network_learns_a_separable_problem_with_sgd() {
     }
     let after = accuracy(&backend, &mut net, &x, &labels);
     let first_loss = first_loss.unwrap_or(f32::NAN);
+    eprintln!("training accuracy {before} → {after}, loss {first_loss} → {last_loss}");
     assert!(
         after > 0.95,
         "training accuracy {after} (before {before}); loss {first_loss} → {last_loss}"
@@ -152,5 +153,6 @@ fn a_small_network_learns_a_separable_problem_with_sgd() {
     // A held-out set from the same distribution: the network learned the patterns, not the samples.
     let (x_test, labels_test) = dataset(128, 2);
     let test = accuracy(&backend, &mut net, &x_test, &labels_test);
+    eprintln!("held-out accuracy {test}");
     assert!(test > 0.9, "held-out accuracy {test}");
 }

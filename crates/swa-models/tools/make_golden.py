@@ -9,6 +9,13 @@ The first form writes, into crates/swa-models/tests/fixtures/:
   golden_<net>_io.safetensors  a fixed input batch, the eval-mode logits, the train-mode logits (batch
                                statistics) and every BatchNorm running statistic after that train-mode pass
                                (keys "after_train.<key>");
+  golden_<net>_formula_io.safetensors
+                               for the paper's networks, too large to store (VGG-16 with and without BatchNorm,
+                               PreResNet-164, WRN-16-4, WRN-28-10): weights
+                               are a hash formula of (tensor index, element index) that the Rust test
+                               recomputes exactly (see formula_weights), so only the input, the eval-mode (and,
+                               without dropout, train-mode)
+                               logits and the running statistics after a train-mode pass are stored;
   torch_shapes.json            every state_dict key with its shape and dtype, and the parameter count, of
                                each reference network for 10 and 100 classes.
 The second form loads a checkpoint written by swa-models into the reference network NAME (a key of
@@ -16,7 +23,9 @@ torch_ref.MODELS, or preresnet<depth> / wrn<depth>x<k>) with load_state_dict(str
 
 torch_ref.py is found in --torch-ref (default: the SWA_TORCH_REF directory, else /work/shared/tools).
 """
-import argparse, json, os, re, sys
+import argparse, json, math, os, re, sys
+
+import numpy as np
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,7 +35,41 @@ GOLDEN = {
     'preresnet47': 10,   # bottleneck blocks
     'wrn10x1': 10,       # wide basic blocks with biased convolutions; final BN momentum 0.9
 }
+FORMULA_GOLDEN = {'vgg16': 10, 'vgg16bn': 10, 'preresnet164': 100, 'wrn16x4': 10, 'wrn28x10': 100}
 BATCH = 2
+
+
+def formula_uniform(tensor_index, numel):
+    """Uniform values in [-0.5, 0.5) from a 32-bit integer hash of (tensor index, element index); exact in
+    any language, so that the Rust test rebuilds the same weights bit for bit."""
+    i = np.arange(numel, dtype=np.uint64)
+    mask = np.uint64(0xFFFFFFFF)
+    h = (i * np.uint64(2654435761) + np.uint64((tensor_index + 1) * 40503)) & mask
+    h ^= h >> np.uint64(15)
+    h = (h * np.uint64(2246822519)) & mask
+    h ^= h >> np.uint64(13)
+    return h.astype(np.float64) / 4294967296.0 - 0.5
+
+
+def formula_weights(model):
+    """Every floating-point state_dict entry from formula_uniform, scaled by its kind; counters 0."""
+    state = {}
+    index = 0
+    for key, value in model.state_dict().items():
+        if value.dtype != torch.float32:
+            state[key] = torch.zeros_like(value)
+            continue
+        u = formula_uniform(index, value.numel())
+        index += 1
+        if key.endswith('running_var') or (key.endswith('weight') and value.dim() == 1):
+            v = 1.0 + 0.5 * u
+        elif key.endswith('running_mean') or key.endswith('bias'):
+            v = 0.2 * u
+        else:
+            fan_in = value.numel() // value.shape[0]
+            v = u * math.sqrt(24.0 / fan_in)
+        state[key] = torch.from_numpy(v.astype(np.float32)).reshape(value.shape)
+    return state
 
 
 def build(ref, name, classes):
@@ -75,6 +118,30 @@ def golden(ref, out):
               f'eval logits[0,:3] {logits_eval[0, :3].tolist()}')
 
 
+def formula_golden(ref, out):
+    for i, (name, classes) in enumerate(FORMULA_GOLDEN.items()):
+        model = build(ref, name, classes)
+        model.load_state_dict(formula_weights(model), strict=True)
+        gen = torch.Generator().manual_seed(3000 + i)
+        x = torch.randn(BATCH, 3, 32, 32, generator=gen)
+        with torch.no_grad():
+            model.eval()
+            logits_eval = model(x)
+            # VGG's dropout only acts after its last BatchNorm and the others have none, so the running
+            # statistics do not depend on dropout masks.
+            model.train()
+            logits_train = model(x)
+        io = {'input': x, 'logits_eval': logits_eval}
+        if not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+            io['logits_train'] = logits_train
+        for k, v in model.state_dict().items():
+            if k.endswith('running_mean') or k.endswith('running_var'):
+                io['after_train.' + k] = v.detach().clone()
+        save_file({k: v.contiguous() for k, v in io.items()},
+                  os.path.join(out, f'golden_{name}_formula_io.safetensors'))
+        print(f'{name} (formula weights): eval logits[0,:3] {logits_eval[0, :3].tolist()}')
+
+
 def shapes(ref, out):
     names = list(ref.MODELS) + ['preresnet56']
     table = {}
@@ -117,6 +184,7 @@ def main():
         return
     os.makedirs(args.out, exist_ok=True)
     golden(ref, args.out)
+    formula_golden(ref, args.out)
     shapes(ref, args.out)
 
 
