@@ -4,8 +4,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::download::{md5_file, md5_hex};
-use crate::error::Result;
-use crate::layout::{known_file_md5, DatasetKind, Packaging, Split, CHANNELS};
+use crate::error::{DataError, Result};
+use crate::layout::{known_file_md5, DatasetKind, Layout, Packaging, Split, CHANNELS};
 use crate::source::{self, DataSource};
 
 /// How a file's MD5 compares with the official one.
@@ -145,6 +145,22 @@ pub fn check(kind: DatasetKind, path: &Path) -> Result<CheckReport> {
             let Some(file) = raw.iter().find(|f| f.name == *name) else {
                 continue;
             };
+            if source.layout == Layout::Binary {
+                let records =
+                    kind.official_split_len(split) / files_of_layout.split_files(split).len();
+                let expected = (records * files_of_layout.record_len()) as u64;
+                if file.bytes.len() as u64 != expected {
+                    let error = DataError::WrongSize {
+                        file: file.path.clone(),
+                        expected: format!(
+                            "{expected} ({records} records of {} bytes)",
+                            files_of_layout.record_len()
+                        ),
+                        actual: file.bytes.len() as u64,
+                    };
+                    defects.push(error.to_string());
+                }
+            }
             match source::parse_file(&source, file, names.len(), coarse_classes) {
                 Ok(records) => {
                     summary.images += records.labels.len();
@@ -199,8 +215,8 @@ pub fn check(kind: DatasetKind, path: &Path) -> Result<CheckReport> {
 impl fmt::Display for CheckReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let layout = match self.source.layout {
-            crate::Layout::Binary => "binary",
-            crate::Layout::Python => "python",
+            Layout::Binary => "binary",
+            Layout::Python => "python",
         };
         let packaging = match self.source.packaging {
             Packaging::Folder => "folder",
