@@ -1,6 +1,8 @@
 //! `cargo xtask`: experiment orchestration for swa-rs. Thin: the work lives in the library crates.
 
 mod data;
+mod models;
+mod reproduce;
 
 use clap::{Parser, Subcommand};
 
@@ -19,12 +21,15 @@ enum Command {
     Data(data::DataCommand),
     /// Print each network with its class count and parameter count.
     Models,
+    /// Reproduce the paper: SGD vs SWA vs FGE on CIFAR, with tables and plots (resumable).
+    Reproduce(reproduce::ReproduceArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Data(command) => data::run(command),
-        Command::Models => anyhow::bail!("the networks are not available yet"),
+        Command::Reproduce(args) => reproduce::run(args),
+        Command::Models => models::run(),
     }
 }

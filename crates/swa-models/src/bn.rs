@@ -42,7 +42,12 @@ pub fn reset_batch_norm<B: Backend>(
             });
         }
     });
-    failure.map_or(Ok(()), Err)
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    // PyTorch's `reset_running_stats` zeroes the batch counters too; the recomputation pass counts anew.
+    model.visit_batch_counters_mut(&mut |_, count| *count = 0);
+    Ok(())
 }
 
 /// Recomputes the BatchNorm running statistics of `model` from `batches`, returning the number of images

@@ -6,7 +6,10 @@
 //!   blocks, each a [`Module`] with PyTorch's tensor names;
 //! - [`nets`]: VGG-16 (with and without BatchNorm), PreResNet and WideResNet, built as the original SWA
 //!   code builds them, by name ([`Architecture`]) or configuration ([`NetworkConfig`]);
-//! - [`checkpoint`]: weights in safetensors files that PyTorch loads strictly.
+//! - [`checkpoint`]: weights in safetensors files that PyTorch loads strictly;
+//! - [`train`]: the training loop for SGD, SWA and FGE runs, with per-epoch checkpoints and resume;
+//!   [`optim`] (SGD), [`bn`] (`update_bn`: BatchNorm recomputation for averaged weights) and [`evaluate`]
+//!   (accuracy, NLL, ensembles) are its parts, usable on their own.
 //!
 //! ```
 //! use swa_core::CpuBackend;
@@ -21,10 +24,21 @@
 //! # }
 //! ```
 
+pub mod batch;
+pub mod bn;
 pub mod checkpoint;
+pub mod error;
+pub mod evaluate;
 pub mod layers;
 pub mod module;
 pub mod nets;
+pub mod optim;
+pub mod state;
+pub mod train;
 
+pub use batch::{BatchSource, HostBatch};
+pub use bn::update_bn;
+pub use error::TrainError;
 pub use module::{ForwardMode, Module, Param};
 pub use nets::{Architecture, ModelError, Network, NetworkConfig};
+pub use train::{RunConfig, SnapshotUse, Snapshots, Trainer};

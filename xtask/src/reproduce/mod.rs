@@ -1,0 +1,426 @@
+//! `cargo xtask reproduce cifar100|cifar10`: SGD vs SWA vs FGE on the paper's protocol.
+//!
+//! Every run writes its checkpoints under `OUT/<data>/<model>/seed-<s>/<run>/`; running the same command
+//! again continues each run from its last finished epoch. At the end the results of all runs found under
+//! `OUT/<data>` are gathered into `results.md`, `results.json` and SVG plots.
+
+mod presets;
+mod report;
+mod source;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use swa_core::backend::Backend;
+use swa_core::CpuBackend;
+use swa_data::DatasetKind;
+use swa_gpu::{GpuBackend, GpuOptions};
+use swa_models::train::{EpochRecord, TrainObserver, Trainer};
+use swa_models::{module::parameter_count, Module};
+
+pub use presets::{Preset, RunKind};
+use source::CifarSource;
+
+/// Which device trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceChoice {
+    /// A GPU when wgpu finds a hardware adapter, else the CPU.
+    Auto,
+    /// The ndarray CPU backend.
+    Cpu,
+    /// The WGSL backend (fails when no adapter exists).
+    Gpu,
+}
+
+/// The data set to reproduce on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DataChoice {
+    /// CIFAR-10.
+    Cifar10,
+    /// CIFAR-100.
+    Cifar100,
+}
+
+impl From<DataChoice> for DatasetKind {
+    fn from(choice: DataChoice) -> Self {
+        match choice {
+            DataChoice::Cifar10 => DatasetKind::Cifar10,
+            DataChoice::Cifar100 => DatasetKind::Cifar100,
+        }
+    }
+}
+
+/// Arguments of `cargo xtask reproduce`.
+#[derive(Args, Debug)]
+pub struct ReproduceArgs {
+    /// The data set.
+    #[arg(value_enum)]
+    pub data_set: DataChoice,
+    /// Networks to train (default: the preset's; the paper's are vgg16, preresnet164, wrn28x10).
+    #[arg(long = "model", value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Number of seeds per network (seeds 1..=N).
+    #[arg(long, default_value_t = 1)]
+    pub seeds: u64,
+    /// Which runs to make (default: the preset's).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub runs: Vec<RunKind>,
+    /// Training device.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Data folder or archive (default: `$SWA_DATA_DIR` or the cache, downloading when missing).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output folder for checkpoints, tables and plots.
+    #[arg(long, default_value = "out/reproduce")]
+    pub out: PathBuf,
+    /// Protocol preset.
+    #[arg(long, value_enum, default_value_t = Preset::Paper)]
+    pub preset: Preset,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Continue from the checkpoints in OUT (the default; kept for explicitness).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many epochs of each run in this invocation (to split long runs; rerun to continue).
+    #[arg(long, hide = true)]
+    pub max_epochs_per_run: Option<usize>,
+}
+
+/// Runs the reproduction.
+pub fn run(args: ReproduceArgs) -> Result<()> {
+    let kind: DatasetKind = args.data_set.into();
+    let models: Vec<String> = if args.models.is_empty() {
+        presets::default_models(args.preset)
+            .into_iter()
+            .map(String::from)
+            .collect()
+    } else {
+        args.models.clone()
+    };
+    let runs = if args.runs.is_empty() {
+        presets::default_runs(args.preset)
+    } else {
+        args.runs.clone()
+    };
+    let recipes = models
+        .iter()
+        .map(|m| presets::recipe(args.preset, m, kind))
+        .collect::<Result<Vec<_>>>()?;
+    if args.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+
+    let data_path = match &args.data {
+        Some(path) => path.clone(),
+        None => swa_data::ensure_available(kind, None).map_err(|e| anyhow::anyhow!("{e}"))?,
+    };
+    let splits = swa_data::load_kind(kind, &data_path).with_context(|| {
+        format!(
+            "reading {} from {}",
+            kind.display_name(),
+            data_path.display()
+        )
+    })?;
+    let train = Arc::new(splits.train);
+    let test = Arc::new(splits.test);
+    let classes = train.num_classes();
+    let data_dir = args.out.join(kind.cli_name());
+
+    match choose_device(args.device, args.threads)? {
+        Device::Cpu(backend) => run_all(
+            backend, &args, kind, &recipes, &runs, &train, &test, classes, &data_dir,
+        )?,
+        Device::Gpu(backend) => run_all(
+            backend, &args, kind, &recipes, &runs, &train, &test, classes, &data_dir,
+        )?,
+    }
+    let written = report::write_reports(&data_dir, kind)?;
+    for path in written {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+enum Device {
+    Cpu(CpuBackend),
+    Gpu(GpuBackend),
+}
+
+fn choose_device(choice: DeviceChoice, threads: Option<usize>) -> Result<Device> {
+    let cpu = || match threads {
+        Some(n) => CpuBackend::with_threads(n),
+        None => CpuBackend::new(),
+    };
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu(cpu())),
+        DeviceChoice::Gpu => {
+            let gpu = GpuBackend::new(GpuOptions::from_env()).context("--device gpu")?;
+            Ok(Device::Gpu(gpu))
+        }
+        DeviceChoice::Auto => match GpuBackend::new(GpuOptions::from_env()) {
+            // A software adapter (llvmpipe) is far slower than the CPU backend: only real GPUs are chosen.
+            Ok(gpu) if gpu.adapter_info().device_type != wgpu::DeviceType::Cpu => {
+                Ok(Device::Gpu(gpu))
+            }
+            _ => Ok(Device::Cpu(cpu())),
+        },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_all<B: Backend>(
+    backend: B,
+    args: &ReproduceArgs,
+    kind: DatasetKind,
+    recipes: &[presets::Recipe],
+    runs: &[RunKind],
+    train: &Arc<swa_data::Dataset>,
+    test: &Arc<swa_data::Dataset>,
+    classes: usize,
+    data_dir: &Path,
+) -> Result<()> {
+    // The plan, with a time estimate from the throughput of a few measured training steps.
+    println!(
+        "reproduce {} ({} preset) on {}: {} train / {} test images, {} classes",
+        kind.display_name(),
+        args.preset,
+        backend.name(),
+        recipes[0]
+            .train_limit
+            .map_or(train.len(), |l| l.min(train.len())),
+        recipes[0]
+            .test_limit
+            .map_or(test.len(), |l| l.min(test.len())),
+        classes
+    );
+    let mut total_seconds = 0.0;
+    for recipe in recipes {
+        let epochs: usize = runs
+            .iter()
+            .map(|&r| presets::run_config(recipe, r, 1).map(|c| c.epochs))
+            .sum::<Result<usize>>()?;
+        let source = CifarSource::new(train, test, recipe, 0)?;
+        let per_epoch = estimate_epoch_seconds(&backend, recipe, classes, &source)?;
+        let seconds = per_epoch * (epochs as f64) * args.seeds as f64;
+        total_seconds += seconds;
+        println!(
+            "  {:<14} runs {:<12} {:>4} epochs x {} seed(s), ~{:.0} s/epoch: ~{}",
+            recipe.architecture.to_string(),
+            runs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            epochs,
+            args.seeds,
+            per_epoch,
+            human_duration(seconds)
+        );
+    }
+    println!(
+        "  estimated total: {} (epochs already in checkpoints are skipped)",
+        human_duration(total_seconds)
+    );
+
+    for recipe in recipes {
+        for seed in 1..=args.seeds {
+            let source = CifarSource::new(train, test, recipe, seed)?;
+            for &run in runs {
+                let dir = data_dir
+                    .join(recipe.architecture.to_string())
+                    .join(format!("seed-{seed}"))
+                    .join(run.to_string());
+                train_one(
+                    &backend,
+                    recipe,
+                    run,
+                    seed,
+                    classes,
+                    &source,
+                    &dir,
+                    args.max_epochs_per_run,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_one<B: Backend>(
+    backend: &B,
+    recipe: &presets::Recipe,
+    run: RunKind,
+    seed: u64,
+    classes: usize,
+    source: &CifarSource,
+    dir: &Path,
+    max_epochs: Option<usize>,
+) -> Result<()> {
+    let config = presets::run_config(recipe, run, seed)?;
+    let model = recipe.architecture.build(backend, classes, seed)?;
+    let eval_model = recipe.architecture.build(backend, classes, seed)?;
+    let mut trainer = Trainer::new(backend.clone(), config.clone(), model, eval_model)?;
+    let done = trainer
+        .with_checkpoints(dir.join("checkpoints"))
+        .with_context(|| format!("resuming {}", dir.display()))?;
+    let label = format!("{} seed {seed} {run}", recipe.architecture);
+    if done >= config.epochs {
+        println!("{label}: finished earlier ({done} epochs)");
+    } else {
+        if done > 0 {
+            println!("{label}: resuming after epoch {done}");
+        }
+        let mut observer = Progress::new(&label, config.epochs, done, source.steps_per_epoch());
+        let started = Instant::now();
+        let stop_at = max_epochs.map_or(config.epochs, |m| (done + m).min(config.epochs));
+        while trainer.epochs_done() < stop_at {
+            trainer.run_epoch(source, &mut observer).with_context(|| {
+                format!(
+                    "{label} (checkpoints in {})",
+                    dir.join("checkpoints").display()
+                )
+            })?;
+        }
+        observer.finish(started.elapsed().as_secs_f64());
+    }
+    write_run_files(&mut trainer, source, recipe, run, seed, dir)
+}
+
+/// Writes the run's history and final weights for the report (and for users: PyTorch-loadable weights).
+fn write_run_files<B: Backend>(
+    trainer: &mut Trainer<B>,
+    source: &CifarSource,
+    recipe: &presets::Recipe,
+    run: RunKind,
+    seed: u64,
+    dir: &Path,
+) -> Result<()> {
+    let history = trainer.history().to_vec();
+    let summary = report::RunSummary {
+        model: recipe.architecture.to_string(),
+        run,
+        seed,
+        budget: recipe.budget,
+        epochs_planned: trainer.config().epochs,
+        parameters: parameter_count(trainer.model() as &dyn Module<B>),
+        history,
+    };
+    let json = serde_json::to_vec_pretty(&summary)?;
+    swa_models::checkpoint::write_atomically(&dir.join("history.json"), &json)?;
+    if trainer.epochs_done() == trainer.config().epochs {
+        let backend = trainer.backend().clone();
+        swa_models::train::save_weights(&backend, trainer.model(), &dir.join("final.safetensors"))?;
+        if let Some(swa) = trainer.swa_model(source)? {
+            swa_models::train::save_weights(&backend, swa, &dir.join("swa.safetensors"))?;
+        }
+    }
+    Ok(())
+}
+
+fn estimate_epoch_seconds<B: Backend>(
+    backend: &B,
+    recipe: &presets::Recipe,
+    classes: usize,
+    source: &CifarSource,
+) -> Result<f64> {
+    use swa_models::batch::BatchSource;
+    let mut model = recipe.architecture.build(backend, classes, 0)?;
+    let mut optimizer =
+        swa_models::optim::Sgd::<B>::new(swa_models::optim::SgdConfig::momentum(0.0));
+    let batches: Vec<_> = source.train_epoch(0).take(3).collect();
+    let mut timed = Vec::new();
+    for (i, batch) in batches.iter().enumerate() {
+        let started = Instant::now();
+        let x = backend.from_host(&batch.images, &batch.shape)?;
+        let logits = model.forward(
+            backend,
+            &x,
+            swa_models::ForwardMode::Train { seed: i as u64 },
+        )?;
+        let ce = backend.softmax_cross_entropy(&logits, &batch.labels)?;
+        backend.to_host(&ce.loss)?;
+        model.backward(backend, &ce.grad)?;
+        optimizer.step(backend, model.as_mut(), 0.0)?;
+        backend.synchronize()?;
+        // The first step warms caches and compiles pipelines: it is not timed.
+        if i > 0 {
+            timed.push(started.elapsed().as_secs_f64() / batch.len().max(1) as f64);
+        }
+    }
+    let per_image = timed.iter().copied().fold(f64::INFINITY, f64::min);
+    if !per_image.is_finite() {
+        return Ok(0.0);
+    }
+    // Evaluation of the test set and BN recomputation cost about a third of a training step per image.
+    let images = source.train_images() as f64 + source.test_len() as f64 / 3.0;
+    Ok(per_image * images)
+}
+
+fn human_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0) as u64;
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        _ if s < 3 * 86_400 => format!("{:.1} h", s as f64 / 3600.0),
+        _ => format!("{:.1} days", s as f64 / 86_400.0),
+    }
+}
+
+/// A progress bar over a run's steps, with a line per epoch.
+struct Progress {
+    bar: ProgressBar,
+    label: String,
+}
+
+impl Progress {
+    fn new(label: &str, epochs: usize, done: usize, steps: usize) -> Self {
+        let total = (epochs * steps) as u64;
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_prefix(label.to_string());
+        bar.set_position((done * steps) as u64);
+        bar.reset_eta();
+        Self {
+            bar,
+            label: label.to_string(),
+        }
+    }
+
+    fn finish(&self, seconds: f64) {
+        self.bar.finish_and_clear();
+        println!("{}: done in {}", self.label, human_duration(seconds));
+    }
+}
+
+impl TrainObserver for Progress {
+    fn on_step(&mut self, _epoch: usize, _step: usize, _steps: usize, loss: f32) {
+        self.bar.inc(1);
+        self.bar.set_message(format!("loss {loss:.3}"));
+    }
+
+    fn on_epoch(&mut self, r: &EpochRecord) {
+        let swa = r
+            .swa_test
+            .map(|m| format!(" swa {:.2}%", m.accuracy))
+            .unwrap_or_default();
+        let fge = r
+            .ensemble_test
+            .map(|m| format!(" fge {:.2}% ({} members)", m.accuracy, r.snapshots))
+            .unwrap_or_default();
+        self.bar.println(format!(
+            "{} epoch {:>3}: lr {:.4} train loss {:.3} acc {:.2}% | test loss {:.3} acc {:.2}%{swa}{fge} | {:.0} s",
+            self.label, r.epoch, r.lr_last, r.train.loss, r.train.accuracy, r.test.loss, r.test.accuracy, r.epoch_seconds
+        ));
+    }
+}

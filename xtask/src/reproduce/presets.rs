@@ -1,0 +1,431 @@
+//! The paper's protocol as presets, and the paper's results to compare with.
+
+use std::fmt;
+
+use anyhow::{bail, Result};
+use swa_core::averaging::BufferPolicy;
+use swa_core::schedule::{Period, Schedule};
+use swa_data::{DatasetKind, Normalization};
+use swa_models::optim::SgdConfig;
+use swa_models::train::{RunConfig, SnapshotUse, Snapshots};
+use swa_models::Architecture;
+
+/// How much of the protocol to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// The original code's hyper-parameters per model, exactly (days of GPU time for the three networks).
+    Paper,
+    /// PreResNet-20 with a budget of 16 epochs: about an hour on a 2-core CPU for one seed.
+    Quick,
+    /// A few minutes on a subset of the data, to try the command.
+    Smoke,
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Preset::Paper => "paper",
+            Preset::Quick => "quick",
+            Preset::Smoke => "smoke",
+        })
+    }
+}
+
+/// One network's training recipe, as the original code's command line sets it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recipe {
+    /// The network.
+    pub architecture: Architecture,
+    /// SGD epochs of one budget.
+    pub budget: usize,
+    /// Epochs of the SWA run (1.5 budgets in the paper).
+    pub swa_epochs: usize,
+    /// Initial learning rate.
+    pub lr_init: f32,
+    /// Completed epochs before the first average (`--swa_start`).
+    pub swa_start: usize,
+    /// The SWA learning rate.
+    pub swa_lr: f32,
+    /// Weight decay.
+    pub weight_decay: f32,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Input normalisation of the original code's transform for this network.
+    pub normalization: Normalization,
+    /// FGE cycle length in epochs.
+    pub fge_cycle: usize,
+    /// Evaluate the average every this many epochs of the SWA phase.
+    pub swa_eval_every: usize,
+    /// Use only this many training images (`None`: all).
+    pub train_limit: Option<usize>,
+    /// Use only this many test images (`None`: all).
+    pub test_limit: Option<usize>,
+}
+
+/// The networks a preset trains when `--model` is not given.
+pub fn default_models(preset: Preset) -> Vec<&'static str> {
+    match preset {
+        Preset::Paper => vec!["vgg16", "preresnet164", "wrn28x10"],
+        Preset::Quick => vec!["preresnet20"],
+        Preset::Smoke => vec!["preresnet8"],
+    }
+}
+
+/// The recipe of `model` under `preset` for a data set.
+pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> {
+    let architecture: Architecture = model.parse()?;
+    let cifar100 = data == DatasetKind::Cifar100;
+    // The original code (github.com/timgaripov/swa, README): SWA learning rates per model and data set.
+    let base = match (preset, architecture) {
+        (Preset::Paper, Architecture::Vgg16 | Architecture::Vgg16Bn) => Recipe {
+            architecture,
+            budget: 200,
+            swa_epochs: 300,
+            lr_init: 0.05,
+            swa_start: 161,
+            swa_lr: 0.01,
+            weight_decay: 5e-4,
+            batch_size: 128,
+            normalization: Normalization::ImageNetStats,
+            fge_cycle: 4,
+            swa_eval_every: 5,
+            train_limit: None,
+            test_limit: None,
+        },
+        (Preset::Paper, Architecture::PreResNet { .. }) => Recipe {
+            architecture,
+            budget: 150,
+            swa_epochs: 225,
+            lr_init: 0.1,
+            swa_start: 126,
+            swa_lr: if cifar100 { 0.05 } else { 0.01 },
+            weight_decay: 3e-4,
+            batch_size: 128,
+            normalization: Normalization::CifarStats,
+            fge_cycle: 4,
+            swa_eval_every: 5,
+            train_limit: None,
+            test_limit: None,
+        },
+        (Preset::Paper, Architecture::WideResNet { .. }) => Recipe {
+            architecture,
+            budget: 200,
+            swa_epochs: 300,
+            lr_init: 0.1,
+            swa_start: 161,
+            swa_lr: if cifar100 { 0.05 } else { 0.01 },
+            weight_decay: 5e-4,
+            batch_size: 128,
+            normalization: Normalization::CifarStats,
+            fge_cycle: 4,
+            swa_eval_every: 5,
+            train_limit: None,
+            test_limit: None,
+        },
+        (Preset::Quick, _) => Recipe {
+            architecture,
+            budget: 16,
+            swa_epochs: 24,
+            lr_init: 0.1,
+            swa_start: 13,
+            swa_lr: if cifar100 { 0.05 } else { 0.01 },
+            weight_decay: 3e-4,
+            batch_size: 128,
+            normalization: normalization_of(architecture),
+            fge_cycle: 2,
+            swa_eval_every: 2,
+            train_limit: None,
+            test_limit: None,
+        },
+        (Preset::Smoke, _) => Recipe {
+            architecture,
+            budget: 4,
+            swa_epochs: 6,
+            lr_init: 0.1,
+            swa_start: 3,
+            swa_lr: if cifar100 { 0.05 } else { 0.01 },
+            weight_decay: 3e-4,
+            batch_size: 64,
+            normalization: normalization_of(architecture),
+            fge_cycle: 2,
+            swa_eval_every: 1,
+            train_limit: Some(1024),
+            test_limit: Some(512),
+        },
+    };
+    if base.swa_start == 0 || base.swa_start > base.budget {
+        bail!(
+            "swa_start {} must lie within the budget of {} epochs",
+            base.swa_start,
+            base.budget
+        );
+    }
+    Ok(base)
+}
+
+fn normalization_of(architecture: Architecture) -> Normalization {
+    match architecture {
+        Architecture::Vgg16 | Architecture::Vgg16Bn => Normalization::ImageNetStats,
+        _ => Normalization::CifarStats,
+    }
+}
+
+/// The three kinds of run the paper compares.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RunKind {
+    /// Conventional SGD over one budget, learning rate decayed to 1% of its initial value.
+    Sgd,
+    /// SWA: the SWA schedule over 1.5 budgets, averages evaluated at 1, 1.25 and 1.5 budgets.
+    Swa,
+    /// FGE: the SWA schedule until `swa_start − 1`, then triangular cycles to one budget, ensembling the
+    /// predictions at each cycle's low point.
+    Fge,
+}
+
+impl fmt::Display for RunKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RunKind::Sgd => "sgd",
+            RunKind::Swa => "swa",
+            RunKind::Fge => "fge",
+        })
+    }
+}
+
+/// The runs a preset makes when `--runs` is not given.
+pub fn default_runs(preset: Preset) -> Vec<RunKind> {
+    match preset {
+        // An hour on the CPU is spent on the two runs the table needs most.
+        Preset::Quick => vec![RunKind::Sgd, RunKind::Swa],
+        Preset::Paper | Preset::Smoke => vec![RunKind::Sgd, RunKind::Swa, RunKind::Fge],
+    }
+}
+
+/// The budgets (in epochs) at which the SWA run is reported: 1, 1.25 and 1.5 budgets.
+pub fn swa_report_epochs(recipe: &Recipe) -> Vec<usize> {
+    let b = recipe.budget;
+    let mut epochs = vec![b, (b * 5).div_ceil(4), recipe.swa_epochs];
+    epochs.dedup();
+    epochs
+}
+
+/// The run configuration of one kind of run.
+pub fn run_config(recipe: &Recipe, kind: RunKind, seed: u64) -> Result<RunConfig> {
+    let sgd = SgdConfig::momentum(recipe.weight_decay);
+    let swa_schedule = Schedule::original_swa(recipe.lr_init, recipe.swa_lr, recipe.swa_start)?;
+    let config = match kind {
+        RunKind::Sgd => RunConfig {
+            epochs: recipe.budget,
+            schedule: Schedule::original_sgd(recipe.lr_init, recipe.budget)?,
+            snapshots: None,
+            sgd,
+            seed,
+            swa_eval_epochs: Vec::new(),
+            swa_eval_every: 0,
+        },
+        RunKind::Swa => RunConfig {
+            epochs: recipe.swa_epochs,
+            schedule: swa_schedule,
+            snapshots: Some(Snapshots {
+                start_epoch: recipe.swa_start,
+                every: Period::Epochs(1),
+                usage: SnapshotUse::AverageWeights {
+                    buffers: BufferPolicy::RecomputeLater,
+                },
+            }),
+            sgd,
+            seed,
+            swa_eval_epochs: swa_report_epochs(recipe),
+            swa_eval_every: recipe.swa_eval_every,
+        },
+        RunKind::Fge => {
+            let cycle = recipe.fge_cycle.max(2);
+            let cycles_from = recipe.swa_start - 1;
+            // Garipov et al. (2018) cycle between α1 and α2 = α1/100; α1 is half the initial rate here.
+            let alpha1 = 0.5 * recipe.lr_init;
+            let triangular = Schedule::triangular(alpha1, alpha1 / 100.0, Period::Epochs(cycle))?;
+            RunConfig {
+                epochs: recipe.budget,
+                schedule: swa_schedule.then(cycles_from, triangular),
+                // The triangular cycle is lowest at its middle, after cycle/2 of its epochs.
+                snapshots: Some(Snapshots {
+                    start_epoch: cycles_from + cycle / 2,
+                    every: Period::Epochs(cycle),
+                    usage: SnapshotUse::EnsemblePredictions,
+                }),
+                sgd,
+                seed,
+                swa_eval_epochs: Vec::new(),
+                swa_eval_every: 0,
+            }
+        }
+    };
+    Ok(config)
+}
+
+/// A published accuracy: mean and standard deviation over the paper's runs (`None` where it gives one run).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Published {
+    /// Mean test accuracy, percent.
+    pub mean: f64,
+    /// Standard deviation, percent.
+    pub std: Option<f64>,
+}
+
+/// The paper's test accuracies (Izmailov et al., UAI 2018, Table 1), in the order SGD, FGE (1 budget),
+/// SWA at 1, 1.25 and 1.5 budgets.
+pub fn published(data: DatasetKind, architecture: Architecture) -> Option<[Published; 5]> {
+    let p = |mean, std| Published {
+        mean,
+        std: Some(std),
+    };
+    let one = |mean| Published { mean, std: None };
+    let row = match (data, architecture) {
+        (DatasetKind::Cifar100, Architecture::Vgg16) => [
+            p(72.55, 0.10),
+            one(74.26),
+            p(73.91, 0.12),
+            p(74.17, 0.15),
+            p(74.27, 0.25),
+        ],
+        (DatasetKind::Cifar100, Architecture::PreResNet { depth: 164 }) => [
+            p(78.49, 0.36),
+            one(79.84),
+            p(79.77, 0.17),
+            p(80.18, 0.23),
+            p(80.35, 0.16),
+        ],
+        (
+            DatasetKind::Cifar100,
+            Architecture::WideResNet {
+                depth: 28,
+                widen_factor: 10,
+                ..
+            },
+        ) => [
+            p(80.82, 0.23),
+            one(82.27),
+            p(81.46, 0.23),
+            p(81.91, 0.27),
+            p(82.15, 0.27),
+        ],
+        (DatasetKind::Cifar10, Architecture::Vgg16) => [
+            p(93.25, 0.16),
+            one(93.52),
+            p(93.59, 0.16),
+            p(93.70, 0.22),
+            p(93.64, 0.18),
+        ],
+        (DatasetKind::Cifar10, Architecture::PreResNet { depth: 164 }) => [
+            p(95.28, 0.10),
+            one(95.45),
+            p(95.56, 0.11),
+            p(95.77, 0.04),
+            p(95.83, 0.03),
+        ],
+        (
+            DatasetKind::Cifar10,
+            Architecture::WideResNet {
+                depth: 28,
+                widen_factor: 10,
+                ..
+            },
+        ) => [
+            p(96.18, 0.11),
+            one(96.36),
+            p(96.45, 0.11),
+            p(96.64, 0.08),
+            p(96.79, 0.05),
+        ],
+        _ => return None,
+    };
+    Some(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paper_recipes_follow_the_original_command_lines() -> Result<()> {
+        let vgg = recipe(Preset::Paper, "vgg16", DatasetKind::Cifar100)?;
+        assert_eq!((vgg.budget, vgg.swa_epochs, vgg.swa_start), (200, 300, 161));
+        assert_eq!(
+            (vgg.lr_init, vgg.swa_lr, vgg.weight_decay),
+            (0.05, 0.01, 5e-4)
+        );
+        let pre = recipe(Preset::Paper, "preresnet164", DatasetKind::Cifar100)?;
+        assert_eq!(
+            (pre.budget, pre.swa_epochs, pre.swa_start, pre.swa_lr),
+            (150, 225, 126, 0.05)
+        );
+        let pre10 = recipe(Preset::Paper, "preresnet164", DatasetKind::Cifar10)?;
+        assert_eq!(pre10.swa_lr, 0.01);
+        let wrn = recipe(Preset::Paper, "wrn28x10", DatasetKind::Cifar100)?;
+        assert_eq!(
+            (
+                wrn.budget,
+                wrn.swa_start,
+                wrn.lr_init,
+                wrn.swa_lr,
+                wrn.weight_decay
+            ),
+            (200, 161, 0.1, 0.05, 5e-4)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn swa_is_reported_at_one_one_and_a_quarter_and_one_and_a_half_budgets() -> Result<()> {
+        let quick = recipe(Preset::Quick, "preresnet20", DatasetKind::Cifar10)?;
+        assert_eq!(swa_report_epochs(&quick), vec![16, 20, 24]);
+        let vgg = recipe(Preset::Paper, "vgg16", DatasetKind::Cifar10)?;
+        assert_eq!(swa_report_epochs(&vgg), vec![200, 250, 300]);
+        Ok(())
+    }
+
+    #[test]
+    fn fge_snapshots_fall_on_the_cycles_lowest_learning_rate() -> Result<()> {
+        let quick = recipe(Preset::Quick, "preresnet20", DatasetKind::Cifar10)?;
+        let config = run_config(&quick, RunKind::Fge, 1)?;
+        let policy = config
+            .policy()
+            .ok_or_else(|| anyhow::anyhow!("FGE takes snapshots"))?;
+        let steps = 10;
+        let snapshot_epochs: Vec<usize> = (0..config.epochs)
+            .filter(|&e| policy.average_after_epoch(e))
+            .collect();
+        assert!(!snapshot_epochs.is_empty());
+        let alpha2 = 0.5 * quick.lr_init / 100.0;
+        for epoch in snapshot_epochs {
+            let lr = policy.lr(epoch, steps - 1, steps);
+            assert!(
+                (lr - alpha2).abs() <= 1e-6 + alpha2 * 0.15,
+                "epoch {epoch}: lr {lr}, α2 {alpha2}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_models_name_the_valid_ones() {
+        let error = recipe(Preset::Quick, "resnet50", DatasetKind::Cifar10)
+            .err()
+            .map(|e| e.to_string());
+        let message = error.unwrap_or_default();
+        assert!(message.contains("preresnet"), "{message}");
+    }
+}

@@ -1,0 +1,454 @@
+//! Tables and plots of the runs found in an output folder, side by side with the paper's numbers.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+use swa_data::DatasetKind;
+use swa_models::train::EpochRecord;
+use swa_models::Architecture;
+
+use super::presets::{published, Published, RunKind};
+
+/// What a run leaves for the report: its identity and history.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Network name.
+    pub model: String,
+    /// Kind of run.
+    pub run: RunKind,
+    /// Seed.
+    pub seed: u64,
+    /// Epochs of one budget.
+    pub budget: usize,
+    /// Epochs the run trains in all.
+    pub epochs_planned: usize,
+    /// Trainable parameters of the network.
+    pub parameters: usize,
+    /// Per-epoch metrics.
+    pub history: Vec<EpochRecord>,
+}
+
+/// Mean and standard deviation over seeds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stat {
+    /// Mean test accuracy, percent.
+    pub mean: f64,
+    /// Sample standard deviation (0 for one seed).
+    pub std: f64,
+    /// Number of seeds.
+    pub seeds: usize,
+}
+
+fn stat(values: &[f64]) -> Option<Stat> {
+    if values.is_empty() {
+        return None;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    Some(Stat {
+        mean,
+        std: var.sqrt(),
+        seeds: values.len(),
+    })
+}
+
+/// One row of the results table.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    /// Network.
+    pub model: String,
+    /// Epochs of one budget.
+    pub budget: usize,
+    /// SGD at one budget.
+    pub sgd: Option<Stat>,
+    /// FGE at one budget.
+    pub fge: Option<Stat>,
+    /// SWA at 1, 1.25 and 1.5 budgets (epochs, accuracy).
+    pub swa: Vec<(usize, Option<Stat>)>,
+    /// The paper's numbers, when it reports this network.
+    pub paper: Option<[Published; 5]>,
+    /// Total wall time of the runs, in seconds.
+    pub wall_seconds: f64,
+}
+
+fn load_summaries(data_dir: &Path) -> Result<Vec<RunSummary>> {
+    let mut found = Vec::new();
+    let Ok(models) = std::fs::read_dir(data_dir) else {
+        return Ok(found);
+    };
+    for model in models.flatten() {
+        let Ok(seeds) = std::fs::read_dir(model.path()) else {
+            continue;
+        };
+        for seed in seeds.flatten() {
+            let Ok(runs) = std::fs::read_dir(seed.path()) else {
+                continue;
+            };
+            for run in runs.flatten() {
+                let path = run.path().join("history.json");
+                if path.is_file() {
+                    let bytes = std::fs::read(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let summary: RunSummary = serde_json::from_slice(&bytes)
+                        .with_context(|| format!("parsing {}", path.display()))?;
+                    found.push(summary);
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn accuracy_at(
+    history: &[EpochRecord],
+    epoch: usize,
+    pick: impl Fn(&EpochRecord) -> Option<f64>,
+) -> Option<f64> {
+    history.iter().find(|r| r.epoch == epoch).and_then(pick)
+}
+
+fn rows(summaries: &[RunSummary], kind: DatasetKind) -> Vec<Row> {
+    let mut by_model: BTreeMap<&str, Vec<&RunSummary>> = BTreeMap::new();
+    for s in summaries {
+        by_model.entry(s.model.as_str()).or_default().push(s);
+    }
+    by_model
+        .into_iter()
+        .map(|(model, runs)| {
+            let budget = runs.first().map_or(0, |r| r.budget);
+            let of = |kind: RunKind| runs.iter().filter(move |r| r.run == kind);
+            let sgd: Vec<f64> = of(RunKind::Sgd)
+                .filter_map(|r| accuracy_at(&r.history, budget, |e| Some(e.test.accuracy)))
+                .collect();
+            let fge: Vec<f64> = of(RunKind::Fge)
+                .filter_map(|r| {
+                    accuracy_at(&r.history, budget, |e| e.ensemble_test.map(|m| m.accuracy))
+                })
+                .collect();
+            let swa_epochs = [
+                budget,
+                (budget * 5).div_ceil(4),
+                runs.iter()
+                    .find(|r| r.run == RunKind::Swa)
+                    .map_or(budget * 3 / 2, |r| r.epochs_planned),
+            ];
+            let swa = swa_epochs
+                .iter()
+                .map(|&epoch| {
+                    let values: Vec<f64> = of(RunKind::Swa)
+                        .filter_map(|r| {
+                            accuracy_at(&r.history, epoch, |e| e.swa_test.map(|m| m.accuracy))
+                        })
+                        .collect();
+                    (epoch, stat(&values))
+                })
+                .collect();
+            let paper = model
+                .parse::<Architecture>()
+                .ok()
+                .and_then(|a| published(kind, a));
+            let wall_seconds = runs
+                .iter()
+                .flat_map(|r| r.history.iter().map(|e| e.epoch_seconds))
+                .sum();
+            Row {
+                model: model.to_string(),
+                budget,
+                sgd: stat(&sgd),
+                fge: stat(&fge),
+                swa,
+                paper,
+                wall_seconds,
+            }
+        })
+        .collect()
+}
+
+fn cell(ours: Option<Stat>, paper: Option<Published>) -> String {
+    let ours = match ours {
+        Some(s) if s.seeds > 1 => format!("{:.2} ± {:.2} ({} seeds)", s.mean, s.std, s.seeds),
+        Some(s) => format!("{:.2}", s.mean),
+        None => "–".into(),
+    };
+    match paper {
+        Some(Published {
+            mean,
+            std: Some(std),
+        }) => format!("{ours} [paper {mean:.2} ± {std:.2}]"),
+        Some(Published { mean, std: None }) => format!("{ours} [paper {mean:.2}]"),
+        None => ours,
+    }
+}
+
+fn markdown(rows: &[Row], kind: DatasetKind) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# {}: test accuracy (%)\n", kind.display_name());
+    let _ = writeln!(
+        md,
+        "Ours, with the published figures of Izmailov et al. (UAI 2018, Table 1) in brackets where the paper \
+         reports the network. Budgets in epochs.\n"
+    );
+    let _ = writeln!(md, "| model | budget | SGD (1 budget) | FGE (1 budget) | SWA (1 budget) | SWA (1.25 budgets) | SWA (1.5 budgets) | wall time |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let paper = |i: usize| row.paper.map(|p| p[i]);
+        let swa = |i: usize| row.swa.get(i).and_then(|(_, s)| *s);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} s |",
+            row.model,
+            row.budget,
+            cell(row.sgd, paper(0)),
+            cell(row.fge, paper(1)),
+            cell(swa(0), paper(2)),
+            cell(swa(1), paper(3)),
+            cell(swa(2), paper(4)),
+            row.wall_seconds
+        );
+    }
+    md
+}
+
+/// Writes `results.md`, `results.json` and one plot per network and kind into `data_dir`.
+pub fn write_reports(data_dir: &Path, kind: DatasetKind) -> Result<Vec<PathBuf>> {
+    let summaries = load_summaries(data_dir)?;
+    let rows = rows(&summaries, kind);
+    let mut written = Vec::new();
+    let md_path = data_dir.join("results.md");
+    let md = markdown(&rows, kind);
+    print!("{md}");
+    swa_models::checkpoint::write_atomically(&md_path, md.as_bytes())?;
+    written.push(md_path);
+    let json_path = data_dir.join("results.json");
+    swa_models::checkpoint::write_atomically(&json_path, &serde_json::to_vec_pretty(&rows)?)?;
+    written.push(json_path);
+    let models: Vec<&str> = rows.iter().map(|r| r.model.as_str()).collect();
+    for model in models {
+        let runs: Vec<&RunSummary> = summaries
+            .iter()
+            .filter(|s| s.model == model && s.seed == 1)
+            .collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let error_path = data_dir.join(format!("{model}-test-error.svg"));
+        plot_test_error(&error_path, model, &runs)?;
+        written.push(error_path);
+        let lr_path = data_dir.join(format!("{model}-learning-rate.svg"));
+        plot_learning_rate(&lr_path, model, &runs)?;
+        written.push(lr_path);
+    }
+    Ok(written)
+}
+
+type Curve = (String, RGBColor, Vec<(f64, f64)>);
+
+fn curves_of_error(runs: &[&RunSummary]) -> Vec<Curve> {
+    let mut curves = Vec::new();
+    for run in runs {
+        let points = |pick: &dyn Fn(&EpochRecord) -> Option<f64>| -> Vec<(f64, f64)> {
+            run.history
+                .iter()
+                .filter_map(|e| pick(e).map(|acc| (e.epoch as f64, 100.0 - acc)))
+                .collect()
+        };
+        match run.run {
+            RunKind::Sgd => curves.push(("SGD".into(), BLUE, points(&|e| Some(e.test.accuracy)))),
+            RunKind::Swa => {
+                curves.push((
+                    "SGD iterates of the SWA run".into(),
+                    CYAN,
+                    points(&|e| Some(e.test.accuracy)),
+                ));
+                curves.push((
+                    "SWA average".into(),
+                    RED,
+                    points(&|e| e.swa_test.map(|m| m.accuracy)),
+                ));
+            }
+            RunKind::Fge => curves.push((
+                "FGE ensemble".into(),
+                GREEN,
+                points(&|e| e.ensemble_test.map(|m| m.accuracy)),
+            )),
+        }
+    }
+    curves.retain(|c| !c.2.is_empty());
+    curves
+}
+
+fn plot_test_error(path: &Path, model: &str, runs: &[&RunSummary]) -> Result<()> {
+    let curves = curves_of_error(runs);
+    plot(
+        path,
+        &format!("{model}: test error (seed 1)"),
+        "test error (%)",
+        &curves,
+    )
+}
+
+fn plot_learning_rate(path: &Path, model: &str, runs: &[&RunSummary]) -> Result<()> {
+    let colour = |r: RunKind| match r {
+        RunKind::Sgd => BLUE,
+        RunKind::Swa => RED,
+        RunKind::Fge => GREEN,
+    };
+    let curves: Vec<Curve> = runs
+        .iter()
+        .map(|run| {
+            let points = run
+                .history
+                .iter()
+                .map(|e| (e.epoch as f64, e.lr_last as f64))
+                .collect();
+            (
+                format!("{} (end of epoch)", run.run),
+                colour(run.run),
+                points,
+            )
+        })
+        .collect();
+    plot(
+        path,
+        &format!("{model}: learning rate"),
+        "learning rate",
+        &curves,
+    )
+}
+
+fn plot(path: &Path, title: &str, y_label: &str, curves: &[Curve]) -> Result<()> {
+    let all = || curves.iter().flat_map(|c| c.2.iter());
+    let x_max = all().map(|p| p.0).fold(1.0, f64::max);
+    let y_max = all().map(|p| p.1).fold(f64::MIN, f64::max).max(1e-6) * 1.05;
+    let y_min = all().map(|p| p.1).fold(f64::MAX, f64::min).min(y_max) * 0.95;
+    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    let draw = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| draw(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, y_min.max(0.0)..y_max)
+        .map_err(|e| draw(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| draw(&e))?;
+    for (name, colour, points) in curves {
+        let colour = *colour;
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                colour.stroke_width(2),
+            ))
+            .map_err(|e| draw(&e))?
+            .label(name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+            .map_err(|e| draw(&e))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| draw(&e))?;
+    root.present().map_err(|e| draw(&e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use swa_models::evaluate::Metrics;
+
+    fn record(epoch: usize, acc: f64, swa: Option<f64>) -> EpochRecord {
+        let m = |accuracy| Metrics {
+            loss: 1.0,
+            accuracy,
+            count: 100,
+        };
+        EpochRecord {
+            epoch,
+            lr_first: 0.1,
+            lr_last: 0.1,
+            train: m(50.0),
+            test: m(acc),
+            swa_test: swa.map(m),
+            snapshots: 0,
+            ensemble_test: None,
+            train_seconds: 1.0,
+            epoch_seconds: 2.0,
+        }
+    }
+
+    #[test]
+    fn rows_take_sgd_at_the_budget_and_swa_at_its_report_points_with_mean_and_std() {
+        let summary = |run, seed, history| RunSummary {
+            model: "preresnet20".into(),
+            run,
+            seed,
+            budget: 4,
+            epochs_planned: if run == RunKind::Swa { 6 } else { 4 },
+            parameters: 1,
+            history,
+        };
+        let sgd = |seed, acc| {
+            summary(
+                RunKind::Sgd,
+                seed,
+                (1..=4)
+                    .map(|e| record(e, if e == 4 { acc } else { 10.0 }, None))
+                    .collect(),
+            )
+        };
+        let swa = |seed, at4, at5, at6| {
+            summary(
+                RunKind::Swa,
+                seed,
+                vec![
+                    record(4, 0.0, Some(at4)),
+                    record(5, 0.0, Some(at5)),
+                    record(6, 0.0, Some(at6)),
+                ],
+            )
+        };
+        let rows = rows(
+            &[
+                sgd(1, 80.0),
+                sgd(2, 82.0),
+                swa(1, 81.0, 83.0, 84.0),
+                swa(2, 83.0, 85.0, 86.0),
+            ],
+            DatasetKind::Cifar10,
+        );
+        assert_eq!(rows.len(), 1);
+        let sgd = rows[0].sgd.expect("two SGD seeds");
+        assert_eq!((sgd.mean, sgd.seeds), (81.0, 2));
+        assert!((sgd.std - 2f64.sqrt()).abs() < 1e-12);
+        let epochs: Vec<usize> = rows[0].swa.iter().map(|(e, _)| *e).collect();
+        assert_eq!(epochs, vec![4, 5, 6]);
+        let means: Vec<f64> = rows[0]
+            .swa
+            .iter()
+            .map(|(_, s)| s.map_or(f64::NAN, |s| s.mean))
+            .collect();
+        assert_eq!(means, vec![82.0, 84.0, 85.0]);
+        assert_eq!(rows[0].wall_seconds, 2.0 * (4.0 + 4.0 + 3.0 + 3.0));
+    }
+}
