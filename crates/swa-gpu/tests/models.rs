@@ -93,3 +93,13 @@ fn compare(architecture: Architecture) {
 fn preresnet_matches_cpu() {
     compare(Architecture::PreResNet { depth: 8 });
 }
+
+/// With dropout, which must draw the same masks on both backends.
+#[test]
+fn wide_resnet_with_dropout_matches_cpu() {
+    compare(Architecture::WideResNet {
+        depth: 10,
+        widen_factor: 1,
+        dropout_rate: 0.3,
+    });
+}
