@@ -23,6 +23,17 @@
 //! kernel against it. Weights come back to the host only through
 //! [`Backend::to_host`](swa_core::Backend::to_host).
 //!
+//! Environment:
+//!
+//! - `SWA_GPU_ADAPTER`: the adapter to open, by a substring of its name (`"RTX"`, `"llvmpipe"`) or by
+//!   kind (`discrete`, `integrated`, `cpu`); by default the highest-performance adapter;
+//! - `WGPU_BACKEND`: the graphics APIs to search (`vulkan`, `metal`, `dx12`, …), default all primary ones;
+//! - `SWA_REQUIRE_GPU=1`: tests that need an adapter fail instead of printing `skipped: …`
+//!   (see [`testing::backend_or_skip`]).
+//!
+//! `cargo run --release -p swa-gpu --example gpu_probe` lists the adapters and measures copy and averaging
+//! bandwidth and matrix-product throughput on the selected one.
+//!
 //! ```
 //! use swa_core::backend::{Backend, BackendError};
 //! use swa_gpu::GpuBackend;
