@@ -1,3 +1,144 @@
 //! # swa-bench
 //!
-//! Benchmarks that say how fast swa-rs is and how close to the machine's limits.
+//! How fast swa-rs is, measured against the limits of the machine it runs on and against PyTorch, in
+//! one command: `cargo run -p swa-bench --release -- [SUITE…]`.
+//!
+//! A speed figure means little on its own: 40 GFLOP/s is excellent on two cores and poor on sixty-four.
+//! So every figure is measured next to a reference taken in the same run, with the same threads:
+//!
+//! | suite | measures | against |
+//! |---|---|---|
+//! | `averaging` | [`SwaAverage::update`](swa_core::SwaAverage) and EMA updates over 1.7M and 36.5M parameters (PreResNet-164, WRN-28-10), GB/s | a plain memory copy (target ≥ 90%) |
+//! | `overhead` | a PreResNet-20 training span with and without an SWA update; `update_bn` | an epoch (target ≤ 1%); a forward-only pass (target: no slower) |
+//! | `kernels` | convolutions (forward, weight gradient, both gradients) and their GEMMs at the shapes of PreResNet-20/164 and VGG-16, GFLOP/s | a large square GEMM from the `gemm` crate (the machine's practical peak) |
+//! | `training` | training images/s of PreResNet-20, PreResNet-164, VGG-16, WRN-16-4 at batch 128, and GFLOP/s | the GEMM peak; PyTorch on the same network (`--torch PYTHON`) |
+//! | `data` | augmented batches/s from swa-data | — |
+//! | `gpu` | averaging, kernels and training on the wgpu backend | the GPU's own copy bandwidth |
+//!
+//! Each figure is the median of several runs, with the minimum and maximum, printed as a table and
+//! written as JSON with the machine's description (CPU, cores, threads, load, adapter), the crate and
+//! compiler versions and the command line ([`report::Report`]).
+//!
+//! The library holds the pieces the binary puts together: [`stats`] (median, min, max), [`flops`]
+//! (FLOP counts, including a counting backend that measures a network's FLOPs by running it),
+//! [`timing`] (how each backend is timed), [`workload`] (what is run) and [`suites`].
+
+pub mod flops;
+pub mod machine;
+pub mod report;
+pub mod stats;
+pub mod suites;
+pub mod timing;
+pub mod torch;
+pub mod workload;
+
+use swa_core::averaging::AveragingError;
+use swa_core::backend::BackendError;
+use swa_models::{Architecture, ModelError, TrainError};
+
+use crate::report::Figure;
+
+/// Classes of the networks benchmarked: CIFAR-100's, as the PyTorch reference script builds them.
+pub const CLASSES: usize = 100;
+
+/// Batch size of the training and kernel figures (the paper's).
+pub const BATCH: usize = 128;
+
+/// Steps per epoch of CIFAR at batch 128 (50 000 / 128, rounded up): the unit of the overhead targets.
+pub const STEPS_PER_EPOCH: usize = 391;
+
+/// Errors of a benchmark run; each names what was being measured.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A backend operation failed.
+    #[error("backend: {0}")]
+    Backend(#[from] BackendError),
+    /// An averaging update failed.
+    #[error("averaging: {0}")]
+    Averaging(#[from] AveragingError),
+    /// A training step, SGD update or BN recomputation failed.
+    #[error("training: {0}")]
+    Train(#[from] TrainError),
+    /// A network could not be built.
+    #[error("building a network: {0}")]
+    Model(#[from] ModelError),
+    /// The data pipeline failed.
+    #[error("data: {0}")]
+    Data(#[from] swa_data::DataError),
+    /// The PyTorch reference could not be run or read.
+    #[error(transparent)]
+    Torch(#[from] torch::TorchError),
+    /// A benchmark could not be set up (a thread pool, a buffer, …).
+    #[error("setting up {0}")]
+    Setup(String),
+    /// A measurement produced no usable sample.
+    #[error("no usable sample for {0}")]
+    NoSamples(String),
+}
+
+/// What the suites run and how much of it.
+#[derive(Debug)]
+pub struct Settings {
+    /// CPU threads for the backend, the copy reference, the GEMM peak, the data pipeline and PyTorch.
+    pub threads: usize,
+    /// Fewer runs and smaller spans: a smoke test whose figures are rough.
+    pub quick: bool,
+    /// The networks of the training suite.
+    pub networks: Vec<Architecture>,
+    /// Timed training steps per network, after one warm-up step.
+    pub train_steps: usize,
+    /// The PyTorch reference, when asked for.
+    pub torch: Option<torch::TorchRunner>,
+}
+
+impl Settings {
+    /// `full` runs normally, a few under [`Settings::quick`].
+    pub fn runs(&self, full: usize) -> usize {
+        if self.quick {
+            full.min(3)
+        } else {
+            full
+        }
+    }
+}
+
+/// Collects figures and notes, printing each as it arrives.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    /// The figures so far.
+    pub figures: Vec<Figure>,
+    /// The notes so far.
+    pub notes: Vec<String>,
+}
+
+impl Recorder {
+    /// Records and prints a figure.
+    pub fn push(&mut self, figure: Figure) {
+        println!("{}", figure.row());
+        self.figures.push(figure);
+    }
+
+    /// Records and prints a remark about a suite.
+    pub fn note(&mut self, suite: &str, text: impl Into<String>) {
+        let note = format!("{suite}: {}", text.into());
+        println!("  note: {note}");
+        self.notes.push(note);
+    }
+}
+
+/// The summary of rates `work / duration`, or an error naming `what` when no run took measurable time.
+pub(crate) fn rates(
+    work: f64,
+    durations: &[std::time::Duration],
+    what: &str,
+) -> Result<stats::Summary, BenchError> {
+    stats::Summary::rates(work, durations).ok_or_else(|| BenchError::NoSamples(what.into()))
+}
+
+/// The summary of durations in milliseconds, or an error naming `what` when there are none.
+pub(crate) fn millis(
+    durations: &[std::time::Duration],
+    what: &str,
+) -> Result<stats::Summary, BenchError> {
+    stats::Summary::millis(durations).ok_or_else(|| BenchError::NoSamples(what.into()))
+}

@@ -1,0 +1,341 @@
+//! `swa-bench`: measures swa-rs against the machine's limits and against PyTorch, prints a table and
+//! writes a JSON report. See the crate documentation for what each suite measures.
+
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use swa_core::CpuBackend;
+use swa_models::Architecture;
+
+use swa_bench::machine::{load_average, Machine};
+use swa_bench::report::{header, Report, Versions};
+use swa_bench::suites::{averaging, data, kernels, overhead, training};
+use swa_bench::torch::{default_script, TorchRunner};
+use swa_bench::{Recorder, Settings, BATCH};
+
+/// A benchmark suite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Suite {
+    /// SWA and EMA update bandwidth against a memory copy.
+    Averaging,
+    /// SWA's cost in training: averaging per epoch, BatchNorm recomputation.
+    Overhead,
+    /// Convolution and GEMM GFLOP/s at the paper's shapes against the GEMM peak.
+    Kernels,
+    /// Training images/s and GFLOP/s of the paper's networks (and PyTorch's with --torch).
+    Training,
+    /// Augmented batches/s from swa-data.
+    Data,
+    /// The averaging, kernel and training figures on the GPU backend.
+    Gpu,
+}
+
+impl Suite {
+    const ALL: [Suite; 6] = [
+        Suite::Averaging,
+        Suite::Overhead,
+        Suite::Kernels,
+        Suite::Training,
+        Suite::Data,
+        Suite::Gpu,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Suite::Averaging => "averaging",
+            Suite::Overhead => "overhead",
+            Suite::Kernels => "kernels",
+            Suite::Training => "training",
+            Suite::Data => "data",
+            Suite::Gpu => "gpu",
+        }
+    }
+}
+
+/// Measures swa-rs against the machine's limits and against PyTorch.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Suites to run, in order (default: all).
+    #[arg(value_enum)]
+    suites: Vec<Suite>,
+
+    /// CPU threads for swa-rs, the references and PyTorch (default: all logical CPUs).
+    #[arg(long)]
+    threads: Option<usize>,
+
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/swa-bench/latest.json")]
+    json: PathBuf,
+
+    /// A Python interpreter with PyTorch: also measure PyTorch's training speed on the same networks.
+    #[arg(long, value_name = "PYTHON")]
+    torch: Option<PathBuf>,
+
+    /// The PyTorch reference script (default: the copy in this crate).
+    #[arg(long, value_name = "PATH")]
+    torch_script: Option<PathBuf>,
+
+    /// Networks of the training suite, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "preresnet20,preresnet164,vgg16,wrn16x4"
+    )]
+    networks: Vec<String>,
+
+    /// Timed training steps per network (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    train_steps: usize,
+
+    /// Fewer runs and shorter spans: a smoke test whose figures are rough.
+    #[arg(long)]
+    quick: bool,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let started = Instant::now();
+    let started_unix_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    // swa-data builds batches on rayon's global pool: give it the same threads as everything else.
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("configuring the global thread pool")?;
+
+    let networks = cli
+        .networks
+        .iter()
+        .map(|n| n.parse::<Architecture>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("--networks")?;
+    let torch = match &cli.torch {
+        Some(python) => {
+            let script = cli.torch_script.clone().unwrap_or_else(default_script);
+            anyhow::ensure!(
+                script.is_file(),
+                "the PyTorch reference script {} does not exist (give it with --torch-script)",
+                script.display()
+            );
+            Some(TorchRunner {
+                python: python.clone(),
+                script,
+                threads,
+            })
+        }
+        None => None,
+    };
+    let settings = Settings {
+        threads,
+        quick: cli.quick,
+        networks,
+        train_steps: if cli.quick { 1 } else { cli.train_steps.max(1) },
+        torch,
+    };
+    let suites: Vec<Suite> = if cli.suites.is_empty() {
+        Suite::ALL.to_vec()
+    } else {
+        cli.suites.clone()
+    };
+
+    let mut machine = Machine::probe(threads);
+    let backend = CpuBackend::with_threads(threads);
+    println!(
+        "swa-bench on {} ({} logical CPUs, {} threads used, load {}), {}{}",
+        machine.cpu_model,
+        machine.logical_cpus,
+        threads,
+        machine
+            .load_average
+            .start
+            .map_or("unknown".into(), |l| format!("{l:.2}")),
+        swa_core::Backend::name(&backend),
+        if cli.quick {
+            ", QUICK (rough figures)"
+        } else {
+            ""
+        }
+    );
+    println!("{}", header());
+
+    let mut recorder = Recorder::default();
+    if cli.quick {
+        recorder.note(
+            "run",
+            "--quick: few runs and short spans, figures are rough",
+        );
+    }
+    let mut peak: Option<f64> = None;
+    for &suite in &suites {
+        let suite_start = Instant::now();
+        let result = run_suite(
+            suite,
+            &settings,
+            &backend,
+            &mut peak,
+            &mut machine,
+            &mut recorder,
+        );
+        if let Err(e) = result {
+            recorder.note(suite.name(), format!("FAILED: {e:#}"));
+        }
+        println!(
+            "  ({} took {:.1} s)",
+            suite.name(),
+            suite_start.elapsed().as_secs_f64()
+        );
+    }
+
+    machine.load_average.end = load_average();
+    let highest_load = [machine.load_average.start, machine.load_average.end]
+        .into_iter()
+        .flatten()
+        .reduce(f64::max);
+    if let Some(load) = highest_load {
+        if load > threads as f64 + 0.5 {
+            recorder.note(
+                "run",
+                format!(
+                    "1-minute load average reached {load:.2} with {threads} threads: other work shared the \
+                     machine during the run, so figures may read low"
+                ),
+            );
+        }
+    }
+    let report = Report {
+        machine,
+        versions: Versions::current(),
+        command: std::env::args().collect(),
+        started_unix_s,
+        duration_s: started.elapsed().as_secs_f64(),
+        suites: suites.iter().map(|s| s.name().to_string()).collect(),
+        figures: recorder.figures,
+        notes: recorder.notes,
+    };
+
+    println!("\n{}", header());
+    for figure in &report.figures {
+        println!("{}", figure.row());
+    }
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    if let Some(dir) = cli.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let json = serde_json::to_string_pretty(&report).context("encoding the report")?;
+    std::fs::write(&cli.json, json).with_context(|| format!("writing {}", cli.json.display()))?;
+    println!(
+        "\n{} figures in {:.0} s; report written to {}",
+        report.figures.len(),
+        report.duration_s,
+        cli.json.display()
+    );
+    Ok(())
+}
+
+/// The peak GFLOP/s reference, measured once per run by whichever suite needs it first.
+fn gemm_peak(settings: &Settings, peak: &mut Option<f64>, recorder: &mut Recorder) -> Result<f64> {
+    if let Some(value) = *peak {
+        return Ok(value);
+    }
+    let side = kernels::PEAK_SIDE;
+    let summary = kernels::gemm_peak(settings.threads, side, settings.runs(7))?;
+    recorder.push(
+        swa_bench::report::Figure::new(
+            "kernels",
+            format!("GEMM peak: gemm crate {side}³ f32"),
+            "GFLOP/s",
+            summary,
+        )
+        .note(format!(
+            "{} threads; the reference of every GFLOP/s figure",
+            settings.threads
+        )),
+    );
+    *peak = Some(summary.median);
+    Ok(summary.median)
+}
+
+fn run_suite(
+    suite: Suite,
+    settings: &Settings,
+    backend: &CpuBackend,
+    peak: &mut Option<f64>,
+    machine: &mut Machine,
+    recorder: &mut Recorder,
+) -> Result<()> {
+    match suite {
+        Suite::Averaging => {
+            let sizes: Vec<(String, usize)> = averaging::PAPER_SIZES
+                .iter()
+                .map(|(label, n)| (label.to_string(), *n))
+                .collect();
+            averaging::run(backend, "averaging", &sizes, settings.runs(15), recorder)?;
+        }
+        Suite::Overhead => {
+            overhead::run(
+                backend,
+                "overhead",
+                overhead::OverheadPlan::for_settings(settings),
+                recorder,
+            )?;
+        }
+        Suite::Kernels => {
+            let peak = gemm_peak(settings, peak, recorder)?;
+            let shapes: &[kernels::ConvShape] = if settings.quick {
+                &kernels::PAPER_SHAPES[..3]
+            } else {
+                &kernels::PAPER_SHAPES
+            };
+            kernels::run(
+                backend,
+                "kernels",
+                shapes,
+                BATCH,
+                settings.runs(5),
+                Some(("GEMM peak", peak)),
+                recorder,
+            )?;
+        }
+        Suite::Training => {
+            let peak = gemm_peak(settings, peak, recorder)?;
+            for &architecture in &settings.networks {
+                training::run_network(
+                    backend,
+                    "training",
+                    architecture,
+                    BATCH,
+                    settings.train_steps,
+                    Some(("GEMM peak", peak)),
+                    settings.torch.as_ref(),
+                    recorder,
+                )?;
+            }
+        }
+        Suite::Data => {
+            let batches = if settings.quick { 10 } else { 40 };
+            data::run("data", batches, settings.runs(5), recorder)?;
+        }
+        Suite::Gpu => {
+            #[cfg(feature = "gpu")]
+            {
+                machine.adapter = swa_bench::suites::gpu::run(settings, recorder)?;
+            }
+            #[cfg(not(feature = "gpu"))]
+            {
+                let _ = machine;
+                recorder.note("gpu", "skipped: built without the `gpu` feature");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! Weight-averaging bandwidth: SWA and EMA updates through swa-core's public API, against a plain copy.
+//!
+//! An update reads the average and the weights and writes the average: 12 bytes per f32 parameter. A
+//! copy reads and writes once: 8 bytes. Both are memory-bound, so the copy's GB/s, measured on the same
+//! sizes with the same threads, is what an update can hope for; the target is 90% of it.
+
+use swa_core::averaging::{BufferPolicy, EmaAverage, SwaAverage, WeightAveraging};
+
+use crate::report::{Figure, Target};
+use crate::timing::{repeat, TimedBackend};
+use crate::workload::ParameterBlock;
+use crate::{rates, BenchError, Recorder};
+
+/// Parameter counts of the paper's smallest and largest networks: PreResNet-164 and WRN-28-10.
+pub const PAPER_SIZES: [(&str, usize); 2] = [
+    ("1.7M (PreResNet-164)", 1_700_000),
+    ("36.5M (WRN-28-10)", 36_500_000),
+];
+
+/// Tensors the parameters are split into: a few, large, so the figure is memory traffic and not
+/// per-tensor dispatch.
+pub const PIECES: usize = 4;
+
+/// The update's share of the copy bandwidth the project aims for.
+pub const TARGET: f64 = 0.9;
+
+/// Bytes an averaging update moves per parameter: read the average, read the weight, write the average.
+pub const UPDATE_BYTES: f64 = 12.0;
+
+/// Bytes a copy moves per element: read the source, write the destination.
+pub const COPY_BYTES: f64 = 8.0;
+
+/// Measures copy, SWA and EMA bandwidth for each `(label, parameters)` size, `runs` times each.
+pub fn run<B: TimedBackend>(
+    backend: &B,
+    suite: &str,
+    sizes: &[(String, usize)],
+    runs: usize,
+    recorder: &mut Recorder,
+) -> Result<(), BenchError> {
+    for (label, params) in sizes {
+        let params = *params;
+        let copy = backend.copy_times(params, runs)?;
+        let copy = rates(COPY_BYTES * params as f64 / 1e9, &copy, "memory copy")?;
+        recorder.push(Figure::new(
+            suite,
+            format!("memory copy, {label} f32 (8 B/elem)"),
+            "GB/s",
+            copy,
+        ));
+
+        let block = ParameterBlock::new(backend, params, PIECES, 1)?;
+        let update_gb = UPDATE_BYTES * params as f64 / 1e9;
+
+        let mut swa = SwaAverage::new(backend, &block, BufferPolicy::Average)?;
+        let times = repeat(backend, 1, runs, |b| {
+            swa.update(b, &block).map_err(BenchError::from)
+        })?;
+        recorder.push(
+            Figure::new(
+                suite,
+                format!("SwaAverage::update, {label} params (12 B/param)"),
+                "GB/s",
+                rates(update_gb, &times, "SWA update")?,
+            )
+            .against("copy", copy.median, Some(Target::MinRatio(TARGET))),
+        );
+        drop(swa);
+
+        let mut ema = EmaAverage::new(backend, &block, 0.999, BufferPolicy::Average)?;
+        let times = repeat(backend, 1, runs, |b| {
+            ema.update(b, &block).map_err(BenchError::from)
+        })?;
+        recorder.push(
+            Figure::new(
+                suite,
+                format!("EmaAverage::update, {label} params (12 B/param)"),
+                "GB/s",
+                rates(update_gb, &times, "EMA update")?,
+            )
+            .against("copy", copy.median, Some(Target::MinRatio(TARGET))),
+        );
+    }
+    Ok(())
+}
