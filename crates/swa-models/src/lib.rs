@@ -42,3 +42,8 @@ pub use error::TrainError;
 pub use module::{ForwardMode, Module, Param};
 pub use nets::{Architecture, ModelError, Network, NetworkConfig};
 pub use train::{RunConfig, SnapshotUse, Snapshots, Trainer};
+
+/// The README's example, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeExample;

@@ -1,0 +1,206 @@
+//! The training loop: a run interrupted after any epoch and resumed from its checkpoint ends with weights,
+//! average and history bit-identical to an uninterrupted run; a diverging run stops with an error naming
+//! the epoch and step and keeps its last good checkpoint.
+
+use swa_core::averaging::{BufferPolicy, WeightAveraging};
+use swa_core::schedule::{Period, Schedule};
+use swa_core::CpuBackend;
+use swa_models::optim::SgdConfig;
+use swa_models::train::{RunConfig, Silent, SnapshotUse, Snapshots, Trainer};
+use swa_models::{Architecture, BatchSource, HostBatch, TrainError};
+
+/// A tiny deterministic data set: two classes of 32×32 images told apart by their mean.
+struct Toy {
+    train: Vec<HostBatch>,
+    test: Vec<HostBatch>,
+}
+
+impl Toy {
+    fn new() -> Self {
+        let batch = |offset: u32| {
+            let n = 4;
+            let labels: Vec<u32> = (0..n).map(|i| (i + offset) % 2).collect();
+            let images = labels
+                .iter()
+                .flat_map(|&l| (0..3 * 32 * 32).map(move |p| if l == 1 { 0.5 } else { -0.5 } + ((p * 7919 % 13) as f32 - 6.0) * 0.05))
+                .collect();
+            HostBatch {
+                images,
+                shape: [n as usize, 3, 32, 32],
+                labels,
+            }
+        };
+        Self {
+            train: vec![batch(0), batch(1)],
+            test: vec![batch(3)],
+        }
+    }
+}
+
+impl BatchSource for Toy {
+    fn train_epoch(&self, epoch: usize) -> Box<dyn Iterator<Item = HostBatch> + '_> {
+        // The order depends on the epoch, as a shuffled loader's does.
+        let mut batches = self.train.clone();
+        if epoch % 2 == 1 {
+            batches.reverse();
+        }
+        Box::new(batches.into_iter())
+    }
+    fn train_batches_per_epoch(&self) -> usize {
+        self.train.len()
+    }
+    fn test(&self) -> Box<dyn Iterator<Item = HostBatch> + '_> {
+        Box::new(self.test.clone().into_iter())
+    }
+    fn test_len(&self) -> usize {
+        4
+    }
+}
+
+fn config(epochs: usize, lr: f32) -> RunConfig {
+    RunConfig {
+        epochs,
+        schedule: Schedule::original_swa(lr, lr / 5.0, 2).expect("valid schedule"),
+        snapshots: Some(Snapshots {
+            start_epoch: 2,
+            every: Period::Epochs(1),
+            usage: SnapshotUse::AverageWeights {
+                buffers: BufferPolicy::RecomputeLater,
+            },
+        }),
+        sgd: SgdConfig::momentum(1e-4),
+        seed: 11,
+        swa_eval_epochs: vec![3],
+        swa_eval_every: 0,
+    }
+}
+
+fn trainer(backend: &CpuBackend, config: RunConfig) -> Trainer<CpuBackend> {
+    let arch: Architecture = "wrn10x1".parse().expect("valid name");
+    let arch = match arch {
+        Architecture::WideResNet {
+            depth,
+            widen_factor,
+            ..
+        } => Architecture::WideResNet {
+            depth,
+            widen_factor,
+            dropout_rate: 0.3,
+        },
+        other => other,
+    };
+    let model = arch.build(backend, 2, 5).expect("network");
+    let eval = arch.build(backend, 2, 5).expect("network");
+    Trainer::new(backend.clone(), config, model, eval).expect("trainer")
+}
+
+fn weights(trainer: &mut Trainer<CpuBackend>) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    trainer
+        .model()
+        .visit_tensors(&mut |name, _, t| out.push((name.to_string(), t.iter().copied().collect())));
+    out
+}
+
+#[test]
+fn a_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
+    let backend = CpuBackend::with_threads(2);
+    let data = Toy::new();
+    let dir = tempfile::tempdir().expect("temporary folder");
+
+    let mut whole = trainer(&backend, config(4, 0.05));
+    whole.run(&data, &mut Silent).expect("uninterrupted run");
+
+    // The same run, stopped after two epochs (the process "dies"), then resumed by a fresh trainer.
+    let mut first = trainer(&backend, config(4, 0.05));
+    assert_eq!(first.with_checkpoints(dir.path()).expect("empty folder"), 0);
+    first.run_epoch(&data, &mut Silent).expect("epoch 1");
+    first.run_epoch(&data, &mut Silent).expect("epoch 2");
+    drop(first);
+    let mut resumed = trainer(&backend, config(4, 0.05));
+    assert_eq!(
+        resumed
+            .with_checkpoints(dir.path())
+            .expect("checkpoint found"),
+        2
+    );
+    resumed.run(&data, &mut Silent).expect("resumed run");
+
+    assert_eq!(weights(&mut resumed), weights(&mut whole));
+    let (a, b) = (
+        resumed.average().expect("averaged"),
+        whole.average().expect("averaged"),
+    );
+    assert_eq!(a.count(), 3, "snapshots after epochs 2, 3 and 4");
+    assert_eq!(
+        a.to_state(&backend).expect("state"),
+        b.to_state(&backend).expect("state")
+    );
+    let strip = |t: &Trainer<CpuBackend>| -> Vec<_> {
+        t.history()
+            .iter()
+            .map(|r| (r.epoch, r.train, r.test, r.swa_test, r.snapshots))
+            .collect()
+    };
+    assert_eq!(strip(&resumed), strip(&whole));
+    // SWA is evaluated at the requested epoch and at the end only.
+    let evaluated: Vec<usize> = whole
+        .history()
+        .iter()
+        .filter(|r| r.swa_test.is_some())
+        .map(|r| r.epoch)
+        .collect();
+    assert_eq!(evaluated, vec![3, 4]);
+    // One checkpoint is kept: the last.
+    let kept: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("listing")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(kept, vec![std::ffi::OsString::from("epoch-0004")]);
+}
+
+#[test]
+fn a_checkpoint_of_another_configuration_is_refused() {
+    let backend = CpuBackend::with_threads(1);
+    let data = Toy::new();
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let mut first = trainer(&backend, config(2, 0.05));
+    first.with_checkpoints(dir.path()).expect("empty folder");
+    first.run_epoch(&data, &mut Silent).expect("epoch 1");
+    let mut other = trainer(&backend, config(2, 0.01));
+    match other.with_checkpoints(dir.path()) {
+        Err(TrainError::StateMismatch(message)) => {
+            assert!(message.contains("another configuration"), "{message}")
+        }
+        other => panic!("expected a state mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_diverging_run_names_epoch_and_step_and_keeps_the_last_good_checkpoint() {
+    let backend = CpuBackend::with_threads(1);
+    let data = Toy::new();
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let mut run = trainer(&backend, config(3, 0.05));
+    run.with_checkpoints(dir.path()).expect("empty folder");
+    run.run_epoch(&data, &mut Silent)
+        .expect("a good first epoch");
+    // Poison the weights, as an exploding step would.
+    run.model().visit_tensors_mut(&mut |name, _, t| {
+        if name == "linear.weight" {
+            t.fill(f32::NAN);
+        }
+    });
+    match run.run_epoch(&data, &mut Silent) {
+        Err(TrainError::NonFiniteLoss { epoch, step, .. }) => assert_eq!((epoch, step), (1, 0)),
+        other => panic!("expected a non-finite loss, got {other:?}"),
+    }
+    let mut again = trainer(&backend, config(3, 0.05));
+    assert_eq!(
+        again
+            .with_checkpoints(dir.path())
+            .expect("last good checkpoint"),
+        1
+    );
+}
