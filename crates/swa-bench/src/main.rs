@@ -251,7 +251,7 @@ fn gemm_peak(settings: &Settings, peak: &mut Option<f64>, recorder: &mut Recorde
     let summary = kernels::gemm_peak(settings.threads, side, settings.runs(7))?;
     recorder.push(
         swa_bench::report::Figure::new(
-            "kernels",
+            "peak",
             format!("GEMM peak: gemm crate {side}³ f32"),
             "GFLOP/s",
             summary,
@@ -322,8 +322,8 @@ fn run_suite(
             }
         }
         Suite::Data => {
-            let batches = if settings.quick { 10 } else { 40 };
-            data::run("data", batches, settings.runs(5), recorder)?;
+            let batches = if settings.quick { 10 } else { 100 };
+            data::run("data", batches, settings.runs(7), recorder)?;
         }
         Suite::Gpu => {
             #[cfg(feature = "gpu")]

@@ -1,5 +1,6 @@
 //! Figures, the table they print as, and the JSON report.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
@@ -217,7 +218,7 @@ pub struct Report {
 #[derive(Debug, Serialize)]
 pub struct Versions {
     /// `name version` of the swa-rs crates and the third-party crates that do the heavy lifting.
-    pub crates: Vec<(String, String)>,
+    pub crates: BTreeMap<String, String>,
     /// `rustc --version` of the compiler that built the benchmarks.
     pub rustc: String,
     /// The git commit of the working tree, and whether it had uncommitted changes, when git was found.

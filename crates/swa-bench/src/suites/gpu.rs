@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use swa_core::backend::Backend;
-use swa_gpu::{GpuBackend, GpuOptions};
+use swa_gpu::{GpuBackend, GpuOptions, GpuTensor};
 use swa_models::Architecture;
 
 use crate::machine::Adapter;
@@ -40,11 +40,9 @@ impl TimedBackend for GpuBackend {
         }
     }
 
-    fn copy_times(&self, elements: usize, runs: usize) -> Result<Vec<Duration>, BenchError> {
-        let src = self.zeros(&[elements])?;
-        let mut dst = self.zeros(&[elements])?;
-        crate::timing::repeat(self, 1, runs, |b| {
-            b.copy_(&mut dst, &src)?;
+    fn timed_copy(&self, dst: &mut GpuTensor, src: &GpuTensor) -> Result<Duration, BenchError> {
+        self.time(&mut |b| {
+            b.copy_(dst, src)?;
             Ok(())
         })
     }

@@ -40,7 +40,7 @@ pub struct OverheadPlan {
 }
 
 impl OverheadPlan {
-    /// The plan for the settings: 2 pairs of 20-step spans, 8 batches of BN passes, 3 times.
+    /// The plan for the settings: 2 pairs of 20-step spans, BN passes of 6 batches, 5 times each.
     pub fn for_settings(settings: &Settings) -> Self {
         if settings.quick {
             OverheadPlan {
@@ -55,8 +55,8 @@ impl OverheadPlan {
                 span_steps: 20,
                 span_pairs: 2,
                 update_runs: 21,
-                bn_batches: 8,
-                bn_runs: 3,
+                bn_batches: 6,
+                bn_runs: 5,
             }
         }
     }
