@@ -69,6 +69,18 @@ pub trait Module<B: Backend>: NamedTensors<B> + Send {
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor>;
 
+    /// [`Module::forward`] on an input the caller has no further use for, so that a module which keeps its
+    /// input for `backward` can keep this one instead of copying it. Containers hand each child's output
+    /// to the next child this way; the default borrows the input and drops it.
+    fn forward_owned(
+        &mut self,
+        backend: &B,
+        x: B::Tensor,
+        mode: ForwardMode,
+    ) -> BackendResult<B::Tensor> {
+        self.forward(backend, &x, mode)
+    }
+
     /// Back-propagates `dy` (the gradient of the loss with respect to the last training forward's output):
     /// accumulates parameter gradients and returns the gradient with respect to that forward's input.
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor>;

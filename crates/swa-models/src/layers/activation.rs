@@ -18,17 +18,18 @@ macro_rules! no_tensors {
 pub(super) use no_tensors;
 
 /// `max(x, 0)`, PyTorch's `nn.ReLU`.
+///
+/// It keeps its input for `backward`: `x > 0` exactly where `max(x, 0) > 0`, so the input gives the same
+/// gradient mask as the output, and an input handed over by [`Module::forward_owned`] costs no copy.
 #[derive(Debug)]
 pub struct ReLU<B: Backend> {
-    cached_output: Option<B::Tensor>,
+    cached_input: Option<B::Tensor>,
 }
 
 impl<B: Backend> ReLU<B> {
     /// A ReLU.
     pub fn new() -> Self {
-        Self {
-            cached_output: None,
-        }
+        Self { cached_input: None }
     }
 }
 
@@ -49,23 +50,36 @@ impl<B: Backend> Module<B> for ReLU<B> {
     ) -> BackendResult<B::Tensor> {
         let y = backend.relu(x)?;
         if let ForwardMode::Train { .. } = mode {
-            self.cached_output = Some(backend.duplicate(&y)?);
+            self.cached_input = Some(backend.duplicate(x)?);
+        }
+        Ok(y)
+    }
+
+    fn forward_owned(
+        &mut self,
+        backend: &B,
+        x: B::Tensor,
+        mode: ForwardMode,
+    ) -> BackendResult<B::Tensor> {
+        let y = backend.relu(&x)?;
+        if let ForwardMode::Train { .. } = mode {
+            self.cached_input = Some(x);
         }
         Ok(y)
     }
 
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
-        let y = self
-            .cached_output
+        let x = self
+            .cached_input
             .take()
             .ok_or_else(|| no_cached_forward("ReLU::backward"))?;
-        backend.relu_backward(&y, dy)
+        backend.relu_backward(&x, dy)
     }
 
     fn visit_params_mut(&mut self, _f: &mut dyn FnMut(&str, &mut Param<B>)) {}
 
     fn zero_grads(&mut self) {
-        self.cached_output = None;
+        self.cached_input = None;
     }
 }
 

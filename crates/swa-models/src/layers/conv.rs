@@ -169,6 +169,15 @@ impl<B: Backend> Conv2d<B> {
     pub fn spec(&self) -> Conv2dSpec {
         self.spec
     }
+
+    fn convolve(&self, backend: &B, x: &B::Tensor) -> BackendResult<B::Tensor> {
+        backend.conv2d(
+            x,
+            &self.weight.value,
+            self.bias.as_ref().map(|b| &b.value),
+            self.spec,
+        )
+    }
 }
 
 impl<B: Backend> NamedTensors<B> for Conv2d<B> {
@@ -194,14 +203,22 @@ impl<B: Backend> Module<B> for Conv2d<B> {
         x: &B::Tensor,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
-        let y = backend.conv2d(
-            x,
-            &self.weight.value,
-            self.bias.as_ref().map(|b| &b.value),
-            self.spec,
-        )?;
+        let y = self.convolve(backend, x)?;
         if let ForwardMode::Train { .. } = mode {
             self.cached_input = Some(backend.duplicate(x)?);
+        }
+        Ok(y)
+    }
+
+    fn forward_owned(
+        &mut self,
+        backend: &B,
+        x: B::Tensor,
+        mode: ForwardMode,
+    ) -> BackendResult<B::Tensor> {
+        let y = self.convolve(backend, &x)?;
+        if let ForwardMode::Train { .. } = mode {
+            self.cached_input = Some(x);
         }
         Ok(y)
     }

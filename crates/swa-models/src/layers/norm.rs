@@ -130,23 +130,31 @@ impl<B: Backend> NamedTensors<B> for BatchNorm2d<B> {
     }
 }
 
-impl<B: Backend> Module<B> for BatchNorm2d<B> {
-    fn forward(
+/// A batch norm's output and, in training, the batch statistics its backward pass needs.
+type Normalised<B> = (
+    <B as Backend>::Tensor,
+    Option<BatchNormSaved<<B as Backend>::Tensor>>,
+);
+
+impl<B: Backend> BatchNorm2d<B> {
+    /// Normalises `x`; in training also returns the batch statistics that `backward` needs.
+    fn normalise(
         &mut self,
         backend: &B,
         x: &B::Tensor,
         mode: ForwardMode,
-    ) -> BackendResult<B::Tensor> {
+    ) -> BackendResult<Normalised<B>> {
         let momentum = match mode {
             ForwardMode::Eval => {
-                return backend.batch_norm_eval(
+                let y = backend.batch_norm_eval(
                     x,
                     &self.weight.value,
                     &self.bias.value,
                     &self.running_mean,
                     &self.running_var,
                     self.eps,
-                );
+                )?;
+                return Ok((y, None));
             }
             ForwardMode::Train { .. } => self.momentum,
             ForwardMode::RecomputeBatchNorm { momentum, .. } => momentum,
@@ -161,8 +169,34 @@ impl<B: Backend> Module<B> for BatchNorm2d<B> {
             self.eps,
         )?;
         self.num_batches_tracked += 1;
-        if let ForwardMode::Train { .. } = mode {
+        let keep = matches!(mode, ForwardMode::Train { .. });
+        Ok((y, keep.then_some(saved)))
+    }
+}
+
+impl<B: Backend> Module<B> for BatchNorm2d<B> {
+    fn forward(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        mode: ForwardMode,
+    ) -> BackendResult<B::Tensor> {
+        let (y, saved) = self.normalise(backend, x, mode)?;
+        if let Some(saved) = saved {
             self.cache = Some((backend.duplicate(x)?, saved));
+        }
+        Ok(y)
+    }
+
+    fn forward_owned(
+        &mut self,
+        backend: &B,
+        x: B::Tensor,
+        mode: ForwardMode,
+    ) -> BackendResult<B::Tensor> {
+        let (y, saved) = self.normalise(backend, &x, mode)?;
+        if let Some(saved) = saved {
+            self.cache = Some((x, saved));
         }
         Ok(y)
     }

@@ -179,6 +179,22 @@ impl<B: Backend> Module<B> for Residual<B> {
         Ok(y)
     }
 
+    /// A projection shortcut keeps the input itself for its backward pass rather than a copy.
+    fn forward_owned(
+        &mut self,
+        backend: &B,
+        x: B::Tensor,
+        mode: ForwardMode,
+    ) -> BackendResult<B::Tensor> {
+        let Some((_, shortcut)) = &mut self.shortcut else {
+            return self.forward(backend, &x, mode);
+        };
+        let mut y = self.main.forward(backend, &x, mode)?;
+        let s = shortcut.forward_owned(backend, x, mode)?;
+        backend.axpy_(&mut y, 1.0, &s)?;
+        Ok(y)
+    }
+
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
         let mut dx = self.main.backward(backend, dy)?;
         match &mut self.shortcut {

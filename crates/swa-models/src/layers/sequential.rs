@@ -106,7 +106,20 @@ impl<B: Backend> Module<B> for Sequential<B> {
         };
         let mut y = first.forward(backend, x, mode)?;
         for (_, child) in children {
-            y = child.forward(backend, &y, mode)?;
+            y = child.forward_owned(backend, y, mode)?;
+        }
+        Ok(y)
+    }
+
+    fn forward_owned(
+        &mut self,
+        backend: &B,
+        x: B::Tensor,
+        mode: ForwardMode,
+    ) -> BackendResult<B::Tensor> {
+        let mut y = x;
+        for (_, child) in &mut self.children {
+            y = child.forward_owned(backend, y, mode)?;
         }
         Ok(y)
     }

@@ -11,12 +11,15 @@
 //! order (fixed segments of chunks, each summed in order, then the segments in order), so results are
 //! bit-identical for a given thread count.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 use gemm::Parallelism;
 
 use super::matrix::{
-    contiguous, gemm_into, gemm_into_col_major, gemm_into_rows, into_tensor, parallelism, MatRef,
+    contiguous, gemm_into, gemm_into_col_major, gemm_into_rows, into_tensor, parallelism, zeroed,
+    MatRef,
 };
 use super::CpuTensor;
 use crate::backend::{BackendError, BackendResult, Conv2dGrads, Conv2dSpec};
@@ -122,6 +125,10 @@ impl Geometry {
     fn patch(&self) -> usize {
         self.in_channels * self.kernel * self.kernel
     }
+    /// A stride-1 convolution whose output has the input's height and width.
+    fn preserves_extent(&self) -> bool {
+        self.stride == 1 && self.out_height == self.height && self.out_width == self.width
+    }
     /// A 1×1 stride-1 unpadded convolution: each image already is its own unrolled input.
     fn is_pointwise(&self) -> bool {
         self.kernel == 1 && self.stride == 1 && self.padding == 0
@@ -221,6 +228,10 @@ fn im2col_rows(
     offset: usize,
     rows: std::ops::Range<usize>,
 ) {
+    if g.preserves_extent() {
+        im2col_rows_same(g, image, col, ld, offset, rows);
+        return;
+    }
     let (k, ow_n) = (g.kernel, g.out_width);
     let plane = rows.len() * ow_n;
     for c in 0..g.in_channels {
@@ -250,6 +261,59 @@ fn im2col_rows(
                                 *d = *s;
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`im2col_rows`] for a stride-1 convolution whose output has the input's extent (`2·padding = K − 1`).
+///
+/// Each row of the unrolled input is then the image plane shifted by `(kh − padding)·W + kw − padding`
+/// elements, so the valid output rows are one contiguous copy; only the few positions whose column falls
+/// into the padding are zeroed afterwards. This replaces a short copy per output row, which dominated
+/// small images, by one long copy per kernel position.
+fn im2col_rows_same(
+    g: &Geometry,
+    image: &[f32],
+    col: &mut [f32],
+    ld: usize,
+    offset: usize,
+    rows: std::ops::Range<usize>,
+) {
+    let (k, w, p) = (g.kernel, g.width, g.padding);
+    let in_plane = g.in_plane();
+    let band = rows.len() * w;
+    for c in 0..g.in_channels {
+        let channel = &image[c * in_plane..][..in_plane];
+        for kh in 0..k {
+            // Output rows `oh` read input row `oh + kh − p`; those inside the image form a range.
+            let oh_lo = p.saturating_sub(kh).clamp(rows.start, rows.end);
+            let oh_hi = (g.height + p).saturating_sub(kh).clamp(oh_lo, rows.end);
+            for kw in 0..k {
+                let row = (c * k + kh) * k + kw;
+                let dst = &mut col[row * ld + offset..][..band];
+                let valid = (oh_lo - rows.start) * w..(oh_hi - rows.start) * w;
+                dst[..valid.start].fill(0.0);
+                dst[valid.end..].fill(0.0);
+                if valid.is_empty() {
+                    continue;
+                }
+                // Source index of the valid block's first element, possibly one row's shift below 0.
+                let base = ((oh_lo + kh) * w + kw) as isize - (p * w + p) as isize;
+                let skip = (-base).max(0) as usize;
+                let end = (valid.len() as isize).min(in_plane as isize - base) as usize;
+                let block = &mut dst[valid.clone()];
+                block[..skip].fill(0.0);
+                block[end..].fill(0.0);
+                let from = (base + skip as isize) as usize;
+                block[skip..end].copy_from_slice(&channel[from..from + (end - skip)]);
+                let (lo, hi) = g.valid_out_columns(kw);
+                if lo > 0 || hi < w {
+                    for out_row in block.chunks_exact_mut(w) {
+                        out_row[..lo].fill(0.0);
+                        out_row[hi..].fill(0.0);
                     }
                 }
             }
@@ -320,6 +384,21 @@ struct Scratch {
     col: Vec<f32>,
     grouped: Vec<f32>,
     output_gradient: Vec<f32>,
+}
+
+thread_local! {
+    /// Each worker's buffers, kept between calls: allocating them afresh for every convolution made the
+    /// kernel zero new pages on every call.
+    static WORKER_SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's buffers, or with fresh ones when they are in use further up the stack (a
+/// worker waiting inside a split GEMM may pick up another chunk of the same convolution).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    WORKER_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => f(&mut scratch),
+        Err(_) => f(&mut Scratch::default()),
+    })
 }
 
 fn resized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
@@ -418,7 +497,7 @@ pub(super) fn forward(
     let x = contiguous(x);
     let w = contiguous(w);
     let bias = bias.map(contiguous);
-    let mut y = vec![0.0f32; g.batch * g.out_image()];
+    let mut y = zeroed(g.batch * g.out_image());
     if y.is_empty() {
         return into_tensor("conv2d", &g.output_shape(), y);
     }
@@ -430,8 +509,8 @@ pub(super) fn forward(
 
     y.par_chunks_mut(per_chunk * g.out_image())
         .zip(x.par_chunks(per_chunk * g.in_image()))
-        .for_each_init(Scratch::default, |scratch, (y_chunk, x_chunk)| {
-            forward_chunk(&g, weight, x_chunk, y_chunk, scratch, par);
+        .for_each(|(y_chunk, x_chunk)| {
+            with_scratch(|scratch| forward_chunk(&g, weight, x_chunk, y_chunk, scratch, par));
             if let Some(b) = &bias {
                 for (plane, &b) in y_chunk
                     .chunks_exact_mut(g.out_plane())
@@ -569,63 +648,61 @@ fn input_and_weight_gradients(
         g.out_channels * g.kernel * g.kernel,
     );
 
-    let mut dx = vec![
-        0.0f32;
-        if need_input {
-            g.batch * g.in_image()
-        } else {
-            0
-        }
-    ];
+    let mut dx = zeroed(if need_input {
+        g.batch * g.in_image()
+    } else {
+        0
+    });
     let mut partials = vec![0.0f32; segments * weight_len];
 
     let segment_work = |(s, dw): (usize, &mut [f32]), mut dx_segment: Option<&mut [f32]>| {
-        let mut scratch = Scratch::default();
-        let first = s * images_per_segment;
-        let last = (first + images_per_segment).min(g.batch);
-        for (c, n0) in (first..last).step_by(per_chunk).enumerate() {
-            let images = per_chunk.min(last - n0);
-            let columns = images * g.out_plane();
-            let dy_chunk = &dy[n0 * g.out_image()..][..images * g.out_image()];
-            let dy_mat: &[f32] = if images == 1 {
-                dy_chunk
-            } else {
-                let grouped = resized(&mut scratch.output_gradient, g.out_channels * columns);
-                gather_planes(dy_chunk, g.out_channels, g.out_plane(), grouped);
-                grouped
-            };
-            let dy_mat = MatRef::row_major(dy_mat, g.out_channels, columns);
+        with_scratch(|scratch| {
+            let first = s * images_per_segment;
+            let last = (first + images_per_segment).min(g.batch);
+            for (c, n0) in (first..last).step_by(per_chunk).enumerate() {
+                let images = per_chunk.min(last - n0);
+                let columns = images * g.out_plane();
+                let dy_chunk = &dy[n0 * g.out_image()..][..images * g.out_image()];
+                let dy_mat: &[f32] = if images == 1 {
+                    dy_chunk
+                } else {
+                    let grouped = resized(&mut scratch.output_gradient, g.out_channels * columns);
+                    gather_planes(dy_chunk, g.out_channels, g.out_plane(), grouped);
+                    grouped
+                };
+                let dy_mat = MatRef::row_major(dy_mat, g.out_channels, columns);
 
-            let x_chunk = &x[n0 * g.in_image()..][..images * g.in_image()];
-            let col = unrolled(g, x_chunk, &mut scratch.col);
-            let col_t = MatRef::row_major(col, g.patch(), columns).t();
-            if g.prefers_column_major_weight_gradient() {
-                gemm_into_col_major(dw, dy_mat, col_t, c > 0, par);
-            } else {
-                gemm_into(dw, dy_mat, col_t, c > 0, par);
-            }
+                let x_chunk = &x[n0 * g.in_image()..][..images * g.in_image()];
+                let col = unrolled(g, x_chunk, &mut scratch.col);
+                let col_t = MatRef::row_major(col, g.patch(), columns).t();
+                if g.prefers_column_major_weight_gradient() {
+                    gemm_into_col_major(dw, dy_mat, col_t, c > 0, par);
+                } else {
+                    gemm_into(dw, dy_mat, col_t, c > 0, par);
+                }
 
-            let Some(dx_segment) = dx_segment.as_deref_mut() else {
-                continue;
-            };
-            let offset = (n0 - first) * g.in_image();
-            let dx_chunk = &mut dx_segment[offset..][..images * g.in_image()];
-            if let Some(t) = &transposed {
-                forward_chunk(t, flipped, dy_chunk, dx_chunk, &mut scratch, par);
-            } else if g.is_pointwise() && images == 1 {
-                gemm_into(dx_chunk, weight_t, dy_mat, false, par);
-            } else if g.is_pointwise() {
-                let dcol = resized(&mut scratch.col, g.patch() * columns);
-                gemm_into(dcol, weight_t, dy_mat, false, par);
-                scatter_planes(dcol, g.in_channels, g.in_plane(), dx_chunk);
-            } else {
-                let dcol = resized(&mut scratch.col, g.patch() * columns);
-                gemm_into(dcol, weight_t, dy_mat, false, par);
-                for (i, image) in dx_chunk.chunks_exact_mut(g.in_image()).enumerate() {
-                    col2im(g, dcol, columns, i * g.out_plane(), image);
+                let Some(dx_segment) = dx_segment.as_deref_mut() else {
+                    continue;
+                };
+                let offset = (n0 - first) * g.in_image();
+                let dx_chunk = &mut dx_segment[offset..][..images * g.in_image()];
+                if let Some(t) = &transposed {
+                    forward_chunk(t, flipped, dy_chunk, dx_chunk, scratch, par);
+                } else if g.is_pointwise() && images == 1 {
+                    gemm_into(dx_chunk, weight_t, dy_mat, false, par);
+                } else if g.is_pointwise() {
+                    let dcol = resized(&mut scratch.col, g.patch() * columns);
+                    gemm_into(dcol, weight_t, dy_mat, false, par);
+                    scatter_planes(dcol, g.in_channels, g.in_plane(), dx_chunk);
+                } else {
+                    let dcol = resized(&mut scratch.col, g.patch() * columns);
+                    gemm_into(dcol, weight_t, dy_mat, false, par);
+                    for (i, image) in dx_chunk.chunks_exact_mut(g.in_image()).enumerate() {
+                        col2im(g, dcol, columns, i * g.out_plane(), image);
+                    }
                 }
             }
-        }
+        })
     };
 
     if need_input {

@@ -1,6 +1,7 @@
 //! Element-wise kernels: averaging, the fused SGD step, dropout masks.
 
 use ndarray::{ArrayD, IxDyn, Zip};
+use rayon::prelude::*;
 
 use super::CpuTensor;
 use crate::backend::{dropout_keeps, BackendError, BackendResult, SgdStep};
@@ -56,6 +57,20 @@ const PARALLEL_MIN_LEN: usize = 1 << 15;
 
 /// `f(a, b)` element by element into a new tensor of `a`'s shape (the shapes were checked to agree).
 fn zip_map(a: &CpuTensor, b: &CpuTensor, f: impl Fn(f32, f32) -> f32 + Sync + Send) -> CpuTensor {
+    if let (Some(a_values), Some(b_values), true) =
+        (a.as_slice(), b.as_slice(), a.len() >= PARALLEL_MIN_LEN)
+    {
+        // Written once, in parallel: no zeroing pass and no page faults on a single thread.
+        let mut values = Vec::with_capacity(a.len());
+        a_values
+            .par_iter()
+            .zip(b_values)
+            .with_min_len(PARALLEL_MIN_LEN / 4)
+            .map(|(&a, &b)| f(a, b))
+            .collect_into_vec(&mut values);
+        return ArrayD::from_shape_vec(a.raw_dim(), values)
+            .expect("one value per element of a standard-layout array");
+    }
     let mut out = CpuTensor::zeros(a.raw_dim());
     let zip = Zip::from(&mut out).and(a).and(b);
     if a.len() >= PARALLEL_MIN_LEN {
@@ -64,6 +79,16 @@ fn zip_map(a: &CpuTensor, b: &CpuTensor, f: impl Fn(f32, f32) -> f32 + Sync + Se
         zip.for_each(|o, &a, &b| *o = f(a, b));
     }
     out
+}
+
+/// `dst += alpha · x` (the shapes were checked to agree): residual sums and gradient accumulation.
+pub(super) fn axpy(dst: &mut CpuTensor, alpha: f32, x: &CpuTensor) {
+    let zip = Zip::from(dst).and(x);
+    if x.len() >= PARALLEL_MIN_LEN {
+        zip.par_for_each(|d, &x| *d += alpha * x);
+    } else {
+        zip.for_each(|d, &x| *d += alpha * x);
+    }
 }
 
 pub(super) fn add(a: &CpuTensor, b: &CpuTensor) -> CpuTensor {
@@ -75,6 +100,16 @@ pub(super) fn mul(a: &CpuTensor, b: &CpuTensor) -> CpuTensor {
 }
 
 pub(super) fn relu(x: &CpuTensor) -> CpuTensor {
+    if let (Some(values), true) = (x.as_slice(), x.len() >= PARALLEL_MIN_LEN) {
+        let mut out = Vec::with_capacity(x.len());
+        values
+            .par_iter()
+            .with_min_len(PARALLEL_MIN_LEN / 4)
+            .map(|&v| v.max(0.0))
+            .collect_into_vec(&mut out);
+        return ArrayD::from_shape_vec(x.raw_dim(), out)
+            .expect("one value per element of a standard-layout array");
+    }
     if x.len() >= PARALLEL_MIN_LEN {
         let mut out = CpuTensor::zeros(x.raw_dim());
         Zip::from(&mut out)

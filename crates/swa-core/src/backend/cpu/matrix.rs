@@ -6,6 +6,7 @@
 use std::borrow::Cow;
 
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 use super::CpuTensor;
 
@@ -162,6 +163,25 @@ fn gemm_strided(
             parallelism,
         );
     }
+}
+
+/// Below this many elements a buffer is zeroed by the calling thread alone.
+const PARALLEL_ZEROING_MIN_LEN: usize = 1 << 16;
+
+/// A zeroed buffer for a kernel's output. A large one is zeroed by all the pool's threads, because a fresh
+/// allocation's first touch (page faults and the kernel's own zeroing) otherwise runs on one thread while
+/// the others wait.
+pub(super) fn zeroed(len: usize) -> Vec<f32> {
+    if len < PARALLEL_ZEROING_MIN_LEN || rayon::current_num_threads() == 1 {
+        return vec![0.0; len];
+    }
+    let mut buffer = Vec::with_capacity(len);
+    (0..len)
+        .into_par_iter()
+        .with_min_len(PARALLEL_ZEROING_MIN_LEN / 4)
+        .map(|_| 0.0f32)
+        .collect_into_vec(&mut buffer);
+    buffer
 }
 
 /// The tensor's values in row-major order, borrowed when the array already is in standard layout.

@@ -181,7 +181,7 @@ impl Backend for CpuBackend {
 
     fn axpy_(&self, dst: &mut CpuTensor, alpha: f32, x: &CpuTensor) -> BackendResult<()> {
         same_shape("axpy_", dst, x)?;
-        dst.scaled_add(alpha, x);
+        self.install(|| elementwise::axpy(dst, alpha, x));
         Ok(())
     }
 

@@ -7,7 +7,7 @@
 use ndarray::{ArrayViewMut3, Axis, Zip};
 use rayon::prelude::*;
 
-use super::matrix::{contiguous, into_tensor};
+use super::matrix::{contiguous, into_tensor, zeroed};
 use super::CpuTensor;
 use crate::backend::{BackendError, BackendResult, BatchNormGrads, BatchNormSaved};
 
@@ -216,7 +216,7 @@ pub(super) fn train(
         .collect();
     let mean: Vec<f32> = stats.iter().map(|m| m.mean as f32).collect();
 
-    let mut y = vec![0.0f32; xs.len()];
+    let mut y = zeroed(xs.len());
     affine(&layout, &xs, &mut y, |c| {
         let scale = gamma[c] * inv_std[c];
         (scale, beta[c] - mean[c] * scale)
@@ -260,7 +260,7 @@ pub(super) fn eval(
     let xs = contiguous(x);
     let (gamma, beta) = (contiguous(gamma), contiguous(beta));
     let (mean, var) = (contiguous(running_mean), contiguous(running_var));
-    let mut y = vec![0.0f32; xs.len()];
+    let mut y = zeroed(xs.len());
     affine(&layout, &xs, &mut y, |c| {
         let scale = gamma[c] / (var[c] + eps).sqrt();
         (scale, beta[c] - mean[c] * scale)
@@ -293,7 +293,7 @@ pub(super) fn backward(
     let inv_std = contiguous(&saved.inv_std);
     let count = layout.count() as f64;
 
-    let mut dx = vec![0.0f32; xs.len()];
+    let mut dx = zeroed(xs.len());
     let mut dx3 = layout.view_mut(&mut dx)?;
     let sums: Vec<(f32, f32)> = dx3
         .axis_iter_mut(Axis(1))
