@@ -91,6 +91,21 @@ pub(super) fn axpy(dst: &mut CpuTensor, alpha: f32, x: &CpuTensor) {
     }
 }
 
+/// A standard-layout copy; a large contiguous tensor is copied by all the pool's threads.
+pub(super) fn duplicate(x: &CpuTensor) -> CpuTensor {
+    if let (Some(values), true) = (x.as_slice(), x.len() >= PARALLEL_MIN_LEN) {
+        let mut out = Vec::with_capacity(x.len());
+        values
+            .par_iter()
+            .with_min_len(PARALLEL_MIN_LEN / 4)
+            .copied()
+            .collect_into_vec(&mut out);
+        return ArrayD::from_shape_vec(x.raw_dim(), out)
+            .expect("one value per element of a standard-layout array");
+    }
+    x.as_standard_layout().into_owned()
+}
+
 pub(super) fn add(a: &CpuTensor, b: &CpuTensor) -> CpuTensor {
     zip_map(a, b, |a, b| a + b)
 }

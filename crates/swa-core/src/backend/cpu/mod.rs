@@ -139,14 +139,18 @@ impl Backend for CpuBackend {
     }
 
     fn duplicate(&self, tensor: &CpuTensor) -> BackendResult<CpuTensor> {
-        Ok(tensor.as_standard_layout().into_owned())
+        Ok(self.install(|| elementwise::duplicate(tensor)))
     }
 
     fn reshape(&self, tensor: CpuTensor, shape: &[usize]) -> BackendResult<CpuTensor> {
         let from = tensor.shape().to_vec();
-        tensor
-            .as_standard_layout()
-            .into_owned()
+        // A standard-layout array is reshaped where it lies; only another layout needs a copy.
+        let standard = if tensor.is_standard_layout() {
+            tensor
+        } else {
+            tensor.as_standard_layout().into_owned()
+        };
+        standard
             .into_shape_with_order(IxDyn(shape))
             .map_err(|_| BackendError::ShapeMismatch {
                 op: "reshape",
