@@ -9,7 +9,7 @@
 //!   batch holds ([`pickle`]).
 //! - **Download** of the official archives into a cache folder, MD5-checked and written
 //!   atomically ([`ensure_available`]).
-//! - **Verification** against the official data set: checksums, counts, channel means ([`check`]).
+//! - **Verification** against the official data set: checksums, counts, channel means ([`mod@check`]).
 //! - **Batches** for training and evaluation: seeded shuffling, the random crop and flip of the
 //!   original SWA code, normalisation, prefetched on a worker thread ([`Batches`]).
 //! - **Synthetic data sets** written in the official layouts ([`synthetic`]).

@@ -5,7 +5,7 @@
 //! read-back of the loss, as swa-models' trainer takes them. GFLOP/s counts three times the forward
 //! pass's convolution and linear FLOPs per image (forward, input gradient, weight gradient).
 //!
-//! With a [`TorchRunner`](crate::torch::TorchRunner), PyTorch trains the same network (from the
+//! With a [`TorchRunner`], PyTorch trains the same network (from the
 //! project's reference script) at the same batch with the same threads right after, and the ratio of
 //! the two is reported.
 
