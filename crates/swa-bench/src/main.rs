@@ -147,6 +147,8 @@ fn main() -> Result<()> {
     };
 
     let mut machine = Machine::probe(threads);
+    // Read before measuring: the working tree may move on while the suites run.
+    let versions = Versions::current();
     let backend = CpuBackend::with_threads(threads);
     println!(
         "swa-bench on {} ({} logical CPUs, {} threads used, load {}), {}{}",
@@ -212,7 +214,7 @@ fn main() -> Result<()> {
     }
     let report = Report {
         machine,
-        versions: Versions::current(),
+        versions,
         command: std::env::args().collect(),
         started_unix_s,
         duration_s: started.elapsed().as_secs_f64(),
