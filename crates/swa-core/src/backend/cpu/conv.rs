@@ -10,6 +10,10 @@
 //! chunks than threads the GEMM splits itself instead. The weight gradient sums over the batch in a fixed
 //! order (fixed segments of chunks, each summed in order, then the segments in order), so results are
 //! bit-identical for a given thread count.
+//!
+//! Tiny output planes (the 4×4 and 2×2 layers of VGG-16) instead unroll the whole batch and run each
+//! product as one GEMM split over the pool by `gemm` itself, which divides the output into tiles and keeps
+//! every element's summation order, so these results are bit-identical for a given thread count too.
 
 use std::cell::RefCell;
 
@@ -26,6 +30,10 @@ use crate::backend::{BackendError, BackendResult, Conv2dGrads, Conv2dSpec};
 
 /// Columns a chunk's GEMM should have at least: below this the GEMM's packing and edge handling dominate.
 const TARGET_COLUMNS: usize = 256;
+
+/// Output planes up to this many pixels are convolved over the whole batch at once (see
+/// [`Geometry::whole_batch`]).
+const WHOLE_BATCH_MAX_PLANE: usize = 16;
 
 /// Columns of the unrolled input handled at once for a large image.
 const TILE_COLUMNS: usize = 256;
@@ -148,6 +156,23 @@ impl Geometry {
         let for_columns = TARGET_COLUMNS.div_ceil(self.out_plane().max(1));
         let for_threads = self.batch.div_ceil(threads.max(1));
         for_columns.min(for_threads).max(1)
+    }
+
+    /// Whether to unroll the whole batch into one matrix and run one GEMM split over the pool. For tiny
+    /// planes with many channels, per-chunk GEMMs are short in one dimension and the weight gradient's
+    /// per-chunk partial sums rewrite the large weight matrix once per chunk; one GEMM over the batch
+    /// avoids both. `gemm` splits over output tiles and keeps each element's summation order, so the
+    /// result is the same for a given thread count.
+    fn whole_batch(&self) -> bool {
+        self.out_plane() <= WHOLE_BATCH_MAX_PLANE && !self.is_pointwise() && self.batch > 1
+    }
+
+    /// This convolution restricted to a single input channel, used to unroll one channel's rows.
+    fn single_channel(&self) -> Self {
+        Self {
+            in_channels: 1,
+            ..*self
+        }
     }
 
     /// For output column `ow` and kernel column `kw`, the input column is `ow·stride + kw − padding`; this
@@ -377,6 +402,117 @@ fn scatter_planes(src: &[f32], rows: usize, plane: usize, dst: &mut [f32]) {
     }
 }
 
+/// Unrolls the whole batch `x` into `col` `[patch, batch·Ho·Wo]`, one input channel's rows per task.
+fn im2col_batch(g: &Geometry, x: &[f32], col: &mut [f32]) {
+    let ld = g.batch * g.out_plane();
+    let one = g.single_channel();
+    let rows_per_channel = g.kernel * g.kernel;
+    col.par_chunks_mut(rows_per_channel * ld)
+        .enumerate()
+        .for_each(|(c, rows)| {
+            for (n, image) in x.chunks_exact(g.in_image()).enumerate() {
+                let channel = &image[c * g.in_plane()..][..g.in_plane()];
+                im2col(&one, channel, rows, ld, n * g.out_plane());
+            }
+        });
+}
+
+/// [`gather_planes`] over the whole batch, one matrix row per task.
+fn gather_planes_parallel(src: &[f32], rows: usize, plane: usize, dst: &mut [f32]) {
+    let images = src.len() / (rows * plane);
+    dst.par_chunks_mut(images * plane)
+        .enumerate()
+        .for_each(|(r, row)| {
+            for (i, to) in row.chunks_exact_mut(plane).enumerate() {
+                to.copy_from_slice(&src[(i * rows + r) * plane..][..plane]);
+            }
+        });
+}
+
+/// [`scatter_planes`] over the whole batch, one image per task.
+fn scatter_planes_parallel(src: &[f32], rows: usize, plane: usize, dst: &mut [f32]) {
+    let ld = dst.len() / rows;
+    dst.par_chunks_mut(rows * plane)
+        .enumerate()
+        .for_each(|(i, image)| {
+            for (r, to) in image.chunks_exact_mut(plane).enumerate() {
+                to.copy_from_slice(&src[r * ld + i * plane..][..plane]);
+            }
+        });
+}
+
+/// The forward pass of a [`Geometry::whole_batch`] convolution: one unrolling, one GEMM split over the
+/// pool, one scatter into `y`.
+fn forward_whole_batch(
+    g: &Geometry,
+    weight: MatRef<'_>,
+    x: &[f32],
+    y: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let columns = g.batch * g.out_plane();
+    let col = resized(&mut scratch.col, g.patch() * columns);
+    im2col_batch(g, x, col);
+    let out = resized(&mut scratch.grouped, g.out_channels * columns);
+    gemm_into(
+        out,
+        weight,
+        MatRef::row_major(col, g.patch(), columns),
+        false,
+        parallelism(true),
+    );
+    scatter_planes_parallel(out, g.out_channels, g.out_plane(), y);
+}
+
+/// Both gradients of a [`Geometry::whole_batch`] convolution, each one GEMM over the batch.
+fn gradients_whole_batch(
+    g: &Geometry,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    need_input: bool,
+    scratch: &mut Scratch,
+) -> (Vec<f32>, Vec<f32>) {
+    let columns = g.batch * g.out_plane();
+    let par = parallelism(true);
+    let dy_mat = resized(&mut scratch.output_gradient, g.out_channels * columns);
+    gather_planes_parallel(dy, g.out_channels, g.out_plane(), dy_mat);
+    let dy_mat = MatRef::row_major(dy_mat, g.out_channels, columns);
+    let col = resized(&mut scratch.col, g.patch() * columns);
+    im2col_batch(g, x, col);
+    let mut dw = zeroed(g.out_channels * g.patch());
+    gemm_into(
+        &mut dw,
+        dy_mat,
+        MatRef::row_major(col, g.patch(), columns).t(),
+        false,
+        par,
+    );
+    if !need_input {
+        return (Vec::new(), dw);
+    }
+    let mut dx = zeroed(g.batch * g.in_image());
+    if let Some(t) = g.input_gradient_as_convolution() {
+        let flipped = g.flipped_weight(w);
+        let flipped = MatRef::row_major(&flipped, t.out_channels, t.patch());
+        forward_whole_batch(&t, flipped, dy, &mut dx, scratch);
+        return (dx, dw);
+    }
+    // `col` is no longer needed: it receives `Wᵀ · dY`, folded back image by image.
+    gemm_into(
+        col,
+        MatRef::row_major(w, g.out_channels, g.patch()).t(),
+        dy_mat,
+        false,
+        par,
+    );
+    let col = &*col;
+    dx.par_chunks_mut(g.in_image())
+        .enumerate()
+        .for_each(|(i, image)| col2im(g, col, columns, i * g.out_plane(), image));
+    (dx, dw)
+}
+
 /// Per-worker buffers, reused across the chunks a worker handles.
 #[derive(Default)]
 struct Scratch {
@@ -506,6 +642,18 @@ pub(super) fn forward(
     let par = parallelism(chunks < threads);
     let weight = MatRef::row_major(&w, g.out_channels, g.patch());
 
+    if g.whole_batch() {
+        with_scratch(|scratch| forward_whole_batch(&g, weight, &x, &mut y, scratch));
+        if let Some(b) = &bias {
+            y.par_chunks_mut(g.out_image()).for_each(|image| {
+                for (plane, &b) in image.chunks_exact_mut(g.out_plane()).zip(b.iter()) {
+                    plane.iter_mut().for_each(|v| *v += b);
+                }
+            });
+        }
+        return into_tensor("conv2d", &g.output_shape(), y);
+    }
+
     y.par_chunks_mut(per_chunk * g.out_image())
         .zip(x.par_chunks(per_chunk * g.in_image()))
         .for_each(|(y_chunk, x_chunk)| {
@@ -551,6 +699,8 @@ pub(super) fn backward(
     let bias = need_bias.then(|| bias_gradient(&g, &dy));
     let (dx, dw) = if g.batch == 0 || g.out_plane() == 0 {
         (vec![0.0; g.batch * g.in_image()], vec![0.0; weight_len])
+    } else if g.whole_batch() {
+        with_scratch(|scratch| gradients_whole_batch(&g, &x, &w, &dy, need_input, scratch))
     } else {
         input_and_weight_gradients(&g, &x, &w, &dy, need_input)
     };
