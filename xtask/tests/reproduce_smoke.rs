@@ -76,6 +76,11 @@ fn smoke(kind: DatasetKind, layout: Layout, packaging: Packaging, name: &str) {
         stdout.contains("estimated total"),
         "the plan is printed first:\n{stdout}"
     );
+    // Per-epoch lines reach the log even when the output is not a terminal.
+    assert!(
+        stdout.contains("seed 1 swa epoch   6:"),
+        "per-epoch lines are printed:\n{stdout}"
+    );
     check_outputs(&out, name);
     let table = std::fs::read_to_string(out.join(name).join("results.md")).expect("table");
 

@@ -418,9 +418,15 @@ impl TrainObserver for Progress {
             .ensemble_test
             .map(|m| format!(" fge {:.2}% ({} members)", m.accuracy, r.snapshots))
             .unwrap_or_default();
-        self.bar.println(format!(
+        let line = format!(
             "{} epoch {:>3}: lr {:.4} train loss {:.3} acc {:.2}% | test loss {:.3} acc {:.2}%{swa}{fge} | {:.0} s",
             self.label, r.epoch, r.lr_last, r.train.loss, r.train.accuracy, r.test.loss, r.test.accuracy, r.epoch_seconds
-        ));
+        );
+        // A hidden bar (output not a terminal: logs, CI) prints nothing, not even its `println`s.
+        if self.bar.is_hidden() {
+            println!("{line}");
+        } else {
+            self.bar.println(line);
+        }
     }
 }
