@@ -214,10 +214,15 @@ pub fn default_runs(preset: Preset) -> Vec<RunKind> {
     }
 }
 
-/// The budgets (in epochs) at which the SWA run is reported: 1, 1.25 and 1.5 budgets.
+/// The epochs at which an SWA run is reported, one table column each: 1 and 1.25 budgets, and the end of
+/// the run (1.5 budgets in the paper).
+pub fn report_points(budget: usize, swa_epochs: usize) -> [usize; 3] {
+    [budget, (budget * 5).div_ceil(4), swa_epochs]
+}
+
+/// The epochs at which the SWA run of `recipe` is evaluated for the table.
 pub fn swa_report_epochs(recipe: &Recipe) -> Vec<usize> {
-    let b = recipe.budget;
-    let mut epochs = vec![b, (b * 5).div_ceil(4), recipe.swa_epochs];
+    let mut epochs = report_points(recipe.budget, recipe.swa_epochs).to_vec();
     epochs.dedup();
     epochs
 }

@@ -11,7 +11,7 @@ use swa_data::DatasetKind;
 use swa_models::train::EpochRecord;
 use swa_models::Architecture;
 
-use super::presets::{published, Published, RunKind};
+use super::presets::{published, report_points, Published, RunKind};
 
 /// What a run leaves for the report: its identity and history.
 #[derive(Debug, Serialize, Deserialize)]
@@ -134,13 +134,11 @@ fn rows(summaries: &[RunSummary], kind: DatasetKind) -> Vec<Row> {
                     accuracy_at(&r.history, budget, |e| e.ensemble_test.map(|m| m.accuracy))
                 })
                 .collect();
-            let swa_epochs = [
-                budget,
-                (budget * 5).div_ceil(4),
-                runs.iter()
-                    .find(|r| r.run == RunKind::Swa)
-                    .map_or(budget * 3 / 2, |r| r.epochs_planned),
-            ];
+            let swa_end = runs
+                .iter()
+                .find(|r| r.run == RunKind::Swa)
+                .map_or(budget * 3 / 2, |r| r.epochs_planned);
+            let swa_epochs = report_points(budget, swa_end);
             let swa = swa_epochs
                 .iter()
                 .map(|&epoch| {
