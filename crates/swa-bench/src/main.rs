@@ -15,6 +15,11 @@ use swa_bench::suites::{averaging, data, kernels, overhead, training};
 use swa_bench::torch::{default_script, TorchRunner};
 use swa_bench::{Recorder, Settings, BATCH};
 
+// The same allocator as `cargo xtask`, so that the figures are those of the training users run: the system
+// allocator returns tens-of-megabyte activation buffers to the OS and page-faults them in again every step.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A benchmark suite.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Suite {

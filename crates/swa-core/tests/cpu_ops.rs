@@ -113,6 +113,13 @@ impl ConvCase {
             padding: self.pad,
         }
     }
+    /// Tolerance of an f32 result against the f64 sum: 1e-5 up to 144 terms per output, growing with the
+    /// square root of the count beyond, as rounding errors of a long sum do (a random walk); a wrong or
+    /// missing term is off by the order of one term, far above it.
+    fn tolerance(&self) -> f64 {
+        let terms = (self.cin * self.k * self.k).max(self.cout * self.k * self.k) as f64;
+        1e-5 * (terms / 144.0).sqrt().max(1.0)
+    }
     /// Calls `f(n, co, oh, ow, ci, ih, iw, kh, kw)` for every product term of the convolution.
     fn for_each_term(&self, mut f: impl FnMut([usize; 9])) {
         let (ho, wo) = self.out();
@@ -200,8 +207,11 @@ const fn case(x: [usize; 4], cout: usize, k: usize, stride: usize, pad: usize) -
 }
 
 /// Odd sizes, strides 1 and 2, padding 0 and 1, 1×1 and 3×3 kernels, batches of 1 and 3, and batches of
-/// small images that the backend groups into one GEMM, and large images that it unrolls in bands of rows.
-const CONV_CASES: [ConvCase; 14] = [
+/// small images that the backend groups into one GEMM, large images that it unrolls in bands of rows, and
+/// wide layers on small planes that it runs as one GEMM per kernel position (with "same" and "valid"
+/// padding, 3×3 and 5×5 kernels, and channel counts that do not split evenly over the threads) or by
+/// Winograd's F(2×2, 3×3) (3×3, padding 1, even planes, square or not).
+const CONV_CASES: [ConvCase; 20] = [
     case([1, 3, 5, 7], 4, 3, 1, 1),
     case([3, 3, 5, 7], 2, 3, 2, 1),
     case([3, 2, 7, 5], 3, 3, 1, 0),
@@ -216,6 +226,12 @@ const CONV_CASES: [ConvCase; 14] = [
     case([4, 8, 8, 8], 16, 3, 1, 1),
     case([2, 3, 23, 25], 4, 3, 1, 1),
     case([1, 2, 47, 49], 3, 3, 2, 1),
+    case([3, 128, 4, 4], 130, 3, 1, 1),
+    case([2, 131, 2, 2], 128, 3, 1, 1),
+    case([2, 129, 5, 3], 128, 3, 1, 0),
+    case([2, 128, 3, 4], 129, 5, 1, 2),
+    case([1, 128, 8, 7], 128, 3, 1, 1),
+    case([2, 128, 6, 8], 129, 3, 1, 1),
 ];
 
 #[test]
@@ -237,7 +253,7 @@ fn conv_forward_matches_the_direct_sum() {
                 &format!("conv2d {c:?} with bias, {threads} threads"),
                 &host(&b, &y),
                 &want,
-                1e-5,
+                c.tolerance(),
             );
             let y = b.conv2d(&xt, &wt, None, c.spec()).expect("conv2d");
             let want = c.reference_forward(&x, &w, None);
@@ -245,7 +261,7 @@ fn conv_forward_matches_the_direct_sum() {
                 &format!("conv2d {c:?}, {threads} threads"),
                 &host(&b, &y),
                 &want,
-                1e-5,
+                c.tolerance(),
             );
         }
     }
@@ -275,10 +291,15 @@ fn conv_backward_matches_the_direct_sums() {
             let input = grads.input.expect("input gradient was asked for");
             assert_eq!(input.shape(), c.x_shape());
             assert_eq!(grads.weight.shape(), c.w_shape());
-            assert_close(&format!("dx {what}"), &host(&b, &input), &dx, 1e-5);
-            assert_close(&format!("dw {what}"), &host(&b, &grads.weight), &dw, 1e-5);
+            assert_close(&format!("dx {what}"), &host(&b, &input), &dx, c.tolerance());
+            assert_close(
+                &format!("dw {what}"),
+                &host(&b, &grads.weight),
+                &dw,
+                c.tolerance(),
+            );
             let bias = grads.bias.expect("bias gradient was asked for");
-            assert_close(&format!("db {what}"), &host(&b, &bias), &db, 1e-5);
+            assert_close(&format!("db {what}"), &host(&b, &bias), &db, c.tolerance());
 
             let without = b
                 .conv2d_backward(

@@ -74,7 +74,7 @@ pub(super) fn gemm_into(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
-    gemm_strided(dst, b.cols, 1, a, b, accumulate, parallelism);
+    gemm_into_strided(dst, b.cols, 1, a, b, accumulate, parallelism);
 }
 
 /// [`gemm_into`] with a column-major destination (element `(i, j)` at `dst[i + j · a.rows]`), which lets
@@ -86,7 +86,7 @@ pub(super) fn gemm_into_col_major(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
-    gemm_strided(dst, 1, a.rows, a, b, accumulate, parallelism);
+    gemm_into_strided(dst, 1, a.rows, a, b, accumulate, parallelism);
 }
 
 /// [`gemm_into`] into the first `b.cols` columns of a row-major destination with row stride
@@ -99,10 +99,12 @@ pub(super) fn gemm_into_rows(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
-    gemm_strided(dst, dst_row_stride, 1, a, b, accumulate, parallelism);
+    gemm_into_strided(dst, dst_row_stride, 1, a, b, accumulate, parallelism);
 }
 
-fn gemm_strided(
+/// [`gemm_into`] into a destination with any strides: element `(i, j)` at
+/// `dst[i · dst_row_stride + j · dst_col_stride]`.
+pub(super) fn gemm_into_strided(
     dst: &mut [f32],
     dst_row_stride: usize,
     dst_col_stride: usize,

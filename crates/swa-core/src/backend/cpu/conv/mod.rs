@@ -21,6 +21,9 @@ use rayon::prelude::*;
 
 use gemm::Parallelism;
 
+mod shifted;
+mod winograd;
+
 use super::matrix::{
     contiguous, gemm_into, gemm_into_col_major, gemm_into_rows, into_tensor, parallelism, zeroed,
     MatRef,
@@ -34,6 +37,26 @@ const TARGET_COLUMNS: usize = 256;
 /// Output planes up to this many pixels are convolved over the whole batch at once (see
 /// [`Geometry::whole_batch`]).
 const WHOLE_BATCH_MAX_PLANE: usize = 16;
+
+/// Stride-1 convolutions whose output planes have at most this many pixels, and whose input and output
+/// have at least [`SHIFTED_MIN_CHANNELS`] channels, run as shifted GEMMs (see [`shifted`]).
+const SHIFTED_MAX_PLANE: usize = 64;
+
+/// See [`SHIFTED_MAX_PLANE`]: with fewer channels the per-position GEMMs are too short to run at speed.
+const SHIFTED_MIN_CHANNELS: usize = 128;
+
+/// 3×3 convolutions that [`winograd::fits`] run as F(2×2, 3×3) when both channel counts are at least this,
+/// there are at least [`WINOGRAD_MIN_TILES`] output tiles and the output plane has at most
+/// [`WINOGRAD_MAX_PLANE`] pixels. With fewer channels the 16 GEMMs are too thin to pay for the transforms.
+const WINOGRAD_MIN_CHANNELS: usize = 128;
+
+/// See [`WINOGRAD_MIN_CHANNELS`]: the weights are transformed once per call, which needs enough tiles to
+/// pay for itself; below this (VGG-16's 4×4 layers at batch 128) the shifted GEMMs were measured faster.
+const WINOGRAD_MIN_TILES: usize = 1024;
+
+/// See [`WINOGRAD_MIN_CHANNELS`]: the transformed input and the products are four times the size of the
+/// activations; on larger planes they no longer stay in cache and `im2col` was measured faster.
+const WINOGRAD_MAX_PLANE: usize = 64;
 
 /// Columns of the unrolled input handled at once for a large image.
 const TILE_COLUMNS: usize = 256;
@@ -165,6 +188,24 @@ impl Geometry {
     /// result is the same for a given thread count.
     fn whole_batch(&self) -> bool {
         self.out_plane() <= WHOLE_BATCH_MAX_PLANE && !self.is_pointwise() && self.batch > 1
+    }
+
+    /// Whether to run as one GEMM per kernel position on pixel-major activations ([`shifted`]): for small
+    /// planes, where padding makes up much of `im2col`'s unrolled input, with enough channels that each
+    /// kernel position's GEMM runs at speed.
+    fn shifted(&self) -> bool {
+        self.stride == 1
+            && self.kernel > 1
+            && self.out_plane() <= SHIFTED_MAX_PLANE
+            && self.in_channels.min(self.out_channels) >= SHIFTED_MIN_CHANNELS
+    }
+
+    /// Whether to run by Winograd's F(2×2, 3×3) ([`winograd`]).
+    fn winograd(&self) -> bool {
+        winograd::fits(self)
+            && self.in_channels.min(self.out_channels) >= WINOGRAD_MIN_CHANNELS
+            && self.batch * self.out_plane() / 4 >= WINOGRAD_MIN_TILES
+            && self.out_plane() <= WINOGRAD_MAX_PLANE
     }
 
     /// This convolution restricted to a single input channel, used to unroll one channel's rows.
@@ -517,6 +558,7 @@ fn gradients_whole_batch(
 #[derive(Default)]
 struct Scratch {
     col: Vec<f32>,
+    weights: Vec<f32>,
     grouped: Vec<f32>,
     output_gradient: Vec<f32>,
 }
@@ -534,6 +576,14 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
         Ok(mut scratch) => f(&mut scratch),
         Err(_) => f(&mut Scratch::default()),
     })
+}
+
+/// `len` rounded up to an odd number of 64-byte cache lines: the row pitch of a scratch matrix, so that
+/// walking down a column (as GEMM packing does) does not keep landing in the same cache sets, as it would
+/// for the power-of-two rows of the paper's networks.
+fn padded_pitch(len: usize) -> usize {
+    const LINE: usize = 16;
+    (len.div_ceil(LINE) | 1) * LINE
 }
 
 fn resized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
@@ -642,8 +692,18 @@ pub(super) fn forward(
     let par = parallelism(chunks < threads);
     let weight = MatRef::row_major(&w, g.out_channels, g.patch());
 
-    if g.whole_batch() {
-        with_scratch(|scratch| forward_whole_batch(&g, weight, &x, &mut y, scratch));
+    if g.winograd() {
+        with_scratch(|scratch| winograd::forward(&g, &w, &x, bias.as_deref(), &mut y, scratch));
+        return into_tensor("conv2d", &g.output_shape(), y);
+    }
+    if g.shifted() || g.whole_batch() {
+        with_scratch(|scratch| {
+            if g.shifted() {
+                shifted::forward(&g, &w, &x, &mut y, scratch);
+            } else {
+                forward_whole_batch(&g, weight, &x, &mut y, scratch);
+            }
+        });
         if let Some(b) = &bias {
             y.par_chunks_mut(g.out_image()).for_each(|image| {
                 for (plane, &b) in image.chunks_exact_mut(g.out_plane()).zip(b.iter()) {
@@ -699,10 +759,8 @@ pub(super) fn backward(
     let bias = need_bias.then(|| bias_gradient(&g, &dy));
     let (dx, dw) = if g.batch == 0 || g.out_plane() == 0 {
         (vec![0.0; g.batch * g.in_image()], vec![0.0; weight_len])
-    } else if g.whole_batch() {
-        with_scratch(|scratch| gradients_whole_batch(&g, &x, &w, &dy, need_input, scratch))
     } else {
-        input_and_weight_gradients(&g, &x, &w, &dy, need_input)
+        gradients(&g, &x, &w, &dy, need_input)
     };
 
     let input = if need_input {
@@ -726,6 +784,34 @@ pub(super) fn backward(
         )?,
         bias,
     })
+}
+
+/// The input gradient (when `need_input`, else empty) and the weight gradient, by the fastest method for
+/// the geometry.
+fn gradients(
+    g: &Geometry,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    need_input: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    if let Some(t) = g
+        .input_gradient_as_convolution()
+        .filter(|_| need_input && g.winograd())
+    {
+        let (_, dw) = gradients(g, x, w, dy, false);
+        let flipped = g.flipped_weight(w);
+        let mut dx = zeroed(g.batch * g.in_image());
+        with_scratch(|scratch| winograd::forward(&t, &flipped, dy, None, &mut dx, scratch));
+        return (dx, dw);
+    }
+    if g.shifted() {
+        with_scratch(|scratch| shifted::gradients(g, x, w, dy, need_input, scratch))
+    } else if g.whole_batch() {
+        with_scratch(|scratch| gradients_whole_batch(g, x, w, dy, need_input, scratch))
+    } else {
+        input_and_weight_gradients(g, x, w, dy, need_input)
+    }
 }
 
 /// Sums `dy` over the batch and the positions of each output channel: per image and channel in f32 with

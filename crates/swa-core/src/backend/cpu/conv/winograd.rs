@@ -1,0 +1,419 @@
+//! 3×3 stride-1 convolutions with padding 1 by Winograd's minimal filtering F(2×2, 3×3) (Lavin and Gray,
+//! "Fast Algorithms for Convolutional Neural Networks", CVPR 2016).
+//!
+//! Each 2×2 block of outputs is computed from the 4×4 block of inputs around it with 16 products per
+//! channel pair instead of 36: the weights and the input blocks are transformed (`U = G g Gᵀ`,
+//! `V = Bᵀ d B`), multiplied element-wise at each of the 16 positions and summed over input channels
+//! (one GEMM `U_ξ · V_ξ` per position ξ), and transformed back (`Y = Aᵀ M A`). The GEMMs do 2.25× fewer
+//! multiplications than `im2col`'s. The input gradient of such a convolution is again one (the weight
+//! flipped and transposed, see [`Geometry::input_gradient_as_convolution`]), so it takes this path too.
+//!
+//! The transforms' coefficients are 0, ±1 and ±½, so the only rounding beyond a direct convolution's
+//! comes from the few extra additions of the transforms. Every GEMM runs on one thread, the 16 of them in
+//! parallel, and the transforms in parallel over channels and images: no sum depends on the scheduling,
+//! so results are bit-identical whatever the thread count.
+
+use rayon::prelude::*;
+
+use gemm::Parallelism;
+
+use super::super::matrix::{gemm_into_strided, MatRef};
+use super::shifted::{from_pixel_major, to_pixel_major};
+use super::{padded_pitch, resized, Geometry, Scratch};
+
+/// Positions of a transformed 4×4 block.
+const POSITIONS: usize = 16;
+
+/// Whether `g` can run as F(2×2, 3×3): a 3×3 stride-1 convolution with padding 1 on even planes.
+pub(super) fn fits(g: &Geometry) -> bool {
+    g.kernel == 3
+        && g.stride == 1
+        && g.padding == 1
+        && g.height % 2 == 0
+        && g.width % 2 == 0
+        && g.height > 0
+        && g.width > 0
+}
+
+/// `U[ξ][co][ci] = (G g Gᵀ)[ξ]` for `w` `[Cout, Cin, 3, 3]`, position-major with rows `pitch` apart.
+fn transform_weights(
+    w: &[f32],
+    out_channels: usize,
+    in_channels: usize,
+    pitch: usize,
+    u: &mut [f32],
+) {
+    let position_len = out_channels * pitch;
+    let mut rows: Vec<Vec<&mut [f32]>> = (0..out_channels).map(|_| Vec::new()).collect();
+    for position in u.chunks_mut(position_len) {
+        for (co, row) in position.chunks_mut(pitch).enumerate() {
+            rows[co].push(row);
+        }
+    }
+    rows.par_iter_mut().enumerate().for_each(|(co, out)| {
+        for ci in 0..in_channels {
+            let g = &w[(co * in_channels + ci) * 9..][..9];
+            // t = G g (4×3), then u = t Gᵀ (4×4).
+            let mut t = [[0.0f32; 3]; 4];
+            for c in 0..3 {
+                let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
+                t[0][c] = g0;
+                t[1][c] = 0.5 * (g0 + g1 + g2);
+                t[2][c] = 0.5 * (g0 - g1 + g2);
+                t[3][c] = g2;
+            }
+            for (r, t) in t.iter().enumerate() {
+                let u = [
+                    t[0],
+                    0.5 * (t[0] + t[1] + t[2]),
+                    0.5 * (t[0] - t[1] + t[2]),
+                    t[2],
+                ];
+                for (c, &v) in u.iter().enumerate() {
+                    out[r * 4 + c][ci] = v;
+                }
+            }
+        }
+    });
+}
+
+/// Values of a tile position handled at once: the batch is innermost, so each of a tile's 16 inputs is a
+/// run of consecutive images, and the transforms run on fixed-size arrays that the compiler vectorises.
+const LANES: usize = 32;
+
+/// `V[ξ][ci][t] = (Bᵀ d B)[ξ]` for every 4×4 input block `d`, from the pixel-major input `xt`
+/// `[Cin, H, W, N]` (channels `in_pitch` apart); tile `t` = (tile row, tile column, image), position-major
+/// with rows `pitch` apart.
+fn transform_input(g: &Geometry, xt: &[f32], in_pitch: usize, pitch: usize, v: &mut [f32]) {
+    let (tiles_h, tiles_w, n) = (g.height / 2, g.width / 2, g.batch);
+    let position_len = g.in_channels * pitch;
+    let mut rows: Vec<Vec<&mut [f32]>> = (0..g.in_channels).map(|_| Vec::new()).collect();
+    for position in v.chunks_mut(position_len) {
+        for (ci, row) in position.chunks_mut(pitch).enumerate() {
+            rows[ci].push(row);
+        }
+    }
+    rows.par_iter_mut().enumerate().for_each(|(ci, out)| {
+        let channel = &xt[ci * in_pitch..];
+        for i in 0..tiles_h {
+            for j in 0..tiles_w {
+                let tile = (i * tiles_w + j) * n;
+                for k0 in (0..n).step_by(LANES) {
+                    let len = LANES.min(n - k0);
+                    let mut d = [[[0.0f32; LANES]; 4]; 4];
+                    for (r, d) in d.iter_mut().enumerate() {
+                        let Some(ih) = (2 * i + r).checked_sub(1).filter(|&h| h < g.height) else {
+                            continue;
+                        };
+                        for (c, d) in d.iter_mut().enumerate() {
+                            let Some(iw) = (2 * j + c).checked_sub(1).filter(|&w| w < g.width)
+                            else {
+                                continue;
+                            };
+                            d[..len]
+                                .copy_from_slice(&channel[(ih * g.width + iw) * n + k0..][..len]);
+                        }
+                    }
+                    // s = Bᵀ d, then v = s B, lane by lane.
+                    let mut v = [[0.0f32; LANES]; POSITIONS];
+                    for k in 0..LANES {
+                        let mut s = [[0.0f32; 4]; 4];
+                        for c in 0..4 {
+                            s[0][c] = d[0][c][k] - d[2][c][k];
+                            s[1][c] = d[1][c][k] + d[2][c][k];
+                            s[2][c] = d[2][c][k] - d[1][c][k];
+                            s[3][c] = d[1][c][k] - d[3][c][k];
+                        }
+                        for (r, s) in s.iter().enumerate() {
+                            v[r * 4][k] = s[0] - s[2];
+                            v[r * 4 + 1][k] = s[1] + s[2];
+                            v[r * 4 + 2][k] = s[2] - s[1];
+                            v[r * 4 + 3][k] = s[1] - s[3];
+                        }
+                    }
+                    for (row, v) in out.iter_mut().zip(&v) {
+                        row[tile + k0..][..len].copy_from_slice(&v[..len]);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `yt[co, 2i + a, 2j + b, n] = (Aᵀ m A)[a][b]` (plus the bias) for the products `m[ξ][co][t]`, into the
+/// pixel-major `yt` `[Cout, H, W, N]` (channels `out_pitch` apart).
+fn transform_output(
+    g: &Geometry,
+    m: &[f32],
+    pitch: usize,
+    bias: Option<&[f32]>,
+    out_pitch: usize,
+    yt: &mut [f32],
+) {
+    let (tiles_h, tiles_w, n) = (g.height / 2, g.width / 2, g.batch);
+    let position_len = g.out_channels * pitch;
+    yt.par_chunks_mut(out_pitch)
+        .enumerate()
+        .for_each(|(co, channel)| {
+            let b = bias.map_or(0.0, |b| b[co]);
+            for i in 0..tiles_h {
+                for j in 0..tiles_w {
+                    let tile = (i * tiles_w + j) * n;
+                    for k0 in (0..n).step_by(LANES) {
+                        let len = LANES.min(n - k0);
+                        let mut p = [[0.0f32; LANES]; POSITIONS];
+                        for (position, p) in p.iter_mut().enumerate() {
+                            p[..len].copy_from_slice(
+                                &m[position * position_len + co * pitch + tile + k0..][..len],
+                            );
+                        }
+                        // s = Aᵀ m (2×4), then y = s A (2×2), lane by lane.
+                        let mut y = [[0.0f32; LANES]; 4];
+                        for k in 0..LANES {
+                            let mut s = [[0.0f32; 4]; 2];
+                            for c in 0..4 {
+                                let (m0, m1, m2, m3) =
+                                    (p[c][k], p[4 + c][k], p[8 + c][k], p[12 + c][k]);
+                                s[0][c] = m0 + m1 + m2;
+                                s[1][c] = m1 - m2 - m3;
+                            }
+                            for (a, s) in s.iter().enumerate() {
+                                y[2 * a][k] = s[0] + s[1] + s[2] + b;
+                                y[2 * a + 1][k] = s[1] - s[2] - s[3] + b;
+                            }
+                        }
+                        for (q, y) in y.iter().enumerate() {
+                            let (a, c) = (q / 2, q % 2);
+                            let pixel = (2 * i + a) * g.width + 2 * j + c;
+                            channel[pixel * n + k0..][..len].copy_from_slice(&y[..len]);
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// `y = conv(x, w) + bias` for a convolution that [`fits`], `y` `[N, Cout, H, W]`.
+pub(super) fn forward(
+    g: &Geometry,
+    w: &[f32],
+    x: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let tiles = g.batch * (g.height / 2) * (g.width / 2);
+    let tile_pitch = padded_pitch(tiles);
+    let channel_pitch = padded_pitch(g.in_channels);
+    let (in_pitch, out_pitch) = (
+        padded_pitch(g.in_plane() * g.batch),
+        padded_pitch(g.out_plane() * g.batch),
+    );
+
+    let u = resized(
+        &mut scratch.weights,
+        POSITIONS * g.out_channels * channel_pitch,
+    );
+    transform_weights(w, g.out_channels, g.in_channels, channel_pitch, u);
+    let u = &*u;
+    let xt = resized(&mut scratch.output_gradient, g.in_channels * in_pitch);
+    to_pixel_major(x, g.batch, g.in_channels, g.in_plane(), in_pitch, xt);
+    let v = resized(&mut scratch.col, POSITIONS * g.in_channels * tile_pitch);
+    transform_input(g, xt, in_pitch, tile_pitch, v);
+    let v = &*v;
+
+    let m = resized(
+        &mut scratch.grouped,
+        POSITIONS * g.out_channels * tile_pitch,
+    );
+    m.par_chunks_mut(g.out_channels * tile_pitch)
+        .enumerate()
+        .for_each(|(position, product)| {
+            let weight = MatRef {
+                data: &u[position * g.out_channels * channel_pitch..],
+                rows: g.out_channels,
+                cols: g.in_channels,
+                row_stride: channel_pitch,
+                col_stride: 1,
+            };
+            let input = MatRef {
+                data: &v[position * g.in_channels * tile_pitch..],
+                rows: g.in_channels,
+                cols: tiles,
+                row_stride: tile_pitch,
+                col_stride: 1,
+            };
+            gemm_into_strided(
+                product,
+                tile_pitch,
+                1,
+                weight,
+                input,
+                false,
+                Parallelism::None,
+            );
+        });
+    // The pixel-major input is no longer needed: its buffer receives the pixel-major output.
+    let yt = resized(&mut scratch.output_gradient, g.out_channels * out_pitch);
+    transform_output(g, m, tile_pitch, bias, out_pitch, yt);
+    from_pixel_major(yt, g.batch, g.out_channels, g.out_plane(), out_pitch, y);
+}
+
+#[cfg(test)]
+mod tests {
+    //! The public tests reach this path only at full-network sizes (see `Geometry::winograd`), too large
+    //! for a direct-sum reference; these call it directly on small odd shapes.
+
+    use super::*;
+    use crate::backend::Conv2dSpec;
+
+    /// `y[n, co, oh, ow] = Σ x[n, ci, oh + kh − 1, ow + kw − 1] · w[co, ci, kh, kw]`, in f64.
+    fn direct(g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f64> {
+        let (h, wd) = (g.height as isize, g.width as isize);
+        let mut y = vec![0.0f64; g.batch * g.out_image()];
+        for n in 0..g.batch {
+            for co in 0..g.out_channels {
+                for oh in 0..h {
+                    for ow in 0..wd {
+                        let mut sum = 0.0;
+                        for ci in 0..g.in_channels {
+                            for kh in 0..3isize {
+                                for kw in 0..3isize {
+                                    let (ih, iw) = (oh + kh - 1, ow + kw - 1);
+                                    if ih < 0 || iw < 0 || ih >= h || iw >= wd {
+                                        continue;
+                                    }
+                                    let xi = ((n * g.in_channels + ci) as isize * h + ih) * wd + iw;
+                                    let wi = ((co * g.in_channels + ci) * 3 + kh as usize) * 3
+                                        + kw as usize;
+                                    sum += f64::from(x[xi as usize]) * f64::from(w[wi]);
+                                }
+                            }
+                        }
+                        y[((n * g.out_channels + co) as isize * h + oh) as usize * g.width
+                            + ow as usize] = sum;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len as u32)
+            .map(|i| {
+                let v = i
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add(seed.wrapping_mul(40_503));
+                (v >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn geometry(n: usize, cin: usize, cout: usize, h: usize, w: usize) -> Geometry {
+        let spec = Conv2dSpec {
+            stride: 1,
+            padding: 1,
+        };
+        Geometry::new("test", &[n, cin, h, w], &[cout, cin, 3, 3], spec).expect("valid geometry")
+    }
+
+    fn assert_close(what: &str, got: &[f32], want: &[f64], terms: usize) {
+        let tol = 1e-5 * (terms as f64 / 144.0).sqrt().max(1.0);
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let err = (f64::from(g) - w).abs();
+            assert!(
+                err <= tol * (1.0 + w.abs()),
+                "{what}: element {i}: got {g}, want {w}"
+            );
+        }
+    }
+
+    /// Odd channel counts, a batch that is not a multiple of the lanes, planes from 2×2 to 6×8.
+    const SHAPES: [(usize, usize, usize, usize, usize); 4] = [
+        (3, 5, 7, 4, 6),
+        (1, 2, 3, 2, 2),
+        (37, 3, 2, 2, 4),
+        (2, 9, 4, 6, 8),
+    ];
+
+    #[test]
+    fn forward_matches_the_direct_convolution() {
+        for (n, cin, cout, h, w) in SHAPES {
+            let g = geometry(n, cin, cout, h, w);
+            assert!(fits(&g));
+            let (x, wt) = (values(n * cin * h * w, 1), values(cout * cin * 9, 2));
+            let bias = values(cout, 3);
+            let mut y = vec![f32::NAN; n * cout * h * w];
+            forward(&g, &wt, &x, Some(&bias), &mut y, &mut Scratch::default());
+            let mut want = direct(&g, &x, &wt);
+            for (i, v) in want.iter_mut().enumerate() {
+                *v += f64::from(bias[(i / (h * w)) % cout]);
+            }
+            assert_close(&format!("{g:?}"), &y, &want, cin * 9);
+        }
+    }
+
+    #[test]
+    fn input_gradient_through_the_transposed_convolution_matches_the_direct_sum() {
+        for (n, cin, cout, h, w) in SHAPES {
+            let g = geometry(n, cin, cout, h, w);
+            let t = g
+                .input_gradient_as_convolution()
+                .expect("stride 1 has a transposed convolution");
+            assert!(fits(&t));
+            let (wt, dy) = (values(cout * cin * 9, 4), values(n * cout * h * w, 5));
+            let mut dx = vec![f32::NAN; n * cin * h * w];
+            forward(
+                &t,
+                &g.flipped_weight(&wt),
+                &dy,
+                None,
+                &mut dx,
+                &mut Scratch::default(),
+            );
+            // dx[n, ci, ih, iw] = Σ dy[n, co, ih − kh + 1, iw − kw + 1] · w[co, ci, kh, kw].
+            let mut want = vec![0.0f64; dx.len()];
+            let (hi, wi) = (h as isize, w as isize);
+            for b in 0..n {
+                for co in 0..cout {
+                    for oh in 0..hi {
+                        for ow in 0..wi {
+                            let d = f64::from(
+                                dy[((b * cout + co) * h + oh as usize) * w + ow as usize],
+                            );
+                            for ci in 0..cin {
+                                for kh in 0..3isize {
+                                    for kw in 0..3isize {
+                                        let (ih, iw) = (oh + kh - 1, ow + kw - 1);
+                                        if ih < 0 || iw < 0 || ih >= hi || iw >= wi {
+                                            continue;
+                                        }
+                                        let weight = wt
+                                            [((co * cin + ci) * 3 + kh as usize) * 3 + kw as usize];
+                                        want[((b * cin + ci) * h + ih as usize) * w
+                                            + iw as usize] += d * f64::from(weight);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            assert_close(&format!("dx {g:?}"), &dx, &want, cout * 9);
+        }
+    }
+
+    #[test]
+    fn only_3x3_stride_1_padding_1_on_even_planes_fits() {
+        let spec = |stride, padding| Conv2dSpec { stride, padding };
+        let fits_with = |x: [usize; 4], k: usize, s: Conv2dSpec| {
+            Geometry::new("test", &x, &[4, x[1], k, k], s).is_ok_and(|g| fits(&g))
+        };
+        assert!(fits_with([2, 3, 4, 6], 3, spec(1, 1)));
+        assert!(!fits_with([2, 3, 5, 6], 3, spec(1, 1)));
+        assert!(!fits_with([2, 3, 4, 6], 3, spec(2, 1)));
+        assert!(!fits_with([2, 3, 4, 6], 3, spec(1, 0)));
+        assert!(!fits_with([2, 3, 4, 6], 5, spec(1, 2)));
+    }
+}
