@@ -11,7 +11,15 @@
 //! order (fixed segments of chunks, each summed in order, then the segments in order), so results are
 //! bit-identical for a given thread count.
 //!
-//! Tiny output planes (the 4×4 and 2×2 layers of VGG-16) instead unroll the whole batch and run each
+//! Wide layers on small planes take one of two other paths, chosen per geometry by measurement on the
+//! paper's networks:
+//! - [`winograd`]: 3×3 stride-1 convolutions with padding 1 on planes of at most 64 pixels with enough
+//!   tiles (VGG-16's 8×8 layers) by Winograd's F(2×2, 3×3), with 2.25× fewer multiplications;
+//! - [`shifted`]: other stride-1 convolutions on such planes (VGG-16's 4×4 and 2×2 layers) as one GEMM per
+//!   kernel position over pixel-major activations, which skips the products with padding that `im2col`
+//!   makes (31% of them at 4×4, 56% at 2×2).
+//!
+//! Other tiny output planes (at most 16 pixels, fewer channels) unroll the whole batch and run each
 //! product as one GEMM split over the pool by `gemm` itself, which divides the output into tiles and keeps
 //! every element's summation order, so these results are bit-identical for a given thread count too.
 
