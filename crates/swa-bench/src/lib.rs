@@ -85,8 +85,10 @@ pub struct Settings {
     pub quick: bool,
     /// The networks of the training suite.
     pub networks: Vec<Architecture>,
-    /// Timed training steps per network, after one warm-up step.
+    /// Timed training steps per network and round, after one warm-up step.
     pub train_steps: usize,
+    /// Rounds of the training suite, each timing `train_steps` steps and then one PyTorch run.
+    pub rounds: usize,
     /// The PyTorch reference, when asked for.
     pub torch: Option<torch::TorchRunner>,
 }

@@ -91,9 +91,14 @@ struct Cli {
     )]
     networks: Vec<String>,
 
-    /// Timed training steps per network (after one warm-up step).
+    /// Timed training steps per network and round (after one warm-up step).
     #[arg(long, default_value_t = 3)]
     train_steps: usize,
+
+    /// Rounds of the training suite: each times the steps of swa-rs, then one PyTorch run, so that a
+    /// machine whose speed drifts slows both alike.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 
     /// Fewer runs and shorter spans: a smoke test whose figures are rough.
     #[arg(long)]
@@ -143,6 +148,7 @@ fn main() -> Result<()> {
         quick: cli.quick,
         networks,
         train_steps: if cli.quick { 1 } else { cli.train_steps.max(1) },
+        rounds: cli.rounds.max(1),
         torch,
     };
     let suites: Vec<Suite> = if cli.suites.is_empty() {
@@ -321,7 +327,10 @@ fn run_suite(
                     "training",
                     architecture,
                     BATCH,
-                    settings.train_steps,
+                    training::Rounds {
+                        steps: settings.train_steps,
+                        rounds: settings.rounds,
+                    },
                     Some(("GEMM peak", peak)),
                     settings.torch.as_ref(),
                     recorder,

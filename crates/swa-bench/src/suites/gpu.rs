@@ -104,7 +104,10 @@ pub fn run(settings: &Settings, recorder: &mut Recorder) -> Result<Option<Adapte
             suite,
             Architecture::PreResNet { depth: 20 },
             4,
-            2,
+            training::Rounds {
+                steps: 2,
+                rounds: 1,
+            },
             None,
             None,
             recorder,
@@ -130,7 +133,10 @@ pub fn run(settings: &Settings, recorder: &mut Recorder) -> Result<Option<Adapte
                 suite,
                 architecture,
                 BATCH,
-                settings.train_steps.max(settings.runs(5)),
+                training::Rounds {
+                    steps: settings.train_steps.max(settings.runs(5)),
+                    rounds: 1,
+                },
                 None,
                 None,
                 recorder,
