@@ -132,6 +132,28 @@ struct Plane<'a> {
     pitch: usize,
 }
 
+impl<'a> Plane<'a> {
+    /// Columns `from .. from + len` of every channel, as a `[channels, len]` matrix.
+    fn columns(self, from: usize, len: usize) -> MatRef<'a> {
+        MatRef {
+            data: &self.data[from..],
+            rows: self.channels,
+            cols: len,
+            row_stride: self.pitch,
+            col_stride: 1,
+        }
+    }
+
+    /// The `count` channels from `first` on.
+    fn channel_block(self, first: usize, count: usize) -> Plane<'a> {
+        Plane {
+            data: &self.data[first * self.pitch..],
+            channels: count,
+            pitch: self.pitch,
+        }
+    }
+}
+
 /// Which end of each [`Segment`] is read and which is written.
 #[derive(Clone, Copy)]
 enum Direction {
@@ -166,13 +188,7 @@ fn accumulate_taps<'w>(
                         Direction::Forward => (s.input, s.output),
                         Direction::Backward => (s.output, s.input),
                     };
-                    let rhs = MatRef {
-                        data: &source.data[from..],
-                        rows: source.channels,
-                        cols: s.len,
-                        row_stride: source.pitch,
-                        col_stride: 1,
-                    };
+                    let rhs = source.columns(from, s.len);
                     let out = &mut dst_block[to..];
                     gemm_into_strided(out, dst_pitch, 1, a, rhs, true, Parallelism::None);
                 }
@@ -231,10 +247,18 @@ pub(super) fn gradients(
     let taps = taps(g);
     let xt = resized(&mut scratch.col, g.in_channels * in_len);
     to_pixel_major(x, n, g.in_channels, g.in_plane(), in_len, xt);
-    let xt = &*xt;
+    let input = Plane {
+        data: xt,
+        channels: g.in_channels,
+        pitch: in_len,
+    };
     let dyt = resized(&mut scratch.output_gradient, g.out_channels * out_len);
     to_pixel_major(dy, n, g.out_channels, g.out_plane(), out_len, dyt);
-    let dyt = &*dyt;
+    let output_gradient = Plane {
+        data: dyt,
+        channels: g.out_channels,
+        pitch: out_len,
+    };
 
     // dW[co, ci, kh, kw] = Σ over the tap's blocks of dY[co, block] · X[ci, block]ᵀ.
     let mut dw = vec![0.0f32; g.out_channels * patch];
@@ -243,29 +267,15 @@ pub(super) fn gradients(
         .enumerate()
         .for_each(|(b, dw_block)| {
             let channels = dw_block.len() / patch;
+            let dy_block = output_gradient.channel_block(b * block, channels);
             for tap in &taps {
                 for (i, s) in tap.segments.iter().enumerate() {
-                    let output_gradient = MatRef {
-                        data: &dyt[b * block * out_len + s.output..],
-                        rows: channels,
-                        cols: s.len,
-                        row_stride: out_len,
-                        col_stride: 1,
-                    };
-                    let input_t = MatRef {
-                        data: &xt[s.input..],
-                        rows: g.in_channels,
-                        cols: s.len,
-                        row_stride: in_len,
-                        col_stride: 1,
-                    }
-                    .t();
                     gemm_into_strided(
                         &mut dw_block[tap.tap..],
                         patch,
                         k2,
-                        output_gradient,
-                        input_t,
+                        dy_block.columns(s.output, s.len),
+                        input.columns(s.input, s.len).t(),
                         i > 0,
                         Parallelism::None,
                     );
@@ -276,8 +286,8 @@ pub(super) fn gradients(
         return (Vec::new(), dw);
     }
 
-    // dX[ci, in block] = Σ over taps of W[:, ci, kh, kw]ᵀ · dY[:, out block]; the unrolled input's buffer
-    // is free again and receives dX pixel-major.
+    // dX[ci, in block] = Σ over taps of W[:, ci, kh, kw]ᵀ · dY[:, out block], pixel-major, in the buffer
+    // that holds the forward pass's output and is unused by the weight gradient.
     let dxt = resized(&mut scratch.grouped, g.in_channels * in_len);
     // `W[:, ci, kh, kw]ᵀ` for a block of input channels.
     let weight_t = |first: usize, channels: usize, tap: usize| MatRef {
@@ -287,12 +297,14 @@ pub(super) fn gradients(
         row_stride: k2,
         col_stride: patch,
     };
-    let source = Plane {
-        data: dyt,
-        channels: g.out_channels,
-        pitch: out_len,
-    };
-    accumulate_taps(&taps, Direction::Backward, weight_t, source, dxt, in_len);
+    accumulate_taps(
+        &taps,
+        Direction::Backward,
+        weight_t,
+        output_gradient,
+        dxt,
+        in_len,
+    );
     let mut dx = vec![0.0f32; g.batch * g.in_image()];
     from_pixel_major(dxt, n, g.in_channels, g.in_plane(), in_len, &mut dx);
     (dx, dw)

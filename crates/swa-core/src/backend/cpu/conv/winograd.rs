@@ -26,13 +26,19 @@ const POSITIONS: usize = 16;
 
 /// Whether `g` can run as F(2×2, 3×3): a 3×3 stride-1 convolution with padding 1 on even planes.
 pub(super) fn fits(g: &Geometry) -> bool {
-    g.kernel == 3
-        && g.stride == 1
-        && g.padding == 1
-        && g.height % 2 == 0
-        && g.width % 2 == 0
-        && g.height > 0
-        && g.width > 0
+    g.kernel == 3 && g.stride == 1 && g.padding == 1 && g.height % 2 == 0 && g.width % 2 == 0
+}
+
+/// The rows of a position-major buffer `[16][channels][pitch]` grouped by channel: entry `c` holds channel
+/// `c`'s row at each of the 16 positions, so that one task can fill all of a channel's rows.
+fn rows_by_channel(buffer: &mut [f32], channels: usize, pitch: usize) -> Vec<Vec<&mut [f32]>> {
+    let mut rows: Vec<Vec<&mut [f32]>> = (0..channels).map(|_| Vec::new()).collect();
+    for position in buffer.chunks_mut(channels * pitch) {
+        for (c, row) in position.chunks_mut(pitch).enumerate() {
+            rows[c].push(row);
+        }
+    }
+    rows
 }
 
 /// `U[ξ][co][ci] = (G g Gᵀ)[ξ]` for `w` `[Cout, Cin, 3, 3]`, position-major with rows `pitch` apart.
@@ -43,13 +49,7 @@ fn transform_weights(
     pitch: usize,
     u: &mut [f32],
 ) {
-    let position_len = out_channels * pitch;
-    let mut rows: Vec<Vec<&mut [f32]>> = (0..out_channels).map(|_| Vec::new()).collect();
-    for position in u.chunks_mut(position_len) {
-        for (co, row) in position.chunks_mut(pitch).enumerate() {
-            rows[co].push(row);
-        }
-    }
+    let mut rows = rows_by_channel(u, out_channels, pitch);
     rows.par_iter_mut().enumerate().for_each(|(co, out)| {
         for ci in 0..in_channels {
             let g = &w[(co * in_channels + ci) * 9..][..9];
@@ -86,13 +86,7 @@ const LANES: usize = 32;
 /// with rows `pitch` apart.
 fn transform_input(g: &Geometry, xt: &[f32], in_pitch: usize, pitch: usize, v: &mut [f32]) {
     let (tiles_h, tiles_w, n) = (g.height / 2, g.width / 2, g.batch);
-    let position_len = g.in_channels * pitch;
-    let mut rows: Vec<Vec<&mut [f32]>> = (0..g.in_channels).map(|_| Vec::new()).collect();
-    for position in v.chunks_mut(position_len) {
-        for (ci, row) in position.chunks_mut(pitch).enumerate() {
-            rows[ci].push(row);
-        }
-    }
+    let mut rows = rows_by_channel(v, g.in_channels, pitch);
     rows.par_iter_mut().enumerate().for_each(|(ci, out)| {
         let channel = &xt[ci * in_pitch..];
         for i in 0..tiles_h {
