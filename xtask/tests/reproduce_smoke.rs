@@ -81,6 +81,27 @@ fn smoke(kind: DatasetKind, layout: Layout, packaging: Packaging, name: &str) {
         stdout.contains("seed 1 swa epoch   6:"),
         "per-epoch lines are printed:\n{stdout}"
     );
+    // SGD, SWA and FGE keep the same learning rate for their first 2 epochs, before any snapshot: the
+    // later runs start from the SGD run's checkpoint there instead of training them again.
+    for run in ["swa", "fge"] {
+        assert!(
+            stdout.contains(&format!("seed 1 {run}: epochs 1-2 are the sgd run's")),
+            "{run} starts from the SGD run:\n{stdout}"
+        );
+        let history: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                out.join(name)
+                    .join(format!("preresnet8/seed-1/{run}/history.json")),
+            )
+            .expect("history.json"),
+        )
+        .expect("valid JSON");
+        assert_eq!(history["shared_epochs"], 2);
+        assert_eq!(
+            history["history"].as_array().map(Vec::len),
+            Some(if run == "swa" { 6 } else { 4 })
+        );
+    }
     check_outputs(&out, name);
     let table = std::fs::read_to_string(out.join(name).join("results.md")).expect("table");
 

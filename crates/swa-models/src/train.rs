@@ -84,6 +84,37 @@ impl RunConfig {
             every: s.every,
         })
     }
+
+    /// How many leading epochs this run and `other` train identically, given the same data: the same seed
+    /// and SGD settings, the same learning rate at every step (bit for bit), and no snapshot taken by
+    /// either. Up to that many epochs, a checkpoint of one is a checkpoint of the other
+    /// ([`Trainer::branch_from`]). The SGD and SWA runs of the paper's protocol share the epochs before
+    /// their schedules' first decay; an FGE run shares the SWA run's epochs before its cycles begin.
+    pub fn shared_epochs(&self, other: &RunConfig, steps_per_epoch: usize) -> usize {
+        if self.seed != other.seed || self.sgd != other.sgd {
+            return 0;
+        }
+        // A snapshot at the end of epoch `start − 1` (by epoch or by iteration) is in the checkpoint
+        // after `start` epochs, and the average or ensemble differs from then on.
+        let no_snapshot_before = |c: &RunConfig| {
+            c.snapshots
+                .map_or(usize::MAX, |s| s.start_epoch.saturating_sub(1))
+        };
+        let limit = self
+            .epochs
+            .min(other.epochs)
+            .min(no_snapshot_before(self))
+            .min(no_snapshot_before(other));
+        let steps = steps_per_epoch.max(1);
+        (0..limit)
+            .find(|&epoch| {
+                (0..steps).any(|step| {
+                    self.schedule.lr(epoch, step, steps).to_bits()
+                        != other.schedule.lr(epoch, step, steps).to_bits()
+                })
+            })
+            .unwrap_or(limit)
+    }
 }
 
 /// Metrics of one epoch. Fields that were not measured that epoch are `None`.
@@ -129,6 +160,9 @@ impl TrainObserver for Silent {}
 struct TrainerMeta {
     config: RunConfig,
     epochs_done: usize,
+    /// Leading epochs taken from another run's checkpoint rather than trained by this one.
+    #[serde(default)]
+    branched_epochs: usize,
     history: Vec<EpochRecord>,
     momentum: Vec<(String, Option<HostTensor>)>,
     average: Option<AverageState>,
@@ -147,8 +181,11 @@ pub struct Trainer<B: Backend> {
     average: Option<SwaAverage<B>>,
     ensemble: Option<Ensemble>,
     epochs_done: usize,
+    branched_epochs: usize,
     history: Vec<EpochRecord>,
     checkpoint_dir: Option<PathBuf>,
+    /// Epoch counts whose checkpoints survive newer ones, for other runs to branch from.
+    kept_checkpoints: Vec<usize>,
 }
 
 impl<B: Backend> std::fmt::Debug for Trainer<B> {
@@ -202,8 +239,10 @@ impl<B: Backend> Trainer<B> {
             average: None,
             ensemble,
             epochs_done: 0,
+            branched_epochs: 0,
             history: Vec::new(),
             checkpoint_dir: None,
+            kept_checkpoints: Vec::new(),
         })
     }
 
@@ -220,6 +259,57 @@ impl<B: Backend> Trainer<B> {
         }
         self.checkpoint_dir = Some(dir);
         Ok(self.epochs_done)
+    }
+
+    /// Keeps the checkpoints written after these epoch counts when newer ones are written (by default only
+    /// the latest is kept), so that other runs can branch from them.
+    pub fn keep_checkpoints(&mut self, epochs: impl IntoIterator<Item = usize>) {
+        self.kept_checkpoints.extend(epochs);
+    }
+
+    /// Starts this run from `checkpoint`, a checkpoint directory written by another run, instead of
+    /// training its epochs again. Allowed when the two runs train identically up to that checkpoint
+    /// ([`RunConfig::shared_epochs`]) on the same data, which the caller guarantees; the result is then
+    /// bit-identical to training from scratch (on the CPU). The weights, momentum and history are taken
+    /// over, and a checkpoint of this run is written at once when checkpoints are on. Fails with
+    /// [`TrainError::StateMismatch`] when this run has already trained or the runs differ before that epoch.
+    /// Returns the epochs taken over.
+    pub fn branch_from(
+        &mut self,
+        checkpoint: &Path,
+        steps_per_epoch: usize,
+    ) -> Result<usize, TrainError> {
+        if self.epochs_done > 0 {
+            return Err(TrainError::StateMismatch(format!(
+                "cannot branch from {}: this run has already trained {} epochs",
+                checkpoint.display(),
+                self.epochs_done
+            )));
+        }
+        let meta = read_meta(checkpoint)?;
+        let shared = self.config.shared_epochs(&meta.config, steps_per_epoch);
+        if meta.epochs_done > shared || meta.average.is_some() {
+            return Err(TrainError::StateMismatch(format!(
+                "cannot branch from {} after {} epochs: the runs train identically for only {shared}",
+                checkpoint.display(),
+                meta.epochs_done
+            )));
+        }
+        self.load_tensors(checkpoint, &meta)?;
+        // This run's own (empty) ensemble stays: the other run's has no members before the shared end.
+        self.epochs_done = meta.epochs_done;
+        self.branched_epochs = meta.epochs_done;
+        self.history = meta.history;
+        if let Some(dir) = self.checkpoint_dir.clone() {
+            self.save_checkpoint(&dir)?;
+        }
+        Ok(self.epochs_done)
+    }
+
+    /// Leading epochs taken over from another run by [`Trainer::branch_from`] (their records in
+    /// [`Trainer::history`] are that run's, timings included).
+    pub fn branched_epochs(&self) -> usize {
+        self.branched_epochs
     }
 
     /// The configuration.
@@ -496,6 +586,7 @@ impl<B: Backend> Trainer<B> {
         let meta = TrainerMeta {
             config: self.config.clone(),
             epochs_done: self.epochs_done,
+            branched_epochs: self.branched_epochs,
             history: self.history.clone(),
             momentum: self.optimizer.state(&self.backend)?,
             average,
@@ -511,8 +602,8 @@ impl<B: Backend> Trainer<B> {
             std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
         }
         std::fs::rename(&staging, &final_dir).map_err(io(&final_dir))?;
-        for old in checkpoints(dir)? {
-            if old.1 != final_dir {
+        for old in find_checkpoints(dir)? {
+            if old.1 != final_dir && !self.kept_checkpoints.contains(&old.0) {
                 std::fs::remove_dir_all(&old.1).map_err(io(&old.1))?;
             }
         }
@@ -520,21 +611,23 @@ impl<B: Backend> Trainer<B> {
     }
 
     fn restore(&mut self, dir: &Path) -> Result<(), TrainError> {
-        let state_path = dir.join(STATE_FILE);
-        let bytes = std::fs::read(&state_path).map_err(|source| TrainError::Io {
-            path: state_path.clone(),
-            source,
-        })?;
-        let meta: TrainerMeta = serde_json::from_slice(&bytes).map_err(|e| TrainError::Format {
-            path: state_path.clone(),
-            message: e.to_string(),
-        })?;
+        let meta = read_meta(dir)?;
         if meta.config != self.config {
             return Err(TrainError::StateMismatch(format!(
                 "{} was written by a run with another configuration; use another output folder or remove it",
-                state_path.display()
+                dir.join(STATE_FILE).display()
             )));
         }
+        self.load_tensors(dir, &meta)?;
+        self.ensemble = meta.ensemble;
+        self.epochs_done = meta.epochs_done;
+        self.branched_epochs = meta.branched_epochs;
+        self.history = meta.history;
+        Ok(())
+    }
+
+    /// Loads the weights, momentum buffers and average of the checkpoint in `dir`.
+    fn load_tensors(&mut self, dir: &Path, meta: &TrainerMeta) -> Result<(), TrainError> {
         let model_path = dir.join(MODEL_FILE);
         load_module(&self.backend, self.model.as_mut(), &model_path).map_err(|e| {
             TrainError::Format {
@@ -550,11 +643,20 @@ impl<B: Backend> Trainer<B> {
             ),
             None => None,
         };
-        self.ensemble = meta.ensemble;
-        self.epochs_done = meta.epochs_done;
-        self.history = meta.history;
         Ok(())
     }
+}
+
+fn read_meta(dir: &Path) -> Result<TrainerMeta, TrainError> {
+    let state_path = dir.join(STATE_FILE);
+    let bytes = std::fs::read(&state_path).map_err(|source| TrainError::Io {
+        path: state_path.clone(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| TrainError::Format {
+        path: state_path,
+        message: e.to_string(),
+    })
 }
 
 /// Saves the SWA average's weights (with BN statistics recomputed by [`Trainer::swa_model`]) or any model
@@ -570,7 +672,13 @@ pub fn save_weights<B: Backend>(
     })
 }
 
-fn checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>, TrainError> {
+/// The complete checkpoints in `dir` (as written by a [`Trainer`] with checkpoints on), as (epochs done,
+/// directory) sorted by epoch.
+/// A folder that does not exist holds none.
+pub fn find_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>, TrainError> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
     let entries = std::fs::read_dir(dir).map_err(|source| TrainError::Io {
         path: dir.to_path_buf(),
         source,
@@ -594,7 +702,7 @@ fn checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>, TrainError> {
 }
 
 fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>, TrainError> {
-    Ok(checkpoints(dir)?.pop().map(|(_, path)| path))
+    Ok(find_checkpoints(dir)?.pop().map(|(_, path)| path))
 }
 
 /// SplitMix64's finaliser: decorrelates seeds derived from consecutive counters.

@@ -1,6 +1,7 @@
 //! The training loop: a run interrupted after any epoch and resumed from its checkpoint ends with weights,
-//! average and history bit-identical to an uninterrupted run; a diverging run stops with an error naming
-//! the epoch and step and keeps its last good checkpoint.
+//! average and history bit-identical to an uninterrupted run; so does a run started from another run's
+//! checkpoint within the epochs they share; a diverging run stops with an error naming the epoch and step
+//! and keeps its last good checkpoint.
 
 use swa_core::averaging::{BufferPolicy, WeightAveraging};
 use swa_core::schedule::{Period, Schedule};
@@ -203,4 +204,166 @@ fn a_diverging_run_names_epoch_and_step_and_keeps_the_last_good_checkpoint() {
             .expect("last good checkpoint"),
         1
     );
+}
+
+/// The SGD baseline of the original code over `budget` epochs.
+fn sgd_config(budget: usize, lr: f32) -> RunConfig {
+    RunConfig {
+        epochs: budget,
+        schedule: Schedule::original_sgd(lr, budget).expect("valid schedule"),
+        snapshots: None,
+        sgd: SgdConfig::momentum(1e-4),
+        seed: 11,
+        swa_eval_epochs: Vec::new(),
+        swa_eval_every: 0,
+    }
+}
+
+/// An SWA run averaging every epoch from `swa_start`, evaluated at the end.
+fn swa_config(epochs: usize, swa_start: usize, lr: f32) -> RunConfig {
+    RunConfig {
+        schedule: Schedule::original_swa(lr, lr / 5.0, swa_start).expect("valid schedule"),
+        snapshots: Some(Snapshots {
+            start_epoch: swa_start,
+            every: Period::Epochs(1),
+            usage: SnapshotUse::AverageWeights {
+                buffers: BufferPolicy::RecomputeLater,
+            },
+        }),
+        swa_eval_epochs: Vec::new(),
+        ..sgd_config(epochs, lr)
+    }
+}
+
+fn checkpoint_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("listing")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_run_branched_from_another_runs_checkpoint_equals_one_trained_from_scratch() {
+    let backend = CpuBackend::with_threads(2);
+    let data = Toy::new();
+    let steps = data.train_batches_per_epoch();
+    // Both keep lr 0.05 for epochs 0–2 (t = epoch / horizon ≤ 0.5), then decay differently; the SWA run's
+    // first snapshot comes after epoch 3.
+    let (sgd, swa) = (sgd_config(4, 0.05), swa_config(5, 4, 0.05));
+    assert_eq!(swa.shared_epochs(&sgd, steps), 3);
+
+    let sgd_dir = tempfile::tempdir().expect("temporary folder");
+    let mut donor = trainer(&backend, sgd);
+    donor.keep_checkpoints([3]);
+    donor
+        .with_checkpoints(sgd_dir.path())
+        .expect("empty folder");
+    donor.run(&data, &mut Silent).expect("SGD run");
+    assert_eq!(
+        checkpoint_names(sgd_dir.path()),
+        vec!["epoch-0003", "epoch-0004"],
+        "the kept checkpoint survives the newer ones"
+    );
+
+    let mut whole = trainer(&backend, swa.clone());
+    whole.run(&data, &mut Silent).expect("SWA run from scratch");
+
+    let swa_dir = tempfile::tempdir().expect("temporary folder");
+    let mut branched = trainer(&backend, swa.clone());
+    branched
+        .with_checkpoints(swa_dir.path())
+        .expect("empty folder");
+    let taken = branched
+        .branch_from(&sgd_dir.path().join("epoch-0003"), steps)
+        .expect("the runs share 3 epochs");
+    assert_eq!(taken, 3);
+    assert_eq!(checkpoint_names(swa_dir.path()), vec!["epoch-0003"]);
+    branched
+        .run(&data, &mut Silent)
+        .expect("SWA run after branching");
+
+    assert_eq!(weights(&mut branched), weights(&mut whole));
+    assert_eq!(
+        branched
+            .average()
+            .expect("averaged")
+            .to_state(&backend)
+            .expect("state"),
+        whole
+            .average()
+            .expect("averaged")
+            .to_state(&backend)
+            .expect("state")
+    );
+    let strip = |t: &Trainer<CpuBackend>| -> Vec<_> {
+        t.history()
+            .iter()
+            .map(|r| {
+                (
+                    r.epoch,
+                    r.lr_first,
+                    r.lr_last,
+                    r.train,
+                    r.test,
+                    r.swa_test,
+                    r.snapshots,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(strip(&branched), strip(&whole));
+    assert_eq!(
+        (branched.branched_epochs(), whole.branched_epochs()),
+        (3, 0)
+    );
+
+    // The count of epochs taken over survives a resume.
+    let mut resumed = trainer(&backend, swa);
+    assert_eq!(resumed.with_checkpoints(swa_dir.path()).expect("resume"), 5);
+    assert_eq!(resumed.branched_epochs(), 3);
+}
+
+#[test]
+fn branching_beyond_the_shared_epochs_or_after_training_is_refused() {
+    let backend = CpuBackend::with_threads(1);
+    let data = Toy::new();
+    let steps = data.train_batches_per_epoch();
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let mut donor = trainer(&backend, sgd_config(4, 0.05));
+    donor.with_checkpoints(dir.path()).expect("empty folder");
+    for _ in 0..4 {
+        donor.run_epoch(&data, &mut Silent).expect("SGD epoch");
+    }
+    let late = dir.path().join("epoch-0004");
+
+    let mut swa = trainer(&backend, swa_config(5, 4, 0.05));
+    match swa.branch_from(&late, steps) {
+        Err(TrainError::StateMismatch(message)) => {
+            assert!(message.contains("only 3"), "{message}")
+        }
+        other => panic!("expected a state mismatch, got {other:?}"),
+    }
+    // Another seed changes the data's augmentation and dropout from the first step: nothing is shared.
+    let mut other_seed = trainer(
+        &backend,
+        RunConfig {
+            seed: 12,
+            ..sgd_config(4, 0.05)
+        },
+    );
+    assert!(matches!(
+        other_seed.branch_from(&late, steps),
+        Err(TrainError::StateMismatch(_))
+    ));
+    let mut trained = trainer(&backend, sgd_config(4, 0.05));
+    trained.run_epoch(&data, &mut Silent).expect("epoch 1");
+    match trained.branch_from(&late, steps) {
+        Err(TrainError::StateMismatch(message)) => {
+            assert!(message.contains("already trained"), "{message}")
+        }
+        other => panic!("expected a state mismatch, got {other:?}"),
+    }
 }

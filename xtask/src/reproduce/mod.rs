@@ -199,50 +199,72 @@ fn run_all<B: Backend>(
             .map_or(test.len(), |l| l.min(test.len())),
         classes
     );
+    // Every seed's runs, each with the earlier run it starts from (`plans[recipe][seed - 1]`).
+    let plans = recipes
+        .iter()
+        .map(|recipe| {
+            let steps = CifarSource::new(train, test, recipe, 0)?.steps_per_epoch();
+            (1..=args.seeds)
+                .map(|seed| {
+                    let seed_dir = data_dir
+                        .join(recipe.architecture.to_string())
+                        .join(format!("seed-{seed}"));
+                    plan_seed(recipe, runs, seed, steps, &seed_dir)
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut total_seconds = 0.0;
-    for recipe in recipes {
-        let epochs: usize = runs
-            .iter()
-            .map(|&r| presets::run_config(recipe, r, 1).map(|c| c.epochs))
-            .sum::<Result<usize>>()?;
+    for (recipe, seeds) in recipes.iter().zip(&plans) {
+        let (mut per_seed, mut shared, mut left) = (0, 0, 0);
+        for plan in seeds.iter().flatten() {
+            let taken = plan.branch.as_ref().map_or(0, |b| b.2);
+            let done = swa_models::train::find_checkpoints(&plan.dir.join("checkpoints"))?
+                .last()
+                .map_or(0, |c| c.0);
+            left += plan.config.epochs.saturating_sub(done.max(taken));
+        }
+        // Every seed has the same runs.
+        for plan in seeds.first().into_iter().flatten() {
+            let taken = plan.branch.as_ref().map_or(0, |b| b.2);
+            per_seed += plan.config.epochs - taken;
+            shared += taken;
+        }
         let source = CifarSource::new(train, test, recipe, 0)?;
         let per_epoch = estimate_epoch_seconds(&backend, recipe, classes, &source)?;
-        let seconds = per_epoch * (epochs as f64) * args.seeds as f64;
+        let seconds = per_epoch * left as f64;
         total_seconds += seconds;
         println!(
-            "  {:<14} runs {:<12} {:>4} epochs x {} seed(s), ~{:.0} s/epoch: ~{}",
+            "  {:<14} runs {:<12} {:>4} epochs a seed ({} more shared between runs) x {} seed(s), {} to train, ~{:.0} s/epoch: ~{}",
             recipe.architecture.to_string(),
             runs.iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join(","),
-            epochs,
+            per_seed,
+            shared,
             args.seeds,
+            left,
             per_epoch,
             human_duration(seconds)
         );
     }
     println!(
-        "  estimated total: {} (epochs already in checkpoints are skipped)",
+        "  estimated total: {} (epochs already in checkpoints are not counted)",
         human_duration(total_seconds)
     );
 
-    for recipe in recipes {
-        for seed in 1..=args.seeds {
+    for (recipe, seeds) in recipes.iter().zip(&plans) {
+        for (seed, plans) in (1..).zip(seeds) {
             let source = CifarSource::new(train, test, recipe, seed)?;
-            for &run in runs {
-                let dir = data_dir
-                    .join(recipe.architecture.to_string())
-                    .join(format!("seed-{seed}"))
-                    .join(run.to_string());
+            for plan in plans {
                 train_one(
                     &backend,
                     recipe,
-                    run,
+                    plan,
                     seed,
                     classes,
                     &source,
-                    &dir,
                     args.max_epochs_per_run,
                 )?;
             }
@@ -251,25 +273,81 @@ fn run_all<B: Backend>(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One run of a seed, with what it shares with the seed's other runs.
+struct RunPlan {
+    run: RunKind,
+    config: swa_models::train::RunConfig,
+    dir: PathBuf,
+    /// Epoch counts whose checkpoints later runs start from.
+    keep: Vec<usize>,
+    /// An earlier run that trains this one's first epochs identically, and how many.
+    branch: Option<(RunKind, PathBuf, usize)>,
+}
+
+/// The runs of one seed in order. Each run starts from the checkpoint of the earlier run that shares the
+/// most leading epochs with it (SGD and SWA share the epochs before their schedules' first decay; FGE
+/// shares the SWA run's epochs before its cycles), since training those epochs again would give the
+/// same weights bit for bit.
+fn plan_seed(
+    recipe: &presets::Recipe,
+    runs: &[RunKind],
+    seed: u64,
+    steps_per_epoch: usize,
+    seed_dir: &Path,
+) -> Result<Vec<RunPlan>> {
+    let mut plans: Vec<RunPlan> = Vec::new();
+    for &run in runs {
+        let config = presets::run_config(recipe, run, seed)?;
+        let donor = plans
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, config.shared_epochs(&p.config, steps_per_epoch)))
+            .filter(|&(_, shared)| shared > 0)
+            .max_by_key(|&(i, shared)| (shared, std::cmp::Reverse(i)));
+        let branch = donor.map(|(i, shared)| {
+            plans[i].keep.push(shared);
+            (plans[i].run, plans[i].dir.join("checkpoints"), shared)
+        });
+        plans.push(RunPlan {
+            run,
+            config,
+            dir: seed_dir.join(run.to_string()),
+            keep: Vec::new(),
+            branch,
+        });
+    }
+    Ok(plans)
+}
+
 fn train_one<B: Backend>(
     backend: &B,
     recipe: &presets::Recipe,
-    run: RunKind,
+    plan: &RunPlan,
     seed: u64,
     classes: usize,
     source: &CifarSource,
-    dir: &Path,
     max_epochs: Option<usize>,
 ) -> Result<()> {
-    let config = presets::run_config(recipe, run, seed)?;
+    let (run, config, dir) = (plan.run, &plan.config, plan.dir.as_path());
     let model = recipe.architecture.build(backend, classes, seed)?;
     let eval_model = recipe.architecture.build(backend, classes, seed)?;
     let mut trainer = Trainer::new(backend.clone(), config.clone(), model, eval_model)?;
-    let done = trainer
+    trainer.keep_checkpoints(plan.keep.iter().copied());
+    let mut done = trainer
         .with_checkpoints(dir.join("checkpoints"))
         .with_context(|| format!("resuming {}", dir.display()))?;
     let label = format!("{} seed {seed} {run}", recipe.architecture);
+    if let Some((donor, donor_dir, shared)) = &plan.branch {
+        let found = swa_models::train::find_checkpoints(donor_dir)?
+            .into_iter()
+            .find(|(epochs, _)| epochs == shared);
+        if let (0, Some((_, checkpoint))) = (done, found) {
+            done = trainer
+                .branch_from(&checkpoint, source.steps_per_epoch())
+                .with_context(|| format!("{label}: starting from {}", checkpoint.display()))?;
+            println!("{label}: epochs 1-{done} are the {donor} run's (trained identically), taken from {}", checkpoint.display());
+        }
+    }
     if done >= config.epochs {
         println!("{label}: finished earlier ({done} epochs)");
     } else {
@@ -309,6 +387,7 @@ fn write_run_files<B: Backend>(
         budget: recipe.budget,
         epochs_planned: trainer.config().epochs,
         parameters: parameter_count(trainer.model() as &dyn Module<B>),
+        shared_epochs: trainer.branched_epochs(),
         history,
     };
     let json = serde_json::to_vec_pretty(&summary)?;

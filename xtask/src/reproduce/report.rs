@@ -28,6 +28,10 @@ pub struct RunSummary {
     pub epochs_planned: usize,
     /// Trainable parameters of the network.
     pub parameters: usize,
+    /// Leading epochs taken from another run of the same seed, which trained them identically; their
+    /// records are that run's and their time is counted there.
+    #[serde(default)]
+    pub shared_epochs: usize,
     /// Per-epoch metrics.
     pub history: Vec<EpochRecord>,
 }
@@ -156,7 +160,12 @@ fn rows(summaries: &[RunSummary], kind: DatasetKind) -> Vec<Row> {
                 .and_then(|a| published(kind, a));
             let wall_seconds = runs
                 .iter()
-                .flat_map(|r| r.history.iter().map(|e| e.epoch_seconds))
+                .flat_map(|r| {
+                    r.history
+                        .iter()
+                        .filter(|e| e.epoch > r.shared_epochs)
+                        .map(|e| e.epoch_seconds)
+                })
                 .sum();
             Row {
                 model: model.to_string(),
@@ -404,6 +413,8 @@ mod tests {
             budget: 4,
             epochs_planned: if run == RunKind::Swa { 6 } else { 4 },
             parameters: 1,
+            // The SWA runs' records start at epoch 4, so these epochs do not count in any case.
+            shared_epochs: if run == RunKind::Swa { 2 } else { 0 },
             history,
         };
         let sgd = |seed, acc| {
@@ -448,5 +459,24 @@ mod tests {
             .collect();
         assert_eq!(means, vec![82.0, 84.0, 85.0]);
         assert_eq!(rows[0].wall_seconds, 2.0 * (4.0 + 4.0 + 3.0 + 3.0));
+    }
+
+    #[test]
+    fn wall_time_counts_epochs_shared_by_two_runs_once() {
+        let run = |kind, shared_epochs| RunSummary {
+            model: "preresnet20".into(),
+            run: kind,
+            seed: 1,
+            budget: 4,
+            epochs_planned: 6,
+            parameters: 1,
+            shared_epochs,
+            history: (1..=6).map(|e| record(e, 50.0, None)).collect(),
+        };
+        let rows = rows(
+            &[run(RunKind::Sgd, 0), run(RunKind::Swa, 2)],
+            DatasetKind::Cifar10,
+        );
+        assert_eq!(rows[0].wall_seconds, 2.0 * (6.0 + 4.0));
     }
 }
