@@ -337,6 +337,7 @@ fn train_one<B: Backend>(
         .with_checkpoints(dir.join("checkpoints"))
         .with_context(|| format!("resuming {}", dir.display()))?;
     let label = format!("{} seed {seed} {run}", recipe.architecture);
+    let mut branched_now = false;
     if let Some((donor, donor_dir, shared)) = &plan.branch {
         let found = swa_models::train::find_checkpoints(donor_dir)?
             .into_iter()
@@ -345,13 +346,14 @@ fn train_one<B: Backend>(
             done = trainer
                 .branch_from(&checkpoint, source.steps_per_epoch())
                 .with_context(|| format!("{label}: starting from {}", checkpoint.display()))?;
+            branched_now = true;
             println!("{label}: epochs 1-{done} are the {donor} run's (trained identically), taken from {}", checkpoint.display());
         }
     }
     if done >= config.epochs {
         println!("{label}: finished earlier ({done} epochs)");
     } else {
-        if done > 0 {
+        if done > 0 && !branched_now {
             println!("{label}: resuming after epoch {done}");
         }
         let mut observer = Progress::new(&label, config.epochs, done, source.steps_per_epoch());
