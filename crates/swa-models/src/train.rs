@@ -10,7 +10,10 @@
 //! Every epoch ends with a checkpoint written atomically (a directory renamed into place), holding the
 //! weights, the momentum buffers, the average with its count, the ensemble and the history; dropout masks
 //! and data order are pure functions of (seed, epoch, step), so a resumed run repeats the uninterrupted one
-//! bit for bit on the CPU.
+//! bit for bit on the CPU. For the same reason two runs that train their first epochs identically
+//! ([`RunConfig::shared_epochs`]: the SGD and SWA runs before their schedules' first decay) need not train
+//! them twice: [`Trainer::branch_from`] starts one from the other's checkpoint, kept with
+//! [`Trainer::keep_checkpoints`].
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
