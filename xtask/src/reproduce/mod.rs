@@ -218,7 +218,7 @@ fn run_all<B: Backend>(
     for (recipe, seeds) in recipes.iter().zip(&plans) {
         let (mut per_seed, mut shared, mut left) = (0, 0, 0);
         for plan in seeds.iter().flatten() {
-            let taken = plan.branch.as_ref().map_or(0, |b| b.2);
+            let taken = plan.taken_epochs();
             let done = swa_models::train::find_checkpoints(&plan.dir.join("checkpoints"))?
                 .last()
                 .map_or(0, |c| c.0);
@@ -226,7 +226,7 @@ fn run_all<B: Backend>(
         }
         // Every seed has the same runs.
         for plan in seeds.first().into_iter().flatten() {
-            let taken = plan.branch.as_ref().map_or(0, |b| b.2);
+            let taken = plan.taken_epochs();
             per_seed += plan.config.epochs - taken;
             shared += taken;
         }
@@ -280,8 +280,25 @@ struct RunPlan {
     dir: PathBuf,
     /// Epoch counts whose checkpoints later runs start from.
     keep: Vec<usize>,
-    /// An earlier run that trains this one's first epochs identically, and how many.
-    branch: Option<(RunKind, PathBuf, usize)>,
+    /// An earlier run that trains this one's first epochs identically.
+    branch: Option<Branch>,
+}
+
+/// Where a run takes its first epochs from.
+struct Branch {
+    /// The earlier run.
+    from: RunKind,
+    /// Its checkpoint folder.
+    checkpoints: PathBuf,
+    /// The epochs both train identically.
+    epochs: usize,
+}
+
+impl RunPlan {
+    /// Epochs this run takes from an earlier one instead of training them.
+    fn taken_epochs(&self) -> usize {
+        self.branch.as_ref().map_or(0, |b| b.epochs)
+    }
 }
 
 /// The runs of one seed in order. Each run starts from the checkpoint of the earlier run that shares the
@@ -304,9 +321,13 @@ fn plan_seed(
             .map(|(i, p)| (i, config.shared_epochs(&p.config, steps_per_epoch)))
             .filter(|&(_, shared)| shared > 0)
             .max_by_key(|&(i, shared)| (shared, std::cmp::Reverse(i)));
-        let branch = donor.map(|(i, shared)| {
-            plans[i].keep.push(shared);
-            (plans[i].run, plans[i].dir.join("checkpoints"), shared)
+        let branch = donor.map(|(i, epochs)| {
+            plans[i].keep.push(epochs);
+            Branch {
+                from: plans[i].run,
+                checkpoints: plans[i].dir.join("checkpoints"),
+                epochs,
+            }
         });
         plans.push(RunPlan {
             run,
@@ -338,16 +359,20 @@ fn train_one<B: Backend>(
         .with_context(|| format!("resuming {}", dir.display()))?;
     let label = format!("{} seed {seed} {run}", recipe.architecture);
     let mut branched_now = false;
-    if let Some((donor, donor_dir, shared)) = &plan.branch {
-        let found = swa_models::train::find_checkpoints(donor_dir)?
+    if let (0, Some(branch)) = (done, &plan.branch) {
+        let found = swa_models::train::find_checkpoints(&branch.checkpoints)?
             .into_iter()
-            .find(|(epochs, _)| epochs == shared);
-        if let (0, Some((_, checkpoint))) = (done, found) {
+            .find(|(epochs, _)| *epochs == branch.epochs);
+        if let Some((_, checkpoint)) = found {
             done = trainer
                 .branch_from(&checkpoint, source.steps_per_epoch())
                 .with_context(|| format!("{label}: starting from {}", checkpoint.display()))?;
             branched_now = true;
-            println!("{label}: epochs 1-{done} are the {donor} run's (trained identically), taken from {}", checkpoint.display());
+            println!(
+                "{label}: epochs 1-{done} are the {} run's (trained identically), taken from {}",
+                branch.from,
+                checkpoint.display()
+            );
         }
     }
     if done >= config.epochs {
