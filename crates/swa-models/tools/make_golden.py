@@ -1,6 +1,6 @@
 """Makes the fixtures of swa-models' golden and shape tests from the PyTorch reference networks.
 
-    python crates/swa-models/tools/make_golden.py [--torch-ref DIR] [--out DIR]
+    python crates/swa-models/tools/make_golden.py [--torch-ref DIR] [--out DIR] [--only FAMILY]
     python crates/swa-models/tools/make_golden.py --check-load CHECKPOINT NAME CLASSES
 
 The first form writes, into crates/swa-models/tests/fixtures/:
@@ -17,7 +17,15 @@ The first form writes, into crates/swa-models/tests/fixtures/:
                                without dropout, train-mode)
                                logits and the running statistics after a train-mode pass are stored;
   torch_shapes.json            every state_dict key with its shape and dtype, and the parameter count, of
-                               each reference network for 10 and 100 classes.
+                               each reference network for 10 and 100 classes;
+  golden_train_<net>.safetensors, golden_train_<net>_io.safetensors
+                               SWA in miniature with PyTorch's own training tools: from the first file's
+                               state_dict, a few steps of torch.optim.SGD (momentum, weight decay, a new
+                               learning rate each step) on fixed batches, averaged with
+                               torch.optim.swa_utils.AveragedModel from a given step on, BatchNorm recomputed
+                               with swa_utils.update_bn, then the average's eval-mode logits. The second file
+                               holds the batches, the losses, the trained state_dict ("trained.<key>"), the
+                               averaged state_dict after the recomputation ("swa.<key>") and those logits.
 The second form loads a checkpoint written by swa-models into the reference network NAME (a key of
 torch_ref.MODELS, or preresnet<depth> / wrn<depth>x<k>) with load_state_dict(strict=True).
 
@@ -35,6 +43,13 @@ GOLDEN = {
     'preresnet47': 10,   # bottleneck blocks
     'wrn10x1': 10,       # wide basic blocks with biased convolutions; final BN momentum 0.9
 }
+TRAIN_GOLDEN = ('preresnet8', 10)
+TRAIN_BATCH = 4
+TRAIN_LRS = [0.1, 0.05, 0.05, 0.02]   # one learning rate per step
+TRAIN_MOMENTUM = 0.9
+TRAIN_WEIGHT_DECAY = 3e-4
+TRAIN_SWA_FROM = 1                    # 0-based step after which averaging starts
+TRAIN_BN_BATCHES = 2
 FORMULA_GOLDEN = {'vgg16': 10, 'vgg16bn': 10, 'preresnet164': 100, 'wrn16x4': 10, 'wrn28x10': 100}
 BATCH = 2
 
@@ -142,6 +157,52 @@ def formula_golden(ref, out):
         print(f'{name} (formula weights): eval logits[0,:3] {logits_eval[0, :3].tolist()}')
 
 
+def train_golden(ref, out):
+    name, classes = TRAIN_GOLDEN
+    torch.manual_seed(4000)
+    model = build(ref, name, classes)
+    gen = torch.Generator().manual_seed(4001)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(out, f'golden_train_{name}.safetensors'), metadata={'format': 'pt'})
+    io = {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=TRAIN_LRS[0], momentum=TRAIN_MOMENTUM,
+                                weight_decay=TRAIN_WEIGHT_DECAY)
+    swa = torch.optim.swa_utils.AveragedModel(model)
+    losses = []
+    model.train()
+    for step, lr in enumerate(TRAIN_LRS):
+        x = torch.randn(TRAIN_BATCH, 3, 32, 32, generator=gen)
+        y = torch.randint(0, classes, (TRAIN_BATCH,), generator=gen)
+        io[f'step{step}.input'] = x
+        io[f'step{step}.labels'] = y
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step >= TRAIN_SWA_FROM:
+            swa.update_parameters(model)
+    io['losses'] = torch.tensor(losses, dtype=torch.float32)
+    for k, v in model.state_dict().items():
+        io['trained.' + k] = v.detach().clone()
+    bn_batches = [torch.randn(TRAIN_BATCH, 3, 32, 32, generator=gen) for _ in range(TRAIN_BN_BATCHES)]
+    for i, b in enumerate(bn_batches):
+        io[f'bn{i}.input'] = b
+    torch.optim.swa_utils.update_bn(bn_batches, swa)
+    for k, v in swa.module.state_dict().items():
+        io['swa.' + k] = v.detach().clone()
+    test = torch.randn(TRAIN_BATCH, 3, 32, 32, generator=gen)
+    swa.eval()
+    with torch.no_grad():
+        io['test.input'] = test
+        io['test.logits'] = swa(test)
+    save_file({k: v.contiguous() for k, v in io.items()},
+              os.path.join(out, f'golden_train_{name}_io.safetensors'))
+    print(f'{name} training: losses {losses}, {int(swa.n_averaged)} snapshots averaged')
+
+
 def shapes(ref, out):
     names = list(ref.MODELS) + ['preresnet56']
     table = {}
@@ -175,6 +236,8 @@ def main():
     parser.add_argument('--torch-ref', default=os.environ.get('SWA_TORCH_REF', '/work/shared/tools'))
     parser.add_argument('--out', default=os.path.join(here, '..', 'tests', 'fixtures'))
     parser.add_argument('--check-load', nargs=3, metavar=('CHECKPOINT', 'NAME', 'CLASSES'))
+    parser.add_argument('--only', choices=['golden', 'formula', 'train', 'shapes'],
+                        help='write one family of fixtures only')
     args = parser.parse_args()
     sys.path.insert(0, args.torch_ref)
     import torch_ref as ref
@@ -183,9 +246,10 @@ def main():
         check_load(ref, *args.check_load)
         return
     os.makedirs(args.out, exist_ok=True)
-    golden(ref, args.out)
-    formula_golden(ref, args.out)
-    shapes(ref, args.out)
+    families = {'golden': golden, 'formula': formula_golden, 'train': train_golden, 'shapes': shapes}
+    for family, write in families.items():
+        if args.only in (None, family):
+            write(ref, args.out)
 
 
 if __name__ == '__main__':
