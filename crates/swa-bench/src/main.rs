@@ -292,7 +292,14 @@ fn run_suite(
                 .iter()
                 .map(|(label, n)| (label.to_string(), *n))
                 .collect();
-            averaging::run(backend, "averaging", &sizes, settings.runs(15), recorder)?;
+            averaging::run(
+                backend,
+                "averaging",
+                &sizes,
+                settings.runs(15),
+                averaging::TARGET,
+                recorder,
+            )?;
         }
         Suite::Overhead => {
             overhead::run(

@@ -9,6 +9,7 @@ use swa_core::backend::{
 
 use crate::context::{Context, GpuTensor, PoolStats};
 use crate::device::{self, GpuOptions};
+use crate::tiles::GemmTiles;
 
 /// The WGSL compute backend. Cloning is cheap: clones share one device, buffer pool and pipeline cache.
 ///
@@ -33,19 +34,26 @@ impl std::fmt::Debug for GpuBackend {
 impl GpuBackend {
     /// Opens the adapter the options select, with the adapter's own limits.
     ///
-    /// Fails with [`BackendError::NoDevice`], listing the adapters it saw, when none fits.
+    /// Fails with [`BackendError::NoDevice`], listing the adapters it saw, when none fits, and with
+    /// [`BackendError::InvalidArgument`] when the options' GEMM tiles do not fit the device.
     pub fn new(options: GpuOptions) -> BackendResult<Self> {
         let instance = device::make_instance(options.backends);
         let adapter = device::select_adapter(&instance, &options)?;
         let (device, queue) = device::open_device(&adapter)?;
         Ok(Self {
-            ctx: Arc::new(Context::new(&adapter, device, queue)),
+            ctx: Arc::new(Context::new(&adapter, device, queue, options.gemm_tiles)?),
         })
     }
 
-    /// Opens the adapter named by the `SWA_GPU_ADAPTER` environment variable, or the best one.
+    /// Opens the adapter named by the `SWA_GPU_ADAPTER` environment variable, or the best one, with the
+    /// GEMM tiles of `SWA_GPU_GEMM_TILES` when it is set.
     pub fn from_env() -> BackendResult<Self> {
-        Self::new(GpuOptions::from_env())
+        Self::new(GpuOptions::from_env()?)
+    }
+
+    /// The tile sizes of this device's matrix products.
+    pub fn gemm_tiles(&self) -> GemmTiles {
+        self.ctx.tiles
     }
 
     /// The adapter in use.

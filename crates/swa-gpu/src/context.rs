@@ -6,6 +6,7 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use swa_core::backend::{BackendError, BackendResult, HasShape};
 
 use crate::kernels::{Access, Kernel};
+use crate::tiles::GemmTiles;
 
 /// Dispatches encoded before the batch is submitted without waiting for a readback; each takes one
 /// uniform slot.
@@ -91,93 +92,6 @@ impl Drop for GpuTensor {
     }
 }
 
-/// Tile sizes of the GEMM kernels, chosen per adapter.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct GemmTiles {
-    pub bm: u32,
-    pub bn: u32,
-    pub bk: u32,
-    pub tm: u32,
-    pub tn: u32,
-}
-
-impl GemmTiles {
-    fn for_adapter(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Self {
-        let large = Self {
-            bm: 64,
-            bn: 64,
-            bk: 16,
-            tm: 4,
-            tn: 4,
-        };
-        let small = Self {
-            bm: 32,
-            bn: 32,
-            bk: 16,
-            tm: 4,
-            tn: 4,
-        };
-        let fits = |t: &Self| {
-            let threads = (t.bm / t.tm) * (t.bn / t.tn);
-            let shared = (t.bk * (t.bm + t.bn) * 4) + 2048;
-            threads <= limits.max_compute_invocations_per_workgroup
-                && t.bn / t.tn <= limits.max_compute_workgroup_size_x
-                && t.bm / t.tm <= limits.max_compute_workgroup_size_y
-                && shared <= limits.max_compute_workgroup_storage_size
-        };
-        // A CPU rasteriser runs a workgroup on one core: small tiles keep more cores busy.
-        if info.device_type != wgpu::DeviceType::Cpu && fits(&large) {
-            large
-        } else {
-            small
-        }
-    }
-
-    /// The kernel's placeholders for a mode and for vec4 loads of A and/or B.
-    pub(crate) fn substitutions(
-        &self,
-        mode: u32,
-        vec_a: bool,
-        vec_b: bool,
-    ) -> Vec<(&'static str, String)> {
-        let accessors = |name: &str, vectorised: bool| {
-            if vectorised {
-                format!(
-                    "fn {name}_at(i: u32) -> f32 {{ return {name}[i / 4u][i % 4u]; }}\n\
-                     fn {name}_vec4(i: u32) -> vec4<f32> {{ return {name}[i]; }}\n"
-                )
-            } else {
-                format!(
-                    "fn {name}_at(i: u32) -> f32 {{ return {name}[i]; }}\n\
-                     fn {name}_vec4(i: u32) -> vec4<f32> {{\n\
-                     \x20   return vec4<f32>({name}[4u * i], {name}[4u * i + 1u], {name}[4u * i + 2u], {name}[4u * i + 3u]);\n\
-                     }}\n"
-                )
-            }
-        };
-        let element = |vectorised: bool| if vectorised { "vec4<f32>" } else { "f32" };
-        vec![
-            ("{{VEC_A}}", vec_a.to_string()),
-            ("{{VEC_B}}", vec_b.to_string()),
-            ("{{LHS_ELEM}}", element(vec_a).to_string()),
-            ("{{RHS_ELEM}}", element(vec_b).to_string()),
-            (
-                "{{ACCESSORS}}",
-                accessors("lhs", vec_a) + &accessors("rhs", vec_b),
-            ),
-            ("{{BM}}", self.bm.to_string()),
-            ("{{BN}}", self.bn.to_string()),
-            ("{{BK}}", self.bk.to_string()),
-            ("{{TM}}", self.tm.to_string()),
-            ("{{TN}}", self.tn.to_string()),
-            ("{{TM_TN}}", (self.tm * self.tn).to_string()),
-            ("{{THREADS_N}}", (self.bn / self.tn).to_string()),
-            ("{{THREADS_M}}", (self.bm / self.tm).to_string()),
-            ("{{MODE}}", mode.to_string()),
-        ]
-    }
-}
-
 struct CachedPipeline {
     pipeline: wgpu::ComputePipeline,
     layout: wgpu::BindGroupLayout,
@@ -251,7 +165,14 @@ pub(crate) struct Context {
 }
 
 impl Context {
-    pub(crate) fn new(adapter: &wgpu::Adapter, device: wgpu::Device, queue: wgpu::Queue) -> Self {
+    /// A context for `device`, with `tiles` for its matrix products (checked against the device's
+    /// limits) or the adapter's default.
+    pub(crate) fn new(
+        adapter: &wgpu::Adapter,
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        tiles: Option<GemmTiles>,
+    ) -> BackendResult<Self> {
         let error = Arc::new(Mutex::new(None::<String>));
         let sink = Arc::clone(&error);
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -262,9 +183,11 @@ impl Context {
         }));
         let info = adapter.get_info();
         let limits = device.limits();
+        let tiles = tiles.unwrap_or_else(|| GemmTiles::for_adapter(&info, &limits));
+        tiles.validate(&limits)?;
         let slot_bytes = PARAM_BYTES.max(u64::from(limits.min_uniform_buffer_offset_alignment));
-        Self {
-            tiles: GemmTiles::for_adapter(&info, &limits),
+        Ok(Self {
+            tiles,
             features: device.features(),
             info,
             limits,
@@ -275,7 +198,7 @@ impl Context {
             pipelines: Mutex::default(),
             error,
             slot_bytes,
-        }
+        })
     }
 
     /// The first device error since the last check, as a typed error.

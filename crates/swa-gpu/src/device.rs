@@ -4,6 +4,8 @@ use std::fmt;
 
 use swa_core::backend::{BackendError, BackendResult};
 
+use crate::tiles::{GemmTiles, GEMM_TILES_ENV};
+
 /// The environment variable that picks an adapter: a substring of the adapter's name (case-insensitive),
 /// or one of the kinds `discrete`, `integrated`, `cpu`.
 pub const ADAPTER_ENV: &str = "SWA_GPU_ADAPTER";
@@ -79,6 +81,8 @@ pub struct GpuOptions {
     pub power_preference: wgpu::PowerPreference,
     /// The graphics APIs to look on (Vulkan, Metal, DX12 by default; `WGPU_BACKEND` overrides).
     pub backends: wgpu::Backends,
+    /// Tile sizes of the matrix products; `None` takes [`GemmTiles::for_adapter`].
+    pub gemm_tiles: Option<GemmTiles>,
 }
 
 impl Default for GpuOptions {
@@ -87,21 +91,35 @@ impl Default for GpuOptions {
             adapter: None,
             power_preference: wgpu::PowerPreference::HighPerformance,
             backends: wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY),
+            gemm_tiles: None,
         }
     }
 }
 
 impl GpuOptions {
-    /// The defaults, with the adapter taken from [`ADAPTER_ENV`] when it is set and not empty.
-    pub fn from_env() -> Self {
-        let adapter = std::env::var(ADAPTER_ENV)
-            .ok()
-            .filter(|value| !value.trim().is_empty())
-            .map(|value| AdapterSelector::parse(&value));
-        Self {
+    /// The defaults, with the adapter taken from [`ADAPTER_ENV`] and the GEMM tiles from
+    /// [`GEMM_TILES_ENV`] when they are set and not empty.
+    ///
+    /// Fails with [`BackendError::InvalidArgument`] naming the variable when the tiles cannot be read.
+    pub fn from_env() -> BackendResult<Self> {
+        let read = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .filter(|value| !value.trim().is_empty())
+        };
+        let adapter = read(ADAPTER_ENV).map(|value| AdapterSelector::parse(&value));
+        let gemm_tiles = read(GEMM_TILES_ENV)
+            .map(|value| value.parse::<GemmTiles>())
+            .transpose()
+            .map_err(|e| BackendError::InvalidArgument {
+                op: GEMM_TILES_ENV,
+                message: e.to_string(),
+            })?;
+        Ok(Self {
             adapter,
+            gemm_tiles,
             ..Self::default()
-        }
+        })
     }
 }
 

@@ -31,6 +31,7 @@ const BATCHNORM: &str = include_str!("shaders/batchnorm.wgsl");
 const POOL: &str = include_str!("shaders/pool.wgsl");
 const LOSS: &str = include_str!("shaders/loss.wgsl");
 const LERP_MANY: &str = include_str!("shaders/lerp_many.wgsl");
+const PEAK: &str = include_str!("shaders/peak.wgsl");
 
 use Access::{Read as R, Write as W};
 
@@ -157,6 +158,9 @@ kernel!(
     [R(1), R(2), W(3), W(4)]
 );
 kernel!(MEAN_LOSS, "loss", LOSS, "mean_loss", [W(4), W(5)]);
+
+// Throughput probe: 1 = one value per thread.
+kernel!(FMA_CHAINS, "peak", PEAK, "fma_chains", [W(1)]);
 
 /// The most (destination, source) pairs one fused averaging dispatch binds (`ends` holds 16 counts).
 pub(crate) const LERP_MANY_MAX_PAIRS: usize = 8;

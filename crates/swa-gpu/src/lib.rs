@@ -7,7 +7,8 @@
 //! What it owns:
 //!
 //! - device management: adapter selection ([`GpuOptions`], the `SWA_GPU_ADAPTER` environment variable),
-//!   a device with the adapter's own limits, a buffer pool that reuses allocations across training steps,
+//!   a device with the adapter's own limits, GEMM tile sizes per adapter or by choice ([`GemmTiles`]),
+//!   a buffer pool that reuses allocations across training steps,
 //!   pipelines compiled once per kernel variant, and commands batched into few submissions (a batch is
 //!   submitted only when values are read back, on [`Backend::synchronize`](swa_core::Backend::synchronize),
 //!   or when it grows large);
@@ -16,7 +17,8 @@
 //!   deterministic reductions, pooling, ReLU, dropout masks bit-identical to the CPU's, softmax
 //!   cross-entropy, the fused SGD step and the SWA averaging updates;
 //! - timing: [`GpuBackend::time_gpu`] with GPU timestamps where the adapter has them, and bandwidth probes
-//!   ([`GpuBackend::measure_copy_bandwidth`], [`GpuBackend::measure_lerp_many_bandwidth`]).
+//!   ([`GpuBackend::measure_copy_bandwidth`], [`GpuBackend::measure_lerp_many_bandwidth`]) and an
+//!   arithmetic one ([`GpuBackend::measure_fma_throughput`]), the references of swa-bench's GPU figures.
 //!
 //! What it does not: it defines no operation of its own semantics. Every result matches the CPU
 //! reference, [`swa_core::CpuBackend`], up to floating-point summation order; the tests check each
@@ -28,6 +30,8 @@
 //! - `SWA_GPU_ADAPTER`: the adapter to open, by a substring of its name (`"RTX"`, `"llvmpipe"`) or by
 //!   kind (`discrete`, `integrated`, `cpu`); by default the highest-performance adapter;
 //! - `WGPU_BACKEND`: the graphics APIs to search (`vulkan`, `metal`, `dx12`, …), default all primary ones;
+//! - `SWA_GPU_GEMM_TILES`: the matrix products' tile sizes as `BMxBNxBKxTMxTN` ([`GemmTiles`]), in place
+//!   of the adapter's default; swa-bench's `gpu` suite measures the candidates;
 //! - `SWA_REQUIRE_GPU=1`: tests that need an adapter fail instead of printing `skipped: …`
 //!   (see [`testing::backend_or_skip`]).
 //!
@@ -65,9 +69,13 @@ mod device;
 mod kernels;
 mod ops;
 pub mod testing;
+mod tiles;
 mod timing;
 
 pub use backend::GpuBackend;
 pub use context::{GpuTensor, PoolStats};
 pub use device::{available_adapters, AdapterKind, AdapterSelector, GpuOptions, ADAPTER_ENV};
-pub use timing::{Bandwidth, GpuTiming, TimingSource};
+pub use tiles::{GemmTiles, ParseGemmTilesError, GEMM_TILES_ENV};
+pub use timing::{
+    fma_probe_expected, Bandwidth, GpuTiming, Throughput, TimingSource, FMAS_PER_ITERATION,
+};

@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 use swa_core::backend::{Backend, BackendError, BackendResult, HasShape};
 
 use crate::backend::GpuBackend;
+use crate::context::{Dispatch, Params};
+use crate::kernels;
 
 /// Where a measured duration came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +26,18 @@ pub struct GpuTiming {
     pub source: TimingSource,
 }
 
+impl GpuTiming {
+    /// `amount / elapsed` in units of 10⁹ per second; infinite when no time was measured.
+    fn billions_per_second(&self, amount: u64) -> f64 {
+        let seconds = self.elapsed.as_secs_f64();
+        if seconds > 0.0 {
+            amount as f64 / seconds / 1e9
+        } else {
+            f64::INFINITY
+        }
+    }
+}
+
 /// A measured memory bandwidth.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Bandwidth {
@@ -36,14 +50,31 @@ pub struct Bandwidth {
 impl Bandwidth {
     /// Bytes moved per second, in GB/s (10⁹ bytes).
     pub fn gb_per_s(&self) -> f64 {
-        let seconds = self.timing.elapsed.as_secs_f64();
-        if seconds > 0.0 {
-            self.bytes_moved as f64 / seconds / 1e9
-        } else {
-            f64::INFINITY
-        }
+        self.timing.billions_per_second(self.bytes_moved)
     }
 }
+
+/// A measured arithmetic rate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Throughput {
+    /// Floating-point operations done (a fused multiply-add counts two).
+    pub flops: u64,
+    /// The time they took.
+    pub timing: GpuTiming,
+}
+
+impl Throughput {
+    /// Operations per second, in GFLOP/s (10⁹ per second).
+    pub fn gflops(&self) -> f64 {
+        self.timing.billions_per_second(self.flops)
+    }
+}
+
+/// Fused multiply-adds per thread and iteration of the throughput probe (eight vec4 chains).
+pub const FMAS_PER_ITERATION: u64 = 32;
+
+/// The constant `c` of the probe's chains `x ← x·(1 − c) + c`.
+const PROBE_C: f32 = 1.0 / 1024.0;
 
 impl GpuBackend {
     /// Runs `work` and measures how long the GPU took for what it queued.
@@ -180,4 +211,67 @@ impl GpuBackend {
             timing,
         })
     }
+
+    /// The device's fp32 arithmetic rate: `threads` threads each run [`FMAS_PER_ITERATION`] independent
+    /// fused multiply-adds `iterations` times (`shaders/peak.wgsl`). With enough threads to fill the
+    /// device this is its fp32 peak as this driver compiles WGSL, the reference of the matrix products'
+    /// efficiency. Returns the rate and each thread's final sum of its chains (for checking).
+    pub fn measure_fma_throughput(
+        &self,
+        threads: usize,
+        iterations: u32,
+    ) -> BackendResult<(Throughput, Vec<f32>)> {
+        let op = "measure_fma_throughput";
+        let count = u32::try_from(threads)
+            .ok()
+            .filter(|&t| t > 0)
+            .ok_or_else(|| BackendError::InvalidArgument {
+                op,
+                message: format!("{threads} threads: expected 1 to {}", u32::MAX),
+            })?;
+        let out = self.zeros(&[threads])?;
+        let params = Params::new().u(count).u(iterations).f(PROBE_C).u(0);
+        let dispatch = || {
+            self.ctx.encode(&[Dispatch::new(
+                &kernels::FMA_CHAINS,
+                params.clone(),
+                vec![&out],
+                self.ctx.grid_1d(threads),
+            )])
+        };
+        // Compiles the pipeline and warms the clocks outside the timing.
+        dispatch()?;
+        let ((), timing) = self.time_gpu(|_| dispatch())?;
+        let sums = self.to_host(&out)?;
+        Ok((
+            Throughput {
+                flops: 2 * FMAS_PER_ITERATION * u64::from(iterations) * threads as u64,
+                timing,
+            },
+            sums,
+        ))
+    }
+}
+
+/// What one thread of the throughput probe writes: the sum of its 32 chains after `iterations` steps of
+/// `x ← x·(1 − c) + c`, computed on the host in the shader's order (up to whether the shader's `fma` is
+/// fused, which WGSL leaves to the implementation).
+pub fn fma_probe_expected(thread: usize, iterations: u32) -> f32 {
+    const LANES: [f32; 4] = [0.0, 0.1, 0.2, 0.3];
+    const CHAINS: [f32; 8] = [0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07];
+    let start = (thread % 1024) as f32 / 1024.0;
+    let m = 1.0 - PROBE_C;
+    let lane_total = |lane: f32| {
+        let finals: Vec<f32> = CHAINS
+            .iter()
+            .map(|&offset| {
+                let x0 = (start + lane) + offset;
+                (0..iterations).fold(x0, |x, _| x.mul_add(m, PROBE_C))
+            })
+            .collect();
+        ((finals[0] + finals[1]) + (finals[2] + finals[3]))
+            + ((finals[4] + finals[5]) + (finals[6] + finals[7]))
+    };
+    let t: Vec<f32> = LANES.iter().map(|&l| lane_total(l)).collect();
+    (t[0] + t[1]) + (t[2] + t[3])
 }

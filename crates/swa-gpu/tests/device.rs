@@ -137,3 +137,29 @@ fn buffer_pool_reuses_allocations_across_steps() {
     );
     assert!(g.to_host(&param).unwrap().iter().all(|v| v.is_finite()));
 }
+
+/// The throughput probe does the arithmetic it counts: every thread's result is the host's.
+#[test]
+fn fma_probe_computes_every_chain_and_counts_its_operations() {
+    let Some(g) = gpu() else { return };
+    let (threads, iterations) = (1000, 50);
+    let (throughput, sums) = g.measure_fma_throughput(threads, iterations).unwrap();
+    assert_eq!(
+        throughput.flops,
+        2 * swa_gpu::FMAS_PER_ITERATION * iterations as u64 * threads as u64
+    );
+    assert!(throughput.gflops() > 0.0 && throughput.gflops().is_finite());
+    assert_eq!(sums.len(), threads);
+    for (thread, &got) in sums.iter().enumerate() {
+        let want = swa_gpu::fma_probe_expected(thread, iterations);
+        // Fused or separate multiply-adds differ by one rounding per step: far below 1e-5 of the sum.
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs(),
+            "thread {thread}: {got}, host {want}"
+        );
+    }
+    assert!(matches!(
+        g.measure_fma_throughput(0, 1),
+        Err(BackendError::InvalidArgument { .. })
+    ));
+}

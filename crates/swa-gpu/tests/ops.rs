@@ -295,32 +295,7 @@ fn dropout_masks_equal_cpu_bit_for_bit() {
 #[test]
 fn matmul_matches_cpu() {
     let Some(g) = gpu() else { return };
-    let c = cpu();
-    // (12, 20, 8) and (64, 16, 65) take the vec4 loads where not transposed.
-    for (m, k, n) in [
-        (17, 33, 9),
-        (1, 1, 1),
-        (5, 2000, 3),
-        (64, 16, 65),
-        (12, 20, 8),
-    ] {
-        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            let a_shape = if ta { [k, m] } else { [m, k] };
-            let b_shape = if tb { [n, k] } else { [k, n] };
-            let (ga, ca) = random_pair(&g, 60 + m as u64, &a_shape);
-            let (gb, cb) = random_pair(&g, 61 + n as u64, &b_shape);
-            let got = g.matmul(&ga, &gb, ta, tb).unwrap();
-            let want = c.matmul(&ca, &cb, ta, tb).unwrap();
-            let magnitudes = c.matmul(&abs(&ca), &abs(&cb), ta, tb).unwrap();
-            assert_eq!(got.dims(), &[m, n]);
-            assert_within(
-                &format!("matmul {m}×{k}×{n} ta={ta} tb={tb}"),
-                &host(&g, &got),
-                &want.iter().copied().collect::<Vec<_>>(),
-                &summation_bounds(k, &magnitudes),
-            );
-        }
-    }
+    check_matmul(&g);
 }
 
 /// Convolution forward and all gradients: 3 → 5 channels on 7×9 images, stride 1 and 2, padding 0 and
@@ -328,78 +303,7 @@ fn matmul_matches_cpu() {
 #[test]
 fn conv2d_matches_cpu() {
     let Some(g) = gpu() else { return };
-    let c = cpu();
-    for ksize in [1usize, 3] {
-        for stride in [1usize, 2] {
-            for padding in [0usize, 1] {
-                let spec = Conv2dSpec { stride, padding };
-                let case = format!("k={ksize} s={stride} p={padding}");
-                let seed = (ksize * 100 + stride * 10 + padding) as u64;
-                let (gx, cx) = random_pair(&g, seed, &[2, 3, 7, 9]);
-                let (gw, cw) = random_pair(&g, seed + 1, &[5, 3, ksize, ksize]);
-                let (gb, cb) = random_pair(&g, seed + 2, &[5]);
-                let bias = stride == 1;
-                let gy = g.conv2d(&gx, &gw, bias.then_some(&gb), spec).unwrap();
-                let cy = c.conv2d(&cx, &cw, bias.then_some(&cb), spec).unwrap();
-                let taps = 3 * ksize * ksize;
-                let mag = c
-                    .conv2d(&abs(&cx), &abs(&cw), bias.then_some(&abs(&cb)), spec)
-                    .unwrap();
-                assert_eq!(gy.dims(), cy.shape(), "{case}");
-                assert_within(
-                    &format!("conv2d {case}"),
-                    &host(&g, &gy),
-                    &cy.iter().copied().collect::<Vec<_>>(),
-                    &summation_bounds(taps + 1, &mag),
-                );
-
-                let (gdy, cdy) = random_pair(&g, seed + 3, cy.shape());
-                let gg = g.conv2d_backward(&gx, &gw, &gdy, spec, true, true).unwrap();
-                let cg = c.conv2d_backward(&cx, &cw, &cdy, spec, true, true).unwrap();
-                let cabs = c
-                    .conv2d_backward(&abs(&cx), &abs(&cw), &abs(&cdy), spec, true, true)
-                    .unwrap();
-                let pixels = cy.shape()[2] * cy.shape()[3];
-                let checks = [
-                    (
-                        "input grad",
-                        gg.input.as_ref(),
-                        cg.input.as_ref(),
-                        cabs.input.as_ref(),
-                        5 * ksize * ksize,
-                    ),
-                    (
-                        "weight grad",
-                        Some(&gg.weight),
-                        Some(&cg.weight),
-                        Some(&cabs.weight),
-                        2 * pixels,
-                    ),
-                    (
-                        "bias grad",
-                        gg.bias.as_ref(),
-                        cg.bias.as_ref(),
-                        cabs.bias.as_ref(),
-                        2 * pixels,
-                    ),
-                ];
-                for (what, got, want, mag, terms) in checks {
-                    let (got, want, mag) = (got.unwrap(), want.unwrap(), mag.unwrap());
-                    assert_eq!(got.dims(), want.shape(), "{what} {case}");
-                    assert_within(
-                        &format!("conv2d {what} {case}"),
-                        &host(&g, got),
-                        &want.iter().copied().collect::<Vec<_>>(),
-                        &summation_bounds(terms, mag),
-                    );
-                }
-                let no_extras = g
-                    .conv2d_backward(&gx, &gw, &gdy, spec, false, false)
-                    .unwrap();
-                assert!(no_extras.input.is_none() && no_extras.bias.is_none());
-            }
-        }
-    }
+    check_conv2d(&g);
 }
 
 /// Four input channels make the weights' rows (4·3·3 values) a multiple of four: the vec4 weight loads.

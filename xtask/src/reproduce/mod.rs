@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use swa_core::backend::Backend;
+use swa_core::backend::{Backend, BackendError};
 use swa_core::CpuBackend;
 use swa_data::DatasetKind;
 use swa_gpu::{GpuBackend, GpuOptions};
@@ -160,16 +160,24 @@ fn choose_device(choice: DeviceChoice, threads: Option<usize>) -> Result<Device>
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu(cpu())),
         DeviceChoice::Gpu => {
-            let gpu = GpuBackend::new(GpuOptions::from_env()).context("--device gpu")?;
+            let gpu = GpuBackend::from_env().context("--device gpu")?;
             Ok(Device::Gpu(gpu))
         }
-        DeviceChoice::Auto => match GpuBackend::new(GpuOptions::from_env()) {
-            // A software adapter (llvmpipe) is far slower than the CPU backend: only real GPUs are chosen.
-            Ok(gpu) if gpu.adapter_info().device_type != wgpu::DeviceType::Cpu => {
-                Ok(Device::Gpu(gpu))
+        DeviceChoice::Auto => {
+            match GpuBackend::new(GpuOptions::from_env().context("--device auto")?) {
+                // A software adapter (llvmpipe) is far slower than the CPU backend: only real GPUs are
+                // chosen.
+                Ok(gpu) if gpu.adapter_info().device_type != wgpu::DeviceType::Cpu => {
+                    Ok(Device::Gpu(gpu))
+                }
+                // Tiles set by the user that do not fit the GPU are a mistake to report, not a reason
+                // to train on the CPU instead.
+                Err(e @ BackendError::InvalidArgument { .. }) => {
+                    Err(anyhow::Error::new(e).context("--device auto"))
+                }
+                _ => Ok(Device::Cpu(cpu())),
             }
-            _ => Ok(Device::Cpu(cpu())),
-        },
+        }
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! An update reads the average and the weights and writes the average: 12 bytes per f32 parameter. A
 //! copy reads and writes once: 8 bytes. Both are memory-bound, so the copy's GB/s, measured on the same
-//! sizes with the same threads, is what an update can hope for; the target is 90% of it.
+//! sizes with the same threads, is what an update can hope for; the target is 90% of it on the CPU and
+//! 80% on a GPU, whose copy is a DMA transfer that kernels rarely match.
 
 use swa_core::averaging::{BufferPolicy, EmaAverage, SwaAverage, WeightAveraging};
 
@@ -21,8 +22,11 @@ pub const PAPER_SIZES: [(&str, usize); 2] = [
 /// per-tensor dispatch.
 pub const PIECES: usize = 4;
 
-/// The update's share of the copy bandwidth the project aims for.
+/// The update's share of the copy bandwidth the project aims for on the CPU.
 pub const TARGET: f64 = 0.9;
+
+/// The same on a GPU.
+pub const GPU_TARGET: f64 = 0.8;
 
 /// Bytes an averaging update moves per parameter: read the average, read the weight, write the average.
 pub const UPDATE_BYTES: f64 = 12.0;
@@ -31,12 +35,14 @@ pub const UPDATE_BYTES: f64 = 12.0;
 pub const COPY_BYTES: f64 = 8.0;
 
 /// Measures copy, SWA and EMA bandwidth for each `(label, parameters)` size, `runs` times each, the
-/// three interleaved so that a change in the machine's load affects them alike.
+/// three interleaved so that a change in the machine's load affects them alike; `target` is the
+/// update's wanted share of the copy.
 pub fn run<B: TimedBackend>(
     backend: &B,
     suite: &str,
     sizes: &[(String, usize)],
     runs: usize,
+    target: f64,
     recorder: &mut Recorder,
 ) -> Result<(), BenchError> {
     for (label, params) in sizes {
@@ -77,7 +83,7 @@ pub fn run<B: TimedBackend>(
                     "GB/s",
                     rates(update_gb, times, "averaging update")?,
                 )
-                .against("copy", copy.median, Some(Target::MinRatio(TARGET))),
+                .against("copy", copy.median, Some(Target::MinRatio(target))),
             );
         }
     }
