@@ -6,12 +6,41 @@ use rayon::prelude::*;
 use super::CpuTensor;
 use crate::backend::{dropout_keeps, BackendError, BackendResult, SgdStep};
 
+/// Elements per task of the in-place updates: 64 KiB of each operand, large enough to stream and small
+/// enough to balance the threads.
+const CHUNK_LEN: usize = 1 << 14;
+
+/// Whether an update of `len` elements is worth handing to the thread pool: below
+/// [`PARALLEL_MIN_LEN`] the hand-over costs more than the work, which matters for the many small
+/// tensors of a network (BatchNorm's scales, biases) that the optimiser and the averages visit one by one.
+pub(super) fn worth_parallel(len: usize) -> bool {
+    len >= PARALLEL_MIN_LEN
+}
+
+/// `dst += weight · (src − dst)` (the shapes were checked to agree). Every element is the same
+/// expression on every path, so results do not depend on the thread count.
 pub(super) fn lerp(dst: &mut CpuTensor, src: &CpuTensor, weight: f32) {
+    let update = |d: &mut [f32], s: &[f32]| {
+        for (d, &s) in d.iter_mut().zip(s) {
+            *d += weight * (s - *d);
+        }
+    };
+    if let (Some(d), Some(s)) = (dst.as_slice_mut(), src.as_slice()) {
+        if worth_parallel(d.len()) {
+            d.par_chunks_mut(CHUNK_LEN)
+                .zip(s.par_chunks(CHUNK_LEN))
+                .for_each(|(d, s)| update(d, s));
+        } else {
+            update(d, s);
+        }
+        return;
+    }
     Zip::from(dst)
         .and(src)
         .par_for_each(|d, &s| *d += weight * (s - *d));
 }
 
+/// One SGD step on a parameter, its gradient and its momentum buffer (the shapes were checked to agree).
 pub(super) fn sgd_step(param: &mut CpuTensor, grad: &CpuTensor, buf: &mut CpuTensor, h: &SgdStep) {
     let SgdStep {
         lr,
@@ -20,15 +49,33 @@ pub(super) fn sgd_step(param: &mut CpuTensor, grad: &CpuTensor, buf: &mut CpuTen
         dampening,
         nesterov,
     } = *h;
+    let update = |p: &mut f32, g: f32, b: &mut f32| {
+        let d = g + weight_decay * *p;
+        *b = momentum * *b + (1.0 - dampening) * d;
+        let step = if nesterov { d + momentum * *b } else { *b };
+        *p -= lr * step;
+    };
+    let chunk = |p: &mut [f32], g: &[f32], b: &mut [f32]| {
+        for ((p, &g), b) in p.iter_mut().zip(g).zip(b) {
+            update(p, g, b);
+        }
+    };
+    if let (Some(p), Some(g), Some(b)) = (param.as_slice_mut(), grad.as_slice(), buf.as_slice_mut())
+    {
+        if worth_parallel(p.len()) {
+            p.par_chunks_mut(CHUNK_LEN)
+                .zip(g.par_chunks(CHUNK_LEN))
+                .zip(b.par_chunks_mut(CHUNK_LEN))
+                .for_each(|((p, g), b)| chunk(p, g, b));
+        } else {
+            chunk(p, g, b);
+        }
+        return;
+    }
     Zip::from(param)
         .and(grad)
         .and(buf)
-        .par_for_each(|p, &g, b| {
-            let d = g + weight_decay * *p;
-            *b = momentum * *b + (1.0 - dampening) * d;
-            let step = if nesterov { d + momentum * *b } else { *b };
-            *p -= lr * step;
-        });
+        .par_for_each(|p, &g, b| update(p, g, b));
 }
 
 pub(super) fn dropout_mask(shape: &[usize], p: f32, seed: u64) -> BackendResult<CpuTensor> {

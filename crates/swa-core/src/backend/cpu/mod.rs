@@ -179,13 +179,21 @@ impl Backend for CpuBackend {
 
     fn lerp_(&self, dst: &mut CpuTensor, src: &CpuTensor, weight: f32) -> BackendResult<()> {
         same_shape("lerp_", dst, src)?;
-        self.install(|| elementwise::lerp(dst, src, weight));
+        if elementwise::worth_parallel(dst.len()) {
+            self.install(|| elementwise::lerp(dst, src, weight));
+        } else {
+            elementwise::lerp(dst, src, weight);
+        }
         Ok(())
     }
 
     fn axpy_(&self, dst: &mut CpuTensor, alpha: f32, x: &CpuTensor) -> BackendResult<()> {
         same_shape("axpy_", dst, x)?;
-        self.install(|| elementwise::axpy(dst, alpha, x));
+        if elementwise::worth_parallel(dst.len()) {
+            self.install(|| elementwise::axpy(dst, alpha, x));
+        } else {
+            elementwise::axpy(dst, alpha, x);
+        }
         Ok(())
     }
 
@@ -203,7 +211,11 @@ impl Backend for CpuBackend {
     ) -> BackendResult<()> {
         same_shape("sgd_step_", param, grad)?;
         same_shape("sgd_step_", param, momentum)?;
-        self.install(|| elementwise::sgd_step(param, grad, momentum, step));
+        if elementwise::worth_parallel(param.len()) {
+            self.install(|| elementwise::sgd_step(param, grad, momentum, step));
+        } else {
+            elementwise::sgd_step(param, grad, momentum, step);
+        }
         Ok(())
     }
 
