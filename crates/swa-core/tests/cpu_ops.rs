@@ -1229,7 +1229,7 @@ fn large_elementwise_ops_match_their_definitions() {
 // ------------------------------------------------------------------------------------------ SGD
 
 #[test]
-fn sgd_step_follows_pytorch_with_and_without_nesterov() {
+fn sgd_step_follows_its_formula_with_and_without_nesterov() {
     let b = CpuBackend::with_threads(2);
     let mut r = rng(14);
     for nesterov in [false, true] {
@@ -1250,7 +1250,9 @@ fn sgd_step_follows_pytorch_with_and_without_nesterov() {
                 let g = uniform(&mut r, 33);
                 b.sgd_step_(&mut p, &tensor(&b, &g, &[3, 11]), &mut buf, &step)
                     .expect("sgd_step_");
-                // torch.optim.SGD: d = g + wd·p; buf = d on the first step, else momentum·buf + (1 − dampening)·d.
+                // The op: d = g + wd·p; buf = momentum·buf + (1 − dampening)·d. On a zero buffer without
+                // dampening the first step is torch.optim.SGD's buf = d (swa-models' Sgd passes dampening 0
+                // on a buffer's first step, as PyTorch applies none there).
                 for i in 0..33 {
                     let d = f64::from(g[i]) + f64::from(step.weight_decay) * want_p[i];
                     want_buf[i] = if t == 0 && step.dampening == 0.0 {

@@ -31,6 +31,9 @@ pub enum TrainError {
     /// Saved state does not fit the model or run it is loaded into.
     #[error("saved state does not fit: {0}")]
     StateMismatch(String),
+    /// A training setting is out of its range (a schedule, the SWA policy, SGD's hyper-parameters).
+    #[error("invalid training configuration: {0}")]
+    InvalidConfig(String),
     /// A batch whose shape does not fit the model or the data set.
     #[error("bad batch: {0}")]
     BadBatch(String),

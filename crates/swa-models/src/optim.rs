@@ -2,6 +2,11 @@
 //!
 //! The update of each parameter is one fused backend call ([`Backend::sgd_step_`]); the optimiser only owns
 //! the momentum buffers, keyed by parameter name so that a checkpoint can restore them.
+//!
+//! As in PyTorch, a parameter's first step sets its buffer to the gradient itself (no dampening), and
+//! without momentum the step is the gradient (dampening does not apply): the backend op computes
+//! `buf = momentum·buf + (1 − dampening)·d`, so the optimiser passes dampening 0 in those cases, which
+//! on a zero buffer gives `buf = d` exactly.
 
 use serde::{Deserialize, Serialize};
 use swa_core::backend::{Backend, HasShape, SgdStep};
@@ -17,13 +22,40 @@ pub struct SgdConfig {
     pub momentum: f32,
     /// L2 penalty applied to every parameter, BatchNorm's included, as the original SWA code does.
     pub weight_decay: f32,
-    /// Dampening of the momentum update.
+    /// Dampening of the momentum update (not applied on a parameter's first step, as in PyTorch).
     pub dampening: f32,
-    /// Nesterov momentum.
+    /// Nesterov momentum (needs a positive momentum and no dampening).
     pub nesterov: bool,
 }
 
 impl SgdConfig {
+    /// Checks what PyTorch checks: finite, non-negative momentum and weight decay, a finite dampening,
+    /// and Nesterov momentum only with a positive momentum and zero dampening.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let invalid = |message: String| Err(TrainError::InvalidConfig(format!("SGD: {message}")));
+        for (name, value) in [
+            ("momentum", self.momentum),
+            ("weight decay", self.weight_decay),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return invalid(format!("{name} {value}: expected a finite value ≥ 0"));
+            }
+        }
+        if !self.dampening.is_finite() {
+            return invalid(format!(
+                "dampening {}: expected a finite value",
+                self.dampening
+            ));
+        }
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return invalid(format!(
+                "Nesterov momentum needs a positive momentum and zero dampening (momentum {}, dampening {})",
+                self.momentum, self.dampening
+            ));
+        }
+        Ok(())
+    }
+
     /// Momentum 0.9 with the given weight decay: the paper's setting.
     pub fn momentum(weight_decay: f32) -> Self {
         Self {
@@ -59,12 +91,16 @@ impl<B: Backend> Sgd<B> {
 
     /// Applies one step with learning rate `lr` to every parameter that has a gradient, then clears the
     /// gradients. Parameters without a gradient are left alone, as in PyTorch.
+    ///
+    /// Fails with [`TrainError::InvalidConfig`] when the hyper-parameters are out of range
+    /// ([`SgdConfig::validate`]).
     pub fn step(
         &mut self,
         backend: &B,
         model: &mut dyn Module<B>,
         lr: f32,
     ) -> Result<(), TrainError> {
+        self.config.validate()?;
         let step = SgdStep {
             lr,
             momentum: self.config.momentum,
@@ -92,9 +128,18 @@ impl<B: Backend> Sgd<B> {
             }
             let Some(grad) = param.grad.take() else { return };
             let result = (|| {
-                let buffer = match &mut buffers[slot].1 {
-                    Some(buffer) => buffer,
-                    empty => empty.insert(backend.zeros(param.value.dims())?),
+                // A new buffer, or no momentum, takes buf = d as PyTorch does (see the module docs).
+                let undamped = SgdStep {
+                    dampening: 0.0,
+                    ..step
+                };
+                let (buffer, step) = match &mut buffers[slot].1 {
+                    Some(buffer) if step.momentum != 0.0 => (buffer, step),
+                    Some(buffer) => {
+                        backend.fill_(buffer, 0.0)?;
+                        (buffer, undamped)
+                    }
+                    empty => (empty.insert(backend.zeros(param.value.dims())?), undamped),
                 };
                 backend.sgd_step_(&mut param.value, &grad, buffer, &step)
             })();

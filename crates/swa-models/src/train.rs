@@ -217,13 +217,14 @@ impl<B: Backend> Trainer<B> {
         if let Some(policy) = &policy {
             policy
                 .validate()
-                .map_err(|e| TrainError::StateMismatch(format!("invalid policy: {e}")))?;
+                .map_err(|e| TrainError::InvalidConfig(format!("SWA policy: {e}")))?;
         } else {
             config
                 .schedule
                 .validate()
-                .map_err(|e| TrainError::StateMismatch(format!("invalid schedule: {e}")))?;
+                .map_err(|e| TrainError::InvalidConfig(format!("schedule: {e}")))?;
         }
+        config.sgd.validate()?;
         let ensemble = matches!(
             config.snapshots,
             Some(Snapshots {

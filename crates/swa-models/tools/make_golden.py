@@ -18,6 +18,9 @@ The first form writes, into crates/swa-models/tests/fixtures/:
                                logits and the running statistics after a train-mode pass are stored;
   torch_shapes.json            every state_dict key with its shape and dtype, and the parameter count, of
                                each reference network for 10 and 100 classes;
+  golden_sgd.json              torch.optim.SGD on one 2×3 parameter for three steps of fixed gradients, under
+                               settings that exercise each of its rules (first step, dampening, no momentum,
+                               Nesterov): the settings, the gradients and the parameter after each step;
   golden_train_<net>.safetensors, golden_train_<net>_io.safetensors
                                SWA in miniature with PyTorch's own training tools: from the first file's
                                state_dict, a few steps of torch.optim.SGD (momentum, weight decay, a new
@@ -203,6 +206,35 @@ def train_golden(ref, out):
     print(f'{name} training: losses {losses}, {int(swa.n_averaged)} snapshots averaged')
 
 
+SGD_CASES = [
+    dict(lr=0.1, momentum=0.9, weight_decay=5e-4, dampening=0.0, nesterov=False),
+    dict(lr=0.1, momentum=0.9, weight_decay=5e-4, dampening=0.3, nesterov=False),
+    dict(lr=0.2, momentum=0.0, weight_decay=1e-2, dampening=0.5, nesterov=False),
+    dict(lr=0.05, momentum=0.8, weight_decay=1e-3, dampening=0.0, nesterov=True),
+]
+
+
+def sgd_golden(ref, out):
+    gen = torch.Generator().manual_seed(5000)
+    start = torch.randn(2, 3, generator=gen)
+    grads = [torch.randn(2, 3, generator=gen) for _ in range(3)]
+    cases = []
+    for settings in SGD_CASES:
+        param = torch.nn.Parameter(start.clone())
+        optimizer = torch.optim.SGD([param], **settings)
+        after = []
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+            after.append(param.detach().flatten().tolist())
+        cases.append({'settings': settings, 'after_each_step': after})
+    golden = {'start': start.flatten().tolist(), 'grads': [g.flatten().tolist() for g in grads],
+              'cases': cases}
+    with open(os.path.join(out, 'golden_sgd.json'), 'w') as f:
+        json.dump(golden, f, indent=1)
+    print(f'SGD: {len(cases)} settings, 3 steps each')
+
+
 def shapes(ref, out):
     names = list(ref.MODELS) + ['preresnet56']
     table = {}
@@ -236,7 +268,7 @@ def main():
     parser.add_argument('--torch-ref', default=os.environ.get('SWA_TORCH_REF', '/work/shared/tools'))
     parser.add_argument('--out', default=os.path.join(here, '..', 'tests', 'fixtures'))
     parser.add_argument('--check-load', nargs=3, metavar=('CHECKPOINT', 'NAME', 'CLASSES'))
-    parser.add_argument('--only', choices=['golden', 'formula', 'train', 'shapes'],
+    parser.add_argument('--only', choices=['golden', 'formula', 'train', 'sgd', 'shapes'],
                         help='write one family of fixtures only')
     args = parser.parse_args()
     sys.path.insert(0, args.torch_ref)
@@ -246,7 +278,8 @@ def main():
         check_load(ref, *args.check_load)
         return
     os.makedirs(args.out, exist_ok=True)
-    families = {'golden': golden, 'formula': formula_golden, 'train': train_golden, 'shapes': shapes}
+    families = {'golden': golden, 'formula': formula_golden, 'train': train_golden, 'sgd': sgd_golden,
+                'shapes': shapes}
     for family, write in families.items():
         if args.only in (None, family):
             write(ref, args.out)
