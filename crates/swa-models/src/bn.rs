@@ -4,7 +4,9 @@
 //! The running statistics of an average of weights are not the average of the running statistics: they are
 //! recomputed with one pass over the training data. Each batch's statistics enter with momentum
 //! `b / (n + b)` (batch size `b` after `n` images), which makes the running statistics the exact
-//! batch-size-weighted mean of the per-batch statistics, as the original code computes them.
+//! batch-size-weighted mean of the per-batch statistics, as the original code computes them. PyTorch's
+//! `update_bn` (momentum `None`) weighs every batch equally instead; the two agree whenever the batches
+//! have one size, and differ only through a smaller last batch.
 
 use swa_core::backend::Backend;
 use swa_core::params::TensorRole;
