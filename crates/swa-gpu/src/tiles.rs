@@ -148,7 +148,36 @@ impl GemmTiles {
             }
         };
         let element = |vectorised: bool| if vectorised { "vec4<f32>" } else { "f32" };
+        let (tm, tn) = (self.tm, self.tn);
+        let mut declarations = String::new();
+        let mut update = String::new();
+        let mut stores = String::new();
+        for i in 0..tm {
+            update.push_str(&format!(
+                "            let a{i} = a_tile[a_base + {i}u * THREADS_M];\n"
+            ));
+        }
+        for j in 0..tn {
+            update.push_str(&format!(
+                "            let b{j} = b_tile[b_base + {j}u * THREADS_N];\n"
+            ));
+        }
+        for i in 0..tm {
+            for j in 0..tn {
+                declarations.push_str(&format!("    var acc_{i}_{j} = 0.0;\n"));
+                update.push_str(&format!(
+                    "            acc_{i}_{j} = acc_{i}_{j} + a{i} * b{j};\n"
+                ));
+                stores.push_str(&format!(
+                    "    store_inside(wid.z, row0 + lid.y + {i}u * THREADS_M, \
+                     col0 + lid.x + {j}u * THREADS_N, acc_{i}_{j});\n"
+                ));
+            }
+        }
         vec![
+            ("{{ACC_DECL}}", declarations),
+            ("{{ACC_UPDATE}}", update),
+            ("{{ACC_STORE}}", stores),
             ("{{VEC_A}}", vec_a.to_string()),
             ("{{VEC_B}}", vec_b.to_string()),
             ("{{LHS_ELEM}}", element(vec_a).to_string()),
@@ -162,7 +191,6 @@ impl GemmTiles {
             ("{{BK}}", self.bk.to_string()),
             ("{{TM}}", self.tm.to_string()),
             ("{{TN}}", self.tn.to_string()),
-            ("{{TM_TN}}", (self.tm * self.tn).to_string()),
             ("{{THREADS_N}}", (self.bn / self.tn).to_string()),
             ("{{THREADS_M}}", (self.bm / self.tm).to_string()),
             ("{{MODE}}", mode.to_string()),

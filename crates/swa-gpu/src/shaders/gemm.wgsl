@@ -9,7 +9,8 @@
 //
 // A workgroup computes a BM × BN tile; each thread accumulates TM × TN outputs in registers, rows strided
 // by the workgroup's height and columns by its width so that neighbouring threads store neighbouring
-// columns. The K loop runs in order inside one thread, so results are deterministic. With split-K
+// columns. The accumulators, their update and their stores are unrolled for the tile shape when the
+// pipeline is created (see tiles.rs). The K loop runs in order inside one thread, so results are deterministic. With split-K
 // (workgroup z), each z slice writes its partial product to its own [M, N] block; the host sums the
 // blocks in order afterwards. Placeholders {{…}} are filled when the pipeline is created.
 //
@@ -167,9 +168,9 @@ fn main(
     let k_begin = wid.z * p.k_chunk;
     let k_end = min(p.k, k_begin + p.k_chunk);
 
-    var acc: array<f32, {{TM_TN}}>;
-    var a_reg: array<f32, {{TM}}>;
-    var b_reg: array<f32, {{TN}}>;
+    // The TM × TN accumulators are named scalars (generated for the tile shape), not an array, so that
+    // every compiler keeps them in registers: some drivers place a function-local array in memory.
+{{ACC_DECL}}
 
     for (var k0 = k_begin; k0 < k_end; k0 = k0 + BK) {
         // Neighbouring threads take neighbouring k for A (contiguous along a row-major A's rows)
@@ -226,29 +227,19 @@ fn main(
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk = kk + 1u) {
-            for (var i = 0u; i < TM; i = i + 1u) {
-                a_reg[i] = a_tile[kk * BM + lid.y + i * THREADS_M];
-            }
-            for (var j = 0u; j < TN; j = j + 1u) {
-                b_reg[j] = b_tile[kk * BN + lid.x + j * THREADS_N];
-            }
-            for (var i = 0u; i < TM; i = i + 1u) {
-                for (var j = 0u; j < TN; j = j + 1u) {
-                    acc[i * TN + j] = acc[i * TN + j] + a_reg[i] * b_reg[j];
-                }
-            }
+            let a_base = kk * BM + lid.y;
+            let b_base = kk * BN + lid.x;
+{{ACC_UPDATE}}
         }
         workgroupBarrier();
     }
 
-    for (var i = 0u; i < TM; i = i + 1u) {
-        let row = row0 + lid.y + i * THREADS_M;
-        if (row >= p.m) { continue; }
-        for (var j = 0u; j < TN; j = j + 1u) {
-            let col = col0 + lid.x + j * THREADS_N;
-            if (col < p.n) {
-                store(wid.z, row, col, acc[i * TN + j]);
-            }
-        }
+{{ACC_STORE}}
+}
+
+// Stores one accumulator when it lies inside the output.
+fn store_inside(split: u32, row: u32, col: u32, value: f32) {
+    if (row < p.m && col < p.n) {
+        store(split, row, col, value);
     }
 }
