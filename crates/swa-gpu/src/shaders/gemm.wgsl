@@ -29,6 +29,8 @@ const VEC_B: bool = {{VEC_B}};
 const THREADS_N: u32 = BN / TN;
 const THREADS_M: u32 = BM / TM;
 const THREADS: u32 = THREADS_M * THREADS_N;
+// Whether each thread's column in the B-tile loads stays the same (thread i takes column i mod BN).
+const SAME_COLUMN: bool = THREADS % BN == 0u;
 
 struct Params {
     m: u32,
@@ -91,30 +93,54 @@ fn load_a(row: u32, kk: u32) -> f32 {
     }
 }
 
-fn load_b(kk: u32, col: u32) -> f32 {
+// What a column of B decomposes into, computed once per column: the divisions it takes cost more than
+// the loads themselves. MODE 0: the column; MODE 1: image and the top-left input position of its output
+// pixel's window; MODE 2: image and the input pixel shifted by the padding; MODE 3: input channel and the
+// tap's offset from an output pixel's top-left input position.
+struct Column {
+    index: u32,
+    y: i32,
+    x: i32,
+}
+
+fn column(col: u32) -> Column {
     if (MODE == 0u) {
-        return rhs_at(kk * p.b_row_stride + col * p.b_col_stride);
+        return Column(col, 0, 0);
     } else if (MODE == 1u) {
-        // kk = (ci, ky, kx), col = (n, oy, ox)
-        let taps = p.ksize * p.ksize;
-        let ci = kk / taps;
-        let tap = kk % taps;
+        // col = (n, oy, ox)
         let pixels = p.oh * p.ow;
-        let n = col / pixels;
         let pixel = col % pixels;
-        let y = i32((pixel / p.ow) * p.stride + tap / p.ksize) - i32(p.pad);
-        let x = i32((pixel % p.ow) * p.stride + tap % p.ksize) - i32(p.pad);
-        return input_at(n, ci, y, x);
+        let y = i32((pixel / p.ow) * p.stride) - i32(p.pad);
+        let x = i32((pixel % p.ow) * p.stride) - i32(p.pad);
+        return Column(col / pixels, y, x);
     } else if (MODE == 2u) {
-        // kk = (co, ky, kx), col = (n, iy, ix): the output position whose tap (ky, kx) lands on (iy, ix).
+        // col = (n, iy, ix)
+        let pixels = p.h * p.w;
+        let pixel = col % pixels;
+        return Column(col / pixels, i32(pixel / p.w) + i32(p.pad), i32(pixel % p.w) + i32(p.pad));
+    } else {
+        // col = (ci, ky, kx)
+        let taps = p.ksize * p.ksize;
+        let tap = col % taps;
+        return Column(col / taps, i32(tap / p.ksize) - i32(p.pad), i32(tap % p.ksize) - i32(p.pad));
+    }
+}
+
+fn load_b(kk: u32, c: Column) -> f32 {
+    if (MODE == 0u) {
+        return rhs_at(kk * p.b_row_stride + c.index * p.b_col_stride);
+    } else if (MODE == 1u) {
+        // kk = (ci, ky, kx)
+        let taps = p.ksize * p.ksize;
+        let tap = kk % taps;
+        return input_at(c.index, kk / taps, c.y + i32(tap / p.ksize), c.x + i32(tap % p.ksize));
+    } else if (MODE == 2u) {
+        // kk = (co, ky, kx): the output position whose tap (ky, kx) lands on the column's input pixel.
         let taps = p.ksize * p.ksize;
         let co = kk / taps;
         let tap = kk % taps;
-        let pixels = p.h * p.w;
-        let n = col / pixels;
-        let pixel = col % pixels;
-        let ty = i32(pixel / p.w) + i32(p.pad) - i32(tap / p.ksize);
-        let tx = i32(pixel % p.w) + i32(p.pad) - i32(tap % p.ksize);
+        let ty = c.y - i32(tap / p.ksize);
+        let tx = c.x - i32(tap % p.ksize);
         let s = i32(p.stride);
         if (ty < 0 || tx < 0 || ty % s != 0 || tx % s != 0) {
             return 0.0;
@@ -124,18 +150,14 @@ fn load_b(kk: u32, col: u32) -> f32 {
         if (oy >= p.oh || ox >= p.ow) {
             return 0.0;
         }
-        return rhs_at(((n * p.cout + co) * p.oh + oy) * p.ow + ox);
+        return rhs_at(((c.index * p.cout + co) * p.oh + oy) * p.ow + ox);
     } else {
-        // kk = (n, oy, ox), col = (ci, ky, kx)
+        // kk = (n, oy, ox)
         let pixels = p.oh * p.ow;
-        let n = kk / pixels;
         let pixel = kk % pixels;
-        let taps = p.ksize * p.ksize;
-        let ci = col / taps;
-        let tap = col % taps;
-        let y = i32((pixel / p.ow) * p.stride + tap / p.ksize) - i32(p.pad);
-        let x = i32((pixel % p.ow) * p.stride + tap % p.ksize) - i32(p.pad);
-        return input_at(n, ci, y, x);
+        let y = i32((pixel / p.ow) * p.stride) + c.y;
+        let x = i32((pixel % p.ow) * p.stride) + c.x;
+        return input_at(kk / pixels, c.index, y, x);
     }
 }
 
@@ -167,6 +189,8 @@ fn main(
     let col0 = wid.x * BN;
     let k_begin = wid.z * p.k_chunk;
     let k_end = min(p.k, k_begin + p.k_chunk);
+    // With SAME_COLUMN a thread loads the same column of B at every step: decompose it once.
+    let own_column = column(col0 + tid % BN);
 
     // The TM × TN accumulators are named scalars (generated for the tile shape), not an array, so that
     // every compiler keeps them in registers: some drivers place a function-local array in memory.
@@ -220,7 +244,11 @@ fn main(
                 let c = i % BN;
                 var v = 0.0;
                 if (col0 + c < p.n && k0 + kk < k_end) {
-                    v = load_b(k0 + kk, col0 + c);
+                    var decomposed = own_column;
+                    if (!SAME_COLUMN) {
+                        decomposed = column(col0 + c);
+                    }
+                    v = load_b(k0 + kk, decomposed);
                 }
                 b_tile[kk * BN + c] = v;
             }
