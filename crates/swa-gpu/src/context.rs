@@ -123,10 +123,57 @@ impl Params {
     }
 }
 
+/// How a dispatch specialises its kernel's source. Only the short [`Variant::key`] is built at each
+/// dispatch, to find the pipeline; the placeholders' values, kilobytes of generated code for the GEMM
+/// kernel's unrolled tiles, are built when the pipeline is compiled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Variant {
+    /// The source as it is.
+    #[default]
+    Plain,
+    /// The GEMM kernel for a tile shape, an operand mode and vec4 loads of A and/or B.
+    Gemm {
+        tiles: GemmTiles,
+        mode: u32,
+        vec_a: bool,
+        vec_b: bool,
+    },
+    /// The fused averaging kernel for a number of (destination, source) pairs.
+    LerpMany { pairs: usize },
+}
+
+impl Variant {
+    fn key(&self) -> String {
+        match *self {
+            Variant::Plain => String::new(),
+            Variant::Gemm {
+                tiles,
+                mode,
+                vec_a,
+                vec_b,
+            } => format!(" tiles={tiles} mode={mode} vec_a={vec_a} vec_b={vec_b}"),
+            Variant::LerpMany { pairs } => format!(" pairs={pairs}"),
+        }
+    }
+
+    fn substitutions(&self) -> Vec<(&'static str, String)> {
+        match *self {
+            Variant::Plain => Vec::new(),
+            Variant::Gemm {
+                tiles,
+                mode,
+                vec_a,
+                vec_b,
+            } => tiles.substitutions(mode, vec_a, vec_b),
+            Variant::LerpMany { pairs } => crate::kernels::lerp_many_variant(pairs),
+        }
+    }
+}
+
 /// One kernel launch.
 pub(crate) struct Dispatch<'a> {
     pub kernel: &'static Kernel,
-    pub variant: Vec<(&'static str, String)>,
+    pub variant: Variant,
     pub params: Params,
     pub buffers: Vec<&'a GpuTensor>,
     pub groups: [u32; 3],
@@ -141,7 +188,7 @@ impl<'a> Dispatch<'a> {
     ) -> Self {
         Self {
             kernel,
-            variant: Vec::new(),
+            variant: Variant::Plain,
             params,
             buffers,
             groups,
@@ -277,17 +324,14 @@ impl Context {
     fn pipeline(
         &self,
         kernel: &'static Kernel,
-        variant: &[(&'static str, String)],
+        variant: Variant,
     ) -> BackendResult<Arc<CachedPipeline>> {
-        let mut key = format!("{}::{}", kernel.family, kernel.entry);
-        for (name, value) in variant {
-            key.push_str(&format!(" {name}={value}"));
-        }
+        let key = format!("{}::{}{}", kernel.family, kernel.entry, variant.key());
         if let Some(found) = lock(&self.pipelines).get(&key) {
             return Ok(Arc::clone(found));
         }
         let mut source = kernel.source.to_string();
-        for (name, value) in variant {
+        for (name, value) in &variant.substitutions() {
             source = source.replace(name, value);
         }
         let module = self
@@ -403,7 +447,7 @@ impl Context {
     pub(crate) fn encode(&self, dispatches: &[Dispatch<'_>]) -> BackendResult<()> {
         let pipelines = dispatches
             .iter()
-            .map(|d| self.pipeline(d.kernel, &d.variant))
+            .map(|d| self.pipeline(d.kernel, d.variant))
             .collect::<BackendResult<Vec<_>>>()?;
         let mut batch = lock(&self.batch);
         let mut next = 0;

@@ -3,7 +3,7 @@
 use swa_core::backend::{BackendError, BackendResult, HasShape, SgdStep};
 
 use crate::backend::{same_shape, u32_extent, GpuBackend};
-use crate::context::{Dispatch, GpuTensor, Params};
+use crate::context::{Dispatch, GpuTensor, Params, Variant};
 use crate::kernels::{self, Kernel};
 
 impl GpuBackend {
@@ -123,7 +123,7 @@ impl GpuBackend {
                 buffers,
                 self.ctx.grid_1d(total),
             );
-            dispatch.variant = kernels::lerp_many_variant(take);
+            dispatch.variant = Variant::LerpMany { pairs: take };
             dispatches.push(dispatch);
         }
         self.ctx.encode(&dispatches)

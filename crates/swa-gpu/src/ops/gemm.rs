@@ -3,7 +3,7 @@
 use swa_core::backend::{BackendError, BackendResult, Conv2dGrads, Conv2dSpec, HasShape};
 
 use crate::backend::{u32_extent, GpuBackend};
-use crate::context::{Dispatch, GpuTensor, Params};
+use crate::context::{Dispatch, GpuTensor, Params, Variant};
 use crate::kernels;
 
 /// Which operand loaders the GEMM kernel uses (the shader's `MODE`).
@@ -156,7 +156,12 @@ impl GpuBackend {
             GemmMode::ConvInputGrad | GemmMode::ConvWeightGrad => false,
         };
         let vec_b = mode == GemmMode::Dense && shape.b_strides.1 == 1 && shape.n % 4 == 0;
-        dispatch.variant = t.substitutions(mode as u32, vec_a, vec_b);
+        dispatch.variant = Variant::Gemm {
+            tiles: t,
+            mode: mode as u32,
+            vec_a,
+            vec_b,
+        };
         self.ctx.encode(&[dispatch])
     }
 
