@@ -131,10 +131,12 @@ pub(crate) enum Variant {
     /// The source as it is.
     #[default]
     Plain,
-    /// The GEMM kernel for a tile shape, an operand mode and vec4 loads of A and/or B.
+    /// The GEMM kernel for a tile shape, an operand mode, a convolution's kernel size (1 for dense
+    /// products) and vec4 loads of A and/or B.
     Gemm {
         tiles: GemmTiles,
         mode: u32,
+        ksize: u32,
         vec_a: bool,
         vec_b: bool,
     },
@@ -149,9 +151,10 @@ impl Variant {
             Variant::Gemm {
                 tiles,
                 mode,
+                ksize,
                 vec_a,
                 vec_b,
-            } => format!(" tiles={tiles} mode={mode} vec_a={vec_a} vec_b={vec_b}"),
+            } => format!(" tiles={tiles} mode={mode} k={ksize} vec_a={vec_a} vec_b={vec_b}"),
             Variant::LerpMany { pairs } => format!(" pairs={pairs}"),
         }
     }
@@ -162,9 +165,10 @@ impl Variant {
             Variant::Gemm {
                 tiles,
                 mode,
+                ksize,
                 vec_a,
                 vec_b,
-            } => tiles.substitutions(mode, vec_a, vec_b),
+            } => tiles.substitutions(mode, ksize, vec_a, vec_b),
             Variant::LerpMany { pairs } => crate::kernels::lerp_many_variant(pairs),
         }
     }

@@ -125,10 +125,12 @@ impl GemmTiles {
         Ok(())
     }
 
-    /// The kernel's placeholders for a mode and for vec4 loads of A and/or B.
+    /// The kernel's placeholders for a mode, a convolution's kernel size and vec4 loads of A and/or B,
+    /// with the accumulators, their update and their stores unrolled for the tile shape.
     pub(crate) fn substitutions(
         &self,
         mode: u32,
+        ksize: u32,
         vec_a: bool,
         vec_b: bool,
     ) -> Vec<(&'static str, String)> {
@@ -194,6 +196,7 @@ impl GemmTiles {
             ("{{THREADS_N}}", (self.bn / self.tn).to_string()),
             ("{{THREADS_M}}", (self.bm / self.tm).to_string()),
             ("{{MODE}}", mode.to_string()),
+            ("{{KSIZE}}", ksize.to_string()),
         ]
     }
 }

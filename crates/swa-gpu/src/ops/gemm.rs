@@ -156,9 +156,14 @@ impl GpuBackend {
             GemmMode::ConvInputGrad | GemmMode::ConvWeightGrad => false,
         };
         let vec_b = mode == GemmMode::Dense && shape.b_strides.1 == 1 && shape.n % 4 == 0;
+        let ksize = match mode {
+            GemmMode::Dense => 1,
+            _ => u("kernel", c.ksize)?,
+        };
         dispatch.variant = Variant::Gemm {
             tiles: t,
             mode: mode as u32,
+            ksize,
             vec_a,
             vec_b,
         };

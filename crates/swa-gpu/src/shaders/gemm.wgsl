@@ -24,6 +24,10 @@ const BK: u32 = {{BK}}u;
 const TM: u32 = {{TM}}u;
 const TN: u32 = {{TN}}u;
 const MODE: u32 = {{MODE}}u;
+// The convolution's kernel size (1 for dense products) is a constant of the pipeline, so that the
+// divisions that split a reduction index into channel and tap compile to multiplications.
+const KSIZE: u32 = {{KSIZE}}u;
+const TAPS: u32 = KSIZE * KSIZE;
 const VEC_A: bool = {{VEC_A}};
 const VEC_B: bool = {{VEC_B}};
 const THREADS_N: u32 = BN / TN;
@@ -80,10 +84,9 @@ fn load_a(row: u32, kk: u32) -> f32 {
         return lhs_at(row * p.k + kk);
     } else if (MODE == 2u) {
         // row = ci, kk = (co, tap)
-        let taps = p.ksize * p.ksize;
-        let co = kk / taps;
-        let tap = kk % taps;
-        return lhs_at((co * p.cin + row) * taps + tap);
+        let co = kk / TAPS;
+        let tap = kk % TAPS;
+        return lhs_at((co * p.cin + row) * TAPS + tap);
     } else {
         // row = co, kk = (n, pixel)
         let pixels = p.oh * p.ow;
@@ -120,9 +123,8 @@ fn column(col: u32) -> Column {
         return Column(col / pixels, i32(pixel / p.w) + i32(p.pad), i32(pixel % p.w) + i32(p.pad));
     } else {
         // col = (ci, ky, kx)
-        let taps = p.ksize * p.ksize;
-        let tap = col % taps;
-        return Column(col / taps, i32(tap / p.ksize) - i32(p.pad), i32(tap % p.ksize) - i32(p.pad));
+        let tap = col % TAPS;
+        return Column(col / TAPS, i32(tap / KSIZE) - i32(p.pad), i32(tap % KSIZE) - i32(p.pad));
     }
 }
 
@@ -131,16 +133,14 @@ fn load_b(kk: u32, c: Column) -> f32 {
         return rhs_at(kk * p.b_row_stride + c.index * p.b_col_stride);
     } else if (MODE == 1u) {
         // kk = (ci, ky, kx)
-        let taps = p.ksize * p.ksize;
-        let tap = kk % taps;
-        return input_at(c.index, kk / taps, c.y + i32(tap / p.ksize), c.x + i32(tap % p.ksize));
+        let tap = kk % TAPS;
+        return input_at(c.index, kk / TAPS, c.y + i32(tap / KSIZE), c.x + i32(tap % KSIZE));
     } else if (MODE == 2u) {
         // kk = (co, ky, kx): the output position whose tap (ky, kx) lands on the column's input pixel.
-        let taps = p.ksize * p.ksize;
-        let co = kk / taps;
-        let tap = kk % taps;
-        let ty = c.y - i32(tap / p.ksize);
-        let tx = c.x - i32(tap % p.ksize);
+        let co = kk / TAPS;
+        let tap = kk % TAPS;
+        let ty = c.y - i32(tap / KSIZE);
+        let tx = c.x - i32(tap % KSIZE);
         let s = i32(p.stride);
         if (ty < 0 || tx < 0 || ty % s != 0 || tx % s != 0) {
             return 0.0;
