@@ -123,9 +123,9 @@ impl Params {
     }
 }
 
-/// How a dispatch specialises its kernel's source. Only the short [`Variant::key`] is built at each
-/// dispatch, to find the pipeline; the placeholders' values, kilobytes of generated code for the GEMM
-/// kernel's unrolled tiles, are built when the pipeline is compiled.
+/// How a dispatch specialises its kernel's source. At each dispatch only the variant's short `Debug`
+/// form is built, to find the pipeline; the placeholders' values, kilobytes of generated code for the
+/// GEMM kernel's unrolled tiles, are built when the pipeline is compiled.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) enum Variant {
     /// The source as it is.
@@ -145,20 +145,6 @@ pub(crate) enum Variant {
 }
 
 impl Variant {
-    fn key(&self) -> String {
-        match *self {
-            Variant::Plain => String::new(),
-            Variant::Gemm {
-                tiles,
-                mode,
-                ksize,
-                vec_a,
-                vec_b,
-            } => format!(" tiles={tiles} mode={mode} k={ksize} vec_a={vec_a} vec_b={vec_b}"),
-            Variant::LerpMany { pairs } => format!(" pairs={pairs}"),
-        }
-    }
-
     fn substitutions(&self) -> Vec<(&'static str, String)> {
         match *self {
             Variant::Plain => Vec::new(),
@@ -330,7 +316,7 @@ impl Context {
         kernel: &'static Kernel,
         variant: Variant,
     ) -> BackendResult<Arc<CachedPipeline>> {
-        let key = format!("{}::{}{}", kernel.family, kernel.entry, variant.key());
+        let key = format!("{}::{} {variant:?}", kernel.family, kernel.entry);
         if let Some(found) = lock(&self.pipelines).get(&key) {
             return Ok(Arc::clone(found));
         }

@@ -21,8 +21,8 @@ use crate::machine::Adapter;
 use crate::report::{Figure, Target};
 use crate::suites::kernels::{self, ConvShape};
 use crate::suites::{averaging, training};
-use crate::timing::repeat;
-use crate::timing::TimedBackend;
+use crate::timing::{repeat, TimedBackend};
+use crate::workload::seeded_values;
 use crate::{rates, BenchError, Recorder, Settings, BATCH};
 
 /// The matrix product's share of the FMA peak the project aims for.
@@ -69,8 +69,8 @@ fn gemm_tiles(
     target: Option<Target>,
     recorder: &mut Recorder,
 ) -> Result<(), BenchError> {
-    let a = crate::workload::seeded_values(side * side, 11);
-    let b = crate::workload::seeded_values(side * side, 12);
+    let a = seeded_values(side * side, 11);
+    let b = seeded_values(side * side, 12);
     let gflop = matmul_flops(side, side, side) as f64 / 1e9;
     let limits = default.limits();
     for tiles in GemmTiles::CANDIDATES {
@@ -78,21 +78,23 @@ fn gemm_tiles(
             recorder.note(suite, format!("tiles {tiles} not measured: {e}"));
             continue;
         }
-        let backend = GpuBackend::new(GpuOptions {
-            gemm_tiles: Some(tiles),
-            ..GpuOptions::from_env()?
-        })?;
+        // The default shape runs on the device already open; the others each need their own.
+        let is_default = tiles == default.gemm_tiles();
+        let backend = if is_default {
+            default.clone()
+        } else {
+            GpuBackend::new(GpuOptions {
+                gemm_tiles: Some(tiles),
+                ..GpuOptions::from_env()?
+            })?
+        };
         let ga = backend.from_host(&a, &[side, side])?;
         let gb = backend.from_host(&b, &[side, side])?;
         let times = repeat(&backend, 1, runs, |g| {
             g.matmul(&ga, &gb, false, false)?;
             Ok(())
         })?;
-        let default_mark = if tiles == default.gemm_tiles() {
-            " (default)"
-        } else {
-            ""
-        };
+        let default_mark = if is_default { " (default)" } else { "" };
         recorder.push(
             Figure::new(
                 suite,

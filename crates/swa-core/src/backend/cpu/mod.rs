@@ -77,6 +77,16 @@ impl CpuBackend {
     pub(crate) fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
     }
+
+    /// Runs an in-place update of `len` elements inside the pool when that is worth the hand-over
+    /// ([`elementwise::worth_parallel`]), else on the calling thread.
+    fn install_if_worth<R: Send>(&self, len: usize, f: impl FnOnce() -> R + Send) -> R {
+        if elementwise::worth_parallel(len) {
+            self.install(f)
+        } else {
+            f()
+        }
+    }
 }
 
 /// Checks that two tensors have the same shape.
@@ -179,21 +189,13 @@ impl Backend for CpuBackend {
 
     fn lerp_(&self, dst: &mut CpuTensor, src: &CpuTensor, weight: f32) -> BackendResult<()> {
         same_shape("lerp_", dst, src)?;
-        if elementwise::worth_parallel(dst.len()) {
-            self.install(|| elementwise::lerp(dst, src, weight));
-        } else {
-            elementwise::lerp(dst, src, weight);
-        }
+        self.install_if_worth(dst.len(), || elementwise::lerp(dst, src, weight));
         Ok(())
     }
 
     fn axpy_(&self, dst: &mut CpuTensor, alpha: f32, x: &CpuTensor) -> BackendResult<()> {
         same_shape("axpy_", dst, x)?;
-        if elementwise::worth_parallel(dst.len()) {
-            self.install(|| elementwise::axpy(dst, alpha, x));
-        } else {
-            elementwise::axpy(dst, alpha, x);
-        }
+        self.install_if_worth(dst.len(), || elementwise::axpy(dst, alpha, x));
         Ok(())
     }
 
@@ -211,11 +213,9 @@ impl Backend for CpuBackend {
     ) -> BackendResult<()> {
         same_shape("sgd_step_", param, grad)?;
         same_shape("sgd_step_", param, momentum)?;
-        if elementwise::worth_parallel(param.len()) {
-            self.install(|| elementwise::sgd_step(param, grad, momentum, step));
-        } else {
-            elementwise::sgd_step(param, grad, momentum, step);
-        }
+        self.install_if_worth(param.len(), || {
+            elementwise::sgd_step(param, grad, momentum, step)
+        });
         Ok(())
     }
 
