@@ -3,7 +3,7 @@
     python xtask/torch/quick_reference.py --data DIR [--seed N] [--threads N] [--out FILE]
 
 DIR holds the official CIFAR-10 binary files (data_batch_1..5.bin, test_batch.bin). The protocol is the
-preset's, with PyTorch's own tools: PreResNet-20 from crates/swa-bench/torch/torch_ref.py (the original
+preset's, with PyTorch's own tools: PreResNet-20 from swa-bench/torch/torch_ref.py (the original
 SWA code's network), batch 128, SGD with momentum 0.9 and weight decay 3e-4 on every parameter, random
 crops of the zero-padded image (4 pixels) and horizontal flips, then the CIFAR mean/std normalisation;
 the original code's learning-rate schedule (lr 0.1, constant to half the horizon, linear to the final
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, '..', '..', 'crates', 'swa-bench', 'torch'))
+sys.path.insert(0, os.path.join(HERE, '..', '..', 'swa-bench', 'torch'))
 import torch_ref  # noqa: E402
 
 BUDGET, SWA_EPOCHS, SWA_START = 16, 24, 13

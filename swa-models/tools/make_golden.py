@@ -1,9 +1,9 @@
 """Makes the fixtures of swa-models' golden and shape tests from the PyTorch reference networks.
 
-    python crates/swa-models/tools/make_golden.py [--torch-ref DIR] [--out DIR] [--only FAMILY]
-    python crates/swa-models/tools/make_golden.py --check-load CHECKPOINT NAME CLASSES
+    python swa-models/tools/make_golden.py [--torch-ref DIR] [--out DIR] [--only FAMILY]
+    python swa-models/tools/make_golden.py --check-load CHECKPOINT NAME CLASSES
 
-The first form writes, into crates/swa-models/tests/fixtures/:
+The first form writes, into swa-models/tests/fixtures/:
   golden_<net>.safetensors     the network's state_dict (fixed torch seed, BatchNorm parameters and running
                                statistics randomised so that BatchNorm is not the identity);
   golden_<net>_io.safetensors  a fixed input batch, the eval-mode logits, the train-mode logits (batch

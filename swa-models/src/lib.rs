@@ -45,5 +45,5 @@ pub use train::{RunConfig, SnapshotUse, Snapshots, Trainer};
 
 /// The README's example, compiled and run as a doc test.
 #[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
+#[doc = include_str!("../../README.md")]
 struct ReadmeExample;
