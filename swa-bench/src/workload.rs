@@ -1,10 +1,11 @@
 //! What the benchmarks run: seeded values, a block of parameters to average, random batches, and one
-//! SGD training step as swa-models' trainer takes it.
+//! SGD training step through swa-models' trainer's own step.
 
 use swa_core::backend::{pcg_hash, Backend};
 use swa_core::params::{NamedTensors, TensorRole};
+use swa_models::evaluate::MetricsAccumulator;
 use swa_models::optim::{Sgd, SgdConfig};
-use swa_models::{ForwardMode, HostBatch, Module};
+use swa_models::{sgd_step, ForwardMode, HostBatch, Module};
 
 use crate::BenchError;
 
@@ -82,11 +83,13 @@ pub fn random_batch(batch: usize, classes: usize, seed: u32) -> HostBatch {
     }
 }
 
-/// A network with its optimiser, stepping on one batch as the trainer does.
+/// A network with its optimiser, stepping on one batch through the trainer's own step
+/// ([`swa_models::sgd_step`]).
 pub struct TrainingStep<B: Backend> {
     /// The network being trained.
     pub model: Box<dyn Module<B>>,
     optimizer: Sgd<B>,
+    metrics: MetricsAccumulator,
     step: u64,
 }
 
@@ -96,25 +99,23 @@ impl<B: Backend> TrainingStep<B> {
         Self {
             model,
             optimizer: Sgd::new(SgdConfig::momentum(5e-4)),
+            metrics: MetricsAccumulator::default(),
             step: 0,
         }
     }
 
-    /// One step: upload, training forward pass, loss (read back, as the trainer does each step),
-    /// backward pass, SGD update. Returns the loss.
+    /// One step exactly as the trainer takes it: upload, training forward pass, loss and logits read
+    /// back, backward pass, SGD update. Returns the loss.
     pub fn run(&mut self, backend: &B, batch: &HostBatch) -> Result<f32, BenchError> {
-        let x = backend.from_host(&batch.images, &batch.shape)?;
-        let logits = self
-            .model
-            .forward(backend, &x, ForwardMode::Train { seed: self.step })?;
-        let ce = backend.softmax_cross_entropy(&logits, &batch.labels)?;
-        let loss = backend
-            .to_host(&ce.loss)?
-            .first()
-            .copied()
-            .unwrap_or(f32::NAN);
-        self.model.backward(backend, &ce.grad)?;
-        self.optimizer.step(backend, self.model.as_mut(), 0.05)?;
+        let loss = sgd_step(
+            backend,
+            self.model.as_mut(),
+            &mut self.optimizer,
+            batch,
+            0.05,
+            self.step,
+            &mut self.metrics,
+        )?;
         self.step += 1;
         Ok(loss)
     }

@@ -8,7 +8,7 @@
 //!   code builds them, by name ([`Architecture`]) or configuration ([`NetworkConfig`]);
 //! - [`checkpoint`]: weights in safetensors files that PyTorch loads strictly;
 //! - [`train`]: the training loop for SGD, SWA and FGE runs, with per-epoch checkpoints and resume;
-//!   [`optim`] (SGD), [`bn`] (`update_bn`: BatchNorm recomputation for averaged weights) and [`evaluate`]
+//!   [`step`] (the one training step, which benchmarks and estimates time too), [`optim`] (SGD), [`bn`] (`update_bn`: BatchNorm recomputation for averaged weights) and [`evaluate`]
 //!   (accuracy, NLL, ensembles) are its parts, usable on their own.
 //!
 //! ```
@@ -34,6 +34,7 @@ pub mod module;
 pub mod nets;
 pub mod optim;
 pub mod state;
+pub mod step;
 pub mod train;
 
 pub use batch::{BatchSource, HostBatch};
@@ -41,6 +42,7 @@ pub use bn::update_bn;
 pub use error::TrainError;
 pub use module::{ForwardMode, Module, Param};
 pub use nets::{Architecture, ModelError, Network, NetworkConfig};
+pub use step::sgd_step;
 pub use train::{RunConfig, SnapshotUse, Snapshots, Trainer};
 
 /// The README's example, compiled and run as a doc test.

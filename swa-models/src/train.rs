@@ -24,14 +24,15 @@ use swa_core::backend::Backend;
 use swa_core::policy::SwaPolicy;
 use swa_core::schedule::{LrSchedule, Period, Schedule};
 
-use crate::batch::{BatchSource, HostBatch};
+use crate::batch::BatchSource;
 use crate::bn::update_bn;
 use crate::checkpoint::{load_module, save_module, write_atomically};
 use crate::error::TrainError;
-use crate::evaluate::{evaluate, log_softmax_rows, Ensemble, Metrics, MetricsAccumulator};
-use crate::module::{ForwardMode, Module};
+use crate::evaluate::{evaluate, Ensemble, Metrics, MetricsAccumulator};
+use crate::module::Module;
 use crate::optim::{Sgd, SgdConfig};
 use crate::state::HostTensor;
+use crate::step::sgd_step;
 
 /// What a run does with the snapshots its policy takes.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -397,7 +398,10 @@ impl<B: Backend> Trainer<B> {
                 lr_first = lr;
             }
             lr_last = lr;
-            let loss = self.train_step(
+            let loss = sgd_step(
+                &self.backend,
+                self.model.as_mut(),
+                &mut self.optimizer,
                 &batch,
                 lr,
                 step_seed(self.config.seed, epoch, step),
@@ -485,48 +489,6 @@ impl<B: Backend> Trainer<B> {
         done == self.config.epochs
             || self.config.swa_eval_epochs.contains(&done)
             || (every > 0 && done >= start && (done - start) % every == 0)
-    }
-
-    fn train_step(
-        &mut self,
-        batch: &HostBatch,
-        lr: f32,
-        seed: u64,
-        metrics: &mut MetricsAccumulator,
-    ) -> Result<f32, TrainError> {
-        batch.validate()?;
-        let backend = &self.backend;
-        let x = backend
-            .from_host(&batch.images, &batch.shape)
-            .map_err(TrainError::backend("uploading a batch"))?;
-        let logits = self
-            .model
-            .forward(backend, &x, ForwardMode::Train { seed })
-            .map_err(TrainError::backend("training forward pass"))?;
-        let ce = backend
-            .softmax_cross_entropy(&logits, &batch.labels)
-            .map_err(TrainError::backend("loss"))?;
-        let loss = backend
-            .to_host(&ce.loss)
-            .map_err(TrainError::backend("reading the loss"))?;
-        let loss = loss.first().copied().unwrap_or(f32::NAN);
-        if !loss.is_finite() {
-            return Ok(loss);
-        }
-        let host_logits = backend
-            .to_host(&logits)
-            .map_err(TrainError::backend("reading logits"))?;
-        let classes = host_logits.len() / batch.len().max(1);
-        metrics.add_log_probs(
-            &log_softmax_rows(&host_logits, classes),
-            classes,
-            &batch.labels,
-        );
-        self.model
-            .backward(backend, &ce.grad)
-            .map_err(TrainError::backend("backward pass"))?;
-        self.optimizer.step(backend, self.model.as_mut(), lr)?;
-        Ok(loss)
     }
 
     fn take_snapshot(&mut self, data: &dyn BatchSource) -> Result<(), TrainError> {

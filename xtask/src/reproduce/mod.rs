@@ -445,35 +445,15 @@ fn estimate_epoch_seconds<B: Backend>(
 ) -> Result<f64> {
     use swa_models::batch::BatchSource;
     let mut model = recipe.architecture.build(backend, classes, 0)?;
-    let mut optimizer =
-        swa_models::optim::Sgd::<B>::new(swa_models::optim::SgdConfig::momentum(0.0));
+    let mut optimizer = swa_models::optim::Sgd::<B>::new(swa_models::optim::SgdConfig::momentum(
+        recipe.weight_decay,
+    ));
     let batches: Vec<_> = source.train_epoch(0).take(3).collect();
-    let mut timed = Vec::new();
-    for (i, batch) in batches.iter().enumerate() {
-        let started = Instant::now();
-        let x = backend.from_host(&batch.images, &batch.shape)?;
-        let logits = model.forward(
-            backend,
-            &x,
-            swa_models::ForwardMode::Train { seed: i as u64 },
-        )?;
-        let ce = backend.softmax_cross_entropy(&logits, &batch.labels)?;
-        backend.to_host(&ce.loss)?;
-        model.backward(backend, &ce.grad)?;
-        optimizer.step(backend, model.as_mut(), 0.0)?;
-        backend.synchronize()?;
-        // The first step warms caches and compiles pipelines: it is not timed.
-        if i > 0 {
-            timed.push(started.elapsed().as_secs_f64() / batch.len().max(1) as f64);
-        }
-    }
-    let per_image = timed.iter().copied().fold(f64::INFINITY, f64::min);
-    if !per_image.is_finite() {
-        return Ok(0.0);
-    }
+    let per_image =
+        swa_models::step::seconds_per_image(backend, model.as_mut(), &mut optimizer, &batches)?;
     // Evaluation of the test set and BN recomputation cost about a third of a training step per image.
     let images = source.train_images() as f64 + source.test_len() as f64 / 3.0;
-    Ok(per_image * images)
+    Ok(per_image.map_or(0.0, |seconds| seconds * images))
 }
 
 fn human_duration(seconds: f64) -> String {
