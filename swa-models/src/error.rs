@@ -37,6 +37,9 @@ pub enum TrainError {
     /// A batch whose shape does not fit the model or the data set.
     #[error("bad batch: {0}")]
     BadBatch(String),
+    /// A network could not be built for the run.
+    #[error("building the network: {0}")]
+    Model(#[from] crate::nets::ModelError),
     /// Weight averaging failed.
     #[error("weight averaging: {0}")]
     Averaging(String),

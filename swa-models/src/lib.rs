@@ -6,6 +6,8 @@
 //!   blocks, each a [`Module`] with PyTorch's tensor names;
 //! - [`nets`]: VGG-16 (with and without BatchNorm), PreResNet and WideResNet, built as the original SWA
 //!   code builds them, by name ([`Architecture`]) or configuration ([`NetworkConfig`]);
+//! - [`protocol`]: the paper's runs (SGD, SWA, FGE) from a network's recipe, and the plan by which a seed's
+//!   runs share the epochs they train identically;
 //! - [`checkpoint`]: weights in safetensors files that PyTorch loads strictly;
 //! - [`train`]: the training loop for SGD, SWA and FGE runs, with per-epoch checkpoints and resume;
 //!   [`step`] (the one training step, which benchmarks and estimates time too), [`optim`] (SGD), [`bn`] (`update_bn`: BatchNorm recomputation for averaged weights) and [`evaluate`]
@@ -33,6 +35,7 @@ pub mod layers;
 pub mod module;
 pub mod nets;
 pub mod optim;
+pub mod protocol;
 pub mod state;
 pub mod step;
 pub mod train;

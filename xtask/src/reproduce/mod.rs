@@ -19,6 +19,7 @@ use swa_core::backend::{Backend, BackendError};
 use swa_core::CpuBackend;
 use swa_data::DatasetKind;
 use swa_gpu::{GpuBackend, GpuOptions};
+use swa_models::protocol::{plan_seed, PlannedRun, RunStart};
 use swa_models::train::{EpochRecord, TrainObserver, Trainer};
 use swa_models::{module::parameter_count, Module};
 
@@ -66,8 +67,8 @@ pub struct ReproduceArgs {
     /// Number of seeds per network (seeds 1..=N).
     #[arg(long, default_value_t = 1)]
     pub seeds: u64,
-    /// Which runs to make (default: the preset's).
-    #[arg(long, value_enum, value_delimiter = ',')]
+    /// Which runs to make: sgd, swa, fge (default: the preset's).
+    #[arg(long, value_delimiter = ',')]
     pub runs: Vec<RunKind>,
     /// Training device.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
@@ -217,7 +218,7 @@ fn run_all<B: Backend>(
                     let seed_dir = data_dir
                         .join(recipe.architecture.to_string())
                         .join(format!("seed-{seed}"));
-                    plan_seed(recipe, runs, seed, steps, &seed_dir)
+                    Ok(plan_seed(recipe, runs, seed, steps, &seed_dir)?)
                 })
                 .collect::<Result<Vec<_>>>()
         })
@@ -227,7 +228,7 @@ fn run_all<B: Backend>(
         let (mut per_seed, mut shared, mut left) = (0, 0, 0);
         for plan in seeds.iter().flatten() {
             let taken = plan.taken_epochs();
-            let done = swa_models::train::find_checkpoints(&plan.dir.join("checkpoints"))?
+            let done = swa_models::train::find_checkpoints(&plan.checkpoint_dir())?
                 .last()
                 .map_or(0, |c| c.0);
             left += plan.config.epochs.saturating_sub(done.max(taken));
@@ -281,114 +282,39 @@ fn run_all<B: Backend>(
     Ok(())
 }
 
-/// One run of a seed, with what it shares with the seed's other runs.
-struct RunPlan {
-    run: RunKind,
-    config: swa_models::train::RunConfig,
-    dir: PathBuf,
-    /// Epoch counts whose checkpoints later runs start from.
-    keep: Vec<usize>,
-    /// An earlier run that trains this one's first epochs identically.
-    branch: Option<Branch>,
-}
-
-/// Where a run takes its first epochs from.
-struct Branch {
-    /// The earlier run.
-    from: RunKind,
-    /// Its checkpoint folder.
-    checkpoints: PathBuf,
-    /// The epochs both train identically.
-    epochs: usize,
-}
-
-impl RunPlan {
-    /// Epochs this run takes from an earlier one instead of training them.
-    fn taken_epochs(&self) -> usize {
-        self.branch.as_ref().map_or(0, |b| b.epochs)
-    }
-}
-
-/// The runs of one seed in order. Each run starts from the checkpoint of the earlier run that shares the
-/// most leading epochs with it (SGD and SWA share the epochs before their schedules' first decay; FGE
-/// shares the SWA run's epochs before its cycles), since training those epochs again would give the
-/// same weights bit for bit.
-fn plan_seed(
-    recipe: &presets::Recipe,
-    runs: &[RunKind],
-    seed: u64,
-    steps_per_epoch: usize,
-    seed_dir: &Path,
-) -> Result<Vec<RunPlan>> {
-    let mut plans: Vec<RunPlan> = Vec::new();
-    for &run in runs {
-        let config = presets::run_config(recipe, run, seed)?;
-        let donor = plans
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i, config.shared_epochs(&p.config, steps_per_epoch)))
-            .filter(|&(_, shared)| shared > 0)
-            .max_by_key(|&(i, shared)| (shared, std::cmp::Reverse(i)));
-        let branch = donor.map(|(i, epochs)| {
-            plans[i].keep.push(epochs);
-            Branch {
-                from: plans[i].run,
-                checkpoints: plans[i].dir.join("checkpoints"),
-                epochs,
-            }
-        });
-        plans.push(RunPlan {
-            run,
-            config,
-            dir: seed_dir.join(run.to_string()),
-            keep: Vec::new(),
-            branch,
-        });
-    }
-    Ok(plans)
-}
-
 fn train_one<B: Backend>(
     backend: &B,
     recipe: &presets::Recipe,
-    plan: &RunPlan,
+    plan: &PlannedRun,
     seed: u64,
     classes: usize,
     source: &CifarSource,
     max_epochs: Option<usize>,
 ) -> Result<()> {
-    let (run, config, dir) = (plan.run, &plan.config, plan.dir.as_path());
-    let model = recipe.architecture.build(backend, classes, seed)?;
-    let eval_model = recipe.architecture.build(backend, classes, seed)?;
-    let mut trainer = Trainer::new(backend.clone(), config.clone(), model, eval_model)?;
-    trainer.keep_checkpoints(plan.keep.iter().copied());
-    let mut done = trainer
-        .with_checkpoints(dir.join("checkpoints"))
-        .with_context(|| format!("resuming {}", dir.display()))?;
+    let (run, config, dir) = (plan.kind, &plan.config, plan.dir.as_path());
+    let mut trainer = plan.trainer(backend, recipe.architecture, classes, seed)?;
     let label = format!("{} seed {seed} {run}", recipe.architecture);
-    let mut branched_now = false;
-    if let (0, Some(branch)) = (done, &plan.branch) {
-        let found = swa_models::train::find_checkpoints(&branch.checkpoints)?
-            .into_iter()
-            .find(|(epochs, _)| *epochs == branch.epochs);
-        if let Some((_, checkpoint)) = found {
-            done = trainer
-                .branch_from(&checkpoint, source.steps_per_epoch())
-                .with_context(|| format!("{label}: starting from {}", checkpoint.display()))?;
-            branched_now = true;
-            println!(
-                "{label}: epochs 1-{done} are the {} run's (trained identically), taken from {}",
-                branch.from,
-                checkpoint.display()
-            );
+    let start = plan
+        .start(&mut trainer, source.steps_per_epoch())
+        .with_context(|| format!("{label}: resuming {}", dir.display()))?;
+    let done = trainer.epochs_done();
+    match &start {
+        RunStart::Branched {
+            from,
+            epochs,
+            checkpoint,
+        } => println!(
+            "{label}: epochs 1-{epochs} are the {from} run's (trained identically), taken from {}",
+            checkpoint.display()
+        ),
+        RunStart::Resumed { epochs } if *epochs < config.epochs => {
+            println!("{label}: resuming after epoch {epochs}")
         }
+        RunStart::Resumed { .. } | RunStart::Fresh => {}
     }
     if done >= config.epochs {
         println!("{label}: finished earlier ({done} epochs)");
     } else {
-        if done > 0 && !branched_now {
-            println!("{label}: resuming after epoch {done}");
-        }
         let mut observer = Progress::new(&label, config.epochs, done, source.steps_per_epoch());
         let started = Instant::now();
         let stop_at = max_epochs.map_or(config.epochs, |m| (done + m).min(config.epochs));
@@ -396,7 +322,7 @@ fn train_one<B: Backend>(
             trainer.run_epoch(source, &mut observer).with_context(|| {
                 format!(
                     "{label} (checkpoints in {})",
-                    dir.join("checkpoints").display()
+                    plan.checkpoint_dir().display()
                 )
             })?;
         }

@@ -2,12 +2,9 @@
 
 use std::fmt;
 
-use anyhow::{bail, Result};
-use swa_core::averaging::BufferPolicy;
-use swa_core::schedule::{Period, Schedule};
+use anyhow::Result;
 use swa_data::{DatasetKind, Normalization};
-use swa_models::optim::SgdConfig;
-use swa_models::train::{RunConfig, SnapshotUse, Snapshots};
+pub use swa_models::protocol::{Recipe, RunKind};
 use swa_models::Architecture;
 
 /// How much of the protocol to run.
@@ -29,37 +26,6 @@ impl fmt::Display for Preset {
             Preset::Smoke => "smoke",
         })
     }
-}
-
-/// One network's training recipe, as the original code's command line sets it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Recipe {
-    /// The network.
-    pub architecture: Architecture,
-    /// SGD epochs of one budget.
-    pub budget: usize,
-    /// Epochs of the SWA run (1.5 budgets in the paper).
-    pub swa_epochs: usize,
-    /// Initial learning rate.
-    pub lr_init: f32,
-    /// Completed epochs before the first average (`--swa_start`).
-    pub swa_start: usize,
-    /// The SWA learning rate.
-    pub swa_lr: f32,
-    /// Weight decay.
-    pub weight_decay: f32,
-    /// Batch size.
-    pub batch_size: usize,
-    /// Input normalisation of the original code's transform for this network.
-    pub normalization: Normalization,
-    /// FGE cycle length in epochs.
-    pub fge_cycle: usize,
-    /// Evaluate the average every this many epochs of the SWA phase.
-    pub swa_eval_every: usize,
-    /// Use only this many training images (`None`: all).
-    pub train_limit: Option<usize>,
-    /// Use only this many test images (`None`: all).
-    pub test_limit: Option<usize>,
 }
 
 /// The networks a preset trains when `--model` is not given.
@@ -86,7 +52,6 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             swa_lr: 0.01,
             weight_decay: 5e-4,
             batch_size: 128,
-            normalization: Normalization::ImageNetStats,
             fge_cycle: 4,
             swa_eval_every: 5,
             train_limit: None,
@@ -101,7 +66,6 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             swa_lr: if cifar100 { 0.05 } else { 0.01 },
             weight_decay: 3e-4,
             batch_size: 128,
-            normalization: Normalization::CifarStats,
             fge_cycle: 4,
             swa_eval_every: 5,
             train_limit: None,
@@ -116,7 +80,6 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             swa_lr: if cifar100 { 0.05 } else { 0.01 },
             weight_decay: 5e-4,
             batch_size: 128,
-            normalization: Normalization::CifarStats,
             fge_cycle: 4,
             swa_eval_every: 5,
             train_limit: None,
@@ -131,7 +94,6 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             swa_lr: if cifar100 { 0.05 } else { 0.01 },
             weight_decay: 3e-4,
             batch_size: 128,
-            normalization: normalization_of(architecture),
             fge_cycle: 2,
             swa_eval_every: 2,
             train_limit: None,
@@ -146,62 +108,21 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             swa_lr: if cifar100 { 0.05 } else { 0.01 },
             weight_decay: 3e-4,
             batch_size: 64,
-            normalization: normalization_of(architecture),
             fge_cycle: 2,
             swa_eval_every: 1,
             train_limit: Some(1024),
             test_limit: Some(512),
         },
     };
-    if base.swa_start == 0 || base.swa_start > base.budget {
-        bail!(
-            "swa_start {} must lie within the budget of {} epochs",
-            base.swa_start,
-            base.budget
-        );
-    }
+    base.validate()?;
     Ok(base)
 }
 
-fn normalization_of(architecture: Architecture) -> Normalization {
+/// The input normalisation of the original code's transform for a network.
+pub fn normalization_of(architecture: Architecture) -> Normalization {
     match architecture {
         Architecture::Vgg16 | Architecture::Vgg16Bn => Normalization::ImageNetStats,
         _ => Normalization::CifarStats,
-    }
-}
-
-/// The three kinds of run the paper compares.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum RunKind {
-    /// Conventional SGD over one budget, learning rate decayed to 1% of its initial value.
-    Sgd,
-    /// SWA: the SWA schedule over 1.5 budgets, averages evaluated at 1, 1.25 and 1.5 budgets.
-    Swa,
-    /// FGE: the SWA schedule until `swa_start − 1`, then triangular cycles to one budget, ensembling the
-    /// predictions at each cycle's low point.
-    Fge,
-}
-
-impl fmt::Display for RunKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            RunKind::Sgd => "sgd",
-            RunKind::Swa => "swa",
-            RunKind::Fge => "fge",
-        })
     }
 }
 
@@ -212,73 +133,6 @@ pub fn default_runs(preset: Preset) -> Vec<RunKind> {
         Preset::Quick => vec![RunKind::Sgd, RunKind::Swa],
         Preset::Paper | Preset::Smoke => vec![RunKind::Sgd, RunKind::Swa, RunKind::Fge],
     }
-}
-
-/// The epochs at which an SWA run is reported, one table column each: 1 and 1.25 budgets, and the end of
-/// the run (1.5 budgets in the paper).
-pub fn report_points(budget: usize, swa_epochs: usize) -> [usize; 3] {
-    [budget, (budget * 5).div_ceil(4), swa_epochs]
-}
-
-/// The epochs at which the SWA run of `recipe` is evaluated for the table.
-pub fn swa_report_epochs(recipe: &Recipe) -> Vec<usize> {
-    let mut epochs = report_points(recipe.budget, recipe.swa_epochs).to_vec();
-    epochs.dedup();
-    epochs
-}
-
-/// The run configuration of one kind of run.
-pub fn run_config(recipe: &Recipe, kind: RunKind, seed: u64) -> Result<RunConfig> {
-    let sgd = SgdConfig::momentum(recipe.weight_decay);
-    let swa_schedule = Schedule::original_swa(recipe.lr_init, recipe.swa_lr, recipe.swa_start)?;
-    let config = match kind {
-        RunKind::Sgd => RunConfig {
-            epochs: recipe.budget,
-            schedule: Schedule::original_sgd(recipe.lr_init, recipe.budget)?,
-            snapshots: None,
-            sgd,
-            seed,
-            swa_eval_epochs: Vec::new(),
-            swa_eval_every: 0,
-        },
-        RunKind::Swa => RunConfig {
-            epochs: recipe.swa_epochs,
-            schedule: swa_schedule,
-            snapshots: Some(Snapshots {
-                start_epoch: recipe.swa_start,
-                every: Period::Epochs(1),
-                usage: SnapshotUse::AverageWeights {
-                    buffers: BufferPolicy::RecomputeLater,
-                },
-            }),
-            sgd,
-            seed,
-            swa_eval_epochs: swa_report_epochs(recipe),
-            swa_eval_every: recipe.swa_eval_every,
-        },
-        RunKind::Fge => {
-            let cycle = recipe.fge_cycle.max(2);
-            let cycles_from = recipe.swa_start - 1;
-            // Garipov et al. (2018) cycle between α1 and α2 = α1/100; α1 is half the initial rate here.
-            let alpha1 = 0.5 * recipe.lr_init;
-            let triangular = Schedule::triangular(alpha1, alpha1 / 100.0, Period::Epochs(cycle))?;
-            RunConfig {
-                epochs: recipe.budget,
-                schedule: swa_schedule.then(cycles_from, triangular),
-                // The triangular cycle is lowest at its middle, after cycle/2 of its epochs.
-                snapshots: Some(Snapshots {
-                    start_epoch: cycles_from + cycle / 2,
-                    every: Period::Epochs(cycle),
-                    usage: SnapshotUse::EnsemblePredictions,
-                }),
-                sgd,
-                seed,
-                swa_eval_epochs: Vec::new(),
-                swa_eval_every: 0,
-            }
-        }
-    };
-    Ok(config)
 }
 
 /// A published accuracy: mean and standard deviation over the paper's runs (`None` where it gives one run).
@@ -396,16 +250,16 @@ mod tests {
     #[test]
     fn swa_is_reported_at_one_one_and_a_quarter_and_one_and_a_half_budgets() -> Result<()> {
         let quick = recipe(Preset::Quick, "preresnet20", DatasetKind::Cifar10)?;
-        assert_eq!(swa_report_epochs(&quick), vec![16, 20, 24]);
+        assert_eq!(quick.swa_report_epochs(), vec![16, 20, 24]);
         let vgg = recipe(Preset::Paper, "vgg16", DatasetKind::Cifar10)?;
-        assert_eq!(swa_report_epochs(&vgg), vec![200, 250, 300]);
+        assert_eq!(vgg.swa_report_epochs(), vec![200, 250, 300]);
         Ok(())
     }
 
     #[test]
     fn fge_snapshots_fall_on_the_cycles_lowest_learning_rate() -> Result<()> {
         let quick = recipe(Preset::Quick, "preresnet20", DatasetKind::Cifar10)?;
-        let config = run_config(&quick, RunKind::Fge, 1)?;
+        let config = quick.run_config(RunKind::Fge, 1)?;
         let policy = config
             .policy()
             .ok_or_else(|| anyhow::anyhow!("FGE takes snapshots"))?;

@@ -11,7 +11,8 @@ use swa_data::DatasetKind;
 use swa_models::train::EpochRecord;
 use swa_models::Architecture;
 
-use super::presets::{published, report_points, Published, RunKind};
+use super::presets::{published, Published, RunKind};
+use swa_models::protocol::report_points;
 
 /// What a run leaves for the report: its identity and history.
 #[derive(Debug, Serialize, Deserialize)]

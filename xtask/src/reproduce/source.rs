@@ -6,7 +6,7 @@ use anyhow::Result;
 use swa_data::{BatchConfig, Batches, Dataset, DatasetParts, IMAGE_BYTES};
 use swa_models::batch::{BatchSource, HostBatch};
 
-use super::presets::Recipe;
+use super::presets::{normalization_of, Recipe};
 
 /// Training and test batches of one recipe and seed.
 pub struct CifarSource {
@@ -27,14 +27,15 @@ impl CifarSource {
         let train = limit(train, recipe.train_limit)?;
         let test = limit(test, recipe.test_limit)?;
         let (train_images, test_images) = (train.len(), test.len());
+        let normalization = normalization_of(recipe.architecture);
         Ok(Self {
             train: Batches::new(
                 train,
-                BatchConfig::train(recipe.batch_size, recipe.normalization, seed),
+                BatchConfig::train(recipe.batch_size, normalization, seed),
             )?,
             test: Batches::new(
                 test,
-                BatchConfig::eval(recipe.batch_size.max(256), recipe.normalization),
+                BatchConfig::eval(recipe.batch_size.max(256), normalization),
             )?,
             train_images,
             test_images,
