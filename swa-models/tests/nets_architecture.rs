@@ -5,19 +5,28 @@ use swa_models::{Architecture, ModelError, Network, NetworkConfig};
 
 #[test]
 fn known_names_parse_and_display_back() {
-    for name in [
-        "vgg16",
-        "vgg16bn",
-        "preresnet20",
-        "preresnet56",
-        "preresnet110",
-        "preresnet164",
-        "wrn28x10",
-        "wrn16x4",
-        "preresnet8",
-        "preresnet47",
-        "wrn10x1",
-    ] {
+    let named: Vec<String> = Architecture::NAMED
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        named,
+        [
+            "vgg16",
+            "vgg16bn",
+            "preresnet20",
+            "preresnet56",
+            "preresnet110",
+            "preresnet164",
+            "wrn16x4",
+            "wrn28x10"
+        ]
+    );
+    for name in named
+        .iter()
+        .map(String::as_str)
+        .chain(["preresnet8", "preresnet47", "wrn10x1"])
+    {
         let architecture: Architecture = name.parse().unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(architecture.to_string(), name);
     }

@@ -30,7 +30,7 @@ pub enum DataCommand {
 }
 
 /// A data set on the command line.
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DatasetArg {
     /// CIFAR-10.
     Cifar10,

@@ -5,24 +5,12 @@ use swa_core::CpuBackend;
 use swa_models::module::parameter_count;
 use swa_models::Architecture;
 
-/// The networks the paper trains, by the names the command line accepts.
-const NETWORKS: [&str; 8] = [
-    "vgg16",
-    "vgg16bn",
-    "preresnet20",
-    "preresnet56",
-    "preresnet110",
-    "preresnet164",
-    "wrn16x4",
-    "wrn28x10",
-];
-
 /// Prints one line per network and class count (CIFAR-10 and CIFAR-100): name, classes, parameters.
 pub fn run() -> anyhow::Result<()> {
     let backend = CpuBackend::new();
     println!("{:<14} {:>7} {:>12}", "network", "classes", "parameters");
-    for name in NETWORKS {
-        let architecture: Architecture = name.parse()?;
+    for architecture in Architecture::NAMED {
+        let name = architecture.to_string();
         for classes in [10, 100] {
             let net = architecture.build(&backend, classes, 0)?;
             println!(

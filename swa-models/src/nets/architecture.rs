@@ -9,11 +9,20 @@ use super::preresnet::blocks_per_stage;
 use super::{Network, NetworkConfig};
 use crate::module::Module;
 
-/// The names [`Architecture::from_str`] accepts, for error messages and help texts.
-pub const VALID_NAMES: &str =
-    "vgg16, vgg16bn, preresnet20, preresnet56, preresnet110, preresnet164, \
-     wrn28x10, wrn16x4, or in general preresnet<depth> (depth = 6n+2 below 44, 9n+2 from 44) and \
+/// The names [`Architecture::from_str`] accepts beyond [`Architecture::NAMED`]: every depth of the two
+/// residual families.
+const GENERAL_NAMES: &str = "preresnet<depth> (depth = 6n+2 below 44, 9n+2 from 44) and \
      wrn<depth>x<k> (depth = 6n+4)";
+
+/// The names [`Architecture::from_str`] accepts, for error messages and help texts: the named networks,
+/// then the general forms.
+pub fn valid_names() -> String {
+    let named: Vec<String> = Architecture::NAMED
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    format!("{}, or in general {GENERAL_NAMES}", named.join(", "))
+}
 
 /// Errors building a network.
 #[derive(Debug, thiserror::Error)]
@@ -23,8 +32,8 @@ pub enum ModelError {
     UnknownArchitecture {
         /// The name that was given.
         name: String,
-        /// The valid names.
-        valid: &'static str,
+        /// The valid names ([`valid_names`]).
+        valid: String,
     },
     /// A known family with an impossible configuration (a PreResNet depth that is not 6n+2, …).
     #[error("invalid {architecture}: {message}")]
@@ -67,6 +76,28 @@ pub enum Architecture {
 }
 
 impl Architecture {
+    /// The paper's networks (VGG-16, PreResNet-164, WRN-28-10), the variants the original code also
+    /// names, and the CPU-sized members of the residual families: the one list that command lines,
+    /// help texts and listings use.
+    pub const NAMED: [Architecture; 8] = [
+        Architecture::Vgg16,
+        Architecture::Vgg16Bn,
+        Architecture::PreResNet { depth: 20 },
+        Architecture::PreResNet { depth: 56 },
+        Architecture::PreResNet { depth: 110 },
+        Architecture::PreResNet { depth: 164 },
+        Architecture::WideResNet {
+            depth: 16,
+            widen_factor: 4,
+            dropout_rate: 0.0,
+        },
+        Architecture::WideResNet {
+            depth: 28,
+            widen_factor: 10,
+            dropout_rate: 0.0,
+        },
+    ];
+
     /// Checks that the configuration describes a network the original code builds exactly.
     pub fn validate(&self) -> Result<(), ModelError> {
         let invalid = |message: String| ModelError::InvalidConfig {
@@ -149,7 +180,7 @@ impl FromStr for Architecture {
     fn from_str(name: &str) -> Result<Self, ModelError> {
         let unknown = || ModelError::UnknownArchitecture {
             name: name.to_string(),
-            valid: VALID_NAMES,
+            valid: valid_names(),
         };
         let lower = name.trim().to_ascii_lowercase();
         let architecture = if lower == "vgg16" {

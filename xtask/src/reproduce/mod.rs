@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::data::DatasetArg;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -37,30 +38,12 @@ pub enum DeviceChoice {
     Gpu,
 }
 
-/// The data set to reproduce on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DataChoice {
-    /// CIFAR-10.
-    Cifar10,
-    /// CIFAR-100.
-    Cifar100,
-}
-
-impl From<DataChoice> for DatasetKind {
-    fn from(choice: DataChoice) -> Self {
-        match choice {
-            DataChoice::Cifar10 => DatasetKind::Cifar10,
-            DataChoice::Cifar100 => DatasetKind::Cifar100,
-        }
-    }
-}
-
 /// Arguments of `cargo xtask reproduce`.
 #[derive(Args, Debug)]
 pub struct ReproduceArgs {
     /// The data set.
     #[arg(value_enum)]
-    pub data_set: DataChoice,
+    pub data_set: DatasetArg,
     /// Networks to train (default: the preset's; the paper's are vgg16, preresnet164, wrn28x10).
     #[arg(long = "model", value_delimiter = ',')]
     pub models: Vec<String>,
