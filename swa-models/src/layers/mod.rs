@@ -1,9 +1,9 @@
 //! Layers of the paper's networks, each a [`Module`](crate::Module) with PyTorch's tensor names.
 //!
-//! Every layer caches, during a [`ForwardMode::Train`](crate::ForwardMode::Train) pass only, exactly what
-//! its backward pass needs (its input, its output, BatchNorm's batch statistics or a dropout mask) and
+//! Every layer keeps in a [`ForwardCache`], during a [`ForwardMode::Train`] pass only, exactly what its
+//! backward pass needs (its input, BatchNorm's batch statistics, a dropout mask or an input shape) and
 //! releases it in `backward` or [`Module::zero_grads`](crate::Module::zero_grads). Evaluation and BatchNorm
-//! recomputation cache nothing.
+//! recomputation keep nothing.
 
 mod activation;
 mod conv;
