@@ -29,6 +29,36 @@ pub enum ForwardMode {
     },
 }
 
+/// The input of a forward pass: borrowed from a caller that still needs it, or handed over.
+///
+/// A module reads either through [`ForwardInput::tensor`]; one that must keep the input past the pass
+/// takes it with [`ForwardInput::into_owned`], which copies only a borrowed input.
+#[derive(Debug)]
+pub enum ForwardInput<'a, B: Backend> {
+    /// An input the caller keeps.
+    Borrowed(&'a B::Tensor),
+    /// An input the caller has no further use for.
+    Owned(B::Tensor),
+}
+
+impl<B: Backend> ForwardInput<'_, B> {
+    /// The input tensor.
+    pub fn tensor(&self) -> &B::Tensor {
+        match self {
+            ForwardInput::Borrowed(x) => x,
+            ForwardInput::Owned(x) => x,
+        }
+    }
+
+    /// The input as a tensor of its own: an owned one as it is, a borrowed one copied.
+    pub fn into_owned(self, backend: &B) -> BackendResult<B::Tensor> {
+        match self {
+            ForwardInput::Borrowed(x) => backend.duplicate(x),
+            ForwardInput::Owned(x) => Ok(x),
+        }
+    }
+}
+
 /// A trainable parameter: its value and, after a backward pass, its accumulated gradient.
 #[derive(Debug)]
 pub struct Param<B: Backend> {
@@ -61,24 +91,38 @@ impl<B: Backend> Param<B> {
 /// [`NamedTensors`] (the supertrait) visits parameters *and* BatchNorm buffers with their PyTorch names;
 /// [`Module::visit_params_mut`] visits only the trainable parameters, with their gradients, for optimisers.
 pub trait Module<B: Backend>: NamedTensors<B> + Send {
-    /// Runs the module on `x`.
+    /// Runs the module on `x`, borrowed or owned: the one forward pass a module implements.
+    ///
+    /// A module that keeps its input for `backward` keeps an owned input itself and copies only a borrowed
+    /// one (see [`ForwardCache::keep_input`](crate::layers::ForwardCache::keep_input)); containers hand
+    /// each child's output to the next child as [`ForwardInput::Owned`]. Callers use [`Module::forward`]
+    /// or [`Module::forward_owned`].
+    fn forward_input(
+        &mut self,
+        backend: &B,
+        x: ForwardInput<'_, B>,
+        mode: ForwardMode,
+    ) -> BackendResult<B::Tensor>;
+
+    /// Runs the module on `x`, which the caller keeps.
     fn forward(
         &mut self,
         backend: &B,
         x: &B::Tensor,
         mode: ForwardMode,
-    ) -> BackendResult<B::Tensor>;
+    ) -> BackendResult<B::Tensor> {
+        self.forward_input(backend, ForwardInput::Borrowed(x), mode)
+    }
 
-    /// [`Module::forward`] on an input the caller has no further use for, so that a module which keeps its
-    /// input for `backward` can keep this one instead of copying it. Containers hand each child's output
-    /// to the next child this way; the default borrows the input and drops it.
+    /// Runs the module on an input the caller has no further use for, so that a module which keeps its
+    /// input for `backward` can keep this one instead of copying it.
     fn forward_owned(
         &mut self,
         backend: &B,
         x: B::Tensor,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
-        self.forward(backend, &x, mode)
+        self.forward_input(backend, ForwardInput::Owned(x), mode)
     }
 
     /// Back-propagates `dy` (the gradient of the loss with respect to the last training forward's output):

@@ -454,13 +454,13 @@ impl swa_core::params::NamedTensors<CpuBackend> for ScaledBackward {
 }
 
 impl Module<CpuBackend> for ScaledBackward {
-    fn forward(
+    fn forward_input(
         &mut self,
         b: &CpuBackend,
-        x: &swa_core::CpuTensor,
+        x: swa_models::module::ForwardInput<'_, CpuBackend>,
         mode: ForwardMode,
     ) -> swa_core::BackendResult<swa_core::CpuTensor> {
-        self.0.forward(b, x, mode)
+        self.0.forward_input(b, x, mode)
     }
     fn backward(
         &mut self,

@@ -3,8 +3,8 @@
 use swa_core::backend::{Backend, BackendError, BackendResult, HasShape};
 use swa_core::params::{NamedTensors, TensorRole};
 
-use super::{mix_seed, no_cached_forward};
-use crate::module::{ForwardMode, Module, Param};
+use super::{mix_seed, ForwardCache};
+use crate::module::{ForwardInput, ForwardMode, Module, Param};
 
 /// Implements [`NamedTensors`] and the parameter visit for a layer that has no tensors.
 macro_rules! no_tensors {
@@ -23,13 +23,15 @@ pub(super) use no_tensors;
 /// gradient mask as the output, and an input handed over by [`Module::forward_owned`] costs no copy.
 #[derive(Debug)]
 pub struct ReLU<B: Backend> {
-    cached_input: Option<B::Tensor>,
+    input: ForwardCache<B::Tensor>,
 }
 
 impl<B: Backend> ReLU<B> {
     /// A ReLU.
     pub fn new() -> Self {
-        Self { cached_input: None }
+        Self {
+            input: ForwardCache::new(),
+        }
     }
 }
 
@@ -42,44 +44,26 @@ impl<B: Backend> Default for ReLU<B> {
 no_tensors!(ReLU);
 
 impl<B: Backend> Module<B> for ReLU<B> {
-    fn forward(
+    fn forward_input(
         &mut self,
         backend: &B,
-        x: &B::Tensor,
+        x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
-        let y = backend.relu(x)?;
-        if let ForwardMode::Train { .. } = mode {
-            self.cached_input = Some(backend.duplicate(x)?);
-        }
-        Ok(y)
-    }
-
-    fn forward_owned(
-        &mut self,
-        backend: &B,
-        x: B::Tensor,
-        mode: ForwardMode,
-    ) -> BackendResult<B::Tensor> {
-        let y = backend.relu(&x)?;
-        if let ForwardMode::Train { .. } = mode {
-            self.cached_input = Some(x);
-        }
+        let y = backend.relu(x.tensor())?;
+        self.input.keep_input(backend, x, mode)?;
         Ok(y)
     }
 
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
-        let x = self
-            .cached_input
-            .take()
-            .ok_or_else(|| no_cached_forward("ReLU::backward"))?;
+        let x = self.input.take("ReLU::backward")?;
         backend.relu_backward(&x, dy)
     }
 
     fn visit_params_mut(&mut self, _f: &mut dyn FnMut(&str, &mut Param<B>)) {}
 
     fn zero_grads(&mut self) {
-        self.cached_input = None;
+        self.input.clear();
     }
 }
 
@@ -93,7 +77,7 @@ impl<B: Backend> Module<B> for ReLU<B> {
 pub struct Dropout<B: Backend> {
     p: f32,
     layer_id: u64,
-    cached_mask: Option<B::Tensor>,
+    mask: ForwardCache<B::Tensor>,
 }
 
 impl<B: Backend> Dropout<B> {
@@ -108,7 +92,7 @@ impl<B: Backend> Dropout<B> {
         Ok(Self {
             p,
             layer_id,
-            cached_mask: None,
+            mask: ForwardCache::new(),
         })
     }
 
@@ -126,27 +110,25 @@ impl<B: Backend> Dropout<B> {
 no_tensors!(Dropout);
 
 impl<B: Backend> Module<B> for Dropout<B> {
-    fn forward(
+    fn forward_input(
         &mut self,
         backend: &B,
-        x: &B::Tensor,
+        x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
         let seed = match mode {
-            ForwardMode::Eval => return backend.duplicate(x),
-            ForwardMode::Train { seed } | ForwardMode::RecomputeBatchNorm { seed, .. } => seed,
-        };
-        if self.p == 0.0 {
-            if let ForwardMode::Train { .. } = mode {
-                self.cached_mask = None;
+            ForwardMode::Train { seed } | ForwardMode::RecomputeBatchNorm { seed, .. }
+                if self.p > 0.0 =>
+            {
+                seed
             }
-            return backend.duplicate(x);
-        }
+            // The identity: evaluation, or nothing to drop (and so no mask to keep).
+            _ => return x.into_owned(backend),
+        };
+        let x = x.tensor();
         let mask = backend.dropout_mask(x.dims(), self.p, self.mask_seed(seed))?;
         let y = backend.mul(x, &mask)?;
-        if let ForwardMode::Train { .. } = mode {
-            self.cached_mask = Some(mask);
-        }
+        self.mask.keep_with(mode, || mask);
         Ok(y)
     }
 
@@ -154,16 +136,13 @@ impl<B: Backend> Module<B> for Dropout<B> {
         if self.p == 0.0 {
             return backend.duplicate(dy);
         }
-        let mask = self
-            .cached_mask
-            .take()
-            .ok_or_else(|| no_cached_forward("Dropout::backward"))?;
+        let mask = self.mask.take("Dropout::backward")?;
         backend.mul(dy, &mask)
     }
 
     fn visit_params_mut(&mut self, _f: &mut dyn FnMut(&str, &mut Param<B>)) {}
 
     fn zero_grads(&mut self) {
-        self.cached_mask = None;
+        self.mask.clear();
     }
 }

@@ -5,8 +5,8 @@ use swa_core::backend::{Backend, BackendError, BackendResult, Conv2dSpec, HasSha
 use swa_core::params::{NamedTensors, TensorRole};
 
 use super::init::{normal, torch_default_bound, uniform, ConvInit};
-use super::no_cached_forward;
-use crate::module::{ForwardMode, Module, Param};
+use super::ForwardCache;
+use crate::module::{ForwardInput, ForwardMode, Module, Param};
 
 /// The shape and initialisation of a [`Conv2d`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +75,7 @@ pub struct Conv2d<B: Backend> {
     bias: Option<Param<B>>,
     spec: Conv2dSpec,
     input_grad_required: bool,
-    cached_input: Option<B::Tensor>,
+    input: ForwardCache<B::Tensor>,
 }
 
 impl<B: Backend> Conv2d<B> {
@@ -151,7 +151,7 @@ impl<B: Backend> Conv2d<B> {
             bias: bias.map(Param::new),
             spec,
             input_grad_required: true,
-            cached_input: None,
+            input: ForwardCache::new(),
         })
     }
 
@@ -197,37 +197,19 @@ impl<B: Backend> NamedTensors<B> for Conv2d<B> {
 }
 
 impl<B: Backend> Module<B> for Conv2d<B> {
-    fn forward(
+    fn forward_input(
         &mut self,
         backend: &B,
-        x: &B::Tensor,
+        x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
-        let y = self.convolve(backend, x)?;
-        if let ForwardMode::Train { .. } = mode {
-            self.cached_input = Some(backend.duplicate(x)?);
-        }
-        Ok(y)
-    }
-
-    fn forward_owned(
-        &mut self,
-        backend: &B,
-        x: B::Tensor,
-        mode: ForwardMode,
-    ) -> BackendResult<B::Tensor> {
-        let y = self.convolve(backend, &x)?;
-        if let ForwardMode::Train { .. } = mode {
-            self.cached_input = Some(x);
-        }
+        let y = self.convolve(backend, x.tensor())?;
+        self.input.keep_input(backend, x, mode)?;
         Ok(y)
     }
 
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
-        let x = self
-            .cached_input
-            .take()
-            .ok_or_else(|| no_cached_forward("Conv2d::backward"))?;
+        let x = self.input.take("Conv2d::backward")?;
         let grads = backend.conv2d_backward(
             &x,
             &self.weight.value,
@@ -258,7 +240,7 @@ impl<B: Backend> Module<B> for Conv2d<B> {
         if let Some(bias) = &mut self.bias {
             bias.grad = None;
         }
-        self.cached_input = None;
+        self.input.clear();
     }
 
     fn require_input_grad(&mut self, required: bool) {

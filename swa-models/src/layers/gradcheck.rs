@@ -183,32 +183,16 @@ pub fn check_gradients<B: Backend, M: Module<B> + ?Sized>(
     let dx = module.backward(backend, &dy)?;
 
     let mut entries = Vec::new();
-    let eps = config.epsilon;
     if check_input {
         let dx = backend.to_host(&dx)?;
         let mut perturbed = x.to_vec();
         for index in sample_indices(&mut rng, x.len(), config.input_samples) {
-            let mut difference = |eps: f32| -> BackendResult<f64> {
-                perturbed[index] = x[index] + eps;
-                let plus = loss_at(module, &perturbed, &r)?;
-                perturbed[index] = x[index] - eps;
-                let minus = loss_at(module, &perturbed, &r)?;
-                perturbed[index] = x[index];
-                Ok((plus - minus) / (2.0 * f64::from(eps)))
-            };
-            let mut entry = GradCheckEntry {
-                tensor: "input".into(),
-                index,
-                analytic: f64::from(dx.get(index).copied().unwrap_or(f32::NAN)),
-                numeric: difference(eps)?,
-                numeric_fine: Vec::new(),
-            };
-            for divisor in FINE_STEP_DIVISORS {
-                if entry.agrees(config.rtol, config.atol) {
-                    break;
-                }
-                entry.numeric_fine.push(difference(eps / divisor)?);
-            }
+            let analytic = f64::from(dx.get(index).copied().unwrap_or(f32::NAN));
+            let entry = measure("input", index, analytic, config, |delta| {
+                perturbed[index] = x[index] + delta;
+                loss_at(module, &perturbed, &r)
+            })?;
+            perturbed[index] = x[index];
             entries.push(entry);
         }
     }
@@ -235,30 +219,13 @@ pub fn check_gradients<B: Backend, M: Module<B> + ?Sized>(
     }
     for (name, (value, dims, grad)) in &params {
         for index in sample_indices(&mut rng, value.len(), config.param_samples) {
-            let mut difference = |eps: f32| -> BackendResult<f64> {
-                let mut losses = [0.0; 2];
-                for (slot, delta) in [eps, -eps].into_iter().enumerate() {
-                    let mut moved = value.clone();
-                    moved[index] += delta;
-                    set_param(backend, module, name, &moved, dims)?;
-                    losses[slot] = loss_at(module, x, &r)?;
-                }
-                set_param(backend, module, name, value, dims)?;
-                Ok((losses[0] - losses[1]) / (2.0 * f64::from(eps)))
-            };
-            let mut entry = GradCheckEntry {
-                tensor: name.clone(),
-                index,
-                analytic: f64::from(grad[index]),
-                numeric: difference(eps)?,
-                numeric_fine: Vec::new(),
-            };
-            for divisor in FINE_STEP_DIVISORS {
-                if entry.agrees(config.rtol, config.atol) {
-                    break;
-                }
-                entry.numeric_fine.push(difference(eps / divisor)?);
-            }
+            let entry = measure(name, index, f64::from(grad[index]), config, |delta| {
+                let mut moved = value.clone();
+                moved[index] += delta;
+                set_param(backend, module, name, &moved, dims)?;
+                loss_at(module, x, &r)
+            })?;
+            set_param(backend, module, name, value, dims)?;
             entries.push(entry);
         }
     }
@@ -267,6 +234,38 @@ pub fn check_gradients<B: Backend, M: Module<B> + ?Sized>(
         rtol: config.rtol,
         atol: config.atol,
     })
+}
+
+/// Compares `analytic` with the central difference `(L(+ε) − L(−ε)) / 2ε` of `loss_moved_by` (the loss with
+/// the element moved by the given amount), measured again with the finer steps while they disagree.
+fn measure(
+    tensor: &str,
+    index: usize,
+    analytic: f64,
+    config: &GradCheckConfig,
+    mut loss_moved_by: impl FnMut(f32) -> BackendResult<f64>,
+) -> BackendResult<GradCheckEntry> {
+    let mut difference = |eps: f32| -> BackendResult<f64> {
+        let plus = loss_moved_by(eps)?;
+        let minus = loss_moved_by(-eps)?;
+        Ok((plus - minus) / (2.0 * f64::from(eps)))
+    };
+    let mut entry = GradCheckEntry {
+        tensor: tensor.to_string(),
+        index,
+        analytic,
+        numeric: difference(config.epsilon)?,
+        numeric_fine: Vec::new(),
+    };
+    for divisor in FINE_STEP_DIVISORS {
+        if entry.agrees(config.rtol, config.atol) {
+            break;
+        }
+        entry
+            .numeric_fine
+            .push(difference(config.epsilon / divisor)?);
+    }
+    Ok(entry)
 }
 
 fn set_param<B: Backend, M: Module<B> + ?Sized>(

@@ -5,15 +5,15 @@ use swa_core::backend::{Backend, BackendError, BackendResult, HasShape};
 use swa_core::params::{NamedTensors, TensorRole};
 
 use super::init::{torch_default_bound, uniform};
-use super::no_cached_forward;
-use crate::module::{ForwardMode, Module, Param};
+use super::ForwardCache;
+use crate::module::{ForwardInput, ForwardMode, Module, Param};
 
 /// PyTorch's `nn.Linear`: `y = x·Wᵀ + b` on `x: [N, in]`, with `weight` `[out, in]` and `bias` `[out]`.
 #[derive(Debug)]
 pub struct Linear<B: Backend> {
     weight: Param<B>,
     bias: Param<B>,
-    cached_input: Option<B::Tensor>,
+    input: ForwardCache<B::Tensor>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -57,7 +57,7 @@ impl<B: Backend> Linear<B> {
         Ok(Self {
             weight: Param::new(weight),
             bias: Param::new(bias),
-            cached_input: None,
+            input: ForwardCache::new(),
         })
     }
 
@@ -85,25 +85,20 @@ impl<B: Backend> NamedTensors<B> for Linear<B> {
 }
 
 impl<B: Backend> Module<B> for Linear<B> {
-    fn forward(
+    fn forward_input(
         &mut self,
         backend: &B,
-        x: &B::Tensor,
+        x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
-        let mut y = backend.matmul(x, &self.weight.value, false, true)?;
+        let mut y = backend.matmul(x.tensor(), &self.weight.value, false, true)?;
         backend.add_row_bias_(&mut y, &self.bias.value)?;
-        if let ForwardMode::Train { .. } = mode {
-            self.cached_input = Some(backend.duplicate(x)?);
-        }
+        self.input.keep_input(backend, x, mode)?;
         Ok(y)
     }
 
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
-        let x = self
-            .cached_input
-            .take()
-            .ok_or_else(|| no_cached_forward("Linear::backward"))?;
+        let x = self.input.take("Linear::backward")?;
         self.weight
             .accumulate_grad(backend, backend.matmul(dy, &x, true, false)?)?;
         self.bias.accumulate_grad(backend, backend.sum_rows(dy)?)?;
@@ -118,6 +113,6 @@ impl<B: Backend> Module<B> for Linear<B> {
     fn zero_grads(&mut self) {
         self.weight.grad = None;
         self.bias.grad = None;
-        self.cached_input = None;
+        self.input.clear();
     }
 }

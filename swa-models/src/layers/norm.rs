@@ -3,8 +3,8 @@
 use swa_core::backend::{Backend, BackendError, BackendResult, BatchNormSaved};
 use swa_core::params::{NamedTensors, TensorRole};
 
-use super::no_cached_forward;
-use crate::module::{ForwardMode, Module, Param};
+use super::ForwardCache;
+use crate::module::{ForwardInput, ForwardMode, Module, Param};
 
 /// PyTorch's `nn.BatchNorm2d`: parameters `weight` (scale, initially 1) and `bias` (shift, initially 0),
 /// buffers `running_mean` (initially 0) and `running_var` (initially 1), and the `num_batches_tracked`
@@ -21,7 +21,8 @@ pub struct BatchNorm2d<B: Backend> {
     num_batches_tracked: u64,
     momentum: f32,
     eps: f32,
-    cache: Option<(B::Tensor, BatchNormSaved<B::Tensor>)>,
+    /// The input and its batch statistics.
+    cache: ForwardCache<(B::Tensor, BatchNormSaved<B::Tensor>)>,
 }
 
 impl<B: Backend> BatchNorm2d<B> {
@@ -46,7 +47,7 @@ impl<B: Backend> BatchNorm2d<B> {
             num_batches_tracked: 0,
             momentum: Self::DEFAULT_MOMENTUM,
             eps: Self::DEFAULT_EPS,
-            cache: None,
+            cache: ForwardCache::new(),
         })
     }
 
@@ -130,14 +131,14 @@ impl<B: Backend> NamedTensors<B> for BatchNorm2d<B> {
     }
 }
 
-/// A batch norm's output and, in training, the batch statistics its backward pass needs.
+/// A batch norm's output and, when computed from the batch, the batch statistics its backward pass needs.
 type Normalised<B> = (
     <B as Backend>::Tensor,
     Option<BatchNormSaved<<B as Backend>::Tensor>>,
 );
 
 impl<B: Backend> BatchNorm2d<B> {
-    /// Normalises `x`; in training also returns the batch statistics that `backward` needs.
+    /// Normalises `x`; with batch statistics (training and recomputation) also returns them.
     fn normalise(
         &mut self,
         backend: &B,
@@ -169,43 +170,27 @@ impl<B: Backend> BatchNorm2d<B> {
             self.eps,
         )?;
         self.num_batches_tracked += 1;
-        let keep = matches!(mode, ForwardMode::Train { .. });
-        Ok((y, keep.then_some(saved)))
+        Ok((y, Some(saved)))
     }
 }
 
 impl<B: Backend> Module<B> for BatchNorm2d<B> {
-    fn forward(
+    fn forward_input(
         &mut self,
         backend: &B,
-        x: &B::Tensor,
+        x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
-        let (y, saved) = self.normalise(backend, x, mode)?;
-        if let Some(saved) = saved {
-            self.cache = Some((backend.duplicate(x)?, saved));
-        }
-        Ok(y)
-    }
-
-    fn forward_owned(
-        &mut self,
-        backend: &B,
-        x: B::Tensor,
-        mode: ForwardMode,
-    ) -> BackendResult<B::Tensor> {
-        let (y, saved) = self.normalise(backend, &x, mode)?;
-        if let Some(saved) = saved {
-            self.cache = Some((x, saved));
+        let (y, batch_statistics) = self.normalise(backend, x.tensor(), mode)?;
+        if let Some(saved) = batch_statistics {
+            self.cache
+                .try_keep_with(mode, || Ok((x.into_owned(backend)?, saved)))?;
         }
         Ok(y)
     }
 
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
-        let (x, saved) = self
-            .cache
-            .take()
-            .ok_or_else(|| no_cached_forward("BatchNorm2d::backward"))?;
+        let (x, saved) = self.cache.take("BatchNorm2d::backward")?;
         let grads = backend.batch_norm_backward(&x, &self.weight.value, &saved, dy)?;
         self.weight.accumulate_grad(backend, grads.gamma)?;
         self.bias.accumulate_grad(backend, grads.beta)?;
@@ -220,7 +205,7 @@ impl<B: Backend> Module<B> for BatchNorm2d<B> {
     fn zero_grads(&mut self) {
         self.weight.grad = None;
         self.bias.grad = None;
-        self.cache = None;
+        self.cache.clear();
     }
 
     fn visit_batch_counters(&self, f: &mut dyn FnMut(&str, u64)) {

@@ -4,15 +4,15 @@ use swa_core::backend::{Backend, BackendError, BackendResult, HasShape};
 use swa_core::params::{NamedTensors, TensorRole};
 
 use super::activation::no_tensors;
-use super::no_cached_forward;
-use crate::module::{ForwardMode, Module, Param};
+use super::ForwardCache;
+use crate::module::{ForwardInput, ForwardMode, Module, Param};
 
 /// Max pooling over square windows, no padding (PyTorch's `nn.MaxPool2d(kernel, stride)`).
 #[derive(Debug)]
 pub struct MaxPool2d<B: Backend> {
     kernel: usize,
     stride: usize,
-    cached_input: Option<B::Tensor>,
+    input: ForwardCache<B::Tensor>,
 }
 
 impl<B: Backend> MaxPool2d<B> {
@@ -27,7 +27,7 @@ impl<B: Backend> MaxPool2d<B> {
         Ok(Self {
             kernel,
             stride,
-            cached_input: None,
+            input: ForwardCache::new(),
         })
     }
 }
@@ -35,31 +35,26 @@ impl<B: Backend> MaxPool2d<B> {
 no_tensors!(MaxPool2d);
 
 impl<B: Backend> Module<B> for MaxPool2d<B> {
-    fn forward(
+    fn forward_input(
         &mut self,
         backend: &B,
-        x: &B::Tensor,
+        x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
-        let y = backend.max_pool2d(x, self.kernel, self.stride)?;
-        if let ForwardMode::Train { .. } = mode {
-            self.cached_input = Some(backend.duplicate(x)?);
-        }
+        let y = backend.max_pool2d(x.tensor(), self.kernel, self.stride)?;
+        self.input.keep_input(backend, x, mode)?;
         Ok(y)
     }
 
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
-        let x = self
-            .cached_input
-            .take()
-            .ok_or_else(|| no_cached_forward("MaxPool2d::backward"))?;
+        let x = self.input.take("MaxPool2d::backward")?;
         backend.max_pool2d_backward(&x, dy, self.kernel, self.stride)
     }
 
     fn visit_params_mut(&mut self, _f: &mut dyn FnMut(&str, &mut Param<B>)) {}
 
     fn zero_grads(&mut self) {
-        self.cached_input = None;
+        self.input.clear();
     }
 }
 
@@ -67,7 +62,7 @@ impl<B: Backend> Module<B> for MaxPool2d<B> {
 #[derive(Debug)]
 pub struct AvgPool2d<B: Backend> {
     kernel: usize,
-    cached_input_shape: Option<Vec<usize>>,
+    input_shape: ForwardCache<Vec<usize>>,
     _backend: std::marker::PhantomData<B>,
 }
 
@@ -82,7 +77,7 @@ impl<B: Backend> AvgPool2d<B> {
         }
         Ok(Self {
             kernel,
-            cached_input_shape: None,
+            input_shape: ForwardCache::new(),
             _backend: std::marker::PhantomData,
         })
     }
@@ -91,38 +86,34 @@ impl<B: Backend> AvgPool2d<B> {
 no_tensors!(AvgPool2d);
 
 impl<B: Backend> Module<B> for AvgPool2d<B> {
-    fn forward(
+    fn forward_input(
         &mut self,
         backend: &B,
-        x: &B::Tensor,
+        x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
+        let x = x.tensor();
         let y = backend.avg_pool2d(x, self.kernel)?;
-        if let ForwardMode::Train { .. } = mode {
-            self.cached_input_shape = Some(x.dims().to_vec());
-        }
+        self.input_shape.keep_with(mode, || x.dims().to_vec());
         Ok(y)
     }
 
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
-        let shape = self
-            .cached_input_shape
-            .take()
-            .ok_or_else(|| no_cached_forward("AvgPool2d::backward"))?;
+        let shape = self.input_shape.take("AvgPool2d::backward")?;
         backend.avg_pool2d_backward(dy, self.kernel, &shape)
     }
 
     fn visit_params_mut(&mut self, _f: &mut dyn FnMut(&str, &mut Param<B>)) {}
 
     fn zero_grads(&mut self) {
-        self.cached_input_shape = None;
+        self.input_shape.clear();
     }
 }
 
 /// Flattens every dimension after the first: `[N, C, H, W] → [N, C·H·W]` (PyTorch's `flatten(1)`).
 #[derive(Debug)]
 pub struct Flatten<B: Backend> {
-    cached_input_shape: Option<Vec<usize>>,
+    input_shape: ForwardCache<Vec<usize>>,
     _backend: std::marker::PhantomData<B>,
 }
 
@@ -130,7 +121,7 @@ impl<B: Backend> Flatten<B> {
     /// A flattening layer.
     pub fn new() -> Self {
         Self {
-            cached_input_shape: None,
+            input_shape: ForwardCache::new(),
             _backend: std::marker::PhantomData,
         }
     }
@@ -145,13 +136,13 @@ impl<B: Backend> Default for Flatten<B> {
 no_tensors!(Flatten);
 
 impl<B: Backend> Module<B> for Flatten<B> {
-    fn forward(
+    fn forward_input(
         &mut self,
         backend: &B,
-        x: &B::Tensor,
+        x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
-        let dims = x.dims().to_vec();
+        let dims = x.tensor().dims().to_vec();
         let Some((&batch, rest)) = dims.split_first() else {
             return Err(BackendError::ShapeMismatch {
                 op: "Flatten::forward",
@@ -160,24 +151,19 @@ impl<B: Backend> Module<B> for Flatten<B> {
             });
         };
         let features = rest.iter().product();
-        let y = backend.reshape(backend.duplicate(x)?, &[batch, features])?;
-        if let ForwardMode::Train { .. } = mode {
-            self.cached_input_shape = Some(dims);
-        }
+        let y = backend.reshape(x.into_owned(backend)?, &[batch, features])?;
+        self.input_shape.keep_with(mode, || dims);
         Ok(y)
     }
 
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
-        let shape = self
-            .cached_input_shape
-            .take()
-            .ok_or_else(|| no_cached_forward("Flatten::backward"))?;
+        let shape = self.input_shape.take("Flatten::backward")?;
         backend.reshape(backend.duplicate(dy)?, &shape)
     }
 
     fn visit_params_mut(&mut self, _f: &mut dyn FnMut(&str, &mut Param<B>)) {}
 
     fn zero_grads(&mut self) {
-        self.cached_input_shape = None;
+        self.input_shape.clear();
     }
 }

@@ -5,7 +5,7 @@ use swa_core::backend::{Backend, BackendResult};
 use swa_core::params::{NamedTensors, TensorRole};
 
 use super::{BatchNorm2d, Conv2d, Conv2dConfig, ConvInit, Dropout, ReLU, Sequential};
-use crate::module::{child_name, ForwardMode, Module, Param};
+use crate::module::{child_name, ForwardInput, ForwardMode, Module, Param};
 
 /// A residual block, `main(x) + shortcut(x)`, with the shortcut the identity when there is none.
 ///
@@ -34,28 +34,18 @@ impl<B: Backend> Residual<B> {
         stride: usize,
         rng: &mut R,
     ) -> BackendResult<Self> {
-        let conv = |cin, cout, k, s, p| {
-            Conv2dConfig::new(cin, cout, k)
-                .stride(s)
-                .padding(p)
-                .bias(false)
-                .init(ConvInit::HeNormalFanOut)
-        };
         let mut main = Sequential::new();
-        main.push_named("bn1", BatchNorm2d::new(backend, in_channels)?);
-        main.push_named("relu1", ReLU::new());
-        let conv1 = Conv2d::new(backend, conv(in_channels, channels, 3, stride, 1), rng)?;
-        main.push_named("conv1", conv1);
-        main.push_named("bn2", BatchNorm2d::new(backend, channels)?);
-        main.push_named("relu2", ReLU::new());
-        let conv2 = Conv2d::new(backend, conv(channels, channels, 3, 1, 1), rng)?;
-        main.push_named("conv2", conv2);
-        let shortcut = if stride != 1 || in_channels != channels {
-            let down = Conv2d::new(backend, conv(in_channels, channels, 1, stride, 0), rng)?;
-            Some(("downsample".to_string(), Sequential::new().with(down)))
-        } else {
-            None
-        };
+        let conv1 = preact_conv(in_channels, channels, 3, stride);
+        push_preactivated(backend, &mut main, 1, conv1, rng)?;
+        push_preactivated(
+            backend,
+            &mut main,
+            2,
+            preact_conv(channels, channels, 3, 1),
+            rng,
+        )?;
+        let down = preact_conv(in_channels, channels, 1, stride);
+        let shortcut = projection(backend, "downsample", down, rng)?;
         Ok(Self::new(main, shortcut))
     }
 
@@ -68,33 +58,18 @@ impl<B: Backend> Residual<B> {
         stride: usize,
         rng: &mut R,
     ) -> BackendResult<Self> {
-        let conv = |cin, cout, k, s, p| {
-            Conv2dConfig::new(cin, cout, k)
-                .stride(s)
-                .padding(p)
-                .bias(false)
-                .init(ConvInit::HeNormalFanOut)
-        };
         let out_channels = channels * 4;
         let mut main = Sequential::new();
-        main.push_named("bn1", BatchNorm2d::new(backend, in_channels)?);
-        main.push_named("relu1", ReLU::new());
-        let conv1 = Conv2d::new(backend, conv(in_channels, channels, 1, 1, 0), rng)?;
-        main.push_named("conv1", conv1);
-        main.push_named("bn2", BatchNorm2d::new(backend, channels)?);
-        main.push_named("relu2", ReLU::new());
-        let conv2 = Conv2d::new(backend, conv(channels, channels, 3, stride, 1), rng)?;
-        main.push_named("conv2", conv2);
-        main.push_named("bn3", BatchNorm2d::new(backend, channels)?);
-        main.push_named("relu3", ReLU::new());
-        let conv3 = Conv2d::new(backend, conv(channels, out_channels, 1, 1, 0), rng)?;
-        main.push_named("conv3", conv3);
-        let shortcut = if stride != 1 || in_channels != out_channels {
-            let down = Conv2d::new(backend, conv(in_channels, out_channels, 1, stride, 0), rng)?;
-            Some(("downsample".to_string(), Sequential::new().with(down)))
-        } else {
-            None
-        };
+        let convs = [
+            preact_conv(in_channels, channels, 1, 1),
+            preact_conv(channels, channels, 3, stride),
+            preact_conv(channels, out_channels, 1, 1),
+        ];
+        for (index, conv) in (1..).zip(convs) {
+            push_preactivated(backend, &mut main, index, conv, rng)?;
+        }
+        let down = preact_conv(in_channels, out_channels, 1, stride);
+        let shortcut = projection(backend, "downsample", down, rng)?;
         Ok(Self::new(main, shortcut))
     }
 
@@ -111,31 +86,26 @@ impl<B: Backend> Residual<B> {
         dropout_id: u64,
         rng: &mut R,
     ) -> BackendResult<Self> {
-        let conv = |cin, cout, k, s, p| {
-            Conv2dConfig::new(cin, cout, k)
-                .stride(s)
-                .padding(p)
-                .bias(true)
-                .init(ConvInit::TorchDefault)
-        };
         let mut main = Sequential::new();
-        main.push_named("bn1", BatchNorm2d::new(backend, in_channels)?);
-        main.push_named("relu1", ReLU::new());
-        let conv1 = Conv2d::new(backend, conv(in_channels, channels, 3, 1, 1), rng)?;
-        main.push_named("conv1", conv1);
+        push_preactivated(
+            backend,
+            &mut main,
+            1,
+            wide_conv(in_channels, channels, 3, 1),
+            rng,
+        )?;
         if dropout_rate > 0.0 {
             main.push_named("dropout", Dropout::new(dropout_rate, dropout_id)?);
         }
-        main.push_named("bn2", BatchNorm2d::new(backend, channels)?);
-        main.push_named("relu2", ReLU::new());
-        let conv2 = Conv2d::new(backend, conv(channels, channels, 3, stride, 1), rng)?;
-        main.push_named("conv2", conv2);
-        let shortcut = if stride != 1 || in_channels != channels {
-            let short = Conv2d::new(backend, conv(in_channels, channels, 1, stride, 0), rng)?;
-            Some(("shortcut".to_string(), Sequential::new().with(short)))
-        } else {
-            None
-        };
+        push_preactivated(
+            backend,
+            &mut main,
+            2,
+            wide_conv(channels, channels, 3, stride),
+            rng,
+        )?;
+        let short = wide_conv(in_channels, channels, 1, stride);
+        let shortcut = projection(backend, "shortcut", short, rng)?;
         Ok(Self::new(main, shortcut))
     }
 
@@ -143,6 +113,64 @@ impl<B: Backend> Residual<B> {
     pub fn has_projection(&self) -> bool {
         self.shortcut.is_some()
     }
+}
+
+/// A convolution of PreResNet's blocks: no bias, He-normal initialisation, and the padding that keeps a
+/// stride-1 output the size of its input.
+fn preact_conv(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+) -> Conv2dConfig {
+    wide_conv(in_channels, out_channels, kernel, stride)
+        .bias(false)
+        .init(ConvInit::HeNormalFanOut)
+}
+
+/// A convolution of WideResNet's blocks: a bias, PyTorch's default initialisation, and the padding that
+/// keeps a stride-1 output the size of its input.
+fn wide_conv(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+) -> Conv2dConfig {
+    Conv2dConfig::new(in_channels, out_channels, kernel)
+        .stride(stride)
+        .padding(kernel / 2)
+}
+
+/// Appends the pre-activated convolution `index` of a main path: `bn<index>`, `relu<index>`, `conv<index>`.
+fn push_preactivated<B: Backend, R: Rng + ?Sized>(
+    backend: &B,
+    main: &mut Sequential<B>,
+    index: usize,
+    conv: Conv2dConfig,
+    rng: &mut R,
+) -> BackendResult<()> {
+    main.push_named(
+        format!("bn{index}"),
+        BatchNorm2d::new(backend, conv.in_channels)?,
+    );
+    main.push_named(format!("relu{index}"), ReLU::new());
+    main.push_named(format!("conv{index}"), Conv2d::new(backend, conv, rng)?);
+    Ok(())
+}
+
+/// The shortcut `name.0`, a projection by `conv`, when `conv` changes the shape; `None` (the identity)
+/// when it would not.
+fn projection<B: Backend, R: Rng + ?Sized>(
+    backend: &B,
+    name: &str,
+    conv: Conv2dConfig,
+    rng: &mut R,
+) -> BackendResult<Option<(String, Sequential<B>)>> {
+    if conv.stride == 1 && conv.in_channels == conv.out_channels {
+        return Ok(None);
+    }
+    let projection = Conv2d::new(backend, conv, rng)?;
+    Ok(Some((name.to_string(), Sequential::new().with(projection))))
 }
 
 impl<B: Backend> NamedTensors<B> for Residual<B> {
@@ -162,36 +190,24 @@ impl<B: Backend> NamedTensors<B> for Residual<B> {
 }
 
 impl<B: Backend> Module<B> for Residual<B> {
-    fn forward(
+    /// The main path reads the input; a projection shortcut then keeps an owned input itself for its
+    /// backward pass rather than a copy.
+    fn forward_input(
         &mut self,
         backend: &B,
-        x: &B::Tensor,
+        x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
-        let mut y = self.main.forward(backend, x, mode)?;
-        match &mut self.shortcut {
-            Some((_, shortcut)) => {
-                let s = shortcut.forward(backend, x, mode)?;
-                backend.axpy_(&mut y, 1.0, &s)?;
+        let mut y = self.main.forward(backend, x.tensor(), mode)?;
+        let projected;
+        let shortcut = match &mut self.shortcut {
+            Some((_, projection)) => {
+                projected = projection.forward_input(backend, x, mode)?;
+                &projected
             }
-            None => backend.axpy_(&mut y, 1.0, x)?,
-        }
-        Ok(y)
-    }
-
-    /// A projection shortcut keeps the input itself for its backward pass rather than a copy.
-    fn forward_owned(
-        &mut self,
-        backend: &B,
-        x: B::Tensor,
-        mode: ForwardMode,
-    ) -> BackendResult<B::Tensor> {
-        let Some((_, shortcut)) = &mut self.shortcut else {
-            return self.forward(backend, &x, mode);
+            None => x.tensor(),
         };
-        let mut y = self.main.forward(backend, &x, mode)?;
-        let s = shortcut.forward_owned(backend, x, mode)?;
-        backend.axpy_(&mut y, 1.0, &s)?;
+        backend.axpy_(&mut y, 1.0, shortcut)?;
         Ok(y)
     }
 

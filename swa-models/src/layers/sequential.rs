@@ -3,7 +3,7 @@
 use swa_core::backend::{Backend, BackendResult};
 use swa_core::params::{NamedTensors, TensorRole};
 
-use crate::module::{child_name, ForwardMode, Module, Param};
+use crate::module::{child_name, ForwardInput, ForwardMode, Module, Param};
 
 /// Children run one after the other, PyTorch's `nn.Sequential`: a child's tensors are named
 /// `<child name>.<tensor name>`. Children added with [`Sequential::push`] are named by their position
@@ -94,31 +94,19 @@ impl<B: Backend> NamedTensors<B> for Sequential<B> {
 }
 
 impl<B: Backend> Module<B> for Sequential<B> {
-    fn forward(
+    /// Each child's output is handed to the next child as an owned input.
+    fn forward_input(
         &mut self,
         backend: &B,
-        x: &B::Tensor,
+        x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
         let mut children = self.children.iter_mut();
         let Some((_, first)) = children.next() else {
-            return backend.duplicate(x);
+            return x.into_owned(backend);
         };
-        let mut y = first.forward(backend, x, mode)?;
+        let mut y = first.forward_input(backend, x, mode)?;
         for (_, child) in children {
-            y = child.forward_owned(backend, y, mode)?;
-        }
-        Ok(y)
-    }
-
-    fn forward_owned(
-        &mut self,
-        backend: &B,
-        x: B::Tensor,
-        mode: ForwardMode,
-    ) -> BackendResult<B::Tensor> {
-        let mut y = x;
-        for (_, child) in &mut self.children {
             y = child.forward_owned(backend, y, mode)?;
         }
         Ok(y)

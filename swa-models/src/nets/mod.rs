@@ -21,7 +21,7 @@ use swa_core::backend::{Backend, BackendResult};
 use swa_core::params::{NamedTensors, TensorRole};
 
 use crate::layers::Sequential;
-use crate::module::{ForwardMode, Module, Param};
+use crate::module::{ForwardInput, ForwardMode, Module, Param};
 
 /// What to build: an architecture and the number of classes it predicts.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -100,13 +100,13 @@ impl<B: Backend> NamedTensors<B> for Network<B> {
 }
 
 impl<B: Backend> Module<B> for Network<B> {
-    fn forward(
+    fn forward_input(
         &mut self,
         backend: &B,
-        x: &B::Tensor,
+        x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
-        self.body.forward(backend, x, mode)
+        self.body.forward_input(backend, x, mode)
     }
 
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {

@@ -1,0 +1,216 @@
+//! Layers keep an input handed over by `forward_owned` for their backward pass instead of copying it: a
+//! backend that counts `Backend::duplicate` calls shows where a training forward pass copies.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use swa_core::backend::{
+    BatchNormGrads, BatchNormSaved, Conv2dGrads, Conv2dSpec, CrossEntropy, SgdStep,
+};
+use swa_core::{Backend, BackendResult, CpuBackend, CpuTensor, HasShape};
+use swa_models::layers::{
+    AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, Dropout, Flatten, Linear, MaxPool2d, ReLU,
+};
+use swa_models::{Architecture, ForwardMode, Module, Network, NetworkConfig};
+
+/// The CPU backend, counting the copies made by [`Backend::duplicate`] (shared by clones).
+#[derive(Clone, Debug)]
+struct CopyCounter {
+    inner: CpuBackend,
+    copies: Arc<AtomicUsize>,
+}
+
+impl CopyCounter {
+    fn new() -> Self {
+        Self {
+            inner: CpuBackend::with_threads(2),
+            copies: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The copies made since the last call.
+    fn take_copies(&self) -> usize {
+        self.copies.swap(0, Ordering::Relaxed)
+    }
+}
+
+/// Implements backend methods by calling the inner backend's.
+macro_rules! delegate {
+    ($($name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        $(fn $name(&self $(, $arg: $ty)*) -> $ret {
+            self.inner.$name($($arg),*)
+        })*
+    };
+}
+
+impl Backend for CopyCounter {
+    type Tensor = CpuTensor;
+
+    fn duplicate(&self, tensor: &CpuTensor) -> BackendResult<CpuTensor> {
+        self.copies.fetch_add(1, Ordering::Relaxed);
+        self.inner.duplicate(tensor)
+    }
+
+    delegate! {
+        name(&self) -> String;
+        from_host(&self, data: &[f32], shape: &[usize]) -> BackendResult<CpuTensor>;
+        zeros(&self, shape: &[usize]) -> BackendResult<CpuTensor>;
+        to_host(&self, tensor: &CpuTensor) -> BackendResult<Vec<f32>>;
+        reshape(&self, tensor: CpuTensor, shape: &[usize]) -> BackendResult<CpuTensor>;
+        synchronize(&self) -> BackendResult<()>;
+        fill_(&self, tensor: &mut CpuTensor, value: f32) -> BackendResult<()>;
+        copy_(&self, dst: &mut CpuTensor, src: &CpuTensor) -> BackendResult<()>;
+        lerp_(&self, dst: &mut CpuTensor, src: &CpuTensor, weight: f32) -> BackendResult<()>;
+        lerp_many_(&self, dsts: &mut [&mut CpuTensor], srcs: &[&CpuTensor], weight: f32)
+            -> BackendResult<()>;
+        axpy_(&self, dst: &mut CpuTensor, alpha: f32, x: &CpuTensor) -> BackendResult<()>;
+        scale_(&self, tensor: &mut CpuTensor, factor: f32) -> BackendResult<()>;
+        sgd_step_(&self, param: &mut CpuTensor, grad: &CpuTensor, momentum: &mut CpuTensor,
+            step: &SgdStep) -> BackendResult<()>;
+        add(&self, a: &CpuTensor, b: &CpuTensor) -> BackendResult<CpuTensor>;
+        mul(&self, a: &CpuTensor, b: &CpuTensor) -> BackendResult<CpuTensor>;
+        relu(&self, x: &CpuTensor) -> BackendResult<CpuTensor>;
+        relu_backward(&self, y: &CpuTensor, dy: &CpuTensor) -> BackendResult<CpuTensor>;
+        dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<CpuTensor>;
+        matmul(&self, a: &CpuTensor, b: &CpuTensor, transpose_a: bool, transpose_b: bool)
+            -> BackendResult<CpuTensor>;
+        add_row_bias_(&self, x: &mut CpuTensor, bias: &CpuTensor) -> BackendResult<()>;
+        sum_rows(&self, x: &CpuTensor) -> BackendResult<CpuTensor>;
+        conv2d(&self, x: &CpuTensor, weight: &CpuTensor, bias: Option<&CpuTensor>,
+            spec: Conv2dSpec) -> BackendResult<CpuTensor>;
+        conv2d_backward(&self, x: &CpuTensor, weight: &CpuTensor, dy: &CpuTensor, spec: Conv2dSpec,
+            need_input_grad: bool, need_bias_grad: bool) -> BackendResult<Conv2dGrads<CpuTensor>>;
+        batch_norm_train(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor,
+            running_mean: &mut CpuTensor, running_var: &mut CpuTensor, momentum: f32, eps: f32)
+            -> BackendResult<(CpuTensor, BatchNormSaved<CpuTensor>)>;
+        batch_norm_eval(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor,
+            running_mean: &CpuTensor, running_var: &CpuTensor, eps: f32) -> BackendResult<CpuTensor>;
+        batch_norm_backward(&self, x: &CpuTensor, gamma: &CpuTensor,
+            saved: &BatchNormSaved<CpuTensor>, dy: &CpuTensor)
+            -> BackendResult<BatchNormGrads<CpuTensor>>;
+        max_pool2d(&self, x: &CpuTensor, kernel: usize, stride: usize) -> BackendResult<CpuTensor>;
+        max_pool2d_backward(&self, x: &CpuTensor, dy: &CpuTensor, kernel: usize, stride: usize)
+            -> BackendResult<CpuTensor>;
+        avg_pool2d(&self, x: &CpuTensor, kernel: usize) -> BackendResult<CpuTensor>;
+        avg_pool2d_backward(&self, dy: &CpuTensor, kernel: usize, input_shape: &[usize])
+            -> BackendResult<CpuTensor>;
+        softmax_cross_entropy(&self, logits: &CpuTensor, labels: &[u32])
+            -> BackendResult<CrossEntropy<CpuTensor>>;
+        softmax(&self, logits: &CpuTensor) -> BackendResult<CpuTensor>;
+    }
+}
+
+const TRAIN: ForwardMode = ForwardMode::Train { seed: 3 };
+
+fn random_tensor(b: &CopyCounter, seed: u64, shape: &[usize]) -> CpuTensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let values: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+        .collect();
+    b.from_host(&values, shape).unwrap()
+}
+
+/// The copies of a training forward pass on an owned input and on a borrowed one, checking that both give
+/// the same output and the same input gradient.
+fn train_copies(
+    b: &CopyCounter,
+    layer: &mut dyn Module<CopyCounter>,
+    shape: &[usize],
+) -> (usize, usize) {
+    let x = random_tensor(b, 1, shape);
+    b.take_copies();
+    let y_borrowed = layer.forward(b, &x, TRAIN).unwrap();
+    let borrowed = b.take_copies();
+    let dy = random_tensor(b, 2, y_borrowed.dims());
+    let dx_borrowed = b.to_host(&layer.backward(b, &dy).unwrap()).unwrap();
+    layer.zero_grads();
+
+    let x_owned = b.duplicate(&x).unwrap();
+    b.take_copies();
+    let y_owned = layer.forward_owned(b, x_owned, TRAIN).unwrap();
+    let owned = b.take_copies();
+    let dx_owned = b.to_host(&layer.backward(b, &dy).unwrap()).unwrap();
+    layer.zero_grads();
+
+    assert_eq!(
+        b.to_host(&y_owned).unwrap(),
+        b.to_host(&y_borrowed).unwrap()
+    );
+    assert_eq!(dx_owned, dx_borrowed);
+    (owned, borrowed)
+}
+
+#[test]
+fn linear_and_max_pool_keep_an_owned_input_without_copying_it() {
+    let b = CopyCounter::new();
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut linear = Linear::new(&b, 6, 4, &mut rng).unwrap();
+    assert_eq!(
+        train_copies(&b, &mut linear, &[3, 6]),
+        (0, 1),
+        "Linear: copies on an owned input, on a borrowed one"
+    );
+    let mut pool = MaxPool2d::new(2, 2).unwrap();
+    assert_eq!(
+        train_copies(&b, &mut pool, &[2, 3, 4, 4]),
+        (0, 1),
+        "MaxPool2d: copies on an owned input, on a borrowed one"
+    );
+}
+
+#[test]
+fn every_layer_keeps_an_owned_input_without_copying_it() {
+    let b = CopyCounter::new();
+    let mut rng = StdRng::seed_from_u64(0);
+    let image = [2, 3, 4, 4];
+    let mut layers: Vec<(&str, Box<dyn Module<CopyCounter>>)> = vec![
+        ("ReLU", Box::new(ReLU::new())),
+        (
+            "Conv2d",
+            Box::new(Conv2d::new(&b, Conv2dConfig::new(3, 2, 3).padding(1), &mut rng).unwrap()),
+        ),
+        ("BatchNorm2d", Box::new(BatchNorm2d::new(&b, 3).unwrap())),
+        ("AvgPool2d", Box::new(AvgPool2d::new(2).unwrap())),
+        ("Flatten", Box::new(Flatten::new())),
+        ("Dropout", Box::new(Dropout::new(0.5, 0).unwrap())),
+    ];
+    for (name, layer) in &mut layers {
+        let (owned, _) = train_copies(&b, layer.as_mut(), &image);
+        assert_eq!(owned, 0, "{name} copied an owned input");
+    }
+}
+
+#[test]
+fn a_network_copies_only_the_batch_its_first_layer_keeps() {
+    let b = CopyCounter::new();
+    let config = NetworkConfig {
+        architecture: Architecture::Vgg16,
+        classes: 10,
+    };
+    let mut vgg = Network::new(&b, &config, 0).unwrap();
+    let x = random_tensor(&b, 1, &[2, 3, 32, 32]);
+    b.take_copies();
+    vgg.forward(&b, &x, TRAIN).unwrap();
+    assert_eq!(
+        b.take_copies(),
+        1,
+        "copies in a VGG-16 training forward pass"
+    );
+
+    // Each residual block's main path and shortcut both need the block's input: its first BatchNorm keeps
+    // a copy, the shortcut (identity or projection) the input itself.
+    let config = NetworkConfig {
+        architecture: Architecture::PreResNet { depth: 20 },
+        classes: 10,
+    };
+    let mut preresnet = Network::new(&b, &config, 0).unwrap();
+    b.take_copies();
+    preresnet.forward(&b, &x, TRAIN).unwrap();
+    assert_eq!(
+        b.take_copies(),
+        1 + 9,
+        "copies in a PreResNet-20 training forward pass"
+    );
+}
