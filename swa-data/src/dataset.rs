@@ -159,6 +159,21 @@ impl Dataset {
         counts
     }
 
+    /// The first `n` images with their labels and the same class names; all of them when `n` is at
+    /// least [`len`](Self::len), none when it is 0.
+    pub fn head(&self, n: usize) -> Dataset {
+        let n = n.min(self.len());
+        Dataset {
+            kind: self.kind,
+            split: self.split,
+            images: self.images[..n * IMAGE_BYTES].to_vec(),
+            labels: self.labels[..n].to_vec(),
+            coarse_labels: self.coarse_labels.as_ref().map(|c| c[..n].to_vec()),
+            class_names: self.class_names.clone(),
+            coarse_class_names: self.coarse_class_names.clone(),
+        }
+    }
+
     /// Mean of each colour channel over all images, on the 0–255 scale.
     pub fn channel_means(&self) -> [f64; CHANNELS] {
         let plane = IMAGE_SIDE * IMAGE_SIDE;
@@ -202,4 +217,51 @@ pub struct CifarSplits {
     pub train: Dataset,
     /// The test split.
     pub test: Dataset,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn three_images() -> Dataset {
+        Dataset::new(
+            DatasetKind::Cifar100,
+            Split::Train,
+            DatasetParts {
+                images: (0..3 * IMAGE_BYTES)
+                    .map(|i| (i / IMAGE_BYTES) as u8)
+                    .collect(),
+                labels: vec![2, 0, 1],
+                coarse_labels: Some(vec![1, 0, 1]),
+                class_names: vec!["a".into(), "b".into(), "c".into()],
+                coarse_class_names: Some(vec!["x".into(), "y".into()]),
+            },
+            PathBuf::from("<test>"),
+        )
+        .expect("valid parts")
+    }
+
+    #[test]
+    fn head_keeps_the_first_images_and_all_class_names() {
+        let full = three_images();
+        let head = full.head(2);
+        assert_eq!(head.len(), 2);
+        assert_eq!(head.images(), &full.images()[..2 * IMAGE_BYTES]);
+        assert_eq!(head.image(1), full.image(1));
+        assert_eq!(head.labels(), &[2, 0]);
+        assert_eq!(head.coarse_labels(), Some(&[1, 0][..]));
+        assert_eq!(head.class_names(), full.class_names());
+        assert_eq!(head.coarse_class_names(), full.coarse_class_names());
+        assert_eq!((head.kind(), head.split()), (full.kind(), full.split()));
+    }
+
+    #[test]
+    fn head_past_the_end_is_everything_and_head_zero_is_empty() {
+        let full = three_images();
+        assert_eq!(full.head(3), full);
+        assert_eq!(full.head(usize::MAX), full);
+        let empty = full.head(0);
+        assert!(empty.is_empty() && empty.images().is_empty());
+        assert_eq!(empty.num_classes(), 3);
+    }
 }

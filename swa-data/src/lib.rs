@@ -5,8 +5,8 @@
 //! - **Readers** for both official layouts — binary records (`cifar-10-batches-bin`,
 //!   `cifar-100-binary`) and python pickles (`cifar-10-batches-py`, `cifar-100-python`) — from the
 //!   extracted folder or straight from the official `.tar.gz`, recognised automatically
-//!   ([`load`], [`detect`]). Pickles are decoded by a strict reader that accepts only what a CIFAR
-//!   batch holds ([`pickle`]).
+//!   ([`load`], [`detect`]). Pickles are decoded by the `serde-pickle` crate, which never executes
+//!   what a stream names; only numpy's array state is decoded here ([`pickle`]).
 //! - **Download** of the official archives into a cache folder, MD5-checked and written
 //!   atomically ([`ensure_available`]).
 //! - **Verification** against the official data set: checksums, counts, channel means ([`mod@check`]).

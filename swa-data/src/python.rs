@@ -5,7 +5,7 @@ use std::path::Path;
 use crate::binary::BinaryRecords;
 use crate::error::{DataError, Result};
 use crate::layout::{DatasetKind, IMAGE_BYTES};
-use crate::pickle::{self, Value};
+use crate::pickle::{self, describe, NdArray, Value};
 
 fn structure(file: &Path, field: &str, expected: &str, found: String) -> DataError {
     DataError::PickleStructure {
@@ -22,14 +22,13 @@ fn decode(bytes: &[u8], file: &Path) -> Result<Value> {
         source,
     })?;
     if !matches!(value, Value::Dict(_)) {
-        return Err(structure(file, "<top level>", "a dict", value.describe()));
+        return Err(structure(file, "<top level>", "a dict", describe(&value)));
     }
     Ok(value)
 }
 
 fn field<'v>(value: &'v Value, key: &str, file: &Path) -> Result<&'v Value> {
-    value
-        .dict_get(key)
+    pickle::dict_get(value, key)
         .ok_or_else(|| structure(file, key, "a present key", "no such key".into()))
 }
 
@@ -40,22 +39,26 @@ fn labels(
     classes: usize,
     expected_len: usize,
 ) -> Result<Vec<u32>> {
+    let expected = "a list of ints";
     let raw: Vec<i64> = match field(value, key, file)? {
         Value::List(list) => list
-            .items
             .iter()
             .map(|item| match item {
-                Value::Int(i) => Ok(*i),
+                Value::I64(i) => Ok(*i),
                 other => Err(structure(
                     file,
                     key,
-                    "a list of ints",
-                    format!("an element {}", other.describe()),
+                    expected,
+                    format!("an element {}", describe(other)),
                 )),
             })
             .collect::<Result<_>>()?,
-        Value::Array(array) if array.shape.len() == 1 => array.to_i64(),
-        other => return Err(structure(file, key, "a list of ints", other.describe())),
+        other => match NdArray::from_state(other) {
+            Some(array) if array.shape.len() == 1 => array
+                .to_i64()
+                .ok_or_else(|| structure(file, key, expected, array.describe()))?,
+            _ => return Err(structure(file, key, expected, describe(other))),
+        },
     };
     if raw.len() != expected_len {
         return Err(DataError::CountMismatch {
@@ -98,27 +101,13 @@ pub fn parse_batch(
 ) -> Result<BinaryRecords> {
     let value = decode(bytes, file)?;
     let data = field(&value, "data", file)?;
-    let Value::Array(array) = data else {
-        return Err(structure(
-            file,
-            "data",
-            "a uint8 array of shape (n, 3072)",
-            data.describe(),
-        ));
+    let expected = "a uint8 array of shape (n, 3072)";
+    let array = NdArray::from_state(data)
+        .ok_or_else(|| structure(file, "data", expected, describe(data)))?;
+    let count = match array.shape[..] {
+        [count, IMAGE_BYTES] if array.is_bytes() => count,
+        _ => return Err(structure(file, "data", expected, array.describe())),
     };
-    if array.shape.len() != 2
-        || array.shape[1] != IMAGE_BYTES
-        || array.dtype.size != 1
-        || array.dtype.kind != b'u'
-    {
-        return Err(structure(
-            file,
-            "data",
-            "a uint8 array of shape (n, 3072)",
-            data.describe(),
-        ));
-    }
-    let count = array.shape[0];
     match kind {
         DatasetKind::Cifar10 => Ok(BinaryRecords {
             images: array.data.to_vec(),
@@ -142,21 +131,20 @@ pub fn parse_batch(
 fn names(value: &Value, key: &str, file: &Path) -> Result<Vec<String>> {
     let expected = "a non-empty list of at most 256 UTF-8 strings";
     match field(value, key, file)? {
-        Value::List(list) if !list.items.is_empty() && list.items.len() <= 256 => list
-            .items
+        Value::List(list) if !list.is_empty() && list.len() <= 256 => list
             .iter()
             .map(|item| {
-                item.as_text().ok_or_else(|| {
+                pickle::text(item).map(str::to_owned).ok_or_else(|| {
                     structure(
                         file,
                         key,
                         expected,
-                        format!("an element {}", item.describe()),
+                        format!("an element {}", describe(item)),
                     )
                 })
             })
             .collect(),
-        other => Err(structure(file, key, expected, other.describe())),
+        other => Err(structure(file, key, expected, describe(other))),
     }
 }
 

@@ -11,7 +11,7 @@ use crate::binary;
 use crate::dataset::{CifarSplits, Dataset, DatasetParts};
 use crate::error::{DataError, Result};
 use crate::layout::{DatasetKind, Layout, OfficialFiles, Packaging, Split, IMAGE_BYTES};
-use crate::pickle::{PickleWriter, WriteValue};
+use crate::pickle::{self, U8Matrix, Value};
 
 /// What to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,7 +125,7 @@ pub fn generate(spec: &SyntheticSpec) -> Result<CifarSplits> {
 /// Writes the data set described by `spec` into `dir`; returns the folder or archive written.
 pub fn write_spec(spec: &SyntheticSpec, dir: &Path) -> Result<PathBuf> {
     let splits = generate(spec)?;
-    let files = encode(spec, &splits);
+    let files = encode(spec, &splits)?;
     let official = OfficialFiles::new(spec.kind, spec.layout);
     std::fs::create_dir_all(dir).map_err(|e| DataError::io("creating", dir, e))?;
     match spec.packaging {
@@ -149,7 +149,7 @@ pub fn write_spec(spec: &SyntheticSpec, dir: &Path) -> Result<PathBuf> {
 }
 
 /// The official files (name, bytes) holding `splits` in `spec`'s layout.
-pub fn encode(spec: &SyntheticSpec, splits: &CifarSplits) -> Vec<(&'static str, Vec<u8>)> {
+pub fn encode(spec: &SyntheticSpec, splits: &CifarSplits) -> Result<Vec<(&'static str, Vec<u8>)>> {
     let official = OfficialFiles::new(spec.kind, spec.layout);
     let mut files = Vec::new();
     for dataset in [&splits.train, &splits.test] {
@@ -174,30 +174,32 @@ pub fn encode(spec: &SyntheticSpec, splits: &CifarSplits) -> Vec<(&'static str, 
                         Split::Train => "training".to_owned(),
                         Split::Test => "testing batch 1 of 1".to_owned(),
                     };
-                    let file_names: Vec<Vec<u8>> = range
+                    let file_names = range
                         .clone()
-                        .map(|i| format!("synthetic_{}_{i:05}.png", dataset.split()).into_bytes())
-                        .collect();
-                    let data = WriteValue::U8Matrix {
+                        .map(|i| format!("synthetic_{}_{i:05}.png", dataset.split()))
+                        .collect::<Vec<_>>();
+                    let mut entries = vec![
+                        ("batch_label", Value::Bytes(batch_label.into_bytes())),
+                        ("filenames", byte_strings(&file_names)),
+                    ];
+                    match coarse {
+                        None => entries.push(("labels", ints(labels))),
+                        Some(coarse) => entries.extend([
+                            ("fine_labels", ints(labels)),
+                            ("coarse_labels", ints(coarse)),
+                        ]),
+                    }
+                    let data = U8Matrix {
                         rows: count,
                         cols: IMAGE_BYTES,
                         data: images,
                     };
-                    match coarse {
-                        None => PickleWriter::dict(&[
-                            ("batch_label", WriteValue::Bytes(batch_label.as_bytes())),
-                            ("labels", WriteValue::IntList(labels)),
-                            ("data", data),
-                            ("filenames", WriteValue::BytesList(&file_names)),
-                        ]),
-                        Some(coarse) => PickleWriter::dict(&[
-                            ("filenames", WriteValue::BytesList(&file_names)),
-                            ("batch_label", WriteValue::Bytes(batch_label.as_bytes())),
-                            ("fine_labels", WriteValue::IntList(labels)),
-                            ("coarse_labels", WriteValue::IntList(coarse)),
-                            ("data", data),
-                        ]),
-                    }
+                    pickle::write_dict(entries, Some(("data", data))).map_err(|source| {
+                        DataError::Pickle {
+                            file: PathBuf::from(name),
+                            source,
+                        }
+                    })?
                 }
             };
             files.push((*name, bytes));
@@ -207,9 +209,6 @@ pub fn encode(spec: &SyntheticSpec, splits: &CifarSplits) -> Vec<(&'static str, 
         let mut text = names.join("\n");
         text.push('\n');
         text.into_bytes()
-    };
-    let to_bytes = |names: &[String]| -> Vec<Vec<u8>> {
-        names.iter().map(|n| n.clone().into_bytes()).collect()
     };
     let meta = official.meta_files();
     let names = splits.train.class_names();
@@ -221,27 +220,40 @@ pub fn encode(spec: &SyntheticSpec, splits: &CifarSplits) -> Vec<(&'static str, 
                 files.push((*coarse_file, text(coarse)));
             }
         }
-        (Layout::Python, None) => {
+        (Layout::Python, coarse) => {
             let per_batch = splits.train.len() / official.split_files(Split::Train).len().max(1);
-            files.push((
-                meta[0],
-                PickleWriter::dict(&[
-                    ("num_cases_per_batch", WriteValue::Int(per_batch as u32)),
-                    ("label_names", WriteValue::BytesList(&to_bytes(names))),
-                    ("num_vis", WriteValue::Int(IMAGE_BYTES as u32)),
-                ]),
-            ));
+            let entries = match coarse {
+                None => vec![
+                    ("num_cases_per_batch", Value::I64(per_batch as i64)),
+                    ("label_names", byte_strings(names)),
+                    ("num_vis", Value::I64(IMAGE_BYTES as i64)),
+                ],
+                Some(coarse) => vec![
+                    ("fine_label_names", byte_strings(names)),
+                    ("coarse_label_names", byte_strings(coarse)),
+                ],
+            };
+            let bytes = pickle::write_dict(entries, None).map_err(|source| DataError::Pickle {
+                file: PathBuf::from(meta[0]),
+                source,
+            })?;
+            files.push((meta[0], bytes));
         }
-        (Layout::Python, Some(coarse)) => files.push((
-            meta[0],
-            PickleWriter::dict(&[
-                ("fine_label_names", WriteValue::BytesList(&to_bytes(names))),
-                (
-                    "coarse_label_names",
-                    WriteValue::BytesList(&to_bytes(coarse)),
-                ),
-            ]),
-        )),
     }
-    files
+    Ok(files)
+}
+
+/// A pickled list of ints.
+fn ints(values: &[u32]) -> Value {
+    Value::List(values.iter().map(|&v| Value::I64(i64::from(v))).collect())
+}
+
+/// A pickled list of byte strings, as Python 2 wrote names.
+fn byte_strings(names: &[String]) -> Value {
+    Value::List(
+        names
+            .iter()
+            .map(|name| Value::Bytes(name.as_bytes().to_vec()))
+            .collect(),
+    )
 }

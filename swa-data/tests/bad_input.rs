@@ -3,9 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
-use swa_data::pickle::{PickleWriter, WriteValue};
+use swa_data::pickle::{self, U8Matrix, Value};
 use swa_data::synthetic::{self, SyntheticSpec};
 use swa_data::{load, DataError, DatasetKind, Layout, Packaging};
+
+/// A pickled list of ints.
+fn ints(values: &[i64]) -> Value {
+    Value::List(values.iter().copied().map(Value::I64).collect())
+}
 
 fn write(kind: DatasetKind, layout: Layout, packaging: Packaging, dir: &Path) -> PathBuf {
     let spec = SyntheticSpec {
@@ -109,17 +114,18 @@ fn pickled_label_out_of_range_is_reported() {
         dir.path(),
     );
     let pixels = vec![0u8; 2 * 3072];
-    let bad = PickleWriter::dict(&[
-        ("labels", WriteValue::IntList(&[1, 10])),
-        (
+    let bad = pickle::write_dict(
+        vec![("labels", ints(&[1, 10]))],
+        Some((
             "data",
-            WriteValue::U8Matrix {
+            U8Matrix {
                 rows: 2,
                 cols: 3072,
                 data: &pixels,
             },
-        ),
-    ]);
+        )),
+    )
+    .expect("write");
     std::fs::write(folder.join("test_batch"), bad).expect("write");
     match load(&folder).expect_err("bad label") {
         DataError::LabelOutOfRange {
@@ -146,18 +152,21 @@ fn pickle_of_the_wrong_shape_is_a_structure_error() {
         dir.path(),
     );
     let pixels = vec![0u8; 2 * 3000];
-    let wrong_shape = PickleWriter::dict(&[
-        ("fine_labels", WriteValue::IntList(&[1, 2])),
-        ("coarse_labels", WriteValue::IntList(&[1, 2])),
-        (
+    let wrong_shape = pickle::write_dict(
+        vec![
+            ("fine_labels", ints(&[1, 2])),
+            ("coarse_labels", ints(&[1, 2])),
+        ],
+        Some((
             "data",
-            WriteValue::U8Matrix {
+            U8Matrix {
                 rows: 2,
                 cols: 3000,
                 data: &pixels,
             },
-        ),
-    ]);
+        )),
+    )
+    .expect("write");
     std::fs::write(folder.join("train"), wrong_shape).expect("write");
     let error = load(&folder).expect_err("wrong shape");
     match &error {
@@ -177,18 +186,21 @@ fn pickle_of_the_wrong_shape_is_a_structure_error() {
 
     // Labels and rows disagree.
     let pixels = vec![0u8; 2 * 3072];
-    let short_labels = PickleWriter::dict(&[
-        ("fine_labels", WriteValue::IntList(&[1])),
-        ("coarse_labels", WriteValue::IntList(&[1, 2])),
-        (
+    let short_labels = pickle::write_dict(
+        vec![
+            ("fine_labels", ints(&[1])),
+            ("coarse_labels", ints(&[1, 2])),
+        ],
+        Some((
             "data",
-            WriteValue::U8Matrix {
+            U8Matrix {
                 rows: 2,
                 cols: 3072,
                 data: &pixels,
             },
-        ),
-    ]);
+        )),
+    )
+    .expect("write");
     std::fs::write(folder.join("train"), short_labels).expect("write");
     assert!(matches!(
         load(&folder),
@@ -200,14 +212,18 @@ fn pickle_of_the_wrong_shape_is_a_structure_error() {
     ));
 
     // A missing key.
-    let no_labels = PickleWriter::dict(&[(
-        "data",
-        WriteValue::U8Matrix {
-            rows: 2,
-            cols: 3072,
-            data: &pixels,
-        },
-    )]);
+    let no_labels = pickle::write_dict(
+        Vec::new(),
+        Some((
+            "data",
+            U8Matrix {
+                rows: 2,
+                cols: 3072,
+                data: &pixels,
+            },
+        )),
+    )
+    .expect("write");
     std::fs::write(folder.join("train"), no_labels).expect("write");
     assert!(
         matches!(load(&folder), Err(DataError::PickleStructure { field, .. }) if field == "fine_labels")

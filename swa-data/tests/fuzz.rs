@@ -23,7 +23,7 @@ fn seeds() -> &'static Vec<SeedFile> {
                     ..SyntheticSpec::new(kind, layout, Packaging::Folder, 0, 1)
                 };
                 let splits = synthetic::generate(&spec).expect("generate");
-                for (name, bytes) in synthetic::encode(&spec, &splits) {
+                for (name, bytes) in synthetic::encode(&spec, &splits).expect("encode") {
                     seeds.push((kind, layout, name, bytes));
                 }
             }
