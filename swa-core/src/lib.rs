@@ -8,7 +8,8 @@
 //! - [`averaging`]: weight averages over named tensors: the SWA running mean, EMA, and the count-weighted
 //!   merge of two averages;
 //! - [`schedule`]: learning-rate schedules as pure functions of (epoch, step);
-//! - [`policy`]: the SWA policy that tells a training loop the learning rate now and whether to average now.
+//! - [`policy`]: the SWA policy that tells a training loop the learning rate now and whether to average now;
+//! - [`seed`]: SplitMix64, from which every random stream of a run is seeded by counters.
 //!
 //! swa-core does not depend on a GPU API: a user who wants only the maths depends on this crate alone.
 //!
@@ -23,6 +24,7 @@ pub mod backend;
 pub mod params;
 pub mod policy;
 pub mod schedule;
+pub mod seed;
 
 pub use backend::cpu::{CpuBackend, CpuTensor};
 pub use backend::{Backend, BackendError, BackendResult, HasShape};

@@ -235,16 +235,9 @@ impl Augmentation {
 const AUGMENT_STREAM: u64 = 0x6175_676d_656e_7421;
 const SHUFFLE_STREAM: u64 = 0x7368_7566_666c_6521;
 
-/// SplitMix64's finaliser over three words: distinct inputs give unrelated seeds.
+/// Two counters folded into a stream's seed: distinct inputs give unrelated seeds.
 fn mix(a: u64, b: u64, c: u64) -> u64 {
-    let mut state = a;
-    for word in [b, c] {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15) ^ word;
-        state = (state ^ (state >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        state = (state ^ (state >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        state ^= state >> 31;
-    }
-    state
+    swa_core::seed::fold_words(a, &[b, c])
 }
 
 /// Cuts a data set into batches, epoch after epoch.

@@ -23,6 +23,7 @@ use swa_core::averaging::{AverageState, BufferPolicy, SwaAverage, WeightAveragin
 use swa_core::backend::Backend;
 use swa_core::policy::SwaPolicy;
 use swa_core::schedule::{LrSchedule, Period, Schedule};
+use swa_core::seed::splitmix64_mix;
 
 use crate::batch::BatchSource;
 use crate::bn::update_bn;
@@ -671,17 +672,10 @@ fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>, TrainError> {
     Ok(find_checkpoints(dir)?.pop().map(|(_, path)| path))
 }
 
-/// SplitMix64's finaliser: decorrelates seeds derived from consecutive counters.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 fn step_seed(seed: u64, epoch: usize, step: usize) -> u64 {
-    mix(mix(seed ^ 0x5157_4153) ^ ((epoch as u64) << 32 | step as u64))
+    splitmix64_mix(splitmix64_mix(seed ^ 0x5157_4153) ^ ((epoch as u64) << 32 | step as u64))
 }
 
 fn bn_seed(seed: u64, epoch: usize) -> u64 {
-    mix(mix(seed ^ 0x424e) ^ epoch as u64)
+    splitmix64_mix(splitmix64_mix(seed ^ 0x424e) ^ epoch as u64)
 }

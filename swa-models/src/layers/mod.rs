@@ -96,13 +96,8 @@ impl<T> ForwardCache<T> {
 }
 
 /// Mixes a step's dropout seed with a layer's id, so that every dropout layer draws its own mask and the
-/// masks of one layer differ from step to step (SplitMix64's finaliser on both words).
+/// masks of one layer differ from step to step (a SplitMix64 step on both words).
 pub fn mix_seed(seed: u64, layer_id: u64) -> u64 {
-    fn splitmix64(mut z: u64) -> u64 {
-        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
+    use swa_core::seed::splitmix64;
     splitmix64(seed ^ splitmix64(layer_id))
 }

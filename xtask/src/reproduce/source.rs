@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use swa_data::{BatchConfig, Batches, Dataset, DatasetParts, IMAGE_BYTES};
+use swa_data::{BatchConfig, Batches, Dataset};
 use swa_models::batch::{BatchSource, HostBatch};
 
 use super::presets::{normalization_of, Recipe};
@@ -24,8 +24,8 @@ impl CifarSource {
         recipe: &Recipe,
         seed: u64,
     ) -> Result<Self> {
-        let train = limit(train, recipe.train_limit)?;
-        let test = limit(test, recipe.test_limit)?;
+        let train = limit(train, recipe.train_limit);
+        let test = limit(test, recipe.test_limit);
         let (train_images, test_images) = (train.len(), test.len());
         let normalization = normalization_of(recipe.architecture);
         Ok(Self {
@@ -53,29 +53,12 @@ impl CifarSource {
     }
 }
 
-/// The first `limit` images of a split (all when `None` or larger than the split).
-fn limit(dataset: &Arc<Dataset>, limit: Option<usize>) -> Result<Arc<Dataset>> {
+/// The first `limit` images of a split (all when `None` or larger than the split), shared rather than
+/// copied when nothing is cut.
+fn limit(dataset: &Arc<Dataset>, limit: Option<usize>) -> Arc<Dataset> {
     match limit {
-        Some(n) if n < dataset.len() => {
-            let parts = DatasetParts {
-                images: dataset.images()[..n * IMAGE_BYTES].to_vec(),
-                labels: dataset.labels()[..n].to_vec(),
-                coarse_labels: dataset.coarse_labels().map(|c| c[..n].to_vec()),
-                class_names: dataset.class_names().to_vec(),
-                coarse_class_names: dataset.coarse_class_names().map(<[String]>::to_vec),
-            };
-            let origin = std::path::PathBuf::from(format!(
-                "first {n} images of the {:?} split",
-                dataset.split()
-            ));
-            Ok(Arc::new(Dataset::new(
-                dataset.kind(),
-                dataset.split(),
-                parts,
-                origin,
-            )?))
-        }
-        _ => Ok(Arc::clone(dataset)),
+        Some(n) if n < dataset.len() => Arc::new(dataset.head(n)),
+        _ => Arc::clone(dataset),
     }
 }
 
