@@ -9,9 +9,15 @@
 //!
 //! serde-pickle is the reader because it is the maintained pickle implementation for Rust and
 //! never executes a stream. It bounds neither nesting depth nor memo copies, though: a crafted
-//! stream can exhaust the stack (10,000 nested lists, about 20 KB, overflow a 2 MiB thread stack)
-//! or memory while it is decoded. Read pickles from sources you would run Python's `pickle` on
-//! anyway; the official files are MD5-checked when downloaded.
+//! stream could exhaust the stack (10,000 nested lists, about 20 KB, overflow a 2 MiB thread
+//! stack) or memory while it is decoded. [`parse`] therefore first scans the opcodes once and
+//! refuses streams that nest deeper than [`MAX_DEPTH`] or would build more than a multiple of
+//! their own size ([`PickleError::TooDeep`], [`PickleError::TooLarge`],
+//! [`PickleError::MemoRewritten`]); see the `scan` module for the rules.
+
+mod scan;
+
+pub use scan::{MAX_DEPTH, MIN_SIZE_BUDGET, SIZE_PER_BYTE};
 
 use serde::Serializer as _;
 use serde_pickle::{DeOptions, HashableValue, SerOptions, Serializer};
@@ -28,6 +34,35 @@ pub enum PickleError {
         offset: usize,
         /// Why.
         code: serde_pickle::ErrorCode,
+    },
+    /// Containers nest deeper than decoding, which recurses once per level, may go.
+    #[error("pickle nests containers deeper than {limit} levels at byte offset {offset}")]
+    TooDeep {
+        /// The opcode that would nest one level too deep.
+        offset: usize,
+        /// The deepest nesting accepted ([`MAX_DEPTH`]).
+        limit: usize,
+    },
+    /// Memo references and copies would build more than the stream's size budget: at least
+    /// [`MIN_SIZE_BUDGET`], else [`SIZE_PER_BYTE`] values or string bytes per byte of stream.
+    #[error(
+        "pickle at byte offset {offset} would build more than {limit} values and string bytes \
+         through memo references and copies, the limit for its size"
+    )]
+    TooLarge {
+        /// The opcode that would exceed the budget.
+        offset: usize,
+        /// The budget.
+        limit: u64,
+    },
+    /// A memo slot is written twice, or a memoised container is extended after it was
+    /// referred to (as a container that holds itself is), so its copies cannot be bounded.
+    #[error("pickle changes memo slot {slot} at byte offset {offset} after it was referred to")]
+    MemoRewritten {
+        /// The opcode that changes the slot.
+        offset: usize,
+        /// The memo slot.
+        slot: u32,
     },
     /// The stream ran but its result is not plain data (e.g. an unhashable dict key).
     #[error("invalid pickle: {0}")]
@@ -50,11 +85,13 @@ pub enum PickleError {
     },
 }
 
-/// Decodes one pickle that must span all of `bytes`.
+/// Decodes one pickle that must span all of `bytes`, after a scan of its opcodes has bounded its
+/// depth and the size it expands to (see the module documentation).
 ///
 /// Byte strings stay bytes (Python 2's `str`, as the official files hold them); objects of
 /// unknown classes that no BUILD gave a state become `None`.
 pub fn parse(bytes: &[u8]) -> Result<Value, PickleError> {
+    scan::check(bytes)?;
     serde_pickle::value_from_slice(bytes, DeOptions::new().replace_unresolved_globals()).map_err(
         |error| match error {
             serde_pickle::Error::Eval(code, offset) => PickleError::AtOffset { offset, code },

@@ -32,6 +32,15 @@ fn seeds() -> &'static Vec<SeedFile> {
     })
 }
 
+/// Pickles Python wrote (`tests/fixtures/make_fixtures.py`), in protocols 2 to 5.
+const PYTHON_PICKLES: [&[u8]; 5] = [
+    include_bytes!("fixtures/cifar100_train_2_images"),
+    include_bytes!("fixtures/cifar10_batch_protocol_2"),
+    include_bytes!("fixtures/cifar10_batch_protocol_3"),
+    include_bytes!("fixtures/cifar10_batch_protocol_4"),
+    include_bytes!("fixtures/cifar10_batch_protocol_5"),
+];
+
 fn archive_seed() -> &'static Vec<u8> {
     static ARCHIVE: OnceLock<Vec<u8>> = OnceLock::new();
     ARCHIVE.get_or_init(|| {
@@ -147,6 +156,13 @@ proptest! {
                 let _ = python::parse_meta(*kind, &bytes, file);
             }
         }
+    }
+
+    #[test]
+    fn truncated_python_pickles_are_errors(which in 0..PYTHON_PICKLES.len(), cut in any::<prop::sample::Index>()) {
+        let bytes = PYTHON_PICKLES[which];
+        let len = cut.index(bytes.len());
+        prop_assert!(pickle::parse(&bytes[..len]).is_err(), "{len} bytes of pickle {which}");
     }
 
     #[test]
