@@ -3,8 +3,9 @@
 //!
 //! One [`Trainer`] runs one trajectory. What the paper compares are three kinds of run:
 //! - **SGD**: a schedule and nothing else ([`Snapshots`] absent);
-//! - **SWA**: the SWA schedule, the running mean of the weights taken by the [`SwaPolicy`], and the average
-//!   evaluated after its BatchNorm statistics are recomputed ([`crate::bn::update_bn`]);
+//! - **SWA**: the SWA schedule, the average of the weights taken by the [`SwaPolicy`] (the running mean, or
+//!   another [`WeightRule`] such as EMA), evaluated after its BatchNorm statistics are recomputed
+//!   ([`crate::bn::update_bn`]);
 //! - **FGE**: a cyclical schedule, the predictions of the snapshots at the cycles' low points ensembled.
 //!
 //! Every epoch ends with a checkpoint written atomically (a directory renamed into place), holding the
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use swa_core::averaging::{AverageState, BufferPolicy, SwaAverage, WeightAveraging};
+use swa_core::averaging::{AverageState, BufferPolicy, WeightAverage, WeightAveraging, WeightRule};
 use swa_core::backend::Backend;
 use swa_core::policy::SwaPolicy;
 use swa_core::schedule::{LrSchedule, Period, Schedule};
@@ -37,10 +38,14 @@ use crate::state::HostTensor;
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "use", rename_all = "snake_case")]
 pub enum SnapshotUse {
-    /// SWA: the running mean of the weights, BatchNorm statistics treated by `buffers`.
+    /// SWA: the average of the weights, BatchNorm statistics treated by `buffers`.
     AverageWeights {
         /// How BatchNorm statistics enter the average (the paper recomputes them: `RecomputeLater`).
         buffers: BufferPolicy,
+        /// The weight of each snapshot: equal weights (SWA's running mean, the default when a
+        /// configuration names none), EMA, or a custom rule (which a checkpoint cannot hold).
+        #[serde(default)]
+        rule: WeightRule,
     },
     /// FGE: the mean of the snapshots' predicted probabilities on the test set.
     EnsemblePredictions,
@@ -181,7 +186,7 @@ pub struct Trainer<B: Backend> {
     /// A second instance of the network that receives the average's weights for evaluation.
     eval_model: Box<dyn Module<B>>,
     optimizer: Sgd<B>,
-    average: Option<SwaAverage<B>>,
+    average: Option<WeightAverage<B>>,
     ensemble: Option<Ensemble>,
     epochs_done: usize,
     branched_epochs: usize,
@@ -252,7 +257,25 @@ impl<B: Backend> Trainer<B> {
 
     /// Writes a checkpoint into `dir` after every epoch, and resumes from the latest one found there.
     /// Returns the number of epochs already done.
+    ///
+    /// Fails with [`TrainError::InvalidConfig`] when the run averages with a [`WeightRule::Custom`] rule, a
+    /// function that a checkpoint cannot hold.
     pub fn with_checkpoints(&mut self, dir: impl Into<PathBuf>) -> Result<usize, TrainError> {
+        if let Some(Snapshots {
+            usage:
+                SnapshotUse::AverageWeights {
+                    rule: WeightRule::Custom(custom),
+                    ..
+                },
+            ..
+        }) = self.config.snapshots
+        {
+            return Err(TrainError::InvalidConfig(format!(
+                "checkpoints: the custom weight rule `{}` is a function, which a checkpoint cannot \
+                 hold; train without checkpoints, or average with the `equal` or `ema` rule",
+                custom.name
+            )));
+        }
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|source| TrainError::Io {
             path: dir.clone(),
@@ -337,7 +360,7 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// The weight average, once the first snapshot is taken.
-    pub fn average(&self) -> Option<&SwaAverage<B>> {
+    pub fn average(&self) -> Option<&WeightAverage<B>> {
         self.average.as_ref()
     }
 
@@ -534,7 +557,7 @@ impl<B: Backend> Trainer<B> {
             return Ok(());
         };
         match snapshots.usage {
-            SnapshotUse::AverageWeights { buffers } => {
+            SnapshotUse::AverageWeights { buffers, rule } => {
                 let averaging =
                     |e: swa_core::averaging::AveragingError| TrainError::Averaging(e.to_string());
                 match &mut self.average {
@@ -543,7 +566,7 @@ impl<B: Backend> Trainer<B> {
                         .map_err(averaging)?,
                     None => {
                         self.average = Some(
-                            SwaAverage::new(&self.backend, self.model.as_ref(), buffers)
+                            WeightAverage::new(&self.backend, self.model.as_ref(), rule, buffers)
                                 .map_err(averaging)?,
                         )
                     }
@@ -642,7 +665,7 @@ impl<B: Backend> Trainer<B> {
         self.optimizer.load_state(&self.backend, &meta.momentum)?;
         self.average = match &meta.average {
             Some(state) => Some(
-                SwaAverage::from_state(&self.backend, state)
+                WeightAverage::from_state(&self.backend, state)
                     .map_err(|e| TrainError::Averaging(e.to_string()))?,
             ),
             None => None,

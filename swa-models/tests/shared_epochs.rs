@@ -3,7 +3,7 @@
 //! or a run ends or takes its first snapshot.
 
 use proptest::prelude::*;
-use swa_core::averaging::BufferPolicy;
+use swa_core::averaging::{BufferPolicy, WeightRule};
 use swa_core::schedule::{LrSchedule, Period, Schedule};
 use swa_models::optim::SgdConfig;
 use swa_models::train::{RunConfig, SnapshotUse, Snapshots};
@@ -28,6 +28,7 @@ fn protocol(lr_init: f32, swa_lr: f32, budget: usize, swa_start: usize) -> [RunC
             every: Period::Epochs(1),
             usage: SnapshotUse::AverageWeights {
                 buffers: BufferPolicy::RecomputeLater,
+                rule: WeightRule::Equal,
             },
         }),
         ..base.clone()

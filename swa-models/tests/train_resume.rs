@@ -3,8 +3,9 @@
 //! checkpoint within the epochs they share; a diverging run stops with an error naming the epoch and step
 //! and keeps its last good checkpoint.
 
-use swa_core::averaging::{BufferPolicy, WeightAveraging};
+use swa_core::averaging::{BufferPolicy, CustomRule, WeightAveraging, WeightRule};
 use swa_core::schedule::{Period, Schedule};
+use swa_core::Backend;
 use swa_core::CpuBackend;
 use swa_models::optim::SgdConfig;
 use swa_models::train::{RunConfig, Silent, SnapshotUse, Snapshots, Trainer};
@@ -67,6 +68,7 @@ fn config(epochs: usize, lr: f32) -> RunConfig {
             every: Period::Epochs(1),
             usage: SnapshotUse::AverageWeights {
                 buffers: BufferPolicy::RecomputeLater,
+                rule: WeightRule::Equal,
             },
         }),
         sgd: SgdConfig::momentum(1e-4),
@@ -228,6 +230,7 @@ fn swa_config(epochs: usize, swa_start: usize, lr: f32) -> RunConfig {
             every: Period::Epochs(1),
             usage: SnapshotUse::AverageWeights {
                 buffers: BufferPolicy::RecomputeLater,
+                rule: WeightRule::Equal,
             },
         }),
         swa_eval_epochs: Vec::new(),
@@ -366,4 +369,124 @@ fn branching_beyond_the_shared_epochs_or_after_training_is_refused() {
         }
         other => panic!("expected a state mismatch, got {other:?}"),
     }
+}
+
+/// An SWA-style run whose snapshots are averaged by `rule` from epoch 2 on, BN statistics averaged too.
+fn averaging_config(epochs: usize, rule: WeightRule) -> RunConfig {
+    let mut config = config(epochs, 0.05);
+    config.snapshots = Some(Snapshots {
+        start_epoch: 2,
+        every: Period::Epochs(1),
+        usage: SnapshotUse::AverageWeights {
+            buffers: BufferPolicy::Average,
+            rule,
+        },
+    });
+    config
+}
+
+#[test]
+fn an_ema_run_averages_its_snapshots_with_ema_weights() {
+    let backend = CpuBackend::with_threads(2);
+    let data = Toy::new();
+    let decay = 0.6f32;
+    let mut run = trainer(&backend, averaging_config(5, WeightRule::Ema { decay }));
+    // The snapshots, read from the trained model whenever the average's count grows.
+    let mut snapshots: Vec<Vec<(String, Vec<f32>)>> = Vec::new();
+    for _ in 0..5 {
+        run.run_epoch(&data, &mut Silent).expect("epoch");
+        let count = run.average().map_or(0, |a| a.count());
+        if count > snapshots.len() as u64 {
+            snapshots.push(weights(&mut run));
+        }
+    }
+    assert_eq!(snapshots.len(), 4, "snapshots after epochs 2, 3, 4 and 5");
+    let average = run.average().expect("averaged");
+    assert_eq!(average.rule(), WeightRule::Ema { decay });
+    assert_eq!(average.count(), 4);
+
+    // The closed form of EMA in f64: d^(n−1)·w_1 + Σ_{k≥2} (1 − d)·d^(n−k)·w_k. As in swa-core's property
+    // tests, each f32 update commits at most about 7·u·M, so 8·u·M·n bounds the difference.
+    let (d, n) = (f64::from(decay), snapshots.len());
+    let coefficient = |k: usize| {
+        let kept = d.powi((n - 1 - k) as i32);
+        if k == 0 {
+            kept
+        } else {
+            (1.0 - d) * kept
+        }
+    };
+    let mut differs_from_equal_weights = false;
+    for (index, (name, _)) in snapshots[0].iter().enumerate() {
+        let averaged = backend
+            .to_host(average.tensor(name).expect("every tensor is averaged"))
+            .expect("values");
+        for (i, &value) in averaged.iter().enumerate() {
+            let column: Vec<f64> = snapshots.iter().map(|s| f64::from(s[index].1[i])).collect();
+            let exact: f64 = column
+                .iter()
+                .enumerate()
+                .map(|(k, w)| coefficient(k) * w)
+                .sum();
+            let scale = column.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+            let tolerance = 8.0 * f64::from(f32::EPSILON) / 2.0 * scale * n as f64;
+            assert!(
+                (f64::from(value) - exact).abs() <= tolerance,
+                "{name}[{i}]: average {value}, EMA of the snapshots {exact}"
+            );
+            let mean = column.iter().sum::<f64>() / n as f64;
+            differs_from_equal_weights |= (f64::from(value) - mean).abs() > 2.0 * tolerance;
+        }
+    }
+    assert!(
+        differs_from_equal_weights,
+        "the snapshots differ, so EMA weights must give another result than equal weights"
+    );
+}
+
+#[test]
+fn a_resumed_ema_run_equals_an_uninterrupted_one_bit_for_bit() {
+    let backend = CpuBackend::with_threads(2);
+    let data = Toy::new();
+    let config = averaging_config(4, WeightRule::Ema { decay: 0.75 });
+    let mut whole = trainer(&backend, config.clone());
+    whole.run(&data, &mut Silent).expect("uninterrupted run");
+
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let mut first = trainer(&backend, config.clone());
+    first.with_checkpoints(dir.path()).expect("empty folder");
+    for _ in 0..3 {
+        first.run_epoch(&data, &mut Silent).expect("epoch");
+    }
+    drop(first);
+    let mut resumed = trainer(&backend, config);
+    assert_eq!(resumed.with_checkpoints(dir.path()).expect("resume"), 3);
+    resumed.run(&data, &mut Silent).expect("resumed run");
+    assert_eq!(weights(&mut resumed), weights(&mut whole));
+    let state = |t: &Trainer<CpuBackend>| t.average().expect("averaged").to_state(&backend);
+    assert_eq!(
+        state(&resumed).expect("state"),
+        state(&whole).expect("state")
+    );
+    assert_eq!(
+        resumed.average().expect("averaged").rule(),
+        WeightRule::Ema { decay: 0.75 }
+    );
+}
+
+#[test]
+fn checkpoints_of_a_run_with_a_custom_rule_are_refused_up_front() {
+    let backend = CpuBackend::with_threads(1);
+    let rule = WeightRule::Custom(CustomRule::new("halves", |_| 0.5));
+    let mut run = trainer(&backend, averaging_config(2, rule));
+    let dir = tempfile::tempdir().expect("temporary folder");
+    match run.with_checkpoints(dir.path()) {
+        Err(TrainError::InvalidConfig(message)) => {
+            assert!(message.contains("custom weight rule `halves`"), "{message}")
+        }
+        other => panic!("expected an invalid configuration, got {other:?}"),
+    }
+    // Without checkpoints the rule trains: weight 1/2 for every snapshot after the first.
+    run.run(&Toy::new(), &mut Silent).expect("run");
+    assert_eq!(run.average().expect("averaged").rule(), rule);
 }

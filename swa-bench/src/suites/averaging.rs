@@ -5,7 +5,7 @@
 //! sizes with the same threads, is what an update can hope for; the target is 90% of it on the CPU and
 //! 80% on a GPU, whose copy is a DMA transfer that kernels rarely match.
 
-use swa_core::averaging::{BufferPolicy, EmaAverage, SwaAverage, WeightAveraging};
+use swa_core::averaging::{BufferPolicy, WeightAverage, WeightAveraging};
 
 use crate::report::{Figure, Target};
 use crate::timing::TimedBackend;
@@ -48,8 +48,8 @@ pub fn run<B: TimedBackend>(
     for (label, params) in sizes {
         let params = *params;
         let block = ParameterBlock::new(backend, params, PIECES, 1)?;
-        let mut swa = SwaAverage::new(backend, &block, BufferPolicy::Average)?;
-        let mut ema = EmaAverage::new(backend, &block, 0.999, BufferPolicy::Average)?;
+        let mut swa = WeightAverage::swa(backend, &block, BufferPolicy::Average)?;
+        let mut ema = WeightAverage::ema(backend, &block, 0.999, BufferPolicy::Average)?;
         let source = backend.from_host(&seeded_values(params, 9), &[params])?;
         let mut destination = backend.zeros(&[params])?;
 

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use swa_core::averaging::{BufferPolicy, SwaAverage, WeightAveraging};
+use swa_core::averaging::{BufferPolicy, WeightAverage, WeightAveraging};
 use swa_core::HasShape;
 use swa_models::{update_bn, Architecture, HostBatch};
 
@@ -75,7 +75,7 @@ pub fn run<B: TimedBackend>(
     trainer.run(backend, &batch)?;
     trainer.run(backend, &batch)?;
 
-    let mut average = SwaAverage::new(
+    let mut average = WeightAverage::swa(
         backend,
         trainer.model.as_ref(),
         BufferPolicy::RecomputeLater,

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use anyhow::{bail, Result};
-use swa_core::averaging::BufferPolicy;
+use swa_core::averaging::{BufferPolicy, WeightRule};
 use swa_core::schedule::{Period, Schedule};
 use swa_data::{DatasetKind, Normalization};
 use swa_models::optim::SgdConfig;
@@ -249,6 +249,7 @@ pub fn run_config(recipe: &Recipe, kind: RunKind, seed: u64) -> Result<RunConfig
                 every: Period::Epochs(1),
                 usage: SnapshotUse::AverageWeights {
                     buffers: BufferPolicy::RecomputeLater,
+                    rule: WeightRule::Equal,
                 },
             }),
             sgd,
