@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
+use swa_core::averaging::AveragingError;
 use swa_core::backend::BackendError;
+
+use crate::checkpoint::CheckpointError;
 
 /// What can go wrong while training or evaluating a network.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +42,10 @@ pub enum TrainError {
     BadBatch(String),
     /// Weight averaging failed.
     #[error("weight averaging: {0}")]
-    Averaging(String),
+    Averaging(#[from] AveragingError),
+    /// Reading or writing a safetensors file of a checkpoint failed (the error names the file).
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
@@ -49,13 +55,14 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
-    /// A file's contents could not be parsed.
-    #[error("{path}: {message}")]
-    Format {
+    /// A checkpoint's metadata could not be written or read as JSON.
+    #[error("{path}: {source}")]
+    Json {
         /// The file.
         path: PathBuf,
-        /// What was wrong.
-        message: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
     },
 }
 

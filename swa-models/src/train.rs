@@ -378,9 +378,7 @@ impl<B: Backend> Trainer<B> {
         let Some(average) = &self.average else {
             return Ok(None);
         };
-        average
-            .copy_into(&self.backend, self.eval_model.as_mut())
-            .map_err(|e| TrainError::Averaging(e.to_string()))?;
+        average.copy_into(&self.backend, self.eval_model.as_mut())?;
         let bn_epoch = self.epochs_done.saturating_sub(1);
         update_bn(
             &self.backend,
@@ -557,21 +555,17 @@ impl<B: Backend> Trainer<B> {
             return Ok(());
         };
         match snapshots.usage {
-            SnapshotUse::AverageWeights { buffers, rule } => {
-                let averaging =
-                    |e: swa_core::averaging::AveragingError| TrainError::Averaging(e.to_string());
-                match &mut self.average {
-                    Some(average) => average
-                        .update(&self.backend, self.model.as_ref())
-                        .map_err(averaging)?,
-                    None => {
-                        self.average = Some(
-                            WeightAverage::new(&self.backend, self.model.as_ref(), rule, buffers)
-                                .map_err(averaging)?,
-                        )
-                    }
+            SnapshotUse::AverageWeights { buffers, rule } => match &mut self.average {
+                Some(average) => average.update(&self.backend, self.model.as_ref())?,
+                None => {
+                    self.average = Some(WeightAverage::new(
+                        &self.backend,
+                        self.model.as_ref(),
+                        rule,
+                        buffers,
+                    )?)
                 }
-            }
+            },
             SnapshotUse::EnsemblePredictions => {
                 let ensemble = self.ensemble.get_or_insert_with(Ensemble::new);
                 ensemble.add_member(&self.backend, self.model.as_mut(), data.test())?;
@@ -593,21 +587,13 @@ impl<B: Backend> Trainer<B> {
             std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
         }
         std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-        let checkpoint = |e: crate::checkpoint::CheckpointError| TrainError::Format {
-            path: staging.clone(),
-            message: e.to_string(),
-        };
         save_module(
             &self.backend,
             self.model.as_ref(),
             &staging.join(MODEL_FILE),
-        )
-        .map_err(checkpoint)?;
+        )?;
         let average = match &self.average {
-            Some(a) => Some(
-                a.to_state(&self.backend)
-                    .map_err(|e| TrainError::Averaging(e.to_string()))?,
-            ),
+            Some(a) => Some(a.to_state(&self.backend)?),
             None => None,
         };
         let meta = TrainerMeta {
@@ -619,11 +605,12 @@ impl<B: Backend> Trainer<B> {
             average,
             ensemble: self.ensemble.clone(),
         };
-        let json = serde_json::to_vec(&meta).map_err(|e| TrainError::Format {
-            path: staging.join(STATE_FILE),
-            message: e.to_string(),
+        let state_path = staging.join(STATE_FILE);
+        let json = serde_json::to_vec(&meta).map_err(|source| TrainError::Json {
+            path: state_path.clone(),
+            source,
         })?;
-        write_atomically(&staging.join(STATE_FILE), &json).map_err(checkpoint)?;
+        write_atomically(&state_path, &json)?;
         let final_dir = dir.join(&name);
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
@@ -655,19 +642,10 @@ impl<B: Backend> Trainer<B> {
 
     /// Loads the weights, momentum buffers and average of the checkpoint in `dir`.
     fn load_tensors(&mut self, dir: &Path, meta: &TrainerMeta) -> Result<(), TrainError> {
-        let model_path = dir.join(MODEL_FILE);
-        load_module(&self.backend, self.model.as_mut(), &model_path).map_err(|e| {
-            TrainError::Format {
-                path: model_path.clone(),
-                message: e.to_string(),
-            }
-        })?;
+        load_module(&self.backend, self.model.as_mut(), &dir.join(MODEL_FILE))?;
         self.optimizer.load_state(&self.backend, &meta.momentum)?;
         self.average = match &meta.average {
-            Some(state) => Some(
-                WeightAverage::from_state(&self.backend, state)
-                    .map_err(|e| TrainError::Averaging(e.to_string()))?,
-            ),
+            Some(state) => Some(WeightAverage::from_state(&self.backend, state)?),
             None => None,
         };
         Ok(())
@@ -680,9 +658,9 @@ fn read_meta(dir: &Path) -> Result<TrainerMeta, TrainError> {
         path: state_path.clone(),
         source,
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| TrainError::Format {
+    serde_json::from_slice(&bytes).map_err(|source| TrainError::Json {
         path: state_path,
-        message: e.to_string(),
+        source,
     })
 }
 
@@ -693,10 +671,7 @@ pub fn save_weights<B: Backend>(
     model: &dyn Module<B>,
     path: &Path,
 ) -> Result<(), TrainError> {
-    save_module(backend, model, path).map_err(|e| TrainError::Format {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    Ok(save_module(backend, model, path)?)
 }
 
 /// The complete checkpoints in `dir` (as written by a [`Trainer`] with checkpoints on), as (epochs done,
