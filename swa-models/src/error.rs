@@ -64,6 +64,29 @@ pub enum TrainError {
         #[source]
         source: serde_json::Error,
     },
+    /// A checkpoint written in a layout this version does not read.
+    #[error(
+        "{path}: the checkpoint is in {}, which this version does not read; it reads format \
+         {expected}, which keeps the momentum buffers and the average in safetensors files beside \
+         state.json. Finish the run with the version that wrote it, or train again into an empty folder",
+        describe_format(*.found)
+    )]
+    CheckpointFormat {
+        /// The checkpoint's `state.json`.
+        path: PathBuf,
+        /// The format it records; `None` for the unversioned layout that kept every tensor inside
+        /// `state.json`.
+        found: Option<u32>,
+        /// The format this version reads and writes.
+        expected: u32,
+    },
+}
+
+fn describe_format(found: Option<u32>) -> String {
+    match found {
+        None => "the old format that keeps its tensors inside state.json".to_owned(),
+        Some(format) => format!("format {format}"),
+    }
 }
 
 impl TrainError {

@@ -33,7 +33,6 @@ pub mod layers;
 pub mod module;
 pub mod nets;
 pub mod optim;
-pub mod state;
 pub mod train;
 
 pub use batch::{BatchSource, HostBatch};

@@ -8,8 +8,10 @@
 //!   ([`crate::bn::update_bn`]);
 //! - **FGE**: a cyclical schedule, the predictions of the snapshots at the cycles' low points ensembled.
 //!
-//! Every epoch ends with a checkpoint written atomically (a directory renamed into place), holding the
-//! weights, the momentum buffers, the average with its count, the ensemble and the history; dropout masks
+//! Every epoch ends with a checkpoint written atomically (a directory renamed into place): the weights, the
+//! momentum buffers and the average's tensors in safetensors files, and in `state.json` the configuration,
+//! the history, the ensemble and the small part of the optimiser and average (names, shapes, the count and
+//! the rule); dropout masks
 //! and data order are pure functions of (seed, epoch, step), so a resumed run repeats the uninterrupted one
 //! bit for bit on the CPU. For the same reason two runs that train their first epochs identically
 //! ([`RunConfig::shared_epochs`]: the SGD and SWA runs before their schedules' first decay) need not train
@@ -27,12 +29,11 @@ use swa_core::schedule::{LrSchedule, Period, Schedule};
 
 use crate::batch::{BatchSource, HostBatch};
 use crate::bn::update_bn;
-use crate::checkpoint::{load_module, save_module, write_atomically};
+use crate::checkpoint::{load_module, save_module, write_atomically, StateDict};
 use crate::error::TrainError;
 use crate::evaluate::{evaluate, log_softmax_rows, Ensemble, Metrics, MetricsAccumulator};
 use crate::module::{ForwardMode, Module};
-use crate::optim::{Sgd, SgdConfig};
-use crate::state::HostTensor;
+use crate::optim::{Sgd, SgdConfig, SgdState};
 
 /// What a run does with the snapshots its policy takes.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -163,18 +164,29 @@ pub trait TrainObserver {
 pub struct Silent;
 impl TrainObserver for Silent {}
 
-/// The saved part of a run besides its tensors.
+/// What `state.json` records besides the tensors, which lie in safetensors files beside it.
 #[derive(Debug, Serialize, Deserialize)]
 struct TrainerMeta {
+    /// The layout of the checkpoint, [`CHECKPOINT_FORMAT`].
+    format: u32,
     config: RunConfig,
     epochs_done: usize,
     /// Leading epochs taken from another run's checkpoint rather than trained by this one.
-    #[serde(default)]
     branched_epochs: usize,
     history: Vec<EpochRecord>,
-    momentum: Vec<(String, Option<HostTensor>)>,
+    /// The optimiser's parameters in visiting order and whether each has a momentum buffer (in
+    /// [`MOMENTUM_FILE`]).
+    momentum: Vec<(String, bool)>,
+    /// The average without its values (in [`AVERAGE_FILE`]).
     average: Option<AverageState>,
     ensemble: Option<Ensemble>,
+}
+
+/// Reads only the format of a `state.json`, so that a checkpoint of another layout is recognised before
+/// its fields are parsed.
+#[derive(Deserialize)]
+struct FormatProbe {
+    format: Option<u32>,
 }
 
 /// One training run of a network on a backend.
@@ -206,8 +218,13 @@ impl<B: Backend> std::fmt::Debug for Trainer<B> {
     }
 }
 
+/// The checkpoint layout this version writes and reads: tensors in safetensors files, metadata in
+/// `state.json`. The unversioned layout before it kept every tensor inside `state.json`.
+const CHECKPOINT_FORMAT: u32 = 2;
 const STATE_FILE: &str = "state.json";
 const MODEL_FILE: &str = "model.safetensors";
+const MOMENTUM_FILE: &str = "momentum.safetensors";
+const AVERAGE_FILE: &str = "average.safetensors";
 
 impl<B: Backend> Trainer<B> {
     /// A trainer for `model`; `eval_model` must be another instance of the same network (its weights are
@@ -592,16 +609,26 @@ impl<B: Backend> Trainer<B> {
             self.model.as_ref(),
             &staging.join(MODEL_FILE),
         )?;
+        let SgdState {
+            parameters: momentum,
+            buffers,
+        } = self.optimizer.state(&self.backend)?;
+        buffers.save(&staging.join(MOMENTUM_FILE))?;
         let average = match &self.average {
-            Some(a) => Some(a.to_state(&self.backend)?),
+            Some(a) => {
+                let mut state = a.to_state(&self.backend)?;
+                StateDict::take_average_values(&mut state).save(&staging.join(AVERAGE_FILE))?;
+                Some(state)
+            }
             None => None,
         };
         let meta = TrainerMeta {
+            format: CHECKPOINT_FORMAT,
             config: self.config.clone(),
             epochs_done: self.epochs_done,
             branched_epochs: self.branched_epochs,
             history: self.history.clone(),
-            momentum: self.optimizer.state(&self.backend)?,
+            momentum,
             average,
             ensemble: self.ensemble.clone(),
         };
@@ -643,25 +670,44 @@ impl<B: Backend> Trainer<B> {
     /// Loads the weights, momentum buffers and average of the checkpoint in `dir`.
     fn load_tensors(&mut self, dir: &Path, meta: &TrainerMeta) -> Result<(), TrainError> {
         load_module(&self.backend, self.model.as_mut(), &dir.join(MODEL_FILE))?;
-        self.optimizer.load_state(&self.backend, &meta.momentum)?;
+        let momentum = SgdState {
+            parameters: meta.momentum.clone(),
+            buffers: StateDict::load(&dir.join(MOMENTUM_FILE))?,
+        };
+        self.optimizer.load_state(&self.backend, &momentum)?;
         self.average = match &meta.average {
-            Some(state) => Some(WeightAverage::from_state(&self.backend, state)?),
+            Some(state) => {
+                let mut state = state.clone();
+                StateDict::load(&dir.join(AVERAGE_FILE))?.restore_average_values(&mut state)?;
+                Some(WeightAverage::from_state(&self.backend, &state)?)
+            }
             None => None,
         };
         Ok(())
     }
 }
 
+/// Reads a checkpoint's `state.json`, refusing one of another layout with
+/// [`TrainError::CheckpointFormat`].
 fn read_meta(dir: &Path) -> Result<TrainerMeta, TrainError> {
     let state_path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&state_path).map_err(|source| TrainError::Io {
         path: state_path.clone(),
         source,
     })?;
-    serde_json::from_slice(&bytes).map_err(|source| TrainError::Json {
-        path: state_path,
+    let json = |source| TrainError::Json {
+        path: state_path.clone(),
         source,
-    })
+    };
+    let probe: FormatProbe = serde_json::from_slice(&bytes).map_err(json)?;
+    if probe.format != Some(CHECKPOINT_FORMAT) {
+        return Err(TrainError::CheckpointFormat {
+            path: state_path,
+            found: probe.format,
+            expected: CHECKPOINT_FORMAT,
+        });
+    }
+    serde_json::from_slice(&bytes).map_err(json)
 }
 
 /// Saves the SWA average's weights (with BN statistics recomputed by [`Trainer::swa_model`]) or any model
