@@ -8,7 +8,7 @@
 //!
 //! | suite | measures | against |
 //! |---|---|---|
-//! | `averaging` | [`SwaAverage::update`](swa_core::SwaAverage) and EMA updates over 1.7M and 36.5M parameters (PreResNet-164, WRN-28-10), GB/s | a plain memory copy (target ≥ 90%) |
+//! | `averaging` | [`WeightAverage::update`](swa_core::WeightAverage) and EMA updates over 1.7M and 36.5M parameters (PreResNet-164, WRN-28-10), GB/s | a plain memory copy (target ≥ 90%) |
 //! | `overhead` | a PreResNet-20 training span with and without an SWA update; `update_bn` | an epoch (target ≤ 1%); a forward-only pass (target: no slower) |
 //! | `kernels` | convolutions (forward, weight gradient, both gradients) and their GEMMs at the shapes of PreResNet-20/164 and VGG-16, GFLOP/s | a large square GEMM from the `gemm` crate (the machine's practical peak) |
 //! | `training` | training images/s of PreResNet-20, PreResNet-164, VGG-16, WRN-16-4 at batch 128, and GFLOP/s | the GEMM peak; PyTorch on the same network (`--torch PYTHON`) |

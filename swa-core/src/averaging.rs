@@ -1,17 +1,19 @@
-//! Weight averages over named tensors: the SWA running mean, EMA, and the count-weighted merge of two
-//! averages.
+//! Weight averages over named tensors: the SWA running mean, EMA or a custom rule, and the count-weighted
+//! merge of two equal-weight averages.
 //!
-//! An average is created from a model (its first snapshot), lives on the model's backend, and is updated
-//! from later snapshots of the same model:
+//! An average ([`WeightAverage`], PyTorch's `AveragedModel`) is created from a model (its first snapshot),
+//! lives on the model's backend, and is updated from later snapshots of the same model. A [`WeightRule`]
+//! gives each new snapshot its weight, where `n` (PyTorch's `n_averaged`, [`WeightAveraging::count`]) is the
+//! number of snapshots already averaged:
 //!
-//! - [`SwaAverage`], PyTorch's `AveragedModel` with its default `avg_fn`: the equal-weight running mean
-//!   `avg += (w − avg)/(n + 1)`, where `n` (PyTorch's `n_averaged`, [`WeightAveraging::count`]) is the number
-//!   of snapshots already averaged. [`SwaAverage::merge`] combines the averages of two disjoint sets of
-//!   snapshots, weighting each by its count, for SWA averaged in several processes;
-//! - [`EmaAverage`]: the exponential moving average `avg = decay·avg + (1 − decay)·w`, whose first snapshot is
-//!   copied.
+//! - [`WeightRule::Equal`], SWA and PyTorch's default `avg_fn`: the running mean `avg += (w − avg)/(n + 1)`.
+//!   [`WeightAverage::merge`] combines the averages of two disjoint sets of snapshots, weighting each by its
+//!   count, for SWA averaged in several processes;
+//! - [`WeightRule::Ema`]: the exponential moving average `avg = decay·avg + (1 − decay)·w`;
+//! - [`WeightRule::Custom`]: any weight computed from `n` by a function.
 //!
-//! Both reduce every update to [`Backend::lerp_`], so they run on any backend without reading values back.
+//! Every rule copies the first snapshot and reduces each update to [`Backend::lerp_`], so averages run on
+//! any backend without reading values back.
 //!
 //! # Buffers
 //!
@@ -30,16 +32,15 @@
 //! # Checkpoints
 //!
 //! [`WeightAveraging::to_state`] reads an average back to the host as an [`AverageState`] (names, shapes,
-//! values, the count `n_averaged`, the kind, the buffer policy) that `serde` can write, and
-//! [`SwaAverage::from_state`] / [`EmaAverage::from_state`] / [`average_from_state`] restore it, so a resumed
-//! run keeps averaging with the right weights.
+//! values, the count `n_averaged`, the rule, the buffer policy) that `serde` can write, and
+//! [`WeightAverage::from_state`] restores it, so a resumed run keeps averaging with the right weights.
 //!
 //! # Example
 //!
 //! SWA over a toy network with one weight, one bias and a BatchNorm running mean, on the CPU:
 //!
 //! ```
-//! use swa_core::averaging::{BufferPolicy, SwaAverage, WeightAveraging};
+//! use swa_core::averaging::{BufferPolicy, WeightAverage, WeightAveraging};
 //! use swa_core::{Backend, CpuBackend, CpuTensor, NamedTensors, TensorRole};
 //!
 //! struct Toy {
@@ -72,7 +73,7 @@
 //! };
 //!
 //! // Three snapshots with w = 1, 2, 6: their mean has w = 3.
-//! let mut swa = SwaAverage::new(&backend, &snapshot(1.0)?, BufferPolicy::CopyLatest)?;
+//! let mut swa = WeightAverage::swa(&backend, &snapshot(1.0)?, BufferPolicy::CopyLatest)?;
 //! swa.update(&backend, &snapshot(2.0)?)?;
 //! swa.update(&backend, &snapshot(6.0)?)?;
 //! assert_eq!(swa.count(), 3); // PyTorch's n_averaged
@@ -85,7 +86,7 @@
 //!
 //! // The count survives a checkpoint.
 //! let state = swa.to_state(&backend)?;
-//! let restored = SwaAverage::from_state(&backend, &state)?;
+//! let restored = WeightAverage::from_state(&backend, &state)?;
 //! assert_eq!(restored.count(), 3);
 //! # Ok(())
 //! # }
@@ -112,17 +113,117 @@ pub enum BufferPolicy {
     RecomputeLater,
 }
 
-/// Which rule an average follows.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// The weight an average gives each new snapshot: with `n` snapshots already averaged, the `(n + 1)`-th is
+/// blended in as `avg += weight·(w − avg)`. The first snapshot is always copied.
+///
+/// The rule is part of a run's configuration and of a checkpoint, and `serde` writes it as
+/// `{"kind": "equal"}` or `{"kind": "ema", "decay": 0.999}`. A [`Custom`](Self::Custom) rule is a
+/// function, which no file can hold: writing one fails with an error naming it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum AverageKind {
-    /// The equal-weight running mean of SWA.
-    Swa,
-    /// The exponential moving average `avg = decay·avg + (1 − decay)·w`.
+pub enum WeightRule {
+    /// Equal weights, the running mean of SWA: weight `1/(n + 1)` (PyTorch's default `avg_fn`).
+    #[default]
+    Equal,
+    /// The exponential moving average `avg = decay·avg + (1 − decay)·w`: weight `1 − decay`.
+    #[doc(alias = "EMA")]
     Ema {
-        /// The weight kept from the previous average, in `[0, 1]`.
+        /// The weight kept from the previous average, in `[0, 1]`. Decay 0 keeps the latest snapshot and
+        /// decay 1 the first, both bit-exactly.
         decay: f32,
     },
+    /// A weight computed from the count by a user-supplied function (PyTorch's custom `avg_fn`).
+    #[serde(skip_deserializing, serialize_with = "refuse_to_write_custom_rule")]
+    Custom(CustomRule),
+}
+
+impl WeightRule {
+    /// Checks the rule's parameters: an EMA decay must lie in `[0, 1]`.
+    pub fn validate(&self) -> Result<(), AveragingError> {
+        match *self {
+            WeightRule::Ema { decay } if !(0.0..=1.0).contains(&decay) => {
+                Err(AveragingError::InvalidDecay { decay })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The weight of the next snapshot when `averaged` snapshots are already in the average. Fails when a
+    /// custom rule's weight is not in `[0, 1]`, or when the count overflows.
+    pub fn weight(&self, averaged: u64) -> Result<f32, AveragingError> {
+        match *self {
+            WeightRule::Equal => {
+                let next = averaged
+                    .checked_add(1)
+                    .ok_or(AveragingError::CountOverflow { op: "update" })?;
+                // 1/(n + 1) rounded once from f64.
+                Ok((1.0 / next as f64) as f32)
+            }
+            WeightRule::Ema { decay } => Ok((1.0 - f64::from(decay)) as f32),
+            WeightRule::Custom(custom) => {
+                let weight = (custom.weight)(averaged);
+                if (0.0..=1.0).contains(&weight) {
+                    Ok(weight)
+                } else {
+                    Err(AveragingError::InvalidWeight {
+                        rule: custom.name,
+                        averaged,
+                        weight,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// A named weight rule given by a function: `weight(n)` is the weight of the next snapshot when `n ≥ 1`
+/// snapshots are already averaged, and must lie in `[0, 1]`.
+///
+/// Two custom rules are equal when both their names and their functions are.
+///
+/// ```
+/// use swa_core::averaging::{CustomRule, WeightRule};
+///
+/// // A running mean that weighs later snapshots more: weight 2/(n + 2).
+/// let rule = WeightRule::Custom(CustomRule::new("linear_ramp", |n| 2.0 / (n as f32 + 2.0)));
+/// assert_eq!(rule.weight(2).unwrap(), 0.5);
+/// ```
+#[derive(Clone, Copy)]
+pub struct CustomRule {
+    /// Names the rule in errors and in `Debug` output.
+    pub name: &'static str,
+    /// The weight of the next snapshot given the number already averaged.
+    pub weight: fn(u64) -> f32,
+}
+
+impl CustomRule {
+    /// A rule named `name` with weights from `weight`.
+    pub fn new(name: &'static str, weight: fn(u64) -> f32) -> Self {
+        Self { name, weight }
+    }
+}
+
+impl PartialEq for CustomRule {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && std::ptr::fn_addr_eq(self.weight, other.weight)
+    }
+}
+
+impl std::fmt::Debug for CustomRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CustomRule").field(&self.name).finish()
+    }
+}
+
+fn refuse_to_write_custom_rule<S: serde::Serializer>(
+    rule: &CustomRule,
+    _: S,
+) -> Result<S::Ok, S::Error> {
+    Err(serde::ser::Error::custom(format!(
+        "the custom weight rule `{}` is a function and cannot be written to a file; \
+         configurations and checkpoints hold only the `equal` and `ema` rules",
+        rule.name
+    )))
 }
 
 /// Errors of averaging. Mismatch errors name the tensor, its position and what was expected.
@@ -188,7 +289,7 @@ pub enum AveragingError {
         /// The decay given.
         decay: f32,
     },
-    /// Two averages that cannot be merged, or a state restored as the wrong kind of average.
+    /// Two averages that cannot be merged.
     #[error("{op}: {message}")]
     Incompatible {
         /// The operation.
@@ -203,6 +304,22 @@ pub enum AveragingError {
         name: String,
         /// What is wrong and what was expected.
         message: String,
+    },
+    /// A merge of averages that do not both follow [`WeightRule::Equal`].
+    #[error("merge: only equal-weight averages merge by count, not one following {rule:?}")]
+    MergeNeedsEqualWeights {
+        /// The rule that is not [`WeightRule::Equal`].
+        rule: WeightRule,
+    },
+    /// A custom rule that gave a weight outside `[0, 1]`.
+    #[error("custom weight rule `{rule}` gave weight {weight} after {averaged} snapshots, expected a value in [0, 1]")]
+    InvalidWeight {
+        /// The rule's name.
+        rule: &'static str,
+        /// The number of snapshots already averaged.
+        averaged: u64,
+        /// The weight it gave.
+        weight: f32,
     },
     /// More snapshots than a `u64` counts.
     #[error("{op}: the snapshot count overflows u64")]
@@ -231,8 +348,8 @@ pub struct TensorState {
 /// An average read back to the host, for checkpoints: everything needed to continue averaging.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AverageState {
-    /// SWA or EMA (with its decay).
-    pub kind: AverageKind,
+    /// The rule giving each new snapshot its weight.
+    pub rule: WeightRule,
     /// How BN statistics are treated.
     pub buffer_policy: BufferPolicy,
     /// The number of snapshots averaged (PyTorch's `n_averaged`).
@@ -261,8 +378,8 @@ pub trait WeightAveraging<B: Backend> {
     fn copy_into(&self, backend: &B, model: &mut dyn NamedTensors<B>)
         -> Result<(), AveragingError>;
 
-    /// Which rule the average follows.
-    fn kind(&self) -> AverageKind;
+    /// The rule giving each new snapshot its weight.
+    fn rule(&self) -> WeightRule;
 
     /// How BN statistics are treated.
     fn buffer_policy(&self) -> BufferPolicy;
@@ -538,7 +655,7 @@ impl<B: Backend> Slots<B> {
     fn to_state(
         &self,
         backend: &B,
-        kind: AverageKind,
+        rule: WeightRule,
         n_averaged: u64,
     ) -> Result<AverageState, AveragingError> {
         let mut tensors = Vec::with_capacity(self.slots.len());
@@ -555,7 +672,7 @@ impl<B: Backend> Slots<B> {
             });
         }
         Ok(AverageState {
-            kind,
+            rule,
             buffer_policy: self.buffer_policy,
             n_averaged,
             tensors,
@@ -621,39 +738,77 @@ impl<B: Backend> Slots<B> {
     }
 }
 
-/// The SWA running mean of a model's snapshots: PyTorch's `AveragedModel` with its default averaging
-/// function, and the `swa_model`/`swa_n` pair of the original code.
+/// A weight average of a model's snapshots: PyTorch's `AveragedModel`, with the weight of each new snapshot
+/// given by a [`WeightRule`].
 ///
-/// After `n` snapshots `w_1 … w_n` each averaged tensor is their arithmetic mean, computed as the running
-/// update `avg += (w_n − avg)/n` in the tensors' `f32`; its rounding error grows at most linearly in `n`
-/// (about `n/2 · ε · max|w|`, ε = 2⁻²⁴) and in practice like `√n`.
+/// The first snapshot is copied (count 1); the `(n + 1)`-th is blended in as `avg += weight·(w − avg)` with
+/// the rule's weight for `n` snapshots already averaged. Under [`WeightRule::Equal`] each averaged tensor is
+/// the arithmetic mean of the snapshots, computed in the tensors' `f32`; its rounding error grows at most
+/// linearly in `n` (about `n/2 · ε · max|w|`, ε = 2⁻²⁴) and in practice like `√n`.
 #[doc(alias = "AveragedModel")]
+#[doc(alias = "SwaAverage")]
+#[doc(alias = "EmaAverage")]
 #[doc(alias = "swa_n")]
 #[derive(Debug)]
-pub struct SwaAverage<B: Backend> {
+pub struct WeightAverage<B: Backend> {
     slots: Slots<B>,
+    rule: WeightRule,
     count: u64,
 }
 
-impl<B: Backend> SwaAverage<B> {
-    /// An average whose first snapshot is `model` (count 1), with BN statistics treated by `buffer_policy`.
+impl<B: Backend> WeightAverage<B> {
+    /// An average following `rule` whose first snapshot is `model` (count 1), with BN statistics treated
+    /// by `buffer_policy`. Fails with [`AveragingError::InvalidDecay`] for an EMA decay outside `[0, 1]`.
     pub fn new(
+        backend: &B,
+        model: &dyn NamedTensors<B>,
+        rule: WeightRule,
+        buffer_policy: BufferPolicy,
+    ) -> Result<Self, AveragingError> {
+        rule.validate()?;
+        Ok(WeightAverage {
+            slots: Slots::capture(backend, model, buffer_policy)?,
+            rule,
+            count: 1,
+        })
+    }
+
+    /// The SWA running mean ([`WeightRule::Equal`]) whose first snapshot is `model`: PyTorch's
+    /// `AveragedModel` with its default averaging function.
+    pub fn swa(
         backend: &B,
         model: &dyn NamedTensors<B>,
         buffer_policy: BufferPolicy,
     ) -> Result<Self, AveragingError> {
-        Ok(SwaAverage {
-            slots: Slots::capture(backend, model, buffer_policy)?,
-            count: 1,
-        })
+        Self::new(backend, model, WeightRule::Equal, buffer_policy)
+    }
+
+    /// The exponential moving average ([`WeightRule::Ema`]) with `decay ∈ [0, 1]` whose first snapshot is
+    /// `model`.
+    #[doc(alias = "get_ema_multi_avg_fn")]
+    pub fn ema(
+        backend: &B,
+        model: &dyn NamedTensors<B>,
+        decay: f32,
+        buffer_policy: BufferPolicy,
+    ) -> Result<Self, AveragingError> {
+        Self::new(backend, model, WeightRule::Ema { decay }, buffer_policy)
     }
 
     /// Merges the average of a disjoint set of snapshots into this one: `self += n_b/(n_a + n_b)·(other −
     /// self)`, `n_a` and `n_b` the two counts, so the result is the mean of all `n_a + n_b` snapshots and the
     /// count becomes `n_a + n_b`. BN statistics under `CopyLatest` keep this average's.
     ///
-    /// Both averages must hold the same names, roles and shapes and use the same buffer policy.
-    pub fn merge(&mut self, backend: &B, other: &SwaAverage<B>) -> Result<(), AveragingError> {
+    /// Only equal-weight averages merge by count: for EMA or a custom rule the weight of each snapshot
+    /// depends on its position in one sequence, which two separate averages do not share, so both must
+    /// follow [`WeightRule::Equal`] ([`AveragingError::MergeNeedsEqualWeights`] otherwise). Both must also
+    /// hold the same names, roles and shapes and use the same buffer policy.
+    pub fn merge(&mut self, backend: &B, other: &WeightAverage<B>) -> Result<(), AveragingError> {
+        for rule in [self.rule, other.rule] {
+            if rule != WeightRule::Equal {
+                return Err(AveragingError::MergeNeedsEqualWeights { rule });
+            }
+        }
         let total = self
             .count
             .checked_add(other.count)
@@ -664,31 +819,25 @@ impl<B: Backend> SwaAverage<B> {
         Ok(())
     }
 
-    /// Restores an average saved with [`WeightAveraging::to_state`]; the state must be of kind
-    /// [`AverageKind::Swa`].
+    /// Restores an average saved with [`WeightAveraging::to_state`], following the rule recorded in it.
     pub fn from_state(backend: &B, state: &AverageState) -> Result<Self, AveragingError> {
-        if state.kind != AverageKind::Swa {
-            return Err(AveragingError::Incompatible {
-                op: "from_state",
-                message: format!("the state is a {:?} average, not SWA", state.kind),
-            });
-        }
-        Ok(SwaAverage {
+        state.rule.validate()?;
+        Ok(WeightAverage {
             slots: Slots::from_state(backend, state)?,
+            rule: state.rule,
             count: state.n_averaged,
         })
     }
 }
 
-impl<B: Backend> WeightAveraging<B> for SwaAverage<B> {
+impl<B: Backend> WeightAveraging<B> for WeightAverage<B> {
     fn update(&mut self, backend: &B, model: &dyn NamedTensors<B>) -> Result<(), AveragingError> {
         self.slots.check_model("update", model)?;
         let next = self
             .count
             .checked_add(1)
             .ok_or(AveragingError::CountOverflow { op: "update" })?;
-        // 1/(n + 1) rounded once from f64: the weight of the (n + 1)-th snapshot.
-        let weight = (1.0 / next as f64) as f32;
+        let weight = self.rule.weight(self.count)?;
         self.slots.blend(backend, model, weight)?;
         self.count = next;
         Ok(())
@@ -706,8 +855,8 @@ impl<B: Backend> WeightAveraging<B> for SwaAverage<B> {
         self.slots.write_into(backend, model)
     }
 
-    fn kind(&self) -> AverageKind {
-        AverageKind::Swa
+    fn rule(&self) -> WeightRule {
+        self.rule
     }
 
     fn buffer_policy(&self) -> BufferPolicy {
@@ -723,122 +872,6 @@ impl<B: Backend> WeightAveraging<B> for SwaAverage<B> {
     }
 
     fn to_state(&self, backend: &B) -> Result<AverageState, AveragingError> {
-        self.slots.to_state(backend, AverageKind::Swa, self.count)
+        self.slots.to_state(backend, self.rule, self.count)
     }
-}
-
-/// The exponential moving average of a model's snapshots: `avg = decay·avg + (1 − decay)·w`, the first
-/// snapshot copied. Decay 0 keeps the latest snapshot and decay 1 the first, both bit-exactly.
-#[doc(alias = "EMA")]
-#[doc(alias = "get_ema_multi_avg_fn")]
-#[derive(Debug)]
-pub struct EmaAverage<B: Backend> {
-    slots: Slots<B>,
-    decay: f32,
-    count: u64,
-}
-
-fn check_decay(decay: f32) -> Result<(), AveragingError> {
-    if (0.0..=1.0).contains(&decay) {
-        Ok(())
-    } else {
-        Err(AveragingError::InvalidDecay { decay })
-    }
-}
-
-impl<B: Backend> EmaAverage<B> {
-    /// An EMA whose first snapshot is `model`, with `decay ∈ [0, 1]`.
-    pub fn new(
-        backend: &B,
-        model: &dyn NamedTensors<B>,
-        decay: f32,
-        buffer_policy: BufferPolicy,
-    ) -> Result<Self, AveragingError> {
-        check_decay(decay)?;
-        Ok(EmaAverage {
-            slots: Slots::capture(backend, model, buffer_policy)?,
-            decay,
-            count: 1,
-        })
-    }
-
-    /// The decay.
-    pub fn decay(&self) -> f32 {
-        self.decay
-    }
-
-    /// Restores an average saved with [`WeightAveraging::to_state`]; the state must be of kind
-    /// [`AverageKind::Ema`].
-    pub fn from_state(backend: &B, state: &AverageState) -> Result<Self, AveragingError> {
-        let AverageKind::Ema { decay } = state.kind else {
-            return Err(AveragingError::Incompatible {
-                op: "from_state",
-                message: format!("the state is a {:?} average, not EMA", state.kind),
-            });
-        };
-        check_decay(decay)?;
-        Ok(EmaAverage {
-            slots: Slots::from_state(backend, state)?,
-            decay,
-            count: state.n_averaged,
-        })
-    }
-}
-
-impl<B: Backend> WeightAveraging<B> for EmaAverage<B> {
-    fn update(&mut self, backend: &B, model: &dyn NamedTensors<B>) -> Result<(), AveragingError> {
-        self.slots.check_model("update", model)?;
-        let next = self
-            .count
-            .checked_add(1)
-            .ok_or(AveragingError::CountOverflow { op: "update" })?;
-        let weight = (1.0 - f64::from(self.decay)) as f32;
-        self.slots.blend(backend, model, weight)?;
-        self.count = next;
-        Ok(())
-    }
-
-    fn count(&self) -> u64 {
-        self.count
-    }
-
-    fn copy_into(
-        &self,
-        backend: &B,
-        model: &mut dyn NamedTensors<B>,
-    ) -> Result<(), AveragingError> {
-        self.slots.write_into(backend, model)
-    }
-
-    fn kind(&self) -> AverageKind {
-        AverageKind::Ema { decay: self.decay }
-    }
-
-    fn buffer_policy(&self) -> BufferPolicy {
-        self.slots.buffer_policy
-    }
-
-    fn names(&self) -> Vec<&str> {
-        self.slots.names()
-    }
-
-    fn tensor(&self, name: &str) -> Option<&B::Tensor> {
-        self.slots.tensor(name)
-    }
-
-    fn to_state(&self, backend: &B) -> Result<AverageState, AveragingError> {
-        self.slots
-            .to_state(backend, AverageKind::Ema { decay: self.decay }, self.count)
-    }
-}
-
-/// Restores an average of either kind from a checkpoint, as the kind recorded in the state.
-pub fn average_from_state<B: Backend>(
-    backend: &B,
-    state: &AverageState,
-) -> Result<Box<dyn WeightAveraging<B>>, AveragingError> {
-    Ok(match state.kind {
-        AverageKind::Swa => Box::new(SwaAverage::from_state(backend, state)?),
-        AverageKind::Ema { .. } => Box::new(EmaAverage::from_state(backend, state)?),
-    })
 }

@@ -13,8 +13,8 @@
 //!
 //! swa-core does not depend on a GPU API: a user who wants only the maths depends on this crate alone.
 //!
-//! For users of PyTorch's `torch.optim.swa_utils`: `AveragedModel` is [`SwaAverage`] (or [`EmaAverage`])
-//! behind the [`WeightAveraging`] trait, `n_averaged` is [`WeightAveraging::count`] and is saved in the
+//! For users of PyTorch's `torch.optim.swa_utils`: `AveragedModel` is [`WeightAverage`] behind the
+//! [`WeightAveraging`] trait, its `avg_fn` the [`WeightRule`] (equal weights, EMA or custom), `n_averaged` is [`WeightAveraging::count`] and is saved in the
 //! [`AverageState`] of a checkpoint, `use_buffers` is the explicit [`BufferPolicy`], and `SWALR` is
 //! [`Schedule::SwaAnneal`] (with [`SwaPolicy::swalr`] for the whole recipe). `update_bn` needs a network
 //! and data, so it is not here.
@@ -31,8 +31,8 @@ pub use backend::{Backend, BackendError, BackendResult, HasShape};
 pub use params::{NamedTensors, TensorRole};
 
 pub use averaging::{
-    AverageKind, AverageState, AveragingError, BufferPolicy, EmaAverage, SwaAverage,
-    WeightAveraging,
+    AverageState, AveragingError, BufferPolicy, CustomRule, WeightAverage, WeightAveraging,
+    WeightRule,
 };
 pub use policy::SwaPolicy;
 pub use schedule::{AnnealStrategy, LrSchedule, Period, Schedule, ScheduleError};

@@ -4,8 +4,7 @@
 mod toy_model;
 
 use swa_core::averaging::{
-    average_from_state, AverageKind, AveragingError, BufferPolicy, EmaAverage, SwaAverage,
-    WeightAveraging,
+    AveragingError, BufferPolicy, CustomRule, WeightAverage, WeightAveraging, WeightRule,
 };
 use swa_core::{Backend, CpuBackend, TensorRole};
 use toy_model::{backend, is_statistic, Loose, ToyNet, NUMEL};
@@ -25,14 +24,14 @@ fn swa_of_worked_example_is_the_arithmetic_mean() {
     // Snapshots 1, 2, 6 (every element): weights 1/2 then 1/3 give 1 → 1.5 → 1.5 + (6 − 1.5)/3 = 3.
     let b = backend();
     let mut swa =
-        SwaAverage::new(b, &ToyNet::from_flat(&flat(1.0)), BufferPolicy::Average).unwrap();
+        WeightAverage::swa(b, &ToyNet::from_flat(&flat(1.0)), BufferPolicy::Average).unwrap();
     assert_eq!(swa.count(), 1);
     swa.update(b, &ToyNet::from_flat(&flat(2.0))).unwrap();
     assert_eq!(values_of(&swa), flat(1.5));
     swa.update(b, &ToyNet::from_flat(&flat(6.0))).unwrap();
     assert_eq!(swa.count(), 3);
     assert_eq!(values_of(&swa), flat(3.0));
-    assert_eq!(swa.kind(), AverageKind::Swa);
+    assert_eq!(swa.rule(), WeightRule::Equal);
     assert_eq!(swa.names()[6], "fc.weight");
     let fc = b.to_host(swa.tensor("fc.weight").unwrap()).unwrap();
     assert_eq!(fc, vec![3.0; 12]);
@@ -42,7 +41,7 @@ fn swa_of_worked_example_is_the_arithmetic_mean() {
 fn ema_of_worked_example() {
     // decay 0.75: 4 → 0.75·4 + 0.25·8 = 5 → 0.75·5 + 0.25·(−3) = 3.
     let b = backend();
-    let mut ema = EmaAverage::new(
+    let mut ema = WeightAverage::ema(
         b,
         &ToyNet::from_flat(&flat(4.0)),
         0.75,
@@ -54,7 +53,7 @@ fn ema_of_worked_example() {
     ema.update(b, &ToyNet::from_flat(&flat(-3.0))).unwrap();
     assert_eq!(values_of(&ema), flat(3.0));
     assert_eq!(ema.count(), 3);
-    assert_eq!(ema.kind(), AverageKind::Ema { decay: 0.75 });
+    assert_eq!(ema.rule(), WeightRule::Ema { decay: 0.75 });
 }
 
 #[test]
@@ -66,10 +65,10 @@ fn merge_weights_by_counts_and_treats_buffers_by_policy() {
         BufferPolicy::CopyLatest,
         BufferPolicy::RecomputeLater,
     ] {
-        let mut a = SwaAverage::new(b, &ToyNet::from_flat(&flat(0.0)), policy).unwrap();
+        let mut a = WeightAverage::swa(b, &ToyNet::from_flat(&flat(0.0)), policy).unwrap();
         a.update(b, &ToyNet::from_flat(&flat(0.0))).unwrap();
         a.update(b, &ToyNet::from_flat(&flat(0.0))).unwrap();
-        let other = SwaAverage::new(b, &ToyNet::from_flat(&flat(8.0)), policy).unwrap();
+        let other = WeightAverage::swa(b, &ToyNet::from_flat(&flat(8.0)), policy).unwrap();
         a.merge(b, &other).unwrap();
         assert_eq!(a.count(), 4);
         let mut model = ToyNet::from_flat(&flat(-1.0));
@@ -88,9 +87,10 @@ fn merge_weights_by_counts_and_treats_buffers_by_policy() {
 #[test]
 fn merge_rejects_different_buffer_policies_and_layouts() {
     let b = backend();
-    let mut a = SwaAverage::new(b, &ToyNet::from_flat(&flat(0.0)), BufferPolicy::Average).unwrap();
+    let mut a =
+        WeightAverage::swa(b, &ToyNet::from_flat(&flat(0.0)), BufferPolicy::Average).unwrap();
     let other =
-        SwaAverage::new(b, &ToyNet::from_flat(&flat(1.0)), BufferPolicy::CopyLatest).unwrap();
+        WeightAverage::swa(b, &ToyNet::from_flat(&flat(1.0)), BufferPolicy::CopyLatest).unwrap();
     let err = a.merge(b, &other).unwrap_err();
     assert!(
         matches!(err, AveragingError::Incompatible { op: "merge", .. }),
@@ -99,7 +99,7 @@ fn merge_rejects_different_buffer_policies_and_layouts() {
 
     let mut renamed = Loose::like_toy(1.0);
     renamed.entries[2].0 = "bn.gamma".to_owned();
-    let other = SwaAverage::new(b, &renamed, BufferPolicy::Average).unwrap();
+    let other = WeightAverage::swa(b, &renamed, BufferPolicy::Average).unwrap();
     let err = a.merge(b, &other).unwrap_err();
     assert!(
         matches!(&err, AveragingError::NameMismatch { op: "merge", index: 2, expected, got } if expected == "bn.weight" && got == "bn.gamma"),
@@ -113,7 +113,7 @@ fn merge_rejects_different_buffer_policies_and_layouts() {
 fn rejects(snapshot: &Loose, check: impl Fn(&AveragingError) -> bool) {
     let b = backend();
     let mut swa =
-        SwaAverage::new(b, &ToyNet::from_flat(&flat(1.0)), BufferPolicy::Average).unwrap();
+        WeightAverage::swa(b, &ToyNet::from_flat(&flat(1.0)), BufferPolicy::Average).unwrap();
     let err = swa.update(b, snapshot).unwrap_err();
     assert!(check(&err), "unexpected error: {err}");
     assert_eq!(swa.count(), 1, "a rejected snapshot is not counted");
@@ -181,7 +181,7 @@ fn update_names_the_mismatching_tensor() {
 #[test]
 fn copy_into_rejects_a_different_model_and_leaves_it_unchanged() {
     let b = backend();
-    let swa = SwaAverage::new(b, &ToyNet::from_flat(&flat(1.0)), BufferPolicy::Average).unwrap();
+    let swa = WeightAverage::swa(b, &ToyNet::from_flat(&flat(1.0)), BufferPolicy::Average).unwrap();
     let mut other = Loose::like_toy(7.0);
     other.entries[0].0 = "features.0.weight".to_owned();
     let err = swa.copy_into(b, &mut other).unwrap_err();
@@ -206,14 +206,14 @@ fn invalid_models_and_decays_are_rejected() {
     let b = backend();
     let mut dup = Loose::like_toy(0.0);
     dup.entries[1].0 = "conv.weight".to_owned();
-    let err = SwaAverage::new(b, &dup, BufferPolicy::Average).unwrap_err();
+    let err = WeightAverage::swa(b, &dup, BufferPolicy::Average).unwrap_err();
     assert!(
         matches!(&err, AveragingError::DuplicateName { name, .. } if name == "conv.weight"),
         "{err}"
     );
 
     for decay in [-0.1, 1.5, f32::NAN] {
-        let err = EmaAverage::new(
+        let err = WeightAverage::ema(
             b,
             &ToyNet::from_flat(&flat(0.0)),
             decay,
@@ -230,7 +230,7 @@ fn invalid_models_and_decays_are_rejected() {
 #[test]
 fn from_state_rejects_inconsistent_checkpoints() {
     let b = backend();
-    let mut swa = SwaAverage::new(
+    let mut swa = WeightAverage::swa(
         b,
         &ToyNet::from_flat(&flat(2.0)),
         BufferPolicy::RecomputeLater,
@@ -248,13 +248,13 @@ fn from_state_rejects_inconsistent_checkpoints() {
     let mut zero = state.clone();
     zero.n_averaged = 0;
     assert!(matches!(
-        SwaAverage::from_state(b, &zero),
+        WeightAverage::from_state(b, &zero),
         Err(AveragingError::InvalidState { .. })
     ));
 
     let mut short = state.clone();
     short.tensors[6].values.as_mut().unwrap().pop();
-    let err = SwaAverage::from_state(b, &short).unwrap_err();
+    let err = WeightAverage::from_state(b, &short).unwrap_err();
     assert!(
         matches!(&err, AveragingError::InvalidState { name, .. } if name == "fc.weight"),
         "{err}"
@@ -263,43 +263,129 @@ fn from_state_rejects_inconsistent_checkpoints() {
     let mut held = state.clone();
     held.tensors[4].values = Some(vec![0.0, 0.0]);
     assert!(matches!(
-        SwaAverage::from_state(b, &held),
+        WeightAverage::from_state(b, &held),
         Err(AveragingError::InvalidState { .. })
     ));
 
     let mut missing = state.clone();
     missing.tensors[0].values = None;
     assert!(matches!(
-        SwaAverage::from_state(b, &missing),
+        WeightAverage::from_state(b, &missing),
         Err(AveragingError::InvalidState { .. })
     ));
 
     let mut duplicated = state.clone();
     duplicated.tensors[1].name = "conv.weight".to_owned();
     assert!(matches!(
-        SwaAverage::from_state(b, &duplicated),
+        WeightAverage::from_state(b, &duplicated),
         Err(AveragingError::InvalidState { .. })
     ));
 
-    let err = EmaAverage::from_state(b, &state).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            AveragingError::Incompatible {
-                op: "from_state",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    // One type restores every rule: the rule comes from the state, so an equal-weight state never comes
+    // back as an EMA and the reverse.
+    let mut ema_state = state.clone();
+    ema_state.rule = WeightRule::Ema { decay: 0.5 };
+    let ema = WeightAverage::from_state(b, &ema_state).unwrap();
+    assert_eq!(ema.rule(), WeightRule::Ema { decay: 0.5 });
     let mut bad_decay = state.clone();
-    bad_decay.kind = AverageKind::Ema { decay: 2.0 };
+    bad_decay.rule = WeightRule::Ema { decay: 2.0 };
     assert!(matches!(
-        average_from_state(b, &bad_decay),
+        WeightAverage::from_state(b, &bad_decay),
         Err(AveragingError::InvalidDecay { .. })
     ));
 
-    let restored = average_from_state(b, &state).unwrap();
+    let restored = WeightAverage::from_state(b, &state).unwrap();
     assert_eq!(restored.count(), 2);
-    assert_eq!(restored.kind(), AverageKind::Swa);
+    assert_eq!(restored.rule(), WeightRule::Equal);
+}
+
+#[test]
+fn merge_refuses_averages_that_do_not_follow_equal_weights() {
+    let b = backend();
+    let ramp = WeightRule::Custom(CustomRule::new("ramp", |n| 2.0 / (n as f32 + 2.0)));
+    for rule in [WeightRule::Ema { decay: 0.5 }, ramp] {
+        let mut equal =
+            WeightAverage::swa(b, &ToyNet::from_flat(&flat(0.0)), BufferPolicy::Average).unwrap();
+        let mut other = WeightAverage::new(
+            b,
+            &ToyNet::from_flat(&flat(8.0)),
+            rule,
+            BufferPolicy::Average,
+        )
+        .unwrap();
+        let err = equal.merge(b, &other).unwrap_err();
+        assert_eq!(err, AveragingError::MergeNeedsEqualWeights { rule });
+        let err = other.merge(b, &equal).unwrap_err();
+        assert_eq!(err, AveragingError::MergeNeedsEqualWeights { rule });
+        assert_eq!((equal.count(), other.count()), (1, 1));
+        assert_eq!(values_of(&equal), flat(0.0));
+        assert_eq!(values_of(&other), flat(8.0));
+    }
+}
+
+#[test]
+fn a_custom_rule_weighs_snapshots_by_its_function() {
+    // Weight 2/(n + 2): 4 → 4 + (2/3)·(10 − 4) = 8 → 8 + (2/4)·(0 − 8) = 4.
+    let b = backend();
+    let rule = WeightRule::Custom(CustomRule::new("ramp", |n| 2.0 / (n as f32 + 2.0)));
+    let mut avg = WeightAverage::new(
+        b,
+        &ToyNet::from_flat(&flat(4.0)),
+        rule,
+        BufferPolicy::Average,
+    )
+    .unwrap();
+    avg.update(b, &ToyNet::from_flat(&flat(10.0))).unwrap();
+    assert_eq!(values_of(&avg), flat(8.0));
+    avg.update(b, &ToyNet::from_flat(&flat(0.0))).unwrap();
+    assert_eq!(values_of(&avg), flat(4.0));
+    assert_eq!(avg.count(), 3);
+    assert_eq!(avg.rule(), rule);
+}
+
+#[test]
+fn a_custom_weight_outside_the_unit_interval_is_refused_and_changes_nothing() {
+    let b = backend();
+    let rule = WeightRule::Custom(CustomRule::new("overshoot", |n| n as f32));
+    let mut avg = WeightAverage::new(
+        b,
+        &ToyNet::from_flat(&flat(1.0)),
+        rule,
+        BufferPolicy::Average,
+    )
+    .unwrap();
+    avg.update(b, &ToyNet::from_flat(&flat(2.0))).unwrap(); // weight 1: copies
+    let err = avg.update(b, &ToyNet::from_flat(&flat(3.0))).unwrap_err();
+    assert_eq!(
+        err,
+        AveragingError::InvalidWeight {
+            rule: "overshoot",
+            averaged: 2,
+            weight: 2.0
+        }
+    );
+    assert!(err.to_string().contains("overshoot"), "{err}");
+    assert_eq!(avg.count(), 2);
+    assert_eq!(values_of(&avg), flat(2.0));
+}
+
+#[test]
+fn rules_are_written_as_text_except_custom_ones_which_are_refused_by_name() {
+    let equal = serde_json::to_string(&WeightRule::Equal).unwrap();
+    assert_eq!(equal, r#"{"kind":"equal"}"#);
+    let ema = serde_json::to_string(&WeightRule::Ema { decay: 0.5 }).unwrap();
+    assert_eq!(ema, r#"{"kind":"ema","decay":0.5}"#);
+    for (text, rule) in [
+        (equal, WeightRule::Equal),
+        (ema, WeightRule::Ema { decay: 0.5 }),
+    ] {
+        assert_eq!(serde_json::from_str::<WeightRule>(&text).unwrap(), rule);
+    }
+    let custom = WeightRule::Custom(CustomRule::new("ramp", |n| 1.0 / n as f32));
+    let err = serde_json::to_string(&custom).unwrap_err();
+    assert!(
+        err.to_string().contains("custom weight rule `ramp`"),
+        "{err}"
+    );
+    assert!(serde_json::from_str::<WeightRule>(r#"{"kind":"custom"}"#).is_err());
 }

@@ -4,7 +4,7 @@
 mod toy_model;
 
 use proptest::prelude::*;
-use swa_core::averaging::{BufferPolicy, SwaAverage, WeightAveraging};
+use swa_core::averaging::{BufferPolicy, WeightAverage, WeightAveraging};
 use swa_core::policy::SwaPolicy;
 use swa_core::schedule::{AnnealStrategy, LrSchedule, Period, Schedule, ScheduleError};
 use toy_model::{backend, ToyNet, NUMEL};
@@ -124,7 +124,7 @@ fn a_loop_driven_by_the_policy_averages_exactly_the_selected_snapshots() {
     let b = backend();
     let policy =
         SwaPolicy::new(Schedule::constant(0.01).unwrap(), 2, Period::Iterations(4)).unwrap();
-    let mut average: Option<SwaAverage<swa_core::CpuBackend>> = None;
+    let mut average: Option<WeightAverage<swa_core::CpuBackend>> = None;
     for epoch in 0..5 {
         for step in 0..6 {
             let index = (epoch * 6 + step) as f32;
@@ -133,7 +133,8 @@ fn a_loop_driven_by_the_policy_averages_exactly_the_selected_snapshots() {
                 match average.as_mut() {
                     Some(avg) => avg.update(b, &model).unwrap(),
                     None => {
-                        average = Some(SwaAverage::new(b, &model, BufferPolicy::Average).unwrap())
+                        average =
+                            Some(WeightAverage::swa(b, &model, BufferPolicy::Average).unwrap())
                     }
                 }
             }

@@ -32,6 +32,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use swa_core::averaging::AverageState;
 use swa_core::backend::{Backend, BackendError, HasShape};
 use swa_core::params::{NamedTensors, TensorRole};
 
@@ -144,7 +145,8 @@ impl StoredTensor {
         }
     }
 
-    fn dtype_name(&self) -> &'static str {
+    /// The element type's name in the safetensors header (`F32`, `I64`).
+    pub fn dtype_name(&self) -> &'static str {
         match self {
             StoredTensor::F32 { .. } => "F32",
             StoredTensor::I64 { .. } => "I64",
@@ -263,6 +265,69 @@ impl StateDict {
                 values: vec![value],
             },
         );
+    }
+
+    /// Removes and returns the tensor stored under `name`.
+    pub fn remove(&mut self, name: &str) -> Option<StoredTensor> {
+        self.tensors.remove(name)
+    }
+
+    /// Moves the values an average holds out of its saved state into a state dict, keyed by tensor name,
+    /// leaving the state with the names, roles, shapes, count and rule: the small part, which a text
+    /// format holds well.
+    pub fn take_average_values(state: &mut AverageState) -> Self {
+        let mut dict = Self::new();
+        for tensor in &mut state.tensors {
+            if let Some(values) = tensor.values.take() {
+                let shape = tensor.shape.clone();
+                dict.insert(tensor.name.clone(), StoredTensor::F32 { shape, values });
+            }
+        }
+        dict
+    }
+
+    /// Puts the values taken by [`StateDict::take_average_values`] back into the average's state, checking
+    /// that every stored tensor is one of the state's, as `F32` of the state's shape. Tensors the state
+    /// expects but the file lacks are left empty, which [`WeightAverage::from_state`] reports.
+    ///
+    /// [`WeightAverage::from_state`]: swa_core::averaging::WeightAverage::from_state
+    pub fn restore_average_values(
+        mut self,
+        state: &mut AverageState,
+    ) -> Result<(), CheckpointError> {
+        for tensor in &mut state.tensors {
+            match self.tensors.remove(&tensor.name) {
+                None => {}
+                Some(StoredTensor::F32 { shape, values }) if shape == tensor.shape => {
+                    tensor.values = Some(values)
+                }
+                Some(StoredTensor::F32 { shape, .. }) => {
+                    return Err(CheckpointError::ShapeMismatch {
+                        origin: self.origin,
+                        name: tensor.name.clone(),
+                        expected: tensor.shape.clone(),
+                        got: shape,
+                    })
+                }
+                Some(other) => {
+                    return Err(CheckpointError::DtypeMismatch {
+                        origin: self.origin,
+                        name: tensor.name.clone(),
+                        expected: "F32",
+                        got: other.dtype_name().into(),
+                    })
+                }
+            }
+        }
+        if self.tensors.is_empty() {
+            Ok(())
+        } else {
+            Err(CheckpointError::KeyMismatch {
+                origin: self.origin,
+                missing: Vec::new(),
+                unexpected: self.tensors.into_keys().collect(),
+            })
+        }
     }
 
     /// The tensor stored under `name`.

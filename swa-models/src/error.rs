@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
+use swa_core::averaging::AveragingError;
 use swa_core::backend::BackendError;
+
+use crate::checkpoint::CheckpointError;
 
 /// What can go wrong while training or evaluating a network.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +45,10 @@ pub enum TrainError {
     Model(#[from] crate::nets::ModelError),
     /// Weight averaging failed.
     #[error("weight averaging: {0}")]
-    Averaging(String),
+    Averaging(#[from] AveragingError),
+    /// Reading or writing a safetensors file of a checkpoint failed (the error names the file).
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
@@ -52,14 +58,38 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
-    /// A file's contents could not be parsed.
-    #[error("{path}: {message}")]
-    Format {
+    /// A checkpoint's metadata could not be written or read as JSON.
+    #[error("{path}: {source}")]
+    Json {
         /// The file.
         path: PathBuf,
-        /// What was wrong.
-        message: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
     },
+    /// A checkpoint written in a layout this version does not read.
+    #[error(
+        "{path}: the checkpoint is in {}, which this version does not read; it reads format \
+         {expected}, which keeps the momentum buffers and the average in safetensors files beside \
+         state.json. Finish the run with the version that wrote it, or train again into an empty folder",
+        describe_format(*.found)
+    )]
+    CheckpointFormat {
+        /// The checkpoint's `state.json`.
+        path: PathBuf,
+        /// The format it records; `None` for the unversioned layout that kept every tensor inside
+        /// `state.json`.
+        found: Option<u32>,
+        /// The format this version reads and writes.
+        expected: u32,
+    },
+}
+
+fn describe_format(found: Option<u32>) -> String {
+    match found {
+        None => "the old format that keeps its tensors inside state.json".to_owned(),
+        Some(format) => format!("format {format}"),
+    }
 }
 
 impl TrainError {

@@ -36,7 +36,6 @@ pub mod module;
 pub mod nets;
 pub mod optim;
 pub mod protocol;
-pub mod state;
 pub mod step;
 pub mod train;
 

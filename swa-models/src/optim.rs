@@ -11,9 +11,9 @@
 use serde::{Deserialize, Serialize};
 use swa_core::backend::{Backend, HasShape, SgdStep};
 
+use crate::checkpoint::{CheckpointError, StateDict, StoredTensor};
 use crate::error::TrainError;
 use crate::module::Module;
-use crate::state::HostTensor;
 
 /// SGD hyper-parameters other than the learning rate (which the schedule sets each step).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -150,35 +150,93 @@ impl<B: Backend> Sgd<B> {
         failure.map_or(Ok(()), Err)
     }
 
-    /// The momentum buffers on the host, for a checkpoint.
-    pub fn state(&self, backend: &B) -> Result<Vec<(String, Option<HostTensor>)>, TrainError> {
-        self.buffers
-            .iter()
-            .map(|(name, buffer)| {
-                let host = buffer
-                    .as_ref()
-                    .map(|t| HostTensor::download(backend, t))
-                    .transpose()?;
-                Ok((name.clone(), host))
-            })
-            .collect()
+    /// The momentum buffers read back to the host, for a checkpoint.
+    pub fn state(&self, backend: &B) -> Result<SgdState, TrainError> {
+        let mut parameters = Vec::with_capacity(self.buffers.len());
+        let mut buffers = StateDict::new();
+        for (name, buffer) in &self.buffers {
+            if let Some(tensor) = buffer {
+                let values = backend
+                    .to_host(tensor)
+                    .map_err(TrainError::backend(format!(
+                        "reading the momentum of `{name}`"
+                    )))?;
+                let shape = tensor.dims().to_vec();
+                buffers.insert(name.clone(), StoredTensor::F32 { shape, values });
+            }
+            parameters.push((name.clone(), buffer.is_some()));
+        }
+        Ok(SgdState {
+            parameters,
+            buffers,
+        })
     }
 
-    /// Restores momentum buffers saved by [`Sgd::state`].
-    pub fn load_state(
-        &mut self,
-        backend: &B,
-        state: &[(String, Option<HostTensor>)],
-    ) -> Result<(), TrainError> {
-        self.buffers = state
+    /// Restores momentum buffers saved by [`Sgd::state`]. Fails with [`CheckpointError::KeyMismatch`] when
+    /// the stored buffers are not exactly those the parameter list announces, and with
+    /// [`CheckpointError::DtypeMismatch`] for a buffer that is not `F32`; nothing changes then.
+    pub fn load_state(&mut self, backend: &B, state: &SgdState) -> Result<(), TrainError> {
+        let origin = || state.buffers.origin().to_owned();
+        let announced: Vec<&str> = state
+            .parameters
             .iter()
-            .map(|(name, host)| {
-                Ok((
-                    name.clone(),
-                    host.as_ref().map(|h| h.upload(backend)).transpose()?,
-                ))
-            })
-            .collect::<Result<_, TrainError>>()?;
+            .filter(|(_, has_buffer)| *has_buffer)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let missing: Vec<String> = announced
+            .iter()
+            .filter(|name| state.buffers.get(name).is_none())
+            .map(|name| name.to_string())
+            .collect();
+        let unexpected: Vec<String> = state
+            .buffers
+            .iter()
+            .map(|(name, _)| name)
+            .filter(|name| !announced.contains(name))
+            .map(str::to_owned)
+            .collect();
+        if !missing.is_empty() || !unexpected.is_empty() {
+            return Err(CheckpointError::KeyMismatch {
+                origin: origin(),
+                missing,
+                unexpected,
+            }
+            .into());
+        }
+        let mut buffers = Vec::with_capacity(state.parameters.len());
+        for (name, _) in &state.parameters {
+            let buffer = match state.buffers.get(name) {
+                None => None,
+                Some(StoredTensor::F32 { shape, values }) => Some(
+                    backend
+                        .from_host(values, shape)
+                        .map_err(TrainError::backend(format!(
+                            "uploading the momentum of `{name}`"
+                        )))?,
+                ),
+                Some(other) => {
+                    return Err(CheckpointError::DtypeMismatch {
+                        origin: origin(),
+                        name: name.clone(),
+                        expected: "F32",
+                        got: other.dtype_name().to_owned(),
+                    }
+                    .into())
+                }
+            };
+            buffers.push((name.clone(), buffer));
+        }
+        self.buffers = buffers;
         Ok(())
     }
+}
+
+/// The state of [`Sgd`] on the host: which parameters it has seen and their momentum buffers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SgdState {
+    /// Every parameter the optimiser has seen, in visiting order, and whether it has a momentum buffer yet
+    /// (a parameter gets one at its first update).
+    pub parameters: Vec<(String, bool)>,
+    /// The momentum buffers, keyed by parameter name.
+    pub buffers: StateDict,
 }

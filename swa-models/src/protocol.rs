@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-use swa_core::averaging::BufferPolicy;
+use swa_core::averaging::{BufferPolicy, WeightRule};
 use swa_core::backend::Backend;
 use swa_core::schedule::{Period, Schedule, ScheduleError};
 
@@ -176,6 +176,7 @@ impl Recipe {
                     every: Period::Epochs(1),
                     usage: SnapshotUse::AverageWeights {
                         buffers: BufferPolicy::RecomputeLater,
+                        rule: WeightRule::Equal,
                     },
                 }),
                 sgd,

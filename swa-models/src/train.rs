@@ -3,12 +3,15 @@
 //!
 //! One [`Trainer`] runs one trajectory. What the paper compares are three kinds of run:
 //! - **SGD**: a schedule and nothing else ([`Snapshots`] absent);
-//! - **SWA**: the SWA schedule, the running mean of the weights taken by the [`SwaPolicy`], and the average
-//!   evaluated after its BatchNorm statistics are recomputed ([`crate::bn::update_bn`]);
+//! - **SWA**: the SWA schedule, the average of the weights taken by the [`SwaPolicy`] (the running mean, or
+//!   another [`WeightRule`] such as EMA), evaluated after its BatchNorm statistics are recomputed
+//!   ([`crate::bn::update_bn`]);
 //! - **FGE**: a cyclical schedule, the predictions of the snapshots at the cycles' low points ensembled.
 //!
-//! Every epoch ends with a checkpoint written atomically (a directory renamed into place), holding the
-//! weights, the momentum buffers, the average with its count, the ensemble and the history; dropout masks
+//! Every epoch ends with a checkpoint written atomically (a directory renamed into place): the weights, the
+//! momentum buffers and the average's tensors in safetensors files, and in `state.json` the configuration,
+//! the history, the ensemble and the small part of the optimiser and average (names, shapes, the count and
+//! the rule); dropout masks
 //! and data order are pure functions of (seed, epoch, step), so a resumed run repeats the uninterrupted one
 //! bit for bit on the CPU. For the same reason two runs that train their first epochs identically
 //! ([`RunConfig::shared_epochs`]: the SGD and SWA runs before their schedules' first decay) need not train
@@ -19,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use swa_core::averaging::{AverageState, BufferPolicy, SwaAverage, WeightAveraging};
+use swa_core::averaging::{AverageState, BufferPolicy, WeightAverage, WeightAveraging, WeightRule};
 use swa_core::backend::Backend;
 use swa_core::policy::SwaPolicy;
 use swa_core::schedule::{LrSchedule, Period, Schedule};
@@ -27,22 +30,25 @@ use swa_core::seed::splitmix64_mix;
 
 use crate::batch::BatchSource;
 use crate::bn::update_bn;
-use crate::checkpoint::{load_module, save_module, write_atomically};
+use crate::checkpoint::{load_module, save_module, write_atomically, StateDict};
 use crate::error::TrainError;
 use crate::evaluate::{evaluate, Ensemble, Metrics, MetricsAccumulator};
 use crate::module::Module;
-use crate::optim::{Sgd, SgdConfig};
-use crate::state::HostTensor;
+use crate::optim::{Sgd, SgdConfig, SgdState};
 use crate::step::sgd_step;
 
 /// What a run does with the snapshots its policy takes.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "use", rename_all = "snake_case")]
 pub enum SnapshotUse {
-    /// SWA: the running mean of the weights, BatchNorm statistics treated by `buffers`.
+    /// SWA: the average of the weights, BatchNorm statistics treated by `buffers`.
     AverageWeights {
         /// How BatchNorm statistics enter the average (the paper recomputes them: `RecomputeLater`).
         buffers: BufferPolicy,
+        /// The weight of each snapshot: equal weights (SWA's running mean, the default when a
+        /// configuration names none), EMA, or a custom rule (which a checkpoint cannot hold).
+        #[serde(default)]
+        rule: WeightRule,
     },
     /// FGE: the mean of the snapshots' predicted probabilities on the test set.
     EnsemblePredictions,
@@ -160,18 +166,29 @@ pub trait TrainObserver {
 pub struct Silent;
 impl TrainObserver for Silent {}
 
-/// The saved part of a run besides its tensors.
+/// What `state.json` records besides the tensors, which lie in safetensors files beside it.
 #[derive(Debug, Serialize, Deserialize)]
 struct TrainerMeta {
+    /// The layout of the checkpoint, [`CHECKPOINT_FORMAT`].
+    format: u32,
     config: RunConfig,
     epochs_done: usize,
     /// Leading epochs taken from another run's checkpoint rather than trained by this one.
-    #[serde(default)]
     branched_epochs: usize,
     history: Vec<EpochRecord>,
-    momentum: Vec<(String, Option<HostTensor>)>,
+    /// The optimiser's parameters in visiting order and whether each has a momentum buffer (in
+    /// [`MOMENTUM_FILE`]).
+    momentum: Vec<(String, bool)>,
+    /// The average without its values (in [`AVERAGE_FILE`]).
     average: Option<AverageState>,
     ensemble: Option<Ensemble>,
+}
+
+/// Reads only the format of a `state.json`, so that a checkpoint of another layout is recognised before
+/// its fields are parsed.
+#[derive(Deserialize)]
+struct FormatProbe {
+    format: Option<u32>,
 }
 
 /// One training run of a network on a backend.
@@ -183,7 +200,7 @@ pub struct Trainer<B: Backend> {
     /// A second instance of the network that receives the average's weights for evaluation.
     eval_model: Box<dyn Module<B>>,
     optimizer: Sgd<B>,
-    average: Option<SwaAverage<B>>,
+    average: Option<WeightAverage<B>>,
     ensemble: Option<Ensemble>,
     epochs_done: usize,
     branched_epochs: usize,
@@ -203,8 +220,13 @@ impl<B: Backend> std::fmt::Debug for Trainer<B> {
     }
 }
 
+/// The checkpoint layout this version writes and reads: tensors in safetensors files, metadata in
+/// `state.json`. The unversioned layout before it kept every tensor inside `state.json`.
+const CHECKPOINT_FORMAT: u32 = 2;
 const STATE_FILE: &str = "state.json";
 const MODEL_FILE: &str = "model.safetensors";
+const MOMENTUM_FILE: &str = "momentum.safetensors";
+const AVERAGE_FILE: &str = "average.safetensors";
 
 impl<B: Backend> Trainer<B> {
     /// A trainer for `model`; `eval_model` must be another instance of the same network (its weights are
@@ -254,7 +276,25 @@ impl<B: Backend> Trainer<B> {
 
     /// Writes a checkpoint into `dir` after every epoch, and resumes from the latest one found there.
     /// Returns the number of epochs already done.
+    ///
+    /// Fails with [`TrainError::InvalidConfig`] when the run averages with a [`WeightRule::Custom`] rule, a
+    /// function that a checkpoint cannot hold.
     pub fn with_checkpoints(&mut self, dir: impl Into<PathBuf>) -> Result<usize, TrainError> {
+        if let Some(Snapshots {
+            usage:
+                SnapshotUse::AverageWeights {
+                    rule: WeightRule::Custom(custom),
+                    ..
+                },
+            ..
+        }) = self.config.snapshots
+        {
+            return Err(TrainError::InvalidConfig(format!(
+                "checkpoints: the custom weight rule `{}` is a function, which a checkpoint cannot \
+                 hold; train without checkpoints, or average with the `equal` or `ema` rule",
+                custom.name
+            )));
+        }
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|source| TrainError::Io {
             path: dir.clone(),
@@ -339,7 +379,7 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// The weight average, once the first snapshot is taken.
-    pub fn average(&self) -> Option<&SwaAverage<B>> {
+    pub fn average(&self) -> Option<&WeightAverage<B>> {
         self.average.as_ref()
     }
 
@@ -357,9 +397,7 @@ impl<B: Backend> Trainer<B> {
         let Some(average) = &self.average else {
             return Ok(None);
         };
-        average
-            .copy_into(&self.backend, self.eval_model.as_mut())
-            .map_err(|e| TrainError::Averaging(e.to_string()))?;
+        average.copy_into(&self.backend, self.eval_model.as_mut())?;
         let bn_epoch = self.epochs_done.saturating_sub(1);
         update_bn(
             &self.backend,
@@ -497,21 +535,17 @@ impl<B: Backend> Trainer<B> {
             return Ok(());
         };
         match snapshots.usage {
-            SnapshotUse::AverageWeights { buffers } => {
-                let averaging =
-                    |e: swa_core::averaging::AveragingError| TrainError::Averaging(e.to_string());
-                match &mut self.average {
-                    Some(average) => average
-                        .update(&self.backend, self.model.as_ref())
-                        .map_err(averaging)?,
-                    None => {
-                        self.average = Some(
-                            SwaAverage::new(&self.backend, self.model.as_ref(), buffers)
-                                .map_err(averaging)?,
-                        )
-                    }
+            SnapshotUse::AverageWeights { buffers, rule } => match &mut self.average {
+                Some(average) => average.update(&self.backend, self.model.as_ref())?,
+                None => {
+                    self.average = Some(WeightAverage::new(
+                        &self.backend,
+                        self.model.as_ref(),
+                        rule,
+                        buffers,
+                    )?)
                 }
-            }
+            },
             SnapshotUse::EnsemblePredictions => {
                 let ensemble = self.ensemble.get_or_insert_with(Ensemble::new);
                 ensemble.add_member(&self.backend, self.model.as_mut(), data.test())?;
@@ -533,37 +567,40 @@ impl<B: Backend> Trainer<B> {
             std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
         }
         std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-        let checkpoint = |e: crate::checkpoint::CheckpointError| TrainError::Format {
-            path: staging.clone(),
-            message: e.to_string(),
-        };
         save_module(
             &self.backend,
             self.model.as_ref(),
             &staging.join(MODEL_FILE),
-        )
-        .map_err(checkpoint)?;
+        )?;
+        let SgdState {
+            parameters: momentum,
+            buffers,
+        } = self.optimizer.state(&self.backend)?;
+        buffers.save(&staging.join(MOMENTUM_FILE))?;
         let average = match &self.average {
-            Some(a) => Some(
-                a.to_state(&self.backend)
-                    .map_err(|e| TrainError::Averaging(e.to_string()))?,
-            ),
+            Some(a) => {
+                let mut state = a.to_state(&self.backend)?;
+                StateDict::take_average_values(&mut state).save(&staging.join(AVERAGE_FILE))?;
+                Some(state)
+            }
             None => None,
         };
         let meta = TrainerMeta {
+            format: CHECKPOINT_FORMAT,
             config: self.config.clone(),
             epochs_done: self.epochs_done,
             branched_epochs: self.branched_epochs,
             history: self.history.clone(),
-            momentum: self.optimizer.state(&self.backend)?,
+            momentum,
             average,
             ensemble: self.ensemble.clone(),
         };
-        let json = serde_json::to_vec(&meta).map_err(|e| TrainError::Format {
-            path: staging.join(STATE_FILE),
-            message: e.to_string(),
+        let state_path = staging.join(STATE_FILE);
+        let json = serde_json::to_vec(&meta).map_err(|source| TrainError::Json {
+            path: state_path.clone(),
+            source,
         })?;
-        write_atomically(&staging.join(STATE_FILE), &json).map_err(checkpoint)?;
+        write_atomically(&state_path, &json)?;
         let final_dir = dir.join(&name);
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
@@ -595,35 +632,45 @@ impl<B: Backend> Trainer<B> {
 
     /// Loads the weights, momentum buffers and average of the checkpoint in `dir`.
     fn load_tensors(&mut self, dir: &Path, meta: &TrainerMeta) -> Result<(), TrainError> {
-        let model_path = dir.join(MODEL_FILE);
-        load_module(&self.backend, self.model.as_mut(), &model_path).map_err(|e| {
-            TrainError::Format {
-                path: model_path.clone(),
-                message: e.to_string(),
-            }
-        })?;
-        self.optimizer.load_state(&self.backend, &meta.momentum)?;
+        load_module(&self.backend, self.model.as_mut(), &dir.join(MODEL_FILE))?;
+        let momentum = SgdState {
+            parameters: meta.momentum.clone(),
+            buffers: StateDict::load(&dir.join(MOMENTUM_FILE))?,
+        };
+        self.optimizer.load_state(&self.backend, &momentum)?;
         self.average = match &meta.average {
-            Some(state) => Some(
-                SwaAverage::from_state(&self.backend, state)
-                    .map_err(|e| TrainError::Averaging(e.to_string()))?,
-            ),
+            Some(state) => {
+                let mut state = state.clone();
+                StateDict::load(&dir.join(AVERAGE_FILE))?.restore_average_values(&mut state)?;
+                Some(WeightAverage::from_state(&self.backend, &state)?)
+            }
             None => None,
         };
         Ok(())
     }
 }
 
+/// Reads a checkpoint's `state.json`, refusing one of another layout with
+/// [`TrainError::CheckpointFormat`].
 fn read_meta(dir: &Path) -> Result<TrainerMeta, TrainError> {
     let state_path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&state_path).map_err(|source| TrainError::Io {
         path: state_path.clone(),
         source,
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| TrainError::Format {
-        path: state_path,
-        message: e.to_string(),
-    })
+    let json = |source| TrainError::Json {
+        path: state_path.clone(),
+        source,
+    };
+    let probe: FormatProbe = serde_json::from_slice(&bytes).map_err(json)?;
+    if probe.format != Some(CHECKPOINT_FORMAT) {
+        return Err(TrainError::CheckpointFormat {
+            path: state_path,
+            found: probe.format,
+            expected: CHECKPOINT_FORMAT,
+        });
+    }
+    serde_json::from_slice(&bytes).map_err(json)
 }
 
 /// Saves the SWA average's weights (with BN statistics recomputed by [`Trainer::swa_model`]) or any model
@@ -633,10 +680,7 @@ pub fn save_weights<B: Backend>(
     model: &dyn Module<B>,
     path: &Path,
 ) -> Result<(), TrainError> {
-    save_module(backend, model, path).map_err(|e| TrainError::Format {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    Ok(save_module(backend, model, path)?)
 }
 
 /// The complete checkpoints in `dir` (as written by a [`Trainer`] with checkpoints on), as (epochs done,

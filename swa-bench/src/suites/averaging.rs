@@ -5,7 +5,7 @@
 //! sizes with the same threads, is what an update can hope for; the target is 90% of it on the CPU and
 //! 80% on a GPU, whose copy is a DMA transfer that kernels rarely match.
 
-use swa_core::averaging::{BufferPolicy, EmaAverage, SwaAverage, WeightAveraging};
+use swa_core::averaging::{BufferPolicy, WeightAverage, WeightAveraging};
 
 use crate::report::{Figure, Target};
 use crate::timing::TimedBackend;
@@ -48,8 +48,8 @@ pub fn run<B: TimedBackend>(
     for (label, params) in sizes {
         let params = *params;
         let block = ParameterBlock::new(backend, params, PIECES, 1)?;
-        let mut swa = SwaAverage::new(backend, &block, BufferPolicy::Average)?;
-        let mut ema = EmaAverage::new(backend, &block, 0.999, BufferPolicy::Average)?;
+        let mut swa = WeightAverage::swa(backend, &block, BufferPolicy::Average)?;
+        let mut ema = WeightAverage::ema(backend, &block, 0.999, BufferPolicy::Average)?;
         let source = backend.from_host(&seeded_values(params, 9), &[params])?;
         let mut destination = backend.zeros(&[params])?;
 
@@ -75,11 +75,11 @@ pub fn run<B: TimedBackend>(
             .note(COPY_NOTE),
         );
         let update_gb = UPDATE_BYTES * params as f64 / 1e9;
-        for (name, times) in [("SwaAverage", &swa_times), ("EmaAverage", &ema_times)] {
+        for (name, times) in [("equal weights", &swa_times), ("EMA", &ema_times)] {
             recorder.push(
                 Figure::new(
                     suite,
-                    format!("{name}::update, {label} params (12 B/param)"),
+                    format!("WeightAverage::update ({name}), {label} params (12 B/param)"),
                     "GB/s",
                     rates(update_gb, times, "averaging update")?,
                 )

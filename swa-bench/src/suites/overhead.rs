@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use swa_core::averaging::{BufferPolicy, SwaAverage, WeightAveraging};
+use swa_core::averaging::{BufferPolicy, WeightAverage, WeightAveraging};
 use swa_core::HasShape;
 use swa_models::{update_bn, Architecture, HostBatch};
 
@@ -75,7 +75,7 @@ pub fn run<B: TimedBackend>(
     trainer.run(backend, &batch)?;
     trainer.run(backend, &batch)?;
 
-    let mut average = SwaAverage::new(
+    let mut average = WeightAverage::swa(
         backend,
         trainer.model.as_ref(),
         BufferPolicy::RecomputeLater,
@@ -128,7 +128,7 @@ pub fn run<B: TimedBackend>(
     ));
     recorder.push(Figure::new(
         suite,
-        format!("span of {steps} steps + 1 SwaAverage::update"),
+        format!("span of {steps} steps + 1 WeightAverage::update"),
         "ms",
         millis(&with, "span with averaging")?,
     ));
@@ -153,7 +153,7 @@ pub fn run<B: TimedBackend>(
     recorder.push(
         Figure::new(
             suite,
-            format!("SwaAverage::update of PreResNet-20 ({params} params)"),
+            format!("WeightAverage::update of PreResNet-20 ({params} params)"),
             "ms",
             update,
         )

@@ -5,7 +5,7 @@
 //! on fixed batches of four images; `torch.optim.swa_utils.AveragedModel` averages the weights after
 //! steps 2, 3 and 4; `swa_utils.update_bn` recomputes BatchNorm over two more batches; the average then
 //! classifies a test batch in eval mode. The same steps here go through the crate's public API (`Sgd`,
-//! `SwaAverage`, `update_bn`) on any backend, and every loss, weight, running statistic and logit is
+//! `WeightAverage`, `update_bn`) on any backend, and every loss, weight, running statistic and logit is
 //! compared. This pins the whole training semantics to PyTorch's: the loss and its gradient, every
 //! layer's backward pass, weight decay on every parameter, momentum, BatchNorm's running statistics in
 //! training and in the recomputation, and the running mean of the weights.
@@ -17,7 +17,7 @@
 
 use std::path::{Path, PathBuf};
 
-use swa_core::averaging::{BufferPolicy, SwaAverage, WeightAveraging};
+use swa_core::averaging::{BufferPolicy, WeightAverage, WeightAveraging};
 use swa_core::backend::{Backend, HasShape};
 use swa_models::checkpoint::{load_module, StateDict, StoredTensor};
 use swa_models::optim::{Sgd, SgdConfig};
@@ -137,7 +137,7 @@ pub fn check_against_pytorch<B: Backend>(backend: &B, label: &str) {
         dampening: 0.0,
         nesterov: false,
     });
-    let mut average: Option<SwaAverage<B>> = None;
+    let mut average: Option<WeightAverage<B>> = None;
     let (_, want_losses) = f32_entry(&io, "losses");
     assert_eq!(want_losses.len(), LEARNING_RATES.len());
     for (step, &lr) in LEARNING_RATES.iter().enumerate() {
@@ -162,8 +162,9 @@ pub fn check_against_pytorch<B: Backend>(backend: &B, label: &str) {
             match &mut average {
                 Some(average) => average.update(backend, &net).unwrap(),
                 None => {
-                    average =
-                        Some(SwaAverage::new(backend, &net, BufferPolicy::RecomputeLater).unwrap())
+                    average = Some(
+                        WeightAverage::swa(backend, &net, BufferPolicy::RecomputeLater).unwrap(),
+                    )
                 }
             }
         }
