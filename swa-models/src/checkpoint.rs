@@ -128,7 +128,14 @@ pub enum StoredTensor {
         /// Row-major values.
         values: Vec<f32>,
     },
-    /// 64-bit integers: BatchNorm batch counters (scalars, shape `[]`).
+    /// 64-bit floats: an ensemble's mean predicted probabilities.
+    F64 {
+        /// Dimensions, outermost first.
+        shape: Vec<usize>,
+        /// Row-major values.
+        values: Vec<f64>,
+    },
+    /// 64-bit integers: BatchNorm batch counters (scalars, shape `[]`), labels.
     I64 {
         /// Dimensions, outermost first.
         shape: Vec<usize>,
@@ -141,14 +148,17 @@ impl StoredTensor {
     /// The dimensions.
     pub fn shape(&self) -> &[usize] {
         match self {
-            StoredTensor::F32 { shape, .. } | StoredTensor::I64 { shape, .. } => shape,
+            StoredTensor::F32 { shape, .. }
+            | StoredTensor::F64 { shape, .. }
+            | StoredTensor::I64 { shape, .. } => shape,
         }
     }
 
-    /// The element type's name in the safetensors header (`F32`, `I64`).
+    /// The element type's name in the safetensors header (`F32`, `F64`, `I64`).
     pub fn dtype_name(&self) -> &'static str {
         match self {
             StoredTensor::F32 { .. } => "F32",
+            StoredTensor::F64 { .. } => "F64",
             StoredTensor::I64 { .. } => "I64",
         }
     }
@@ -156,6 +166,9 @@ impl StoredTensor {
     fn to_le_bytes(&self) -> Vec<u8> {
         match self {
             StoredTensor::F32 { values, .. } => {
+                values.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            StoredTensor::F64 { values, .. } => {
                 values.iter().flat_map(|v| v.to_le_bytes()).collect()
             }
             StoredTensor::I64 { values, .. } => {
@@ -370,6 +383,7 @@ impl StateDict {
         for ((name, data), tensor) in bytes.iter().zip(self.tensors.values()) {
             let dtype = match tensor {
                 StoredTensor::F32 { .. } => Dtype::F32,
+                StoredTensor::F64 { .. } => Dtype::F64,
                 StoredTensor::I64 { .. } => Dtype::I64,
             };
             let view = TensorView::new(dtype, tensor.shape().to_vec(), data)
@@ -381,8 +395,8 @@ impl StateDict {
             .map_err(|e| format_error(e.to_string()))
     }
 
-    /// Decodes a safetensors file's bytes; `origin` names them in errors. Only `F32` and `I64` tensors are
-    /// accepted.
+    /// Decodes a safetensors file's bytes; `origin` names them in errors. Only `F32`, `F64` and `I64`
+    /// tensors are accepted.
     pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Self, CheckpointError> {
         let format_error = |message: String| CheckpointError::Format {
             origin: origin.to_string(),
@@ -401,6 +415,15 @@ impl StateDict {
                         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                         .collect(),
                 },
+                Dtype::F64 => StoredTensor::F64 {
+                    shape,
+                    values: data
+                        .chunks_exact(8)
+                        .map(|c| {
+                            f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+                        })
+                        .collect(),
+                },
                 Dtype::I64 => StoredTensor::I64 {
                     shape,
                     values: data
@@ -414,7 +437,7 @@ impl StateDict {
                     return Err(CheckpointError::DtypeMismatch {
                         origin: origin.to_string(),
                         name: name.to_string(),
-                        expected: "F32 or I64",
+                        expected: "F32, F64 or I64",
                         got: format!("{other:?}"),
                     })
                 }

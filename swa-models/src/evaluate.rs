@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use swa_core::backend::Backend;
 
 use crate::batch::HostBatch;
+use crate::checkpoint::{StateDict, StoredTensor};
 use crate::error::TrainError;
 use crate::module::{ForwardMode, Module};
 
@@ -116,12 +117,20 @@ pub fn evaluate<B: Backend>(
 }
 
 /// An ensemble's running mean of predicted probabilities over a fixed, ordered evaluation set.
+///
+/// Serialised, it holds only its sizes; the probabilities and labels are tensors
+/// ([`Ensemble::tensors`], [`Ensemble::restore_tensors`]), which checkpoints keep in safetensors.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Ensemble {
     /// Mean probabilities `[images, classes]`, row-major.
+    #[serde(skip)]
     mean_probs: Vec<f64>,
     /// The evaluation set's labels, in order.
+    #[serde(skip)]
     labels: Vec<u32>,
+    /// Images of the evaluation set (the rows of `mean_probs`).
+    #[serde(default)]
+    images: usize,
     classes: usize,
     members: usize,
 }
@@ -159,6 +168,7 @@ impl Ensemble {
         }
         if self.members == 0 {
             self.mean_probs = probs;
+            self.images = labels.len();
             self.labels = labels;
             self.classes = classes;
         } else {
@@ -178,6 +188,71 @@ impl Ensemble {
         }
         self.members += 1;
         Ok(own.finish())
+    }
+
+    /// The mean probabilities (`mean_probs`, `F64 [images, classes]`) and labels (`labels`,
+    /// `I64 [images]`), for a checkpoint.
+    pub fn tensors(&self) -> StateDict {
+        let mut dict = StateDict::new();
+        dict.insert(
+            "mean_probs",
+            StoredTensor::F64 {
+                shape: vec![self.images, self.classes],
+                values: self.mean_probs.clone(),
+            },
+        );
+        dict.insert(
+            "labels",
+            StoredTensor::I64 {
+                shape: vec![self.images],
+                values: self.labels.iter().map(|&l| i64::from(l)).collect(),
+            },
+        );
+        dict
+    }
+
+    /// Restores the tensors [`Ensemble::tensors`] wrote into an ensemble deserialised from its sizes,
+    /// checking that they have those sizes.
+    pub fn restore_tensors(&mut self, dict: &StateDict) -> Result<(), TrainError> {
+        let mismatch = |what: &str| {
+            TrainError::StateMismatch(format!(
+                "{}: ensemble tensor {what}, expected [{}, {}] probabilities and [{}] labels",
+                dict.origin(),
+                self.images,
+                self.classes,
+                self.images
+            ))
+        };
+        let probs = match dict.get("mean_probs") {
+            Some(StoredTensor::F64 { shape, values }) if shape == &[self.images, self.classes] => {
+                values.clone()
+            }
+            Some(other) => {
+                return Err(mismatch(&format!(
+                    "`mean_probs` is {} {:?}",
+                    other.dtype_name(),
+                    other.shape()
+                )))
+            }
+            None => return Err(mismatch("`mean_probs` is missing")),
+        };
+        let labels = match dict.get("labels") {
+            Some(StoredTensor::I64 { shape, values }) if shape == &[self.images] => values
+                .iter()
+                .map(|&l| u32::try_from(l).map_err(|_| mismatch(&format!("label {l}"))))
+                .collect::<Result<Vec<u32>, TrainError>>()?,
+            Some(other) => {
+                return Err(mismatch(&format!(
+                    "`labels` is {} {:?}",
+                    other.dtype_name(),
+                    other.shape()
+                )))
+            }
+            None => return Err(mismatch("`labels` is missing")),
+        };
+        self.mean_probs = probs;
+        self.labels = labels;
+        Ok(())
     }
 
     /// Accuracy and NLL of the ensemble's mean probabilities.

@@ -181,6 +181,7 @@ struct TrainerMeta {
     momentum: Vec<(String, bool)>,
     /// The average without its values (in [`AVERAGE_FILE`]).
     average: Option<AverageState>,
+    /// The ensemble's sizes; its probabilities and labels are in [`ENSEMBLE_FILE`].
     ensemble: Option<Ensemble>,
 }
 
@@ -227,6 +228,7 @@ const STATE_FILE: &str = "state.json";
 const MODEL_FILE: &str = "model.safetensors";
 const MOMENTUM_FILE: &str = "momentum.safetensors";
 const AVERAGE_FILE: &str = "average.safetensors";
+const ENSEMBLE_FILE: &str = "ensemble.safetensors";
 
 impl<B: Backend> Trainer<B> {
     /// A trainer for `model`; `eval_model` must be another instance of the same network (its weights are
@@ -585,6 +587,9 @@ impl<B: Backend> Trainer<B> {
             }
             None => None,
         };
+        if let Some(ensemble) = self.ensemble.as_ref().filter(|e| e.members() > 0) {
+            ensemble.tensors().save(&staging.join(ENSEMBLE_FILE))?;
+        }
         let meta = TrainerMeta {
             format: CHECKPOINT_FORMAT,
             config: self.config.clone(),
@@ -623,7 +628,13 @@ impl<B: Backend> Trainer<B> {
             )));
         }
         self.load_tensors(dir, &meta)?;
-        self.ensemble = meta.ensemble;
+        self.ensemble = match meta.ensemble {
+            Some(mut ensemble) if ensemble.members() > 0 => {
+                ensemble.restore_tensors(&StateDict::load(&dir.join(ENSEMBLE_FILE))?)?;
+                Some(ensemble)
+            }
+            other => other,
+        };
         self.epochs_done = meta.epochs_done;
         self.branched_epochs = meta.branched_epochs;
         self.history = meta.history;

@@ -475,6 +475,51 @@ fn a_resumed_ema_run_equals_an_uninterrupted_one_bit_for_bit() {
 }
 
 #[test]
+fn a_resumed_fge_run_keeps_its_ensemble_in_safetensors_and_ends_bit_identical() {
+    let backend = CpuBackend::with_threads(2);
+    let data = Toy::new();
+    let mut config = config(5, 0.05);
+    config.snapshots = Some(Snapshots {
+        start_epoch: 2,
+        every: Period::Epochs(1),
+        usage: SnapshotUse::EnsemblePredictions,
+    });
+    let mut whole = trainer(&backend, config.clone());
+    whole.run(&data, &mut Silent).expect("uninterrupted run");
+
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let mut first = trainer(&backend, config.clone());
+    first.with_checkpoints(dir.path()).expect("empty folder");
+    for _ in 0..3 {
+        first.run_epoch(&data, &mut Silent).expect("epoch");
+    }
+    drop(first);
+    // Two members after three epochs: their probabilities are a tensor file, not JSON text.
+    let checkpoint = dir.path().join("epoch-0003");
+    let ensemble =
+        swa_models::checkpoint::StateDict::load(&checkpoint.join("ensemble.safetensors"))
+            .expect("the ensemble's tensors");
+    assert_eq!(
+        ensemble.get("mean_probs").map(|t| t.shape().to_vec()),
+        Some(vec![4, 2])
+    );
+    let state = std::fs::read_to_string(checkpoint.join("state.json")).expect("state.json");
+    assert!(!state.contains("mean_probs"), "{state}");
+
+    let mut resumed = trainer(&backend, config);
+    assert_eq!(resumed.with_checkpoints(dir.path()).expect("resume"), 3);
+    resumed.run(&data, &mut Silent).expect("resumed run");
+    let ensemble_metrics = |t: &Trainer<CpuBackend>| -> Vec<_> {
+        t.history()
+            .iter()
+            .map(|r| (r.snapshots, r.ensemble_test))
+            .collect()
+    };
+    assert_eq!(ensemble_metrics(&resumed), ensemble_metrics(&whole));
+    assert_eq!(resumed.history().last().map(|r| r.snapshots), Some(4));
+}
+
+#[test]
 fn checkpoints_of_a_run_with_a_custom_rule_are_refused_up_front() {
     let backend = CpuBackend::with_threads(1);
     let rule = WeightRule::Custom(CustomRule::new("halves", |_| 0.5));
