@@ -444,24 +444,35 @@ fn an_ema_run_averages_its_snapshots_with_ema_weights() {
     );
 }
 
-#[test]
-fn a_resumed_ema_run_equals_an_uninterrupted_one_bit_for_bit() {
-    let backend = CpuBackend::with_threads(2);
+/// Trains `config` without interruption, and again stopped after `stop_after` epochs (the process
+/// "dies", its checkpoints in `dir`) and resumed by a fresh trainer: returns (uninterrupted, resumed).
+fn whole_and_resumed(
+    backend: &CpuBackend,
+    config: &RunConfig,
+    stop_after: usize,
+    dir: &std::path::Path,
+) -> (Trainer<CpuBackend>, Trainer<CpuBackend>) {
     let data = Toy::new();
-    let config = averaging_config(4, WeightRule::Ema { decay: 0.75 });
-    let mut whole = trainer(&backend, config.clone());
+    let mut whole = trainer(backend, config.clone());
     whole.run(&data, &mut Silent).expect("uninterrupted run");
-
-    let dir = tempfile::tempdir().expect("temporary folder");
-    let mut first = trainer(&backend, config.clone());
-    first.with_checkpoints(dir.path()).expect("empty folder");
-    for _ in 0..3 {
+    let mut first = trainer(backend, config.clone());
+    first.with_checkpoints(dir).expect("empty folder");
+    for _ in 0..stop_after {
         first.run_epoch(&data, &mut Silent).expect("epoch");
     }
     drop(first);
-    let mut resumed = trainer(&backend, config);
-    assert_eq!(resumed.with_checkpoints(dir.path()).expect("resume"), 3);
+    let mut resumed = trainer(backend, config.clone());
+    assert_eq!(resumed.with_checkpoints(dir).expect("resume"), stop_after);
     resumed.run(&data, &mut Silent).expect("resumed run");
+    (whole, resumed)
+}
+
+#[test]
+fn a_resumed_ema_run_equals_an_uninterrupted_one_bit_for_bit() {
+    let backend = CpuBackend::with_threads(2);
+    let config = averaging_config(4, WeightRule::Ema { decay: 0.75 });
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let (mut whole, mut resumed) = whole_and_resumed(&backend, &config, 3, dir.path());
     assert_eq!(weights(&mut resumed), weights(&mut whole));
     let state = |t: &Trainer<CpuBackend>| t.average().expect("averaged").to_state(&backend);
     assert_eq!(
@@ -477,25 +488,18 @@ fn a_resumed_ema_run_equals_an_uninterrupted_one_bit_for_bit() {
 #[test]
 fn a_resumed_fge_run_keeps_its_ensemble_in_safetensors_and_ends_bit_identical() {
     let backend = CpuBackend::with_threads(2);
-    let data = Toy::new();
     let mut config = config(5, 0.05);
     config.snapshots = Some(Snapshots {
         start_epoch: 2,
         every: Period::Epochs(1),
         usage: SnapshotUse::EnsemblePredictions,
     });
-    let mut whole = trainer(&backend, config.clone());
-    whole.run(&data, &mut Silent).expect("uninterrupted run");
-
     let dir = tempfile::tempdir().expect("temporary folder");
-    let mut first = trainer(&backend, config.clone());
-    first.with_checkpoints(dir.path()).expect("empty folder");
-    for _ in 0..3 {
-        first.run_epoch(&data, &mut Silent).expect("epoch");
-    }
-    drop(first);
-    // Two members after three epochs: their probabilities are a tensor file, not JSON text.
-    let checkpoint = dir.path().join("epoch-0003");
+    let (mut whole, mut resumed) = whole_and_resumed(&backend, &config, 3, dir.path());
+    // Two members after three epochs: their probabilities are a tensor file, not JSON text. The
+    // interrupted run's checkpoint after epoch 3 was replaced by the resumed run's later ones, which
+    // keep the same layout.
+    let checkpoint = dir.path().join("epoch-0005");
     let ensemble =
         swa_models::checkpoint::StateDict::load(&checkpoint.join("ensemble.safetensors"))
             .expect("the ensemble's tensors");
@@ -505,10 +509,7 @@ fn a_resumed_fge_run_keeps_its_ensemble_in_safetensors_and_ends_bit_identical() 
     );
     let state = std::fs::read_to_string(checkpoint.join("state.json")).expect("state.json");
     assert!(!state.contains("mean_probs"), "{state}");
-
-    let mut resumed = trainer(&backend, config);
-    assert_eq!(resumed.with_checkpoints(dir.path()).expect("resume"), 3);
-    resumed.run(&data, &mut Silent).expect("resumed run");
+    assert_eq!(weights(&mut resumed), weights(&mut whole));
     let ensemble_metrics = |t: &Trainer<CpuBackend>| -> Vec<_> {
         t.history()
             .iter()
