@@ -1,7 +1,8 @@
 //! What the benchmarks run: seeded values, a block of parameters to average, random batches, and one
 //! SGD training step as swa-models' trainer takes it.
 
-use swa_core::backend::{pcg_hash, Backend};
+use swa_core::backend::pcg_hash;
+use swa_core::backend::prelude::*;
 use swa_core::params::{NamedTensors, TensorRole};
 use swa_models::optim::{Sgd, SgdConfig};
 use swa_models::{ForwardMode, HostBatch, Module};
