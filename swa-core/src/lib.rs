@@ -11,6 +11,8 @@
 //! - [`policy`]: the SWA policy that tells a training loop the learning rate now and whether to average now.
 //!
 //! swa-core does not depend on a GPU API: a user who wants only the maths depends on this crate alone.
+//! The CPU backend is the default feature `cpu`; without it (`default-features = false`) the crate
+//! builds without the GEMM and thread-pool stack, for a program that brings its own backend.
 //!
 //! For users of PyTorch's `torch.optim.swa_utils`: `AveragedModel` is [`SwaAverage`] (or [`EmaAverage`])
 //! behind the [`WeightAveraging`] trait, `n_averaged` is [`WeightAveraging::count`] and is saved in the
@@ -18,12 +20,15 @@
 //! [`Schedule::SwaAnneal`] (with [`SwaPolicy::swalr`] for the whole recipe). `update_bn` needs a network
 //! and data, so it is not here.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod averaging;
 pub mod backend;
 pub mod params;
 pub mod policy;
 pub mod schedule;
 
+#[cfg(feature = "cpu")]
 pub use backend::cpu::{CpuBackend, CpuTensor};
 pub use backend::{Backend, BackendError, BackendResult, HasShape};
 pub use params::{NamedTensors, TensorRole};

@@ -12,6 +12,8 @@
 //! The reference semantics of every operation are those of [`cpu::CpuBackend`]; other backends are tested
 //! against it.
 
+#[cfg(feature = "cpu")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cpu")))]
 pub mod cpu;
 mod decorator;
 
