@@ -9,9 +9,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use swa_core::backend::prelude::*;
 use swa_core::backend::{
-    Backend, BackendResult, BatchNormGrads, BatchNormSaved, Conv2dGrads, Conv2dSpec, CrossEntropy,
-    HasShape, SgdStep,
+    BackendResult, Conv2dGrads, Conv2dSpec, Decorator, ForwardElementwise, ForwardLoss,
+    ForwardNorm, ForwardPool,
 };
 use swa_core::CpuBackend;
 use swa_models::{Architecture, ForwardMode};
@@ -50,7 +51,8 @@ pub fn matmul_flops(m: usize, k: usize, n: usize) -> u64 {
 }
 
 /// A backend that runs every operation on `inner` and counts the FLOPs of convolutions and matrix
-/// products (forward and backward).
+/// products (forward and backward). A [`Decorator`]: it implements the convolutions and dense layers
+/// and forwards every other operation family.
 #[derive(Clone, Debug)]
 pub struct FlopCounter<B: Backend> {
     inner: B,
@@ -98,85 +100,27 @@ pub fn forward_flops_per_image(
     Ok(counter.flops())
 }
 
-impl<B: Backend> Backend for FlopCounter<B> {
-    type Tensor = B::Tensor;
+impl<B: Backend> Decorator for FlopCounter<B> {
+    type Inner = B;
+    const LABEL: &'static str = "flop counter";
+    fn inner(&self) -> &B {
+        &self.inner
+    }
+}
 
-    fn name(&self) -> String {
-        format!("flop counter over {}", self.inner.name())
-    }
+impl<B: Backend> ForwardElementwise for FlopCounter<B> {}
+impl<B: Backend> ForwardNorm for FlopCounter<B> {}
+impl<B: Backend> ForwardPool for FlopCounter<B> {}
+impl<B: Backend> ForwardLoss for FlopCounter<B> {}
 
-    fn from_host(&self, data: &[f32], shape: &[usize]) -> BackendResult<Self::Tensor> {
-        self.inner.from_host(data, shape)
-    }
-    fn zeros(&self, shape: &[usize]) -> BackendResult<Self::Tensor> {
-        self.inner.zeros(shape)
-    }
-    fn to_host(&self, tensor: &Self::Tensor) -> BackendResult<Vec<f32>> {
-        self.inner.to_host(tensor)
-    }
-    fn duplicate(&self, tensor: &Self::Tensor) -> BackendResult<Self::Tensor> {
-        self.inner.duplicate(tensor)
-    }
-    fn reshape(&self, tensor: Self::Tensor, shape: &[usize]) -> BackendResult<Self::Tensor> {
-        self.inner.reshape(tensor, shape)
-    }
-    fn synchronize(&self) -> BackendResult<()> {
-        self.inner.synchronize()
-    }
-    fn fill_(&self, tensor: &mut Self::Tensor, value: f32) -> BackendResult<()> {
-        self.inner.fill_(tensor, value)
-    }
-    fn copy_(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> BackendResult<()> {
-        self.inner.copy_(dst, src)
-    }
-    fn lerp_(&self, dst: &mut Self::Tensor, src: &Self::Tensor, weight: f32) -> BackendResult<()> {
-        self.inner.lerp_(dst, src, weight)
-    }
-    fn lerp_many_(
-        &self,
-        dsts: &mut [&mut Self::Tensor],
-        srcs: &[&Self::Tensor],
-        weight: f32,
-    ) -> BackendResult<()> {
-        self.inner.lerp_many_(dsts, srcs, weight)
-    }
-    fn axpy_(&self, dst: &mut Self::Tensor, alpha: f32, x: &Self::Tensor) -> BackendResult<()> {
-        self.inner.axpy_(dst, alpha, x)
-    }
-    fn scale_(&self, tensor: &mut Self::Tensor, factor: f32) -> BackendResult<()> {
-        self.inner.scale_(tensor, factor)
-    }
-    fn sgd_step_(
-        &self,
-        param: &mut Self::Tensor,
-        grad: &Self::Tensor,
-        momentum: &mut Self::Tensor,
-        step: &SgdStep,
-    ) -> BackendResult<()> {
-        self.inner.sgd_step_(param, grad, momentum, step)
-    }
-    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> BackendResult<Self::Tensor> {
-        self.inner.add(a, b)
-    }
-    fn mul(&self, a: &Self::Tensor, b: &Self::Tensor) -> BackendResult<Self::Tensor> {
-        self.inner.mul(a, b)
-    }
-    fn relu(&self, x: &Self::Tensor) -> BackendResult<Self::Tensor> {
-        self.inner.relu(x)
-    }
-    fn relu_backward(&self, y: &Self::Tensor, dy: &Self::Tensor) -> BackendResult<Self::Tensor> {
-        self.inner.relu_backward(y, dy)
-    }
-    fn dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<Self::Tensor> {
-        self.inner.dropout_mask(shape, p, seed)
-    }
+impl<B: Backend> DenseOps<B::Tensor> for FlopCounter<B> {
     fn matmul(
         &self,
-        a: &Self::Tensor,
-        b: &Self::Tensor,
+        a: &B::Tensor,
+        b: &B::Tensor,
         transpose_a: bool,
         transpose_b: bool,
-    ) -> BackendResult<Self::Tensor> {
+    ) -> BackendResult<B::Tensor> {
         let product = self.inner.matmul(a, b, transpose_a, transpose_b)?;
         let inner_extent = if transpose_a {
             a.dims()[0]
@@ -187,19 +131,22 @@ impl<B: Backend> Backend for FlopCounter<B> {
         self.count(matmul_flops(out[0], inner_extent, out[1]));
         Ok(product)
     }
-    fn add_row_bias_(&self, x: &mut Self::Tensor, bias: &Self::Tensor) -> BackendResult<()> {
+    fn add_row_bias_(&self, x: &mut B::Tensor, bias: &B::Tensor) -> BackendResult<()> {
         self.inner.add_row_bias_(x, bias)
     }
-    fn sum_rows(&self, x: &Self::Tensor) -> BackendResult<Self::Tensor> {
+    fn sum_rows(&self, x: &B::Tensor) -> BackendResult<B::Tensor> {
         self.inner.sum_rows(x)
     }
+}
+
+impl<B: Backend> ConvOps<B::Tensor> for FlopCounter<B> {
     fn conv2d(
         &self,
-        x: &Self::Tensor,
-        weight: &Self::Tensor,
-        bias: Option<&Self::Tensor>,
+        x: &B::Tensor,
+        weight: &B::Tensor,
+        bias: Option<&B::Tensor>,
         spec: Conv2dSpec,
-    ) -> BackendResult<Self::Tensor> {
+    ) -> BackendResult<B::Tensor> {
         let y = self.inner.conv2d(x, weight, bias, spec)?;
         // The inner backend validated the shapes: x is [N, Cin, H, W], weight [Cout, Cin, K, K].
         let (xd, wd) = (x.dims(), weight.dims());
@@ -208,13 +155,13 @@ impl<B: Backend> Backend for FlopCounter<B> {
     }
     fn conv2d_backward(
         &self,
-        x: &Self::Tensor,
-        weight: &Self::Tensor,
-        dy: &Self::Tensor,
+        x: &B::Tensor,
+        weight: &B::Tensor,
+        dy: &B::Tensor,
         spec: Conv2dSpec,
         need_input_grad: bool,
         need_bias_grad: bool,
-    ) -> BackendResult<Conv2dGrads<Self::Tensor>> {
+    ) -> BackendResult<Conv2dGrads<B::Tensor>> {
         let grads =
             self.inner
                 .conv2d_backward(x, weight, dy, spec, need_input_grad, need_bias_grad)?;
@@ -222,78 +169,6 @@ impl<B: Backend> Backend for FlopCounter<B> {
         let one = conv2d_flops(xd[0], xd[1], wd[0], xd[2], xd[3], wd[2], spec).unwrap_or(0);
         self.count(if need_input_grad { 2 * one } else { one });
         Ok(grads)
-    }
-    fn batch_norm_train(
-        &self,
-        x: &Self::Tensor,
-        gamma: &Self::Tensor,
-        beta: &Self::Tensor,
-        running_mean: &mut Self::Tensor,
-        running_var: &mut Self::Tensor,
-        momentum: f32,
-        eps: f32,
-    ) -> BackendResult<(Self::Tensor, BatchNormSaved<Self::Tensor>)> {
-        self.inner
-            .batch_norm_train(x, gamma, beta, running_mean, running_var, momentum, eps)
-    }
-    fn batch_norm_eval(
-        &self,
-        x: &Self::Tensor,
-        gamma: &Self::Tensor,
-        beta: &Self::Tensor,
-        running_mean: &Self::Tensor,
-        running_var: &Self::Tensor,
-        eps: f32,
-    ) -> BackendResult<Self::Tensor> {
-        self.inner
-            .batch_norm_eval(x, gamma, beta, running_mean, running_var, eps)
-    }
-    fn batch_norm_backward(
-        &self,
-        x: &Self::Tensor,
-        gamma: &Self::Tensor,
-        saved: &BatchNormSaved<Self::Tensor>,
-        dy: &Self::Tensor,
-    ) -> BackendResult<BatchNormGrads<Self::Tensor>> {
-        self.inner.batch_norm_backward(x, gamma, saved, dy)
-    }
-    fn max_pool2d(
-        &self,
-        x: &Self::Tensor,
-        kernel: usize,
-        stride: usize,
-    ) -> BackendResult<Self::Tensor> {
-        self.inner.max_pool2d(x, kernel, stride)
-    }
-    fn max_pool2d_backward(
-        &self,
-        x: &Self::Tensor,
-        dy: &Self::Tensor,
-        kernel: usize,
-        stride: usize,
-    ) -> BackendResult<Self::Tensor> {
-        self.inner.max_pool2d_backward(x, dy, kernel, stride)
-    }
-    fn avg_pool2d(&self, x: &Self::Tensor, kernel: usize) -> BackendResult<Self::Tensor> {
-        self.inner.avg_pool2d(x, kernel)
-    }
-    fn avg_pool2d_backward(
-        &self,
-        dy: &Self::Tensor,
-        kernel: usize,
-        input_shape: &[usize],
-    ) -> BackendResult<Self::Tensor> {
-        self.inner.avg_pool2d_backward(dy, kernel, input_shape)
-    }
-    fn softmax_cross_entropy(
-        &self,
-        logits: &Self::Tensor,
-        labels: &[u32],
-    ) -> BackendResult<CrossEntropy<Self::Tensor>> {
-        self.inner.softmax_cross_entropy(logits, labels)
-    }
-    fn softmax(&self, logits: &Self::Tensor) -> BackendResult<Self::Tensor> {
-        self.inner.softmax(logits)
     }
 }
 

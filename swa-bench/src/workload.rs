@@ -1,7 +1,8 @@
 //! What the benchmarks run: seeded values, a block of parameters to average, random batches, and one
 //! SGD training step through swa-models' trainer's own step.
 
-use swa_core::backend::{pcg_hash, Backend};
+use swa_core::backend::pcg_hash;
+use swa_core::backend::prelude::*;
 use swa_core::params::{NamedTensors, TensorRole};
 use swa_models::evaluate::MetricsAccumulator;
 use swa_models::optim::{Sgd, SgdConfig};

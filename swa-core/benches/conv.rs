@@ -11,7 +11,8 @@
 //! all cores).
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use swa_core::backend::{Backend, Conv2dSpec};
+use swa_core::backend::prelude::*;
+use swa_core::backend::Conv2dSpec;
 use swa_core::{CpuBackend, CpuTensor};
 
 /// A convolution layer at batch size `batch`.

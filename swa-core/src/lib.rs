@@ -12,12 +12,16 @@
 //! - [`seed`]: SplitMix64, from which every random stream of a run is seeded by counters.
 //!
 //! swa-core does not depend on a GPU API: a user who wants only the maths depends on this crate alone.
+//! The CPU backend is the default feature `cpu`; without it (`default-features = false`) the crate
+//! builds without the GEMM and thread-pool stack, for a program that brings its own backend.
 //!
 //! For users of PyTorch's `torch.optim.swa_utils`: `AveragedModel` is [`WeightAverage`] behind the
 //! [`WeightAveraging`] trait, its `avg_fn` the [`WeightRule`] (equal weights, EMA or custom), `n_averaged` is [`WeightAveraging::count`] and is saved in the
 //! [`AverageState`] of a checkpoint, `use_buffers` is the explicit [`BufferPolicy`], and `SWALR` is
 //! [`Schedule::SwaAnneal`] (with [`SwaPolicy::swalr`] for the whole recipe). `update_bn` needs a network
 //! and data, so it is not here.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod averaging;
 pub mod backend;
@@ -26,6 +30,7 @@ pub mod policy;
 pub mod schedule;
 pub mod seed;
 
+#[cfg(feature = "cpu")]
 pub use backend::cpu::{CpuBackend, CpuTensor};
 pub use backend::{Backend, BackendError, BackendResult, HasShape};
 pub use params::{NamedTensors, TensorRole};

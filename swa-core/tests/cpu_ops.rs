@@ -3,7 +3,8 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use swa_core::backend::{Backend, BackendError, Conv2dSpec, SgdStep};
+use swa_core::backend::prelude::*;
+use swa_core::backend::{BackendError, Conv2dSpec, SgdStep};
 use swa_core::{CpuBackend, CpuTensor};
 
 // ------------------------------------------------------------------------------------------ helpers

@@ -4,7 +4,8 @@
 //!
 //! `cargo run --release -p swa-gpu --example gpu_probe -- [megabytes] [matmul sides…]`
 
-use swa_core::backend::{Backend, BackendResult};
+use swa_core::backend::prelude::*;
+use swa_core::backend::BackendResult;
 use swa_gpu::{available_adapters, GpuBackend, GpuOptions};
 
 fn main() -> BackendResult<()> {

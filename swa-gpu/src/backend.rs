@@ -2,13 +2,11 @@
 
 use std::sync::Arc;
 
-use swa_core::backend::{
-    Backend, BackendError, BackendResult, BatchNormGrads, BatchNormSaved, Conv2dGrads, Conv2dSpec,
-    CrossEntropy, HasShape, SgdStep,
-};
+use swa_core::backend::{Backend, BackendError, BackendResult, HasShape, SgdStep};
 
-use crate::context::{Context, GpuTensor, PoolStats};
+use crate::context::{Context, Dispatch, GpuTensor, Params, PoolStats, Variant};
 use crate::device::{self, GpuOptions};
+use crate::kernels;
 use crate::tiles::GemmTiles;
 
 /// The WGSL compute backend. Cloning is cheap: clones share one device, buffer pool and pipeline cache.
@@ -177,7 +175,17 @@ impl Backend for GpuBackend {
     }
 
     fn fill_(&self, tensor: &mut GpuTensor, value: f32) -> BackendResult<()> {
-        self.fill(tensor, value)
+        let n = tensor.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let params = self.elementwise_params("fill_", n)?.f(value);
+        self.ctx.encode(&[Dispatch::new(
+            &kernels::FILL,
+            params,
+            vec![tensor],
+            self.ctx.grid_1d(n),
+        )])
     }
 
     fn copy_(&self, dst: &mut GpuTensor, src: &GpuTensor) -> BackendResult<()> {
@@ -187,24 +195,101 @@ impl Backend for GpuBackend {
     }
 
     fn lerp_(&self, dst: &mut GpuTensor, src: &GpuTensor, weight: f32) -> BackendResult<()> {
-        self.lerp_many(&mut [dst], &[src], weight)
+        self.lerp_many_(&mut [dst], &[src], weight)
     }
 
+    /// The SWA update over all pairs: up to eight pairs per dispatch, bound side by side and treated as
+    /// one concatenated range, and all dispatches in one compute pass with no submission in between.
     fn lerp_many_(
         &self,
         dsts: &mut [&mut GpuTensor],
         srcs: &[&GpuTensor],
         weight: f32,
     ) -> BackendResult<()> {
-        self.lerp_many(dsts, srcs, weight)
+        let op = "lerp_many_";
+        if dsts.len() != srcs.len() {
+            return Err(BackendError::InvalidArgument {
+                op,
+                message: format!("{} destinations but {} sources", dsts.len(), srcs.len()),
+            });
+        }
+        let mut pairs = Vec::with_capacity(dsts.len());
+        for (dst, src) in dsts.iter().zip(srcs) {
+            same_shape("lerp_", dst, src)?;
+            if dst.numel() > 0 {
+                pairs.push((&**dst, *src));
+            }
+        }
+        let per_dispatch = (self.ctx.limits.max_storage_buffers_per_shader_stage as usize / 2)
+            .clamp(1, kernels::LERP_MANY_MAX_PAIRS);
+        let mut dispatches = Vec::new();
+        let mut rest = &pairs[..];
+        while !rest.is_empty() {
+            // Take pairs while the concatenated count stays within 32-bit indexing.
+            let mut take = 0;
+            let mut total = 0usize;
+            while take < per_dispatch.min(rest.len()) {
+                let next = total + rest[take].0.numel();
+                if take > 0 && next > u32::MAX as usize {
+                    break;
+                }
+                total = next;
+                take += 1;
+            }
+            let (chunk, tail) = rest.split_at(take);
+            rest = tail;
+            let mut params = Params::new()
+                .f(weight)
+                .u(u32_extent(op, "element count", total)?)
+                .u(take as u32)
+                .u(0);
+            let mut end = 0usize;
+            let mut buffers = Vec::with_capacity(2 * take);
+            for (dst, src) in chunk {
+                end += dst.numel();
+                params = params.u(end as u32);
+                buffers.push(*dst);
+                buffers.push(*src);
+            }
+            let mut dispatch = Dispatch::new(
+                &kernels::LERP_MANY_KERNELS[take - 1],
+                params,
+                buffers,
+                self.ctx.grid_1d(total),
+            );
+            dispatch.variant = Variant::LerpMany { pairs: take };
+            dispatches.push(dispatch);
+        }
+        self.ctx.encode(&dispatches)
     }
 
     fn axpy_(&self, dst: &mut GpuTensor, alpha: f32, x: &GpuTensor) -> BackendResult<()> {
-        self.axpy(dst, alpha, x)
+        same_shape("axpy_", dst, x)?;
+        let n = dst.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let params = self.elementwise_params("axpy_", n)?.f(alpha);
+        self.ctx.encode(&[Dispatch::new(
+            &kernels::AXPY,
+            params,
+            vec![dst, x],
+            self.ctx.grid_1d(n),
+        )])
     }
 
     fn scale_(&self, tensor: &mut GpuTensor, factor: f32) -> BackendResult<()> {
-        self.scale(tensor, factor)
+        let n = tensor.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let params = self.elementwise_params("scale_", n)?.f(factor);
+        self.ctx.encode(&[Dispatch::new(
+            &kernels::SCALE,
+            params,
+            vec![tensor],
+            self.ctx.grid_1d(n),
+        )])
     }
 
     fn sgd_step_(
@@ -214,140 +299,24 @@ impl Backend for GpuBackend {
         momentum: &mut GpuTensor,
         step: &SgdStep,
     ) -> BackendResult<()> {
-        self.sgd(param, grad, momentum, step)
-    }
-
-    fn add(&self, a: &GpuTensor, b: &GpuTensor) -> BackendResult<GpuTensor> {
-        self.binary("add", &crate::kernels::ADD, a, b)
-    }
-
-    fn mul(&self, a: &GpuTensor, b: &GpuTensor) -> BackendResult<GpuTensor> {
-        self.binary("mul", &crate::kernels::MUL, a, b)
-    }
-
-    fn relu(&self, x: &GpuTensor) -> BackendResult<GpuTensor> {
-        self.relu_forward(x)
-    }
-
-    fn relu_backward(&self, y: &GpuTensor, dy: &GpuTensor) -> BackendResult<GpuTensor> {
-        self.binary("relu_backward", &crate::kernels::RELU_BACKWARD, y, dy)
-    }
-
-    fn dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<GpuTensor> {
-        self.dropout(shape, p, seed)
-    }
-
-    fn matmul(
-        &self,
-        a: &GpuTensor,
-        b: &GpuTensor,
-        transpose_a: bool,
-        transpose_b: bool,
-    ) -> BackendResult<GpuTensor> {
-        self.matmul_impl(a, b, transpose_a, transpose_b)
-    }
-
-    fn add_row_bias_(&self, x: &mut GpuTensor, bias: &GpuTensor) -> BackendResult<()> {
-        self.add_row_bias(x, bias)
-    }
-
-    fn sum_rows(&self, x: &GpuTensor) -> BackendResult<GpuTensor> {
-        self.sum_rows_impl(x)
-    }
-
-    fn conv2d(
-        &self,
-        x: &GpuTensor,
-        weight: &GpuTensor,
-        bias: Option<&GpuTensor>,
-        spec: Conv2dSpec,
-    ) -> BackendResult<GpuTensor> {
-        self.conv_forward(x, weight, bias, spec)
-    }
-
-    fn conv2d_backward(
-        &self,
-        x: &GpuTensor,
-        weight: &GpuTensor,
-        dy: &GpuTensor,
-        spec: Conv2dSpec,
-        need_input_grad: bool,
-        need_bias_grad: bool,
-    ) -> BackendResult<Conv2dGrads<GpuTensor>> {
-        self.conv_backward(x, weight, dy, spec, need_input_grad, need_bias_grad)
-    }
-
-    fn batch_norm_train(
-        &self,
-        x: &GpuTensor,
-        gamma: &GpuTensor,
-        beta: &GpuTensor,
-        running_mean: &mut GpuTensor,
-        running_var: &mut GpuTensor,
-        momentum: f32,
-        eps: f32,
-    ) -> BackendResult<(GpuTensor, BatchNormSaved<GpuTensor>)> {
-        self.bn_train(x, gamma, beta, running_mean, running_var, momentum, eps)
-    }
-
-    fn batch_norm_eval(
-        &self,
-        x: &GpuTensor,
-        gamma: &GpuTensor,
-        beta: &GpuTensor,
-        running_mean: &GpuTensor,
-        running_var: &GpuTensor,
-        eps: f32,
-    ) -> BackendResult<GpuTensor> {
-        self.bn_eval(x, gamma, beta, running_mean, running_var, eps)
-    }
-
-    fn batch_norm_backward(
-        &self,
-        x: &GpuTensor,
-        gamma: &GpuTensor,
-        saved: &BatchNormSaved<GpuTensor>,
-        dy: &GpuTensor,
-    ) -> BackendResult<BatchNormGrads<GpuTensor>> {
-        self.bn_backward(x, gamma, saved, dy)
-    }
-
-    fn max_pool2d(&self, x: &GpuTensor, kernel: usize, stride: usize) -> BackendResult<GpuTensor> {
-        self.max_pool(x, kernel, stride)
-    }
-
-    fn max_pool2d_backward(
-        &self,
-        x: &GpuTensor,
-        dy: &GpuTensor,
-        kernel: usize,
-        stride: usize,
-    ) -> BackendResult<GpuTensor> {
-        self.max_pool_backward(x, dy, kernel, stride)
-    }
-
-    fn avg_pool2d(&self, x: &GpuTensor, kernel: usize) -> BackendResult<GpuTensor> {
-        self.avg_pool(x, kernel)
-    }
-
-    fn avg_pool2d_backward(
-        &self,
-        dy: &GpuTensor,
-        kernel: usize,
-        input_shape: &[usize],
-    ) -> BackendResult<GpuTensor> {
-        self.avg_pool_backward(dy, kernel, input_shape)
-    }
-
-    fn softmax_cross_entropy(
-        &self,
-        logits: &GpuTensor,
-        labels: &[u32],
-    ) -> BackendResult<CrossEntropy<GpuTensor>> {
-        self.cross_entropy(logits, labels)
-    }
-
-    fn softmax(&self, logits: &GpuTensor) -> BackendResult<GpuTensor> {
-        self.softmax_impl(logits)
+        same_shape("sgd_step_", param, grad)?;
+        same_shape("sgd_step_", param, momentum)?;
+        let n = param.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let params = self
+            .elementwise_params("sgd_step_", n)?
+            .f(step.lr)
+            .f(step.momentum)
+            .f(step.weight_decay)
+            .f(step.dampening)
+            .u(u32::from(step.nesterov));
+        self.ctx.encode(&[Dispatch::new(
+            &kernels::SGD,
+            params,
+            vec![param, grad, momentum],
+            self.ctx.grid_1d(n),
+        )])
     }
 }

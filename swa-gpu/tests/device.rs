@@ -3,7 +3,8 @@
 mod common;
 
 use common::*;
-use swa_core::backend::{Backend, BackendError, SgdStep};
+use swa_core::backend::prelude::*;
+use swa_core::backend::{BackendError, SgdStep};
 use swa_gpu::{AdapterKind, AdapterSelector, GpuBackend, GpuOptions, TimingSource};
 
 #[test]

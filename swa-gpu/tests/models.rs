@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use swa_core::backend::{Backend, HasShape};
+use swa_core::backend::prelude::*;
 use swa_models::{Architecture, ForwardMode, Module, Network, NetworkConfig};
 
 const BATCH: usize = 2;

@@ -15,7 +15,8 @@
 mod common;
 
 use common::*;
-use swa_core::backend::{dropout_keeps, Backend, Conv2dSpec, HasShape, SgdStep};
+use swa_core::backend::prelude::*;
+use swa_core::backend::{dropout_keeps, Conv2dSpec, SgdStep};
 
 const ELEMENTWISE_TOL: f32 = 1e-6;
 const TRANSCENDENTAL_TOL: f32 = 2e-5;

@@ -8,7 +8,8 @@
 mod common;
 
 use common::*;
-use swa_core::backend::{Backend, Conv2dSpec, SgdStep};
+use swa_core::backend::prelude::*;
+use swa_core::backend::{Conv2dSpec, SgdStep};
 
 const BATCH: usize = 6;
 const CLASSES: usize = 3;

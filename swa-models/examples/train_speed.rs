@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use swa_core::backend::Backend;
+use swa_core::backend::prelude::*;
 use swa_core::CpuBackend;
 use swa_models::optim::{Sgd, SgdConfig};
 use swa_models::{Architecture, ForwardMode};

@@ -2,7 +2,8 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use swa_core::backend::{Backend, HasShape, SgdStep};
+use swa_core::backend::prelude::*;
+use swa_core::backend::SgdStep;
 use swa_core::CpuBackend;
 use swa_models::layers::{
     AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, ConvInit, Flatten, Linear, ReLU, Residual,

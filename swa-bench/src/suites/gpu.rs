@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use swa_core::backend::Backend;
+use swa_core::backend::prelude::*;
 use swa_gpu::{GemmTiles, GpuBackend, GpuOptions, GpuTensor};
 use swa_models::Architecture;
 

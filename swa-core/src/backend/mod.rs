@@ -12,7 +12,22 @@
 //! The reference semantics of every operation are those of [`cpu::CpuBackend`]; other backends are tested
 //! against it.
 
+#[cfg(feature = "cpu")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cpu")))]
 pub mod cpu;
+mod decorator;
+
+pub use decorator::{
+    Decorator, ForwardConv, ForwardDense, ForwardElementwise, ForwardLoss, ForwardNorm, ForwardPool,
+};
+
+/// The [`Backend`] trait with its operation families and [`HasShape`], for code that calls operations
+/// on a concrete backend: `use swa_core::backend::prelude::*;`.
+pub mod prelude {
+    pub use super::{
+        Backend, ConvOps, DenseOps, ElementwiseOps, HasShape, LossOps, NormOps, PoolOps,
+    };
+}
 
 use serde::{Deserialize, Serialize};
 
@@ -138,9 +153,27 @@ pub struct SgdStep {
 
 /// The tensor operations that training, averaging and evaluation need.
 ///
+/// The trait itself holds what the averages and the optimiser use: creation, transfer and the in-place
+/// updates of weights. The operations of network layers come in families, one supertrait each, so that a
+/// backend implements every family in the module that holds its kernels: [`ElementwiseOps`],
+/// [`DenseOps`], [`ConvOps`], [`NormOps`], [`PoolOps`] and [`LossOps`]. Code generic over `B: Backend`
+/// calls all of them; code that names a concrete backend imports the families with [`prelude`].
+///
 /// Implementations must be deterministic: the same inputs and seeds give the same outputs (bit-identical
 /// on the CPU for a fixed thread count).
-pub trait Backend: Clone + Send + Sync + std::fmt::Debug + 'static {
+pub trait Backend:
+    Clone
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
+    + ElementwiseOps<<Self as Backend>::Tensor>
+    + DenseOps<<Self as Backend>::Tensor>
+    + ConvOps<<Self as Backend>::Tensor>
+    + NormOps<<Self as Backend>::Tensor>
+    + PoolOps<<Self as Backend>::Tensor>
+    + LossOps<<Self as Backend>::Tensor>
+{
     /// A handle to a tensor owned by this backend.
     type Tensor: HasShape + std::fmt::Debug + Send + Sync;
 
@@ -164,7 +197,7 @@ pub trait Backend: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// Waits until all queued work has finished.
     fn synchronize(&self) -> BackendResult<()>;
 
-    // ---------------------------------------------------------------- element-wise, in place
+    // ---------------------------------------------------------------- in-place updates
 
     /// Sets every element to `value`.
     fn fill_(&self, tensor: &mut Self::Tensor, value: f32) -> BackendResult<()>;
@@ -203,130 +236,105 @@ pub trait Backend: Clone + Send + Sync + std::fmt::Debug + 'static {
         momentum: &mut Self::Tensor,
         step: &SgdStep,
     ) -> BackendResult<()>;
+}
 
-    // ---------------------------------------------------------------- element-wise, new tensors
-
+/// Element-wise operations of network layers on tensors `T`, producing new tensors.
+pub trait ElementwiseOps<T> {
     /// `a + b` (same shapes): residual connections.
-    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> BackendResult<Self::Tensor>;
+    fn add(&self, a: &T, b: &T) -> BackendResult<T>;
     /// `a ⊙ b` (same shapes): dropout masks.
-    fn mul(&self, a: &Self::Tensor, b: &Self::Tensor) -> BackendResult<Self::Tensor>;
+    fn mul(&self, a: &T, b: &T) -> BackendResult<T>;
     /// `max(x, 0)`.
-    fn relu(&self, x: &Self::Tensor) -> BackendResult<Self::Tensor>;
+    fn relu(&self, x: &T) -> BackendResult<T>;
     /// `dy` where the ReLU's output `y` is positive, else 0.
-    fn relu_backward(&self, y: &Self::Tensor, dy: &Self::Tensor) -> BackendResult<Self::Tensor>;
+    fn relu_backward(&self, y: &T, dy: &T) -> BackendResult<T>;
     /// A dropout mask of `shape`: each element is `1/(1−p)` when [`dropout_keeps`] keeps it, else 0.
     /// Counter-based, so every backend draws the same mask from the same seed.
-    fn dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<Self::Tensor>;
+    fn dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<T>;
+}
 
-    // ---------------------------------------------------------------- dense layers
-
+/// Dense layers on tensors `T`.
+pub trait DenseOps<T> {
     /// Matrix product of 2-D tensors: `op(a) · op(b)`, where `op` transposes when asked.
-    fn matmul(
-        &self,
-        a: &Self::Tensor,
-        b: &Self::Tensor,
-        transpose_a: bool,
-        transpose_b: bool,
-    ) -> BackendResult<Self::Tensor>;
+    fn matmul(&self, a: &T, b: &T, transpose_a: bool, transpose_b: bool) -> BackendResult<T>;
     /// `x[n, j] += bias[j]` for a 2-D `x`.
-    fn add_row_bias_(&self, x: &mut Self::Tensor, bias: &Self::Tensor) -> BackendResult<()>;
+    fn add_row_bias_(&self, x: &mut T, bias: &T) -> BackendResult<()>;
     /// Column sums of a 2-D tensor: `[n, m] → [m]` (the gradient of a row bias).
-    fn sum_rows(&self, x: &Self::Tensor) -> BackendResult<Self::Tensor>;
+    fn sum_rows(&self, x: &T) -> BackendResult<T>;
+}
 
-    // ---------------------------------------------------------------- convolution
-
+/// Convolutions on tensors `T`.
+pub trait ConvOps<T> {
     /// 2-D convolution (cross-correlation, as in PyTorch) of `x: [N, Cin, H, W]` with
     /// `weight: [Cout, Cin, K, K]` and an optional `bias: [Cout]`.
-    fn conv2d(
-        &self,
-        x: &Self::Tensor,
-        weight: &Self::Tensor,
-        bias: Option<&Self::Tensor>,
-        spec: Conv2dSpec,
-    ) -> BackendResult<Self::Tensor>;
-    /// Gradients of [`Backend::conv2d`] given the output gradient `dy`.
+    fn conv2d(&self, x: &T, weight: &T, bias: Option<&T>, spec: Conv2dSpec) -> BackendResult<T>;
+    /// Gradients of [`ConvOps::conv2d`] given the output gradient `dy`.
     fn conv2d_backward(
         &self,
-        x: &Self::Tensor,
-        weight: &Self::Tensor,
-        dy: &Self::Tensor,
+        x: &T,
+        weight: &T,
+        dy: &T,
         spec: Conv2dSpec,
         need_input_grad: bool,
         need_bias_grad: bool,
-    ) -> BackendResult<Conv2dGrads<Self::Tensor>>;
+    ) -> BackendResult<Conv2dGrads<T>>;
+}
 
-    // ---------------------------------------------------------------- batch norm (over N, H, W per channel)
-
+/// Batch norm on tensors `T`, over N, H and W per channel.
+pub trait NormOps<T> {
     /// Training-mode batch norm of `x: [N, C, H, W]` (or `[N, C]`): normalises with the batch statistics and
     /// updates the running statistics in place, as PyTorch does:
     /// `running = (1 − momentum)·running + momentum·batch`, the variance unbiased (`n/(n−1)`).
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_train(
         &self,
-        x: &Self::Tensor,
-        gamma: &Self::Tensor,
-        beta: &Self::Tensor,
-        running_mean: &mut Self::Tensor,
-        running_var: &mut Self::Tensor,
+        x: &T,
+        gamma: &T,
+        beta: &T,
+        running_mean: &mut T,
+        running_var: &mut T,
         momentum: f32,
         eps: f32,
-    ) -> BackendResult<(Self::Tensor, BatchNormSaved<Self::Tensor>)>;
+    ) -> BackendResult<(T, BatchNormSaved<T>)>;
     /// Evaluation-mode batch norm with the running statistics.
     fn batch_norm_eval(
         &self,
-        x: &Self::Tensor,
-        gamma: &Self::Tensor,
-        beta: &Self::Tensor,
-        running_mean: &Self::Tensor,
-        running_var: &Self::Tensor,
+        x: &T,
+        gamma: &T,
+        beta: &T,
+        running_mean: &T,
+        running_var: &T,
         eps: f32,
-    ) -> BackendResult<Self::Tensor>;
+    ) -> BackendResult<T>;
     /// Gradients of training-mode batch norm.
     fn batch_norm_backward(
         &self,
-        x: &Self::Tensor,
-        gamma: &Self::Tensor,
-        saved: &BatchNormSaved<Self::Tensor>,
-        dy: &Self::Tensor,
-    ) -> BackendResult<BatchNormGrads<Self::Tensor>>;
+        x: &T,
+        gamma: &T,
+        saved: &BatchNormSaved<T>,
+        dy: &T,
+    ) -> BackendResult<BatchNormGrads<T>>;
+}
 
-    // ---------------------------------------------------------------- pooling
-
+/// Pooling on tensors `T`.
+pub trait PoolOps<T> {
     /// Max pooling with a square window `kernel` and step `stride`, no padding.
-    fn max_pool2d(
-        &self,
-        x: &Self::Tensor,
-        kernel: usize,
-        stride: usize,
-    ) -> BackendResult<Self::Tensor>;
+    fn max_pool2d(&self, x: &T, kernel: usize, stride: usize) -> BackendResult<T>;
     /// Gradient of max pooling: each window's `dy` goes to the first position holding the window's maximum.
-    fn max_pool2d_backward(
-        &self,
-        x: &Self::Tensor,
-        dy: &Self::Tensor,
-        kernel: usize,
-        stride: usize,
-    ) -> BackendResult<Self::Tensor>;
+    fn max_pool2d_backward(&self, x: &T, dy: &T, kernel: usize, stride: usize) -> BackendResult<T>;
     /// Average pooling with a square window `kernel` and step `kernel`, no padding.
-    fn avg_pool2d(&self, x: &Self::Tensor, kernel: usize) -> BackendResult<Self::Tensor>;
+    fn avg_pool2d(&self, x: &T, kernel: usize) -> BackendResult<T>;
     /// Gradient of average pooling, for an input of `input_shape`.
-    fn avg_pool2d_backward(
-        &self,
-        dy: &Self::Tensor,
-        kernel: usize,
-        input_shape: &[usize],
-    ) -> BackendResult<Self::Tensor>;
+    fn avg_pool2d_backward(&self, dy: &T, kernel: usize, input_shape: &[usize])
+        -> BackendResult<T>;
+}
 
-    // ---------------------------------------------------------------- losses and predictions
-
+/// Losses and predictions on tensors `T`.
+pub trait LossOps<T> {
     /// Mean softmax cross-entropy of `logits: [N, classes]` against `labels` (one per row), and its gradient.
-    fn softmax_cross_entropy(
-        &self,
-        logits: &Self::Tensor,
-        labels: &[u32],
-    ) -> BackendResult<CrossEntropy<Self::Tensor>>;
+    fn softmax_cross_entropy(&self, logits: &T, labels: &[u32]) -> BackendResult<CrossEntropy<T>>;
     /// Row-wise softmax of `logits: [N, classes]` (for ensembling predictions).
-    fn softmax(&self, logits: &Self::Tensor) -> BackendResult<Self::Tensor>;
+    fn softmax(&self, logits: &T) -> BackendResult<T>;
 }
 
 /// Whether dropout keeps element `index` for `seed` and drop probability `p`.

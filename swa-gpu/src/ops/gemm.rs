@@ -1,6 +1,8 @@
 //! Matrix products and convolutions, all on the one tiled GEMM kernel (convolutions as implicit GEMM).
 
-use swa_core::backend::{BackendError, BackendResult, Conv2dGrads, Conv2dSpec, HasShape};
+use swa_core::backend::{
+    Backend, BackendError, BackendResult, Conv2dGrads, Conv2dSpec, ConvOps, DenseOps, HasShape,
+};
 
 use crate::backend::{u32_extent, GpuBackend};
 use crate::context::{Dispatch, GpuTensor, Params, Variant};
@@ -180,9 +182,9 @@ impl GpuBackend {
         rhs: &GpuTensor,
         out_shape: &[usize],
     ) -> BackendResult<GpuTensor> {
-        let out = self.ctx.alloc(op, out_shape)?;
+        let mut out = self.ctx.alloc(op, out_shape)?;
         if shape.k == 0 {
-            self.fill(&out, 0.0)?;
+            self.fill_(&mut out, 0.0)?;
             return Ok(out);
         }
         let splits = self.split_k(shape.m, shape.n, shape.k);
@@ -198,46 +200,6 @@ impl GpuBackend {
             self.column_sums(op, &partial, written, shape.m * shape.n, &out)?;
         }
         Ok(out)
-    }
-
-    pub(crate) fn matmul_impl(
-        &self,
-        a: &GpuTensor,
-        b: &GpuTensor,
-        transpose_a: bool,
-        transpose_b: bool,
-    ) -> BackendResult<GpuTensor> {
-        let op = "matmul";
-        let two_d = |t: &GpuTensor, which: &str| match t.dims() {
-            [r, c] => Ok((*r, *c)),
-            other => Err(BackendError::ShapeMismatch {
-                op,
-                expected: format!("a 2-D {which}"),
-                got: other.to_vec(),
-            }),
-        };
-        let (ar, ac) = two_d(a, "left operand")?;
-        let (br, bc) = two_d(b, "right operand")?;
-        let (m, k) = if transpose_a { (ac, ar) } else { (ar, ac) };
-        let (kb, n) = if transpose_b { (bc, br) } else { (br, bc) };
-        if k != kb {
-            return Err(BackendError::ShapeMismatch {
-                op,
-                expected: format!(
-                    "a right operand with {k} rows after transposition (transpose_b = {transpose_b})"
-                ),
-                got: b.dims().to_vec(),
-            });
-        }
-        let shape = GemmShape {
-            m,
-            n,
-            k,
-            a_strides: if transpose_a { (1, m) } else { (k, 1) },
-            b_strides: if transpose_b { (1, k) } else { (n, 1) },
-            ..GemmShape::default()
-        };
-        self.gemm_rowmajor(op, GemmMode::Dense, shape, a, b, &[m, n])
     }
 
     fn conv_geometry(
@@ -296,8 +258,108 @@ impl GpuBackend {
             pad: spec.padding,
         })
     }
+}
 
-    pub(crate) fn conv_forward(
+impl DenseOps<GpuTensor> for GpuBackend {
+    fn matmul(
+        &self,
+        a: &GpuTensor,
+        b: &GpuTensor,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> BackendResult<GpuTensor> {
+        let op = "matmul";
+        let two_d = |t: &GpuTensor, which: &str| match t.dims() {
+            [r, c] => Ok((*r, *c)),
+            other => Err(BackendError::ShapeMismatch {
+                op,
+                expected: format!("a 2-D {which}"),
+                got: other.to_vec(),
+            }),
+        };
+        let (ar, ac) = two_d(a, "left operand")?;
+        let (br, bc) = two_d(b, "right operand")?;
+        let (m, k) = if transpose_a { (ac, ar) } else { (ar, ac) };
+        let (kb, n) = if transpose_b { (bc, br) } else { (br, bc) };
+        if k != kb {
+            return Err(BackendError::ShapeMismatch {
+                op,
+                expected: format!(
+                    "a right operand with {k} rows after transposition (transpose_b = {transpose_b})"
+                ),
+                got: b.dims().to_vec(),
+            });
+        }
+        let shape = GemmShape {
+            m,
+            n,
+            k,
+            a_strides: if transpose_a { (1, m) } else { (k, 1) },
+            b_strides: if transpose_b { (1, k) } else { (n, 1) },
+            ..GemmShape::default()
+        };
+        self.gemm_rowmajor(op, GemmMode::Dense, shape, a, b, &[m, n])
+    }
+
+    fn add_row_bias_(&self, x: &mut GpuTensor, bias: &GpuTensor) -> BackendResult<()> {
+        let op = "add_row_bias_";
+        let [_, cols] = x.dims() else {
+            return Err(BackendError::ShapeMismatch {
+                op,
+                expected: "a 2-D tensor [n, m]".into(),
+                got: x.dims().to_vec(),
+            });
+        };
+        if bias.dims() != [*cols] {
+            return Err(BackendError::ShapeMismatch {
+                op,
+                expected: format!("a bias of shape [{cols}]"),
+                got: bias.dims().to_vec(),
+            });
+        }
+        let n = x.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let params = self
+            .elementwise_params(op, n)?
+            .f(0.0)
+            .f(0.0)
+            .f(0.0)
+            .f(0.0)
+            .u(0)
+            .u(0)
+            .u(0)
+            .u(u32_extent(op, "columns", *cols)?);
+        self.ctx.encode(&[Dispatch::new(
+            &kernels::ADD_ROW_BIAS,
+            params,
+            vec![x, bias],
+            self.ctx.grid_1d(n),
+        )])
+    }
+
+    fn sum_rows(&self, x: &GpuTensor) -> BackendResult<GpuTensor> {
+        let [rows, cols] = x.dims() else {
+            return Err(BackendError::ShapeMismatch {
+                op: "sum_rows",
+                expected: "a 2-D tensor [n, m]".into(),
+                got: x.dims().to_vec(),
+            });
+        };
+        let (rows, cols) = (*rows, *cols);
+        let mut out = self.ctx.alloc("sum_rows", &[cols])?;
+        if rows == 0 {
+            self.fill_(&mut out, 0.0)?;
+        } else {
+            self.column_sums("sum_rows", x, rows, cols, &out)?;
+        }
+        Ok(out)
+    }
+}
+
+impl ConvOps<GpuTensor> for GpuBackend {
+    fn conv2d(
         &self,
         x: &GpuTensor,
         weight: &GpuTensor,
@@ -337,7 +399,7 @@ impl GpuBackend {
         Ok(out)
     }
 
-    pub(crate) fn conv_backward(
+    fn conv2d_backward(
         &self,
         x: &GpuTensor,
         weight: &GpuTensor,

@@ -1,6 +1,6 @@
 //! Softmax and the mean softmax cross-entropy.
 
-use swa_core::backend::{BackendError, BackendResult, CrossEntropy, HasShape};
+use swa_core::backend::{BackendError, BackendResult, CrossEntropy, HasShape, LossOps};
 
 use crate::backend::{u32_extent, GpuBackend};
 use crate::context::{Dispatch, GpuTensor, Params};
@@ -17,26 +17,10 @@ fn rows_and_classes(op: &'static str, logits: &GpuTensor) -> BackendResult<(usiz
     }
 }
 
-impl GpuBackend {
-    pub(crate) fn softmax_impl(&self, logits: &GpuTensor) -> BackendResult<GpuTensor> {
-        let op = "softmax";
-        let (rows, classes) = rows_and_classes(op, logits)?;
-        let out = self.ctx.alloc(op, logits.dims())?;
-        if rows > 0 {
-            let params = Params::new()
-                .u(u32_extent(op, "rows", rows)?)
-                .u(u32_extent(op, "classes", classes)?);
-            self.ctx.encode(&[Dispatch::new(
-                &kernels::SOFTMAX,
-                params,
-                vec![logits, &out],
-                [rows.div_ceil(64) as u32, 1, 1],
-            )])?;
-        }
-        Ok(out)
-    }
+impl GpuBackend {}
 
-    pub(crate) fn cross_entropy(
+impl LossOps<GpuTensor> for GpuBackend {
+    fn softmax_cross_entropy(
         &self,
         logits: &GpuTensor,
         labels: &[u32],
@@ -91,5 +75,23 @@ impl GpuBackend {
             ),
         ])?;
         Ok(CrossEntropy { loss, grad })
+    }
+
+    fn softmax(&self, logits: &GpuTensor) -> BackendResult<GpuTensor> {
+        let op = "softmax";
+        let (rows, classes) = rows_and_classes(op, logits)?;
+        let out = self.ctx.alloc(op, logits.dims())?;
+        if rows > 0 {
+            let params = Params::new()
+                .u(u32_extent(op, "rows", rows)?)
+                .u(u32_extent(op, "classes", classes)?);
+            self.ctx.encode(&[Dispatch::new(
+                &kernels::SOFTMAX,
+                params,
+                vec![logits, &out],
+                [rows.div_ceil(64) as u32, 1, 1],
+            )])?;
+        }
+        Ok(out)
     }
 }

@@ -1,6 +1,8 @@
 //! Batch norm and per-channel sums.
 
-use swa_core::backend::{BackendError, BackendResult, BatchNormGrads, BatchNormSaved, HasShape};
+use swa_core::backend::{
+    BackendError, BackendResult, BatchNormGrads, BatchNormSaved, HasShape, NormOps,
+};
 
 use crate::backend::{u32_extent, GpuBackend};
 use crate::context::{Dispatch, GpuTensor, Params};
@@ -83,17 +85,42 @@ impl GpuBackend {
         Ok(out)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn bn_train(
+    /// `out[c] = Σ dy[n, c, ·]`: a convolution's bias gradient.
+    pub(crate) fn channel_sums(
+        &self,
+        op: &'static str,
+        dy: &GpuTensor,
+        n: usize,
+        c: usize,
+        hw: usize,
+    ) -> BackendResult<GpuTensor> {
+        let out = self.ctx.alloc(op, &[c])?;
+        if c > 0 {
+            let params = self.bn_params(op, (n, c, hw), 0.0, 0.0)?;
+            self.ctx.encode(&[Dispatch::new(
+                &kernels::CHANNEL_SUM,
+                params,
+                vec![dy, &out],
+                self.channel_groups(op, c)?,
+            )])?;
+        }
+        Ok(out)
+    }
+}
+
+impl NormOps<GpuTensor> for GpuBackend {
+    fn batch_norm_train(
         &self,
         x: &GpuTensor,
         gamma: &GpuTensor,
         beta: &GpuTensor,
-        running_mean: &GpuTensor,
-        running_var: &GpuTensor,
+        running_mean: &mut GpuTensor,
+        running_var: &mut GpuTensor,
         momentum: f32,
         eps: f32,
     ) -> BackendResult<(GpuTensor, BatchNormSaved<GpuTensor>)> {
+        // The kernels write the running statistics through their bindings.
+        let (running_mean, running_var) = (&*running_mean, &*running_var);
         let op = "batch_norm_train";
         let dims = layout(op, x)?;
         let (n, c, hw) = dims;
@@ -137,7 +164,7 @@ impl GpuBackend {
         Ok((out, BatchNormSaved { mean, inv_std }))
     }
 
-    pub(crate) fn bn_eval(
+    fn batch_norm_eval(
         &self,
         x: &GpuTensor,
         gamma: &GpuTensor,
@@ -170,7 +197,7 @@ impl GpuBackend {
         self.bn_apply(op, x, &coeff, dims)
     }
 
-    pub(crate) fn bn_backward(
+    fn batch_norm_backward(
         &self,
         x: &GpuTensor,
         gamma: &GpuTensor,
@@ -226,27 +253,5 @@ impl GpuBackend {
             gamma: dgamma,
             beta: dbeta,
         })
-    }
-
-    /// `out[c] = Σ dy[n, c, ·]`: a convolution's bias gradient.
-    pub(crate) fn channel_sums(
-        &self,
-        op: &'static str,
-        dy: &GpuTensor,
-        n: usize,
-        c: usize,
-        hw: usize,
-    ) -> BackendResult<GpuTensor> {
-        let out = self.ctx.alloc(op, &[c])?;
-        if c > 0 {
-            let params = self.bn_params(op, (n, c, hw), 0.0, 0.0)?;
-            self.ctx.encode(&[Dispatch::new(
-                &kernels::CHANNEL_SUM,
-                params,
-                vec![dy, &out],
-                self.channel_groups(op, c)?,
-            )])?;
-        }
-        Ok(out)
     }
 }

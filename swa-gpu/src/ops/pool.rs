@@ -1,6 +1,6 @@
 //! Max and average pooling.
 
-use swa_core::backend::{BackendError, BackendResult, HasShape};
+use swa_core::backend::{BackendError, BackendResult, HasShape, PoolOps};
 
 use crate::backend::{u32_extent, GpuBackend};
 use crate::context::{Dispatch, GpuTensor, Params};
@@ -84,13 +84,10 @@ impl GpuBackend {
             self.ctx.grid_1d(total),
         )])
     }
+}
 
-    pub(crate) fn max_pool(
-        &self,
-        x: &GpuTensor,
-        kernel: usize,
-        stride: usize,
-    ) -> BackendResult<GpuTensor> {
+impl PoolOps<GpuTensor> for GpuBackend {
+    fn max_pool2d(&self, x: &GpuTensor, kernel: usize, stride: usize) -> BackendResult<GpuTensor> {
         let op = "max_pool2d";
         let g = geometry(op, x.dims(), kernel, stride)?;
         let out = self.ctx.alloc(op, &[g.n, g.c, g.oh, g.ow])?;
@@ -98,7 +95,7 @@ impl GpuBackend {
         Ok(out)
     }
 
-    pub(crate) fn max_pool_backward(
+    fn max_pool2d_backward(
         &self,
         x: &GpuTensor,
         dy: &GpuTensor,
@@ -126,7 +123,7 @@ impl GpuBackend {
         Ok(out)
     }
 
-    pub(crate) fn avg_pool(&self, x: &GpuTensor, kernel: usize) -> BackendResult<GpuTensor> {
+    fn avg_pool2d(&self, x: &GpuTensor, kernel: usize) -> BackendResult<GpuTensor> {
         let op = "avg_pool2d";
         let g = geometry(op, x.dims(), kernel, kernel)?;
         let out = self.ctx.alloc(op, &[g.n, g.c, g.oh, g.ow])?;
@@ -134,7 +131,7 @@ impl GpuBackend {
         Ok(out)
     }
 
-    pub(crate) fn avg_pool_backward(
+    fn avg_pool2d_backward(
         &self,
         dy: &GpuTensor,
         kernel: usize,

@@ -4,7 +4,8 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use swa_core::backend::{Backend, Conv2dSpec, HasShape};
+use swa_core::backend::prelude::*;
+use swa_core::backend::Conv2dSpec;
 use swa_core::CpuBackend;
 use swa_gpu::{GpuBackend, GpuTensor};
 

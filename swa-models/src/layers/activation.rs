@@ -70,9 +70,9 @@ impl<B: Backend> Module<B> for ReLU<B> {
 /// Inverted dropout, PyTorch's `nn.Dropout(p)`: in training and BatchNorm recomputation each element is
 /// zeroed with probability `p` and the rest scaled by `1/(1−p)`; in evaluation it is the identity.
 ///
-/// The mask comes from [`Backend::dropout_mask`] with the pass's seed mixed with this layer's `layer_id`
-/// (see [`mix_seed`]), so two dropout layers of one network draw different masks in the same step, and the
-/// same seed reproduces the same masks on every backend.
+/// The mask comes from [`dropout_mask`](swa_core::backend::ElementwiseOps::dropout_mask) with the pass's
+/// seed mixed with this layer's `layer_id` (see [`mix_seed`]), so two dropout layers of one network draw
+/// different masks in the same step, and the same seed reproduces the same masks on every backend.
 #[derive(Debug)]
 pub struct Dropout<B: Backend> {
     p: f32,

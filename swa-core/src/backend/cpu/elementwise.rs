@@ -3,8 +3,8 @@
 use ndarray::{ArrayD, IxDyn, Zip};
 use rayon::prelude::*;
 
-use super::CpuTensor;
-use crate::backend::{dropout_keeps, BackendError, BackendResult, SgdStep};
+use super::{same_shape, CpuBackend, CpuTensor};
+use crate::backend::{dropout_keeps, BackendError, BackendResult, ElementwiseOps, SgdStep};
 
 /// Elements per task of the in-place updates: 64 KiB of each operand, large enough to stream and small
 /// enough to balance the threads.
@@ -78,27 +78,6 @@ pub(super) fn sgd_step(param: &mut CpuTensor, grad: &CpuTensor, buf: &mut CpuTen
         .par_for_each(|p, &g, b| update(p, g, b));
 }
 
-pub(super) fn dropout_mask(shape: &[usize], p: f32, seed: u64) -> BackendResult<CpuTensor> {
-    if !(0.0..1.0).contains(&p) {
-        return Err(BackendError::InvalidArgument {
-            op: "dropout_mask",
-            message: format!("drop probability {p} is outside [0, 1)"),
-        });
-    }
-    let n: usize = shape.iter().product();
-    if n > u32::MAX as usize {
-        return Err(BackendError::InvalidArgument {
-            op: "dropout_mask",
-            message: format!("{n} elements exceed the mask's 32-bit counter"),
-        });
-    }
-    let keep = 1.0 / (1.0 - p);
-    let values = (0..n as u32)
-        .map(|i| if dropout_keeps(seed, i, p) { keep } else { 0.0 })
-        .collect();
-    Ok(ArrayD::from_shape_vec(IxDyn(shape), values).expect("length equals the shape's product"))
-}
-
 /// Below this many elements a single thread beats the cost of splitting the work.
 const PARALLEL_MIN_LEN: usize = 1 << 15;
 
@@ -153,37 +132,68 @@ pub(super) fn duplicate(x: &CpuTensor) -> CpuTensor {
     x.as_standard_layout().into_owned()
 }
 
-pub(super) fn add(a: &CpuTensor, b: &CpuTensor) -> CpuTensor {
-    zip_map(a, b, |a, b| a + b)
-}
-
-pub(super) fn mul(a: &CpuTensor, b: &CpuTensor) -> CpuTensor {
-    zip_map(a, b, |a, b| a * b)
-}
-
-pub(super) fn relu(x: &CpuTensor) -> CpuTensor {
-    if let (Some(values), true) = (x.as_slice(), x.len() >= PARALLEL_MIN_LEN) {
-        let mut out = Vec::with_capacity(x.len());
-        values
-            .par_iter()
-            .with_min_len(PARALLEL_MIN_LEN / 4)
-            .map(|&v| v.max(0.0))
-            .collect_into_vec(&mut out);
-        return ArrayD::from_shape_vec(x.raw_dim(), out)
-            .expect("one value per element of a standard-layout array");
+impl ElementwiseOps<CpuTensor> for CpuBackend {
+    fn add(&self, a: &CpuTensor, b: &CpuTensor) -> BackendResult<CpuTensor> {
+        same_shape("add", a, b)?;
+        Ok(self.install(|| zip_map(a, b, |a, b| a + b)))
     }
-    if x.len() >= PARALLEL_MIN_LEN {
-        let mut out = CpuTensor::zeros(x.raw_dim());
-        Zip::from(&mut out)
-            .and(x)
-            .par_for_each(|o, &v| *o = v.max(0.0));
-        out
-    } else {
-        x.mapv(|v| v.max(0.0))
-    }
-}
 
-/// `dy` where the ReLU's output `y` is positive, else 0.
-pub(super) fn relu_backward(y: &CpuTensor, dy: &CpuTensor) -> CpuTensor {
-    zip_map(y, dy, |y, dy| if y <= 0.0 { 0.0 } else { dy })
+    fn mul(&self, a: &CpuTensor, b: &CpuTensor) -> BackendResult<CpuTensor> {
+        same_shape("mul", a, b)?;
+        Ok(self.install(|| zip_map(a, b, |a, b| a * b)))
+    }
+
+    fn relu(&self, x: &CpuTensor) -> BackendResult<CpuTensor> {
+        Ok(self.install(|| {
+            if let (Some(values), true) = (x.as_slice(), x.len() >= PARALLEL_MIN_LEN) {
+                let mut out = Vec::with_capacity(x.len());
+                values
+                    .par_iter()
+                    .with_min_len(PARALLEL_MIN_LEN / 4)
+                    .map(|&v| v.max(0.0))
+                    .collect_into_vec(&mut out);
+                return ArrayD::from_shape_vec(x.raw_dim(), out)
+                    .expect("one value per element of a standard-layout array");
+            }
+            if x.len() >= PARALLEL_MIN_LEN {
+                let mut out = CpuTensor::zeros(x.raw_dim());
+                Zip::from(&mut out)
+                    .and(x)
+                    .par_for_each(|o, &v| *o = v.max(0.0));
+                out
+            } else {
+                x.mapv(|v| v.max(0.0))
+            }
+        }))
+    }
+
+    /// `dy` where the ReLU's output `y` is positive, else 0.
+    fn relu_backward(&self, y: &CpuTensor, dy: &CpuTensor) -> BackendResult<CpuTensor> {
+        same_shape("relu_backward", y, dy)?;
+        Ok(self.install(|| zip_map(y, dy, |y, dy| if y <= 0.0 { 0.0 } else { dy })))
+    }
+
+    fn dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<CpuTensor> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(BackendError::InvalidArgument {
+                op: "dropout_mask",
+                message: format!("drop probability {p} is outside [0, 1)"),
+            });
+        }
+        let n: usize = shape.iter().product();
+        if n > u32::MAX as usize {
+            return Err(BackendError::InvalidArgument {
+                op: "dropout_mask",
+                message: format!("{n} elements exceed the mask's 32-bit counter"),
+            });
+        }
+        let keep = 1.0 / (1.0 - p);
+        let values = (0..n as u32)
+            .map(|i| if dropout_keeps(seed, i, p) { keep } else { 0.0 })
+            .collect();
+        Ok(
+            ArrayD::from_shape_vec(IxDyn(shape), values)
+                .expect("length equals the shape's product"),
+        )
+    }
 }

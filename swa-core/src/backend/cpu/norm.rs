@@ -8,8 +8,8 @@ use ndarray::{ArrayViewMut3, Axis, Zip};
 use rayon::prelude::*;
 
 use super::matrix::{contiguous, into_tensor, zeroed};
-use super::CpuTensor;
-use crate::backend::{BackendError, BackendResult, BatchNormGrads, BatchNormSaved};
+use super::{CpuBackend, CpuTensor};
+use crate::backend::{BackendError, BackendResult, BatchNormGrads, BatchNormSaved, NormOps};
 
 /// `[N, C, H·W]`: the batch, the channels, and the values per channel and image.
 #[derive(Clone, Copy, Debug)]
@@ -171,160 +171,173 @@ fn affine(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn train(
-    x: &CpuTensor,
-    gamma: &CpuTensor,
-    beta: &CpuTensor,
-    running_mean: &mut CpuTensor,
-    running_var: &mut CpuTensor,
-    momentum: f32,
-    eps: f32,
-) -> BackendResult<(CpuTensor, BatchNormSaved<CpuTensor>)> {
-    const OP: &str = "batch_norm_train";
-    let layout = Layout::of(OP, x)?;
-    check_per_channel(OP, "gamma", gamma, &layout)?;
-    check_per_channel(OP, "beta", beta, &layout)?;
-    check_per_channel(OP, "running_mean", running_mean, &layout)?;
-    check_per_channel(OP, "running_var", running_var, &layout)?;
-    if layout.count() < 2 {
-        return Err(BackendError::InvalidArgument {
-            op: OP,
-            message: format!(
-                "training needs more than one value per channel, got input {:?}",
-                x.shape()
-            ),
-        });
-    }
-    if eps.is_nan() || eps < 0.0 {
-        return Err(BackendError::InvalidArgument {
-            op: OP,
-            message: format!("eps {eps} must be non-negative"),
-        });
-    }
-    let xs = contiguous(x);
-    let gamma = contiguous(gamma);
-    let beta = contiguous(beta);
-
-    let stats: Vec<Moments> = (0..layout.channels)
-        .into_par_iter()
-        .map(|c| moments(&layout, &xs, c))
-        .collect();
-    let inv_std: Vec<f32> = stats
-        .iter()
-        .map(|m| (1.0 / (m.biased_var + f64::from(eps)).sqrt()) as f32)
-        .collect();
-    let mean: Vec<f32> = stats.iter().map(|m| m.mean as f32).collect();
-
-    let mut y = zeroed(xs.len());
-    affine(&layout, &xs, &mut y, |c| {
-        let scale = gamma[c] * inv_std[c];
-        (scale, beta[c] - mean[c] * scale)
-    })?;
-
-    let unbias = layout.count() as f64 / (layout.count() - 1) as f64;
-    let keep = 1.0 - momentum;
-    for ((rm, rv), m) in running_mean
-        .iter_mut()
-        .zip(running_var.iter_mut())
-        .zip(&stats)
-    {
-        *rm = keep * *rm + momentum * m.mean as f32;
-        *rv = keep * *rv + momentum * (m.biased_var * unbias) as f32;
-    }
-
-    let c = layout.channels;
-    Ok((
-        into_tensor(OP, x.shape(), y)?,
-        BatchNormSaved {
-            mean: into_tensor(OP, &[c], mean)?,
-            inv_std: into_tensor(OP, &[c], inv_std)?,
-        },
-    ))
-}
-
-pub(super) fn eval(
-    x: &CpuTensor,
-    gamma: &CpuTensor,
-    beta: &CpuTensor,
-    running_mean: &CpuTensor,
-    running_var: &CpuTensor,
-    eps: f32,
-) -> BackendResult<CpuTensor> {
-    const OP: &str = "batch_norm_eval";
-    let layout = Layout::of(OP, x)?;
-    check_per_channel(OP, "gamma", gamma, &layout)?;
-    check_per_channel(OP, "beta", beta, &layout)?;
-    check_per_channel(OP, "running_mean", running_mean, &layout)?;
-    check_per_channel(OP, "running_var", running_var, &layout)?;
-    let xs = contiguous(x);
-    let (gamma, beta) = (contiguous(gamma), contiguous(beta));
-    let (mean, var) = (contiguous(running_mean), contiguous(running_var));
-    let mut y = zeroed(xs.len());
-    affine(&layout, &xs, &mut y, |c| {
-        let scale = gamma[c] / (var[c] + eps).sqrt();
-        (scale, beta[c] - mean[c] * scale)
-    })?;
-    into_tensor(OP, x.shape(), y)
-}
-
-pub(super) fn backward(
-    x: &CpuTensor,
-    gamma: &CpuTensor,
-    saved: &BatchNormSaved<CpuTensor>,
-    dy: &CpuTensor,
-) -> BackendResult<BatchNormGrads<CpuTensor>> {
-    const OP: &str = "batch_norm_backward";
-    let layout = Layout::of(OP, x)?;
-    check_per_channel(OP, "gamma", gamma, &layout)?;
-    check_per_channel(OP, "saved mean", &saved.mean, &layout)?;
-    check_per_channel(OP, "saved inv_std", &saved.inv_std, &layout)?;
-    if dy.shape() != x.shape() {
-        return Err(BackendError::ShapeMismatch {
-            op: OP,
-            expected: format!("an output gradient of the input's shape {:?}", x.shape()),
-            got: dy.shape().to_vec(),
-        });
-    }
-    let xs = contiguous(x);
-    let dys = contiguous(dy);
-    let gamma = contiguous(gamma);
-    let mean = contiguous(&saved.mean);
-    let inv_std = contiguous(&saved.inv_std);
-    let count = layout.count() as f64;
-
-    let mut dx = zeroed(xs.len());
-    let mut dx3 = layout.view_mut(&mut dx)?;
-    let sums: Vec<(f32, f32)> = dx3
-        .axis_iter_mut(Axis(1))
-        .into_par_iter()
-        .enumerate()
-        .map(|(c, mut dx_channel)| {
-            let (mut dbeta, mut dot) = (0.0f64, 0.0f64);
-            for n in 0..layout.batch {
-                let (s, p) = gradient_sums(layout.row(&dys, n, c), layout.row(&xs, n, c), mean[c]);
-                dbeta += f64::from(s);
-                dot += f64::from(p);
+impl NormOps<CpuTensor> for CpuBackend {
+    fn batch_norm_train(
+        &self,
+        x: &CpuTensor,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        running_mean: &mut CpuTensor,
+        running_var: &mut CpuTensor,
+        momentum: f32,
+        eps: f32,
+    ) -> BackendResult<(CpuTensor, BatchNormSaved<CpuTensor>)> {
+        self.install(|| {
+            const OP: &str = "batch_norm_train";
+            let layout = Layout::of(OP, x)?;
+            check_per_channel(OP, "gamma", gamma, &layout)?;
+            check_per_channel(OP, "beta", beta, &layout)?;
+            check_per_channel(OP, "running_mean", running_mean, &layout)?;
+            check_per_channel(OP, "running_var", running_var, &layout)?;
+            if layout.count() < 2 {
+                return Err(BackendError::InvalidArgument {
+                    op: OP,
+                    message: format!(
+                        "training needs more than one value per channel, got input {:?}",
+                        x.shape()
+                    ),
+                });
             }
-            let dgamma = dot * f64::from(inv_std[c]);
-            // dx = γ·σ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂)), with x̂ = (x − μ)·σ⁻¹.
-            let scale = gamma[c] * inv_std[c];
-            let mean_dy = (dbeta / count) as f32;
-            let slope = (dgamma / count) as f32 * inv_std[c];
-            let mu = mean[c];
-            for (n, dx_row) in dx_channel.outer_iter_mut().enumerate() {
-                Zip::from(dx_row)
-                    .and(layout.row(&dys, n, c))
-                    .and(layout.row(&xs, n, c))
-                    .for_each(|dx, &dy, &x| *dx = scale * (dy - mean_dy - (x - mu) * slope));
+            if eps.is_nan() || eps < 0.0 {
+                return Err(BackendError::InvalidArgument {
+                    op: OP,
+                    message: format!("eps {eps} must be non-negative"),
+                });
             }
-            (dgamma as f32, dbeta as f32)
+            let xs = contiguous(x);
+            let gamma = contiguous(gamma);
+            let beta = contiguous(beta);
+
+            let stats: Vec<Moments> = (0..layout.channels)
+                .into_par_iter()
+                .map(|c| moments(&layout, &xs, c))
+                .collect();
+            let inv_std: Vec<f32> = stats
+                .iter()
+                .map(|m| (1.0 / (m.biased_var + f64::from(eps)).sqrt()) as f32)
+                .collect();
+            let mean: Vec<f32> = stats.iter().map(|m| m.mean as f32).collect();
+
+            let mut y = zeroed(xs.len());
+            affine(&layout, &xs, &mut y, |c| {
+                let scale = gamma[c] * inv_std[c];
+                (scale, beta[c] - mean[c] * scale)
+            })?;
+
+            let unbias = layout.count() as f64 / (layout.count() - 1) as f64;
+            let keep = 1.0 - momentum;
+            for ((rm, rv), m) in running_mean
+                .iter_mut()
+                .zip(running_var.iter_mut())
+                .zip(&stats)
+            {
+                *rm = keep * *rm + momentum * m.mean as f32;
+                *rv = keep * *rv + momentum * (m.biased_var * unbias) as f32;
+            }
+
+            let c = layout.channels;
+            Ok((
+                into_tensor(OP, x.shape(), y)?,
+                BatchNormSaved {
+                    mean: into_tensor(OP, &[c], mean)?,
+                    inv_std: into_tensor(OP, &[c], inv_std)?,
+                },
+            ))
         })
-        .collect();
-    let c = layout.channels;
-    Ok(BatchNormGrads {
-        input: into_tensor(OP, x.shape(), dx)?,
-        gamma: into_tensor(OP, &[c], sums.iter().map(|s| s.0).collect())?,
-        beta: into_tensor(OP, &[c], sums.iter().map(|s| s.1).collect())?,
-    })
+    }
+
+    fn batch_norm_eval(
+        &self,
+        x: &CpuTensor,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        running_mean: &CpuTensor,
+        running_var: &CpuTensor,
+        eps: f32,
+    ) -> BackendResult<CpuTensor> {
+        self.install(|| {
+            const OP: &str = "batch_norm_eval";
+            let layout = Layout::of(OP, x)?;
+            check_per_channel(OP, "gamma", gamma, &layout)?;
+            check_per_channel(OP, "beta", beta, &layout)?;
+            check_per_channel(OP, "running_mean", running_mean, &layout)?;
+            check_per_channel(OP, "running_var", running_var, &layout)?;
+            let xs = contiguous(x);
+            let (gamma, beta) = (contiguous(gamma), contiguous(beta));
+            let (mean, var) = (contiguous(running_mean), contiguous(running_var));
+            let mut y = zeroed(xs.len());
+            affine(&layout, &xs, &mut y, |c| {
+                let scale = gamma[c] / (var[c] + eps).sqrt();
+                (scale, beta[c] - mean[c] * scale)
+            })?;
+            into_tensor(OP, x.shape(), y)
+        })
+    }
+
+    fn batch_norm_backward(
+        &self,
+        x: &CpuTensor,
+        gamma: &CpuTensor,
+        saved: &BatchNormSaved<CpuTensor>,
+        dy: &CpuTensor,
+    ) -> BackendResult<BatchNormGrads<CpuTensor>> {
+        self.install(|| {
+            const OP: &str = "batch_norm_backward";
+            let layout = Layout::of(OP, x)?;
+            check_per_channel(OP, "gamma", gamma, &layout)?;
+            check_per_channel(OP, "saved mean", &saved.mean, &layout)?;
+            check_per_channel(OP, "saved inv_std", &saved.inv_std, &layout)?;
+            if dy.shape() != x.shape() {
+                return Err(BackendError::ShapeMismatch {
+                    op: OP,
+                    expected: format!("an output gradient of the input's shape {:?}", x.shape()),
+                    got: dy.shape().to_vec(),
+                });
+            }
+            let xs = contiguous(x);
+            let dys = contiguous(dy);
+            let gamma = contiguous(gamma);
+            let mean = contiguous(&saved.mean);
+            let inv_std = contiguous(&saved.inv_std);
+            let count = layout.count() as f64;
+
+            let mut dx = zeroed(xs.len());
+            let mut dx3 = layout.view_mut(&mut dx)?;
+            let sums: Vec<(f32, f32)> = dx3
+                .axis_iter_mut(Axis(1))
+                .into_par_iter()
+                .enumerate()
+                .map(|(c, mut dx_channel)| {
+                    let (mut dbeta, mut dot) = (0.0f64, 0.0f64);
+                    for n in 0..layout.batch {
+                        let (s, p) =
+                            gradient_sums(layout.row(&dys, n, c), layout.row(&xs, n, c), mean[c]);
+                        dbeta += f64::from(s);
+                        dot += f64::from(p);
+                    }
+                    let dgamma = dot * f64::from(inv_std[c]);
+                    // dx = γ·σ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂)), with x̂ = (x − μ)·σ⁻¹.
+                    let scale = gamma[c] * inv_std[c];
+                    let mean_dy = (dbeta / count) as f32;
+                    let slope = (dgamma / count) as f32 * inv_std[c];
+                    let mu = mean[c];
+                    for (n, dx_row) in dx_channel.outer_iter_mut().enumerate() {
+                        Zip::from(dx_row)
+                            .and(layout.row(&dys, n, c))
+                            .and(layout.row(&xs, n, c))
+                            .for_each(|dx, &dy, &x| {
+                                *dx = scale * (dy - mean_dy - (x - mu) * slope)
+                            });
+                    }
+                    (dgamma as f32, dbeta as f32)
+                })
+                .collect();
+            let c = layout.channels;
+            Ok(BatchNormGrads {
+                input: into_tensor(OP, x.shape(), dx)?,
+                gamma: into_tensor(OP, &[c], sums.iter().map(|s| s.0).collect())?,
+                beta: into_tensor(OP, &[c], sums.iter().map(|s| s.1).collect())?,
+            })
+        })
+    }
 }

@@ -3,8 +3,8 @@
 use rayon::prelude::*;
 
 use super::matrix::{contiguous, into_tensor};
-use super::CpuTensor;
-use crate::backend::{BackendError, BackendResult};
+use super::{CpuBackend, CpuTensor};
+use crate::backend::{BackendError, BackendResult, PoolOps};
 
 /// The validated geometry of a pooling window sliding over `planes` image planes.
 #[derive(Clone, Copy, Debug)]
@@ -95,96 +95,109 @@ fn check_output_gradient(
     }
 }
 
-pub(super) fn max_forward(x: &CpuTensor, kernel: usize, stride: usize) -> BackendResult<CpuTensor> {
-    const OP: &str = "max_pool2d";
-    let win = Window::new(OP, x.shape(), kernel, stride)?;
-    let xs = contiguous(x);
-    let mut y = vec![0.0f32; win.planes * win.out_plane()];
-    if !y.is_empty() {
-        y.par_chunks_mut(win.out_plane())
-            .zip(xs.par_chunks(win.in_plane()))
-            .for_each(|(out, plane)| {
-                for (i, o) in out.iter_mut().enumerate() {
-                    *o = plane[win.argmax(plane, i / win.out_width, i % win.out_width)];
-                }
-            });
-    }
-    into_tensor(OP, &win.output_shape(x.shape()), y)
-}
-
-pub(super) fn max_backward(
-    x: &CpuTensor,
-    dy: &CpuTensor,
-    kernel: usize,
-    stride: usize,
-) -> BackendResult<CpuTensor> {
-    const OP: &str = "max_pool2d_backward";
-    let win = Window::new(OP, x.shape(), kernel, stride)?;
-    check_output_gradient(OP, dy, win.output_shape(x.shape()))?;
-    let xs = contiguous(x);
-    let dys = contiguous(dy);
-    let mut dx = vec![0.0f32; xs.len()];
-    if !dys.is_empty() {
-        dx.par_chunks_mut(win.in_plane())
-            .zip(xs.par_chunks(win.in_plane()))
-            .zip(dys.par_chunks(win.out_plane()))
-            .for_each(|((grad, plane), dy)| {
-                for (i, &d) in dy.iter().enumerate() {
-                    grad[win.argmax(plane, i / win.out_width, i % win.out_width)] += d;
-                }
-            });
-    }
-    into_tensor(OP, x.shape(), dx)
-}
-
-pub(super) fn avg_forward(x: &CpuTensor, kernel: usize) -> BackendResult<CpuTensor> {
-    const OP: &str = "avg_pool2d";
-    let win = Window::new(OP, x.shape(), kernel, kernel)?;
-    let xs = contiguous(x);
-    let scale = 1.0 / (kernel * kernel) as f32;
-    let mut y = vec![0.0f32; win.planes * win.out_plane()];
-    if !y.is_empty() {
-        y.par_chunks_mut(win.out_plane())
-            .zip(xs.par_chunks(win.in_plane()))
-            .for_each(|(out, plane)| {
-                for (oh, out_row) in out.chunks_exact_mut(win.out_width).enumerate() {
-                    for ih in oh * kernel..(oh + 1) * kernel {
-                        let row = &plane[ih * win.width..][..win.out_width * kernel];
-                        for (o, window) in out_row.iter_mut().zip(row.chunks_exact(kernel)) {
-                            *o += window.iter().sum::<f32>();
+impl PoolOps<CpuTensor> for CpuBackend {
+    fn max_pool2d(&self, x: &CpuTensor, kernel: usize, stride: usize) -> BackendResult<CpuTensor> {
+        self.install(|| {
+            const OP: &str = "max_pool2d";
+            let win = Window::new(OP, x.shape(), kernel, stride)?;
+            let xs = contiguous(x);
+            let mut y = vec![0.0f32; win.planes * win.out_plane()];
+            if !y.is_empty() {
+                y.par_chunks_mut(win.out_plane())
+                    .zip(xs.par_chunks(win.in_plane()))
+                    .for_each(|(out, plane)| {
+                        for (i, o) in out.iter_mut().enumerate() {
+                            *o = plane[win.argmax(plane, i / win.out_width, i % win.out_width)];
                         }
-                    }
-                    out_row.iter_mut().for_each(|o| *o *= scale);
-                }
-            });
+                    });
+            }
+            into_tensor(OP, &win.output_shape(x.shape()), y)
+        })
     }
-    into_tensor(OP, &win.output_shape(x.shape()), y)
-}
 
-pub(super) fn avg_backward(
-    dy: &CpuTensor,
-    kernel: usize,
-    input_shape: &[usize],
-) -> BackendResult<CpuTensor> {
-    const OP: &str = "avg_pool2d_backward";
-    let win = Window::new(OP, input_shape, kernel, kernel)?;
-    check_output_gradient(OP, dy, win.output_shape(input_shape))?;
-    let dys = contiguous(dy);
-    let scale = 1.0 / (kernel * kernel) as f32;
-    let mut dx = vec![0.0f32; win.planes * win.in_plane()];
-    if !dys.is_empty() {
-        dx.par_chunks_mut(win.in_plane())
-            .zip(dys.par_chunks(win.out_plane()))
-            .for_each(|(grad, dy)| {
-                for (oh, dy_row) in dy.chunks_exact(win.out_width).enumerate() {
-                    for ih in oh * kernel..(oh + 1) * kernel {
-                        let row = &mut grad[ih * win.width..][..win.out_width * kernel];
-                        for (window, &d) in row.chunks_exact_mut(kernel).zip(dy_row) {
-                            window.iter_mut().for_each(|g| *g = d * scale);
+    fn max_pool2d_backward(
+        &self,
+        x: &CpuTensor,
+        dy: &CpuTensor,
+        kernel: usize,
+        stride: usize,
+    ) -> BackendResult<CpuTensor> {
+        self.install(|| {
+            const OP: &str = "max_pool2d_backward";
+            let win = Window::new(OP, x.shape(), kernel, stride)?;
+            check_output_gradient(OP, dy, win.output_shape(x.shape()))?;
+            let xs = contiguous(x);
+            let dys = contiguous(dy);
+            let mut dx = vec![0.0f32; xs.len()];
+            if !dys.is_empty() {
+                dx.par_chunks_mut(win.in_plane())
+                    .zip(xs.par_chunks(win.in_plane()))
+                    .zip(dys.par_chunks(win.out_plane()))
+                    .for_each(|((grad, plane), dy)| {
+                        for (i, &d) in dy.iter().enumerate() {
+                            grad[win.argmax(plane, i / win.out_width, i % win.out_width)] += d;
                         }
-                    }
-                }
-            });
+                    });
+            }
+            into_tensor(OP, x.shape(), dx)
+        })
     }
-    into_tensor(OP, input_shape, dx)
+
+    fn avg_pool2d(&self, x: &CpuTensor, kernel: usize) -> BackendResult<CpuTensor> {
+        self.install(|| {
+            const OP: &str = "avg_pool2d";
+            let win = Window::new(OP, x.shape(), kernel, kernel)?;
+            let xs = contiguous(x);
+            let scale = 1.0 / (kernel * kernel) as f32;
+            let mut y = vec![0.0f32; win.planes * win.out_plane()];
+            if !y.is_empty() {
+                y.par_chunks_mut(win.out_plane())
+                    .zip(xs.par_chunks(win.in_plane()))
+                    .for_each(|(out, plane)| {
+                        for (oh, out_row) in out.chunks_exact_mut(win.out_width).enumerate() {
+                            for ih in oh * kernel..(oh + 1) * kernel {
+                                let row = &plane[ih * win.width..][..win.out_width * kernel];
+                                for (o, window) in out_row.iter_mut().zip(row.chunks_exact(kernel))
+                                {
+                                    *o += window.iter().sum::<f32>();
+                                }
+                            }
+                            out_row.iter_mut().for_each(|o| *o *= scale);
+                        }
+                    });
+            }
+            into_tensor(OP, &win.output_shape(x.shape()), y)
+        })
+    }
+
+    fn avg_pool2d_backward(
+        &self,
+        dy: &CpuTensor,
+        kernel: usize,
+        input_shape: &[usize],
+    ) -> BackendResult<CpuTensor> {
+        self.install(|| {
+            const OP: &str = "avg_pool2d_backward";
+            let win = Window::new(OP, input_shape, kernel, kernel)?;
+            check_output_gradient(OP, dy, win.output_shape(input_shape))?;
+            let dys = contiguous(dy);
+            let scale = 1.0 / (kernel * kernel) as f32;
+            let mut dx = vec![0.0f32; win.planes * win.in_plane()];
+            if !dys.is_empty() {
+                dx.par_chunks_mut(win.in_plane())
+                    .zip(dys.par_chunks(win.out_plane()))
+                    .for_each(|(grad, dy)| {
+                        for (oh, dy_row) in dy.chunks_exact(win.out_width).enumerate() {
+                            for ih in oh * kernel..(oh + 1) * kernel {
+                                let row = &mut grad[ih * win.width..][..win.out_width * kernel];
+                                for (window, &d) in row.chunks_exact_mut(kernel).zip(dy_row) {
+                                    window.iter_mut().for_each(|g| *g = d * scale);
+                                }
+                            }
+                        }
+                    });
+            }
+            into_tensor(OP, input_shape, dx)
+        })
+    }
 }

@@ -36,8 +36,8 @@ use super::matrix::{
     contiguous, gemm_into, gemm_into_col_major, gemm_into_rows, into_tensor, parallelism, zeroed,
     MatRef,
 };
-use super::CpuTensor;
-use crate::backend::{BackendError, BackendResult, Conv2dGrads, Conv2dSpec};
+use super::{CpuBackend, CpuTensor};
+use crate::backend::{BackendError, BackendResult, Conv2dGrads, Conv2dSpec, ConvOps};
 
 /// Columns a chunk's GEMM should have at least: below this the GEMM's packing and edge handling dominate.
 const TARGET_COLUMNS: usize = 256;
@@ -677,121 +677,133 @@ fn forward_chunk(
     }
 }
 
-pub(super) fn forward(
-    x: &CpuTensor,
-    w: &CpuTensor,
-    bias: Option<&CpuTensor>,
-    spec: Conv2dSpec,
-) -> BackendResult<CpuTensor> {
-    let g = Geometry::new("conv2d", x.shape(), w.shape(), spec)?;
-    if let Some(b) = bias {
-        check_bias(&g, b)?;
-    }
-    let x = contiguous(x);
-    let w = contiguous(w);
-    let bias = bias.map(contiguous);
-    let mut y = zeroed(g.batch * g.out_image());
-    if y.is_empty() {
-        return into_tensor("conv2d", &g.output_shape(), y);
-    }
-    let threads = rayon::current_num_threads();
-    let per_chunk = g.images_per_chunk(threads);
-    let chunks = g.batch.div_ceil(per_chunk);
-    let par = parallelism(chunks < threads);
-    let weight = MatRef::row_major(&w, g.out_channels, g.patch());
+impl ConvOps<CpuTensor> for CpuBackend {
+    fn conv2d(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        bias: Option<&CpuTensor>,
+        spec: Conv2dSpec,
+    ) -> BackendResult<CpuTensor> {
+        self.install(|| {
+            let g = Geometry::new("conv2d", x.shape(), w.shape(), spec)?;
+            if let Some(b) = bias {
+                check_bias(&g, b)?;
+            }
+            let x = contiguous(x);
+            let w = contiguous(w);
+            let bias = bias.map(contiguous);
+            let mut y = zeroed(g.batch * g.out_image());
+            if y.is_empty() {
+                return into_tensor("conv2d", &g.output_shape(), y);
+            }
+            let threads = rayon::current_num_threads();
+            let per_chunk = g.images_per_chunk(threads);
+            let chunks = g.batch.div_ceil(per_chunk);
+            let par = parallelism(chunks < threads);
+            let weight = MatRef::row_major(&w, g.out_channels, g.patch());
 
-    if g.winograd() {
-        with_scratch(|scratch| winograd::forward(&g, &w, &x, bias.as_deref(), &mut y, scratch));
-        return into_tensor("conv2d", &g.output_shape(), y);
+            if g.winograd() {
+                with_scratch(|scratch| {
+                    winograd::forward(&g, &w, &x, bias.as_deref(), &mut y, scratch)
+                });
+                return into_tensor("conv2d", &g.output_shape(), y);
+            }
+            if g.shifted() || g.whole_batch() {
+                with_scratch(|scratch| {
+                    if g.shifted() {
+                        shifted::forward(&g, &w, &x, &mut y, scratch);
+                    } else {
+                        forward_whole_batch(&g, weight, &x, &mut y, scratch);
+                    }
+                });
+                if let Some(b) = &bias {
+                    y.par_chunks_mut(g.out_image()).for_each(|image| {
+                        for (plane, &b) in image.chunks_exact_mut(g.out_plane()).zip(b.iter()) {
+                            plane.iter_mut().for_each(|v| *v += b);
+                        }
+                    });
+                }
+                return into_tensor("conv2d", &g.output_shape(), y);
+            }
+
+            y.par_chunks_mut(per_chunk * g.out_image())
+                .zip(x.par_chunks(per_chunk * g.in_image()))
+                .for_each(|(y_chunk, x_chunk)| {
+                    with_scratch(|scratch| {
+                        forward_chunk(&g, weight, x_chunk, y_chunk, scratch, par)
+                    });
+                    if let Some(b) = &bias {
+                        for (plane, &b) in y_chunk
+                            .chunks_exact_mut(g.out_plane())
+                            .zip(b.iter().cycle())
+                        {
+                            plane.iter_mut().for_each(|v| *v += b);
+                        }
+                    }
+                });
+            into_tensor("conv2d", &g.output_shape(), y)
+        })
     }
-    if g.shifted() || g.whole_batch() {
-        with_scratch(|scratch| {
-            if g.shifted() {
-                shifted::forward(&g, &w, &x, &mut y, scratch);
+
+    fn conv2d_backward(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        dy: &CpuTensor,
+        spec: Conv2dSpec,
+        need_input: bool,
+        need_bias: bool,
+    ) -> BackendResult<Conv2dGrads<CpuTensor>> {
+        self.install(|| {
+            let g = Geometry::new("conv2d_backward", x.shape(), w.shape(), spec)?;
+            if dy.shape() != g.output_shape() {
+                return Err(BackendError::ShapeMismatch {
+                    op: "conv2d_backward",
+                    expected: format!(
+                        "an output gradient of shape {:?} for the input {:?} and weight {:?}",
+                        g.output_shape(),
+                        x.shape(),
+                        w.shape()
+                    ),
+                    got: dy.shape().to_vec(),
+                });
+            }
+            let x = contiguous(x);
+            let w = contiguous(w);
+            let dy = contiguous(dy);
+            let weight_len = g.out_channels * g.patch();
+
+            let bias = need_bias.then(|| bias_gradient(&g, &dy));
+            let (dx, dw) = if g.batch == 0 || g.out_plane() == 0 {
+                (vec![0.0; g.batch * g.in_image()], vec![0.0; weight_len])
             } else {
-                forward_whole_batch(&g, weight, &x, &mut y, scratch);
-            }
-        });
-        if let Some(b) = &bias {
-            y.par_chunks_mut(g.out_image()).for_each(|image| {
-                for (plane, &b) in image.chunks_exact_mut(g.out_plane()).zip(b.iter()) {
-                    plane.iter_mut().for_each(|v| *v += b);
-                }
-            });
-        }
-        return into_tensor("conv2d", &g.output_shape(), y);
+                gradients(&g, &x, &w, &dy, need_input)
+            };
+
+            let input = if need_input {
+                Some(into_tensor(
+                    "conv2d_backward",
+                    &[g.batch, g.in_channels, g.height, g.width],
+                    dx,
+                )?)
+            } else {
+                None
+            };
+            let bias = bias
+                .map(|b| into_tensor("conv2d_backward", &[g.out_channels], b))
+                .transpose()?;
+            Ok(Conv2dGrads {
+                input,
+                weight: into_tensor(
+                    "conv2d_backward",
+                    &[g.out_channels, g.in_channels, g.kernel, g.kernel],
+                    dw,
+                )?,
+                bias,
+            })
+        })
     }
-
-    y.par_chunks_mut(per_chunk * g.out_image())
-        .zip(x.par_chunks(per_chunk * g.in_image()))
-        .for_each(|(y_chunk, x_chunk)| {
-            with_scratch(|scratch| forward_chunk(&g, weight, x_chunk, y_chunk, scratch, par));
-            if let Some(b) = &bias {
-                for (plane, &b) in y_chunk
-                    .chunks_exact_mut(g.out_plane())
-                    .zip(b.iter().cycle())
-                {
-                    plane.iter_mut().for_each(|v| *v += b);
-                }
-            }
-        });
-    into_tensor("conv2d", &g.output_shape(), y)
-}
-
-pub(super) fn backward(
-    x: &CpuTensor,
-    w: &CpuTensor,
-    dy: &CpuTensor,
-    spec: Conv2dSpec,
-    need_input: bool,
-    need_bias: bool,
-) -> BackendResult<Conv2dGrads<CpuTensor>> {
-    let g = Geometry::new("conv2d_backward", x.shape(), w.shape(), spec)?;
-    if dy.shape() != g.output_shape() {
-        return Err(BackendError::ShapeMismatch {
-            op: "conv2d_backward",
-            expected: format!(
-                "an output gradient of shape {:?} for the input {:?} and weight {:?}",
-                g.output_shape(),
-                x.shape(),
-                w.shape()
-            ),
-            got: dy.shape().to_vec(),
-        });
-    }
-    let x = contiguous(x);
-    let w = contiguous(w);
-    let dy = contiguous(dy);
-    let weight_len = g.out_channels * g.patch();
-
-    let bias = need_bias.then(|| bias_gradient(&g, &dy));
-    let (dx, dw) = if g.batch == 0 || g.out_plane() == 0 {
-        (vec![0.0; g.batch * g.in_image()], vec![0.0; weight_len])
-    } else {
-        gradients(&g, &x, &w, &dy, need_input)
-    };
-
-    let input = if need_input {
-        Some(into_tensor(
-            "conv2d_backward",
-            &[g.batch, g.in_channels, g.height, g.width],
-            dx,
-        )?)
-    } else {
-        None
-    };
-    let bias = bias
-        .map(|b| into_tensor("conv2d_backward", &[g.out_channels], b))
-        .transpose()?;
-    Ok(Conv2dGrads {
-        input,
-        weight: into_tensor(
-            "conv2d_backward",
-            &[g.out_channels, g.in_channels, g.kernel, g.kernel],
-            dw,
-        )?,
-        bias,
-    })
 }
 
 /// The input gradient (when `need_input`, else empty) and the weight gradient, by the fastest method for
