@@ -7,7 +7,8 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use swa_core::backend::{
-    BatchNormGrads, BatchNormSaved, Conv2dGrads, Conv2dSpec, CrossEntropy, SgdStep,
+    BatchNormGrads, BatchNormSaved, Conv2dGrads, Conv2dSpec, ConvOps, CrossEntropy, DenseOps,
+    ElementwiseOps, LossOps, NormOps, PoolOps, SgdStep,
 };
 use swa_core::{Backend, BackendResult, CpuBackend, CpuTensor, HasShape};
 use swa_models::layers::{
@@ -69,19 +70,41 @@ impl Backend for CopyCounter {
         scale_(&self, tensor: &mut CpuTensor, factor: f32) -> BackendResult<()>;
         sgd_step_(&self, param: &mut CpuTensor, grad: &CpuTensor, momentum: &mut CpuTensor,
             step: &SgdStep) -> BackendResult<()>;
+    }
+}
+
+// `swa_core::backend::Decorator` forwards `duplicate` unconditionally, so this counter forwards the
+// operation families itself.
+impl ElementwiseOps<CpuTensor> for CopyCounter {
+    delegate! {
         add(&self, a: &CpuTensor, b: &CpuTensor) -> BackendResult<CpuTensor>;
         mul(&self, a: &CpuTensor, b: &CpuTensor) -> BackendResult<CpuTensor>;
         relu(&self, x: &CpuTensor) -> BackendResult<CpuTensor>;
         relu_backward(&self, y: &CpuTensor, dy: &CpuTensor) -> BackendResult<CpuTensor>;
         dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<CpuTensor>;
+    }
+}
+
+impl DenseOps<CpuTensor> for CopyCounter {
+    delegate! {
         matmul(&self, a: &CpuTensor, b: &CpuTensor, transpose_a: bool, transpose_b: bool)
             -> BackendResult<CpuTensor>;
         add_row_bias_(&self, x: &mut CpuTensor, bias: &CpuTensor) -> BackendResult<()>;
         sum_rows(&self, x: &CpuTensor) -> BackendResult<CpuTensor>;
+    }
+}
+
+impl ConvOps<CpuTensor> for CopyCounter {
+    delegate! {
         conv2d(&self, x: &CpuTensor, weight: &CpuTensor, bias: Option<&CpuTensor>,
             spec: Conv2dSpec) -> BackendResult<CpuTensor>;
         conv2d_backward(&self, x: &CpuTensor, weight: &CpuTensor, dy: &CpuTensor, spec: Conv2dSpec,
             need_input_grad: bool, need_bias_grad: bool) -> BackendResult<Conv2dGrads<CpuTensor>>;
+    }
+}
+
+impl NormOps<CpuTensor> for CopyCounter {
+    delegate! {
         batch_norm_train(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor,
             running_mean: &mut CpuTensor, running_var: &mut CpuTensor, momentum: f32, eps: f32)
             -> BackendResult<(CpuTensor, BatchNormSaved<CpuTensor>)>;
@@ -90,12 +113,22 @@ impl Backend for CopyCounter {
         batch_norm_backward(&self, x: &CpuTensor, gamma: &CpuTensor,
             saved: &BatchNormSaved<CpuTensor>, dy: &CpuTensor)
             -> BackendResult<BatchNormGrads<CpuTensor>>;
+    }
+}
+
+impl PoolOps<CpuTensor> for CopyCounter {
+    delegate! {
         max_pool2d(&self, x: &CpuTensor, kernel: usize, stride: usize) -> BackendResult<CpuTensor>;
         max_pool2d_backward(&self, x: &CpuTensor, dy: &CpuTensor, kernel: usize, stride: usize)
             -> BackendResult<CpuTensor>;
         avg_pool2d(&self, x: &CpuTensor, kernel: usize) -> BackendResult<CpuTensor>;
         avg_pool2d_backward(&self, dy: &CpuTensor, kernel: usize, input_shape: &[usize])
             -> BackendResult<CpuTensor>;
+    }
+}
+
+impl LossOps<CpuTensor> for CopyCounter {
+    delegate! {
         softmax_cross_entropy(&self, logits: &CpuTensor, labels: &[u32])
             -> BackendResult<CrossEntropy<CpuTensor>>;
         softmax(&self, logits: &CpuTensor) -> BackendResult<CpuTensor>;
