@@ -8,6 +8,7 @@ use crate::context::{Context, Dispatch, GpuTensor, Params, PoolStats, Variant};
 use crate::device::{self, GpuOptions};
 use crate::kernels;
 use crate::tiles::GemmTiles;
+use crate::uniforms::{ElementwiseParams, LerpManyParams};
 
 /// The WGSL compute backend. Cloning is cheap: clones share one device, buffer pool and pipeline cache.
 ///
@@ -179,7 +180,10 @@ impl Backend for GpuBackend {
         if n == 0 {
             return Ok(());
         }
-        let params = self.elementwise_params("fill_", n)?.f(value);
+        let params = Params::of(&ElementwiseParams {
+            a: value,
+            ..ElementwiseParams::count("fill_", n)?
+        });
         self.ctx.encode(&[Dispatch::new(
             &kernels::FILL,
             params,
@@ -238,19 +242,21 @@ impl Backend for GpuBackend {
             }
             let (chunk, tail) = rest.split_at(take);
             rest = tail;
-            let mut params = Params::new()
-                .f(weight)
-                .u(u32_extent(op, "element count", total)?)
-                .u(take as u32)
-                .u(0);
+            let mut uniform = LerpManyParams {
+                weight,
+                total: u32_extent(op, "element count", total)?,
+                pairs: take as u32,
+                ..LerpManyParams::default()
+            };
             let mut end = 0usize;
             let mut buffers = Vec::with_capacity(2 * take);
-            for (dst, src) in chunk {
+            for (i, (dst, src)) in chunk.iter().enumerate() {
                 end += dst.numel();
-                params = params.u(end as u32);
+                uniform.ends[i / 4][i % 4] = end as u32;
                 buffers.push(*dst);
                 buffers.push(*src);
             }
+            let params = Params::of(&uniform);
             let mut dispatch = Dispatch::new(
                 &kernels::LERP_MANY_KERNELS[take - 1],
                 params,
@@ -269,7 +275,10 @@ impl Backend for GpuBackend {
         if n == 0 {
             return Ok(());
         }
-        let params = self.elementwise_params("axpy_", n)?.f(alpha);
+        let params = Params::of(&ElementwiseParams {
+            a: alpha,
+            ..ElementwiseParams::count("axpy_", n)?
+        });
         self.ctx.encode(&[Dispatch::new(
             &kernels::AXPY,
             params,
@@ -283,7 +292,10 @@ impl Backend for GpuBackend {
         if n == 0 {
             return Ok(());
         }
-        let params = self.elementwise_params("scale_", n)?.f(factor);
+        let params = Params::of(&ElementwiseParams {
+            a: factor,
+            ..ElementwiseParams::count("scale_", n)?
+        });
         self.ctx.encode(&[Dispatch::new(
             &kernels::SCALE,
             params,
@@ -305,13 +317,14 @@ impl Backend for GpuBackend {
         if n == 0 {
             return Ok(());
         }
-        let params = self
-            .elementwise_params("sgd_step_", n)?
-            .f(step.lr)
-            .f(step.momentum)
-            .f(step.weight_decay)
-            .f(step.dampening)
-            .u(u32::from(step.nesterov));
+        let params = Params::of(&ElementwiseParams {
+            a: step.lr,
+            b: step.momentum,
+            c: step.weight_decay,
+            d: step.dampening,
+            flag: u32::from(step.nesterov),
+            ..ElementwiseParams::count("sgd_step_", n)?
+        });
         self.ctx.encode(&[Dispatch::new(
             &kernels::SGD,
             params,

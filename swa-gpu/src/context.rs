@@ -105,21 +105,15 @@ struct Batch {
     slots: u64,
 }
 
-/// A uniform parameter block: 32-bit fields in the order of the shader's `Params` struct.
+/// A dispatch's uniform parameter block, as the 32-bit words of one of the structs in
+/// [`crate::uniforms`].
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Params(Vec<u32>);
 
 impl Params {
-    pub(crate) fn new() -> Self {
-        Self::default()
-    }
-    pub(crate) fn u(mut self, value: u32) -> Self {
-        self.0.push(value);
-        self
-    }
-    pub(crate) fn f(mut self, value: f32) -> Self {
-        self.0.push(value.to_bits());
-        self
+    /// The words of a uniform struct.
+    pub(crate) fn of<T: bytemuck::Pod>(uniform: &T) -> Self {
+        Self(bytemuck::cast_slice(std::slice::from_ref(uniform)).to_vec())
     }
 }
 

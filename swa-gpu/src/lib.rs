@@ -71,6 +71,7 @@ mod ops;
 pub mod testing;
 mod tiles;
 mod timing;
+mod uniforms;
 
 pub use backend::GpuBackend;
 pub use context::{GpuTensor, PoolStats};

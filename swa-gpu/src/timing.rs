@@ -7,6 +7,7 @@ use swa_core::backend::{Backend, BackendError, BackendResult, HasShape};
 use crate::backend::GpuBackend;
 use crate::context::{Dispatch, Params};
 use crate::kernels;
+use crate::uniforms::PeakParams;
 
 /// Where a measured duration came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,7 +231,12 @@ impl GpuBackend {
                 message: format!("{threads} threads: expected 1 to {}", u32::MAX),
             })?;
         let out = self.zeros(&[threads])?;
-        let params = Params::new().u(count).u(iterations).f(PROBE_C).u(0);
+        let params = Params::of(&PeakParams {
+            threads: count,
+            iterations,
+            c: PROBE_C,
+            unused: 0,
+        });
         let dispatch = || {
             self.ctx.encode(&[Dispatch::new(
                 &kernels::FMA_CHAINS,

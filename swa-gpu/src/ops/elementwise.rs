@@ -5,10 +5,11 @@ use swa_core::backend::{BackendError, BackendResult, ElementwiseOps, HasShape};
 use crate::backend::{same_shape, u32_extent, GpuBackend};
 use crate::context::{Dispatch, GpuTensor, Params};
 use crate::kernels::{self, Kernel};
+use crate::uniforms::ElementwiseParams;
 
 impl GpuBackend {
     pub(crate) fn elementwise_params(&self, op: &'static str, n: usize) -> BackendResult<Params> {
-        Ok(Params::new().u(u32_extent(op, "element count", n)?))
+        Ok(Params::of(&ElementwiseParams::count(op, n)?))
     }
 
     pub(crate) fn copy_buffer(&self, dst: &GpuTensor, src: &GpuTensor) {
@@ -56,16 +57,10 @@ impl GpuBackend {
         if cols == 0 {
             return Ok(());
         }
-        let params = self
-            .elementwise_params(op, cols)?
-            .f(0.0)
-            .f(0.0)
-            .f(0.0)
-            .f(0.0)
-            .u(0)
-            .u(0)
-            .u(0)
-            .u(u32_extent(op, "rows", rows)?);
+        let params = Params::of(&ElementwiseParams {
+            inner: u32_extent(op, "rows", rows)?,
+            ..ElementwiseParams::count(op, cols)?
+        });
         self.ctx.encode(&[Dispatch::new(
             &kernels::SUM_ROWS,
             params,
@@ -101,15 +96,13 @@ impl ElementwiseOps<GpuTensor> for GpuBackend {
         let out = self.ctx.alloc("dropout_mask", shape)?;
         let n = out.numel();
         if n > 0 {
-            let params = self
-                .elementwise_params("dropout_mask", n)?
-                .f(1.0 / (1.0 - p))
-                .f(p)
-                .f(0.0)
-                .f(0.0)
-                .u(0)
-                .u(seed as u32)
-                .u((seed >> 32) as u32);
+            let params = Params::of(&ElementwiseParams {
+                a: 1.0 / (1.0 - p),
+                b: p,
+                seed_lo: seed as u32,
+                seed_hi: (seed >> 32) as u32,
+                ..ElementwiseParams::count("dropout_mask", n)?
+            });
             self.ctx.encode(&[Dispatch::new(
                 &kernels::DROPOUT_MASK,
                 params,

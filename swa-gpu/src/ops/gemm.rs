@@ -7,6 +7,7 @@ use swa_core::backend::{
 use crate::backend::{u32_extent, GpuBackend};
 use crate::context::{Dispatch, GpuTensor, Params, Variant};
 use crate::kernels;
+use crate::uniforms::{ElementwiseParams, GemmParams};
 
 /// Which operand loaders the GEMM kernel uses (the shader's `MODE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,26 +118,27 @@ impl GpuBackend {
         }
         let c = shape.conv;
         let u = |what: &str, v: usize| u32_extent(op, what, v);
-        let params = Params::new()
-            .u(u("M", shape.m)?)
-            .u(u("N", shape.n)?)
-            .u(u("K", shape.k)?)
-            .u(u("K chunk", k_chunk.max(1))?)
-            .u(u("stride", shape.a_strides.0)?)
-            .u(u("stride", shape.a_strides.1)?)
-            .u(u("stride", shape.b_strides.0)?)
-            .u(u("stride", shape.b_strides.1)?)
-            .u(u("batch", c.batch)?)
-            .u(u("input channels", c.cin)?)
-            .u(u("height", c.h)?)
-            .u(u("width", c.w)?)
-            .u(u("output channels", c.cout)?)
-            .u(u("output height", c.oh)?)
-            .u(u("output width", c.ow)?)
-            .u(u("kernel", c.ksize)?)
-            .u(u("stride", c.stride)?)
-            .u(u("padding", c.pad)?)
-            .u(u32::from(shape.has_bias));
+        let params = Params::of(&GemmParams {
+            m: u("M", shape.m)?,
+            n: u("N", shape.n)?,
+            k: u("K", shape.k)?,
+            k_chunk: u("K chunk", k_chunk.max(1))?,
+            a_row_stride: u("stride", shape.a_strides.0)?,
+            a_col_stride: u("stride", shape.a_strides.1)?,
+            b_row_stride: u("stride", shape.b_strides.0)?,
+            b_col_stride: u("stride", shape.b_strides.1)?,
+            batch: u("batch", c.batch)?,
+            cin: u("input channels", c.cin)?,
+            h: u("height", c.h)?,
+            w: u("width", c.w)?,
+            cout: u("output channels", c.cout)?,
+            oh: u("output height", c.oh)?,
+            ow: u("output width", c.ow)?,
+            ksize: u("kernel", c.ksize)?,
+            stride: u("stride", c.stride)?,
+            pad: u("padding", c.pad)?,
+            has_bias: u32::from(shape.has_bias),
+        });
         let placeholder;
         let bias = match bias {
             Some(b) => b,
@@ -321,16 +323,10 @@ impl DenseOps<GpuTensor> for GpuBackend {
         if n == 0 {
             return Ok(());
         }
-        let params = self
-            .elementwise_params(op, n)?
-            .f(0.0)
-            .f(0.0)
-            .f(0.0)
-            .f(0.0)
-            .u(0)
-            .u(0)
-            .u(0)
-            .u(u32_extent(op, "columns", *cols)?);
+        let params = Params::of(&ElementwiseParams {
+            inner: u32_extent(op, "columns", *cols)?,
+            ..ElementwiseParams::count(op, n)?
+        });
         self.ctx.encode(&[Dispatch::new(
             &kernels::ADD_ROW_BIAS,
             params,

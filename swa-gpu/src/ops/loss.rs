@@ -5,6 +5,7 @@ use swa_core::backend::{BackendError, BackendResult, CrossEntropy, HasShape, Los
 use crate::backend::{u32_extent, GpuBackend};
 use crate::context::{Dispatch, GpuTensor, Params};
 use crate::kernels;
+use crate::uniforms::LossParams;
 
 fn rows_and_classes(op: &'static str, logits: &GpuTensor) -> BackendResult<(usize, usize)> {
     match *logits.dims() {
@@ -57,9 +58,10 @@ impl LossOps<GpuTensor> for GpuBackend {
         let grad = self.ctx.alloc(op, logits.dims())?;
         let row_loss = self.ctx.alloc(op, &[rows])?;
         let loss = self.ctx.alloc(op, &[1])?;
-        let params = Params::new()
-            .u(u32_extent(op, "rows", rows)?)
-            .u(u32_extent(op, "classes", classes)?);
+        let params = Params::of(&LossParams {
+            rows: u32_extent(op, "rows", rows)?,
+            classes: u32_extent(op, "classes", classes)?,
+        });
         self.ctx.encode(&[
             Dispatch::new(
                 &kernels::CROSS_ENTROPY_ROWS,
@@ -82,9 +84,10 @@ impl LossOps<GpuTensor> for GpuBackend {
         let (rows, classes) = rows_and_classes(op, logits)?;
         let out = self.ctx.alloc(op, logits.dims())?;
         if rows > 0 {
-            let params = Params::new()
-                .u(u32_extent(op, "rows", rows)?)
-                .u(u32_extent(op, "classes", classes)?);
+            let params = Params::of(&LossParams {
+                rows: u32_extent(op, "rows", rows)?,
+                classes: u32_extent(op, "classes", classes)?,
+            });
             self.ctx.encode(&[Dispatch::new(
                 &kernels::SOFTMAX,
                 params,

@@ -7,6 +7,7 @@ use swa_core::backend::{
 use crate::backend::{u32_extent, GpuBackend};
 use crate::context::{Dispatch, GpuTensor, Params};
 use crate::kernels;
+use crate::uniforms::BatchNormParams;
 
 /// `[N, C, H, W]` or `[N, C]` as (batch, channels, pixels per channel).
 fn layout(op: &'static str, x: &GpuTensor) -> BackendResult<(usize, usize, usize)> {
@@ -41,13 +42,14 @@ impl GpuBackend {
         momentum: f32,
         eps: f32,
     ) -> BackendResult<Params> {
-        Ok(Params::new()
-            .u(u32_extent(op, "batch", n)?)
-            .u(u32_extent(op, "channels", c)?)
-            .u(u32_extent(op, "pixels per channel", hw)?)
-            .f(momentum)
-            .f(eps)
-            .u(u32_extent(op, "element count", n * c * hw)?))
+        Ok(Params::of(&BatchNormParams {
+            batch: u32_extent(op, "batch", n)?,
+            channels: u32_extent(op, "channels", c)?,
+            hw: u32_extent(op, "pixels per channel", hw)?,
+            momentum,
+            eps,
+            total: u32_extent(op, "element count", n * c * hw)?,
+        }))
     }
 
     fn channel_groups(&self, op: &'static str, c: usize) -> BackendResult<[u32; 3]> {

@@ -5,6 +5,7 @@ use swa_core::backend::{BackendError, BackendResult, HasShape, PoolOps};
 use crate::backend::{u32_extent, GpuBackend};
 use crate::context::{Dispatch, GpuTensor, Params};
 use crate::kernels::{self, Kernel};
+use crate::uniforms::PoolParams;
 
 /// Geometry of a pooling over an `[N, C, H, W]` input.
 #[derive(Clone, Copy, Debug)]
@@ -66,15 +67,16 @@ impl GpuBackend {
             return Ok(());
         }
         let u = |what: &str, v: usize| u32_extent(op, what, v);
-        let params = Params::new()
-            .u(u("element count", total)?)
-            .u(u("channels", g.c)?)
-            .u(u("height", g.h)?)
-            .u(u("width", g.w)?)
-            .u(u("output height", g.oh)?)
-            .u(u("output width", g.ow)?)
-            .u(u("window", g.kernel)?)
-            .u(u("stride", g.stride)?);
+        let params = Params::of(&PoolParams {
+            total: u("element count", total)?,
+            channels: u("channels", g.c)?,
+            h: u("height", g.h)?,
+            w: u("width", g.w)?,
+            oh: u("output height", g.oh)?,
+            ow: u("output width", g.ow)?,
+            kernel: u("window", g.kernel)?,
+            stride: u("stride", g.stride)?,
+        });
         let mut buffers = inputs;
         buffers.push(out);
         self.ctx.encode(&[Dispatch::new(
