@@ -14,16 +14,6 @@ use crate::module::Module;
 const GENERAL_NAMES: &str = "preresnet<depth> (depth = 6n+2 below 44, 9n+2 from 44) and \
      wrn<depth>x<k> (depth = 6n+4)";
 
-/// The names [`Architecture::from_str`] accepts, for error messages and help texts: the named networks,
-/// then the general forms.
-pub fn valid_names() -> String {
-    let named: Vec<String> = Architecture::NAMED
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    format!("{}, or in general {GENERAL_NAMES}", named.join(", "))
-}
-
 /// Errors building a network.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -32,7 +22,7 @@ pub enum ModelError {
     UnknownArchitecture {
         /// The name that was given.
         name: String,
-        /// The valid names ([`valid_names`]).
+        /// The valid names ([`Architecture::valid_names`]).
         valid: String,
     },
     /// A known family with an impossible configuration (a PreResNet depth that is not 6n+2, …).
@@ -97,6 +87,13 @@ impl Architecture {
             dropout_rate: 0.0,
         },
     ];
+
+    /// The names [`Architecture::from_str`] accepts, for error messages and help texts: the named
+    /// networks, then the general forms.
+    pub fn valid_names() -> String {
+        let named: Vec<String> = Self::NAMED.iter().map(ToString::to_string).collect();
+        format!("{}, or in general {GENERAL_NAMES}", named.join(", "))
+    }
 
     /// Checks that the configuration describes a network the original code builds exactly.
     pub fn validate(&self) -> Result<(), ModelError> {
@@ -180,7 +177,7 @@ impl FromStr for Architecture {
     fn from_str(name: &str) -> Result<Self, ModelError> {
         let unknown = || ModelError::UnknownArchitecture {
             name: name.to_string(),
-            valid: valid_names(),
+            valid: Architecture::valid_names(),
         };
         let lower = name.trim().to_ascii_lowercase();
         let architecture = if lower == "vgg16" {
