@@ -40,6 +40,9 @@
 //! SWA over a toy network with one weight, one bias and a BatchNorm running mean, on the CPU:
 //!
 //! ```
+//! # // The example needs the CPU backend, the default feature `cpu`.
+//! # #[cfg(feature = "cpu")]
+//! # mod example {
 //! use swa_core::averaging::{BufferPolicy, WeightAverage, WeightAveraging};
 //! use swa_core::{Backend, CpuBackend, CpuTensor, NamedTensors, TensorRole};
 //!
@@ -62,7 +65,7 @@
 //!     }
 //! }
 //!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # pub fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let backend = CpuBackend::with_threads(1);
 //! let snapshot = |w: f32| -> Result<Toy, swa_core::BackendError> {
 //!     Ok(Toy {
@@ -88,6 +91,12 @@
 //! let state = swa.to_state(&backend)?;
 //! let restored = WeightAverage::from_state(&backend, &state)?;
 //! assert_eq!(restored.count(), 3);
+//! # Ok(())
+//! # }
+//! # }
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # #[cfg(feature = "cpu")]
+//! # example::run()?;
 //! # Ok(())
 //! # }
 //! ```
