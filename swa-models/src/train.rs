@@ -9,11 +9,10 @@
 //! - **FGE**: a cyclical schedule, the predictions of the snapshots at the cycles' low points ensembled.
 //!
 //! Every epoch ends with a checkpoint written atomically (a directory renamed into place): the weights, the
-//! momentum buffers and the average's tensors in safetensors files, and in `state.json` the configuration,
-//! the history, the ensemble and the small part of the optimiser and average (names, shapes, the count and
-//! the rule); dropout masks
-//! and data order are pure functions of (seed, epoch, step), so a resumed run repeats the uninterrupted one
-//! bit for bit on the CPU. For the same reason two runs that train their first epochs identically
+//! momentum buffers, the average's tensors and the ensemble's probabilities in safetensors files, and in
+//! `state.json` the configuration, the history and the small part of the optimiser, average and ensemble
+//! (names, shapes, the count, the rule); dropout masks and data order are pure functions of (seed, epoch,
+//! step), so a resumed run repeats the uninterrupted one bit for bit on the CPU. For the same reason two runs that train their first epochs identically
 //! ([`RunConfig::shared_epochs`]: the SGD and SWA runs before their schedules' first decay) need not train
 //! them twice: [`Trainer::branch_from`] starts one from the other's checkpoint, kept with
 //! [`Trainer::keep_checkpoints`].
