@@ -8,6 +8,8 @@
 //! `update_bn` (momentum `None`) weighs every batch equally instead; the two agree whenever the batches
 //! have one size, and differ only through a smaller last batch.
 
+use std::borrow::Borrow;
+
 use swa_core::backend::Backend;
 use swa_core::params::TensorRole;
 
@@ -54,18 +56,26 @@ pub fn reset_batch_norm<B: Backend>(
 
 /// Recomputes the BatchNorm running statistics of `model` from `batches`, returning the number of images
 /// seen. A model without BatchNorm is left as it is, and no batch is drawn.
-pub fn update_bn<B: Backend>(
+///
+/// The batches may be owned or borrowed (`&HostBatch`), so that a caller that recomputes the statistics of
+/// many weight sets over the same data (a loss-surface survey) keeps one copy of it.
+pub fn update_bn<B: Backend, I>(
     backend: &B,
     model: &mut dyn Module<B>,
-    batches: impl IntoIterator<Item = HostBatch>,
+    batches: I,
     seed: u64,
-) -> Result<usize, TrainError> {
+) -> Result<usize, TrainError>
+where
+    I: IntoIterator,
+    I::Item: Borrow<HostBatch>,
+{
     if !has_batch_norm(model) {
         return Ok(0);
     }
     reset_batch_norm(backend, model)?;
     let mut seen = 0usize;
     for (index, batch) in batches.into_iter().enumerate() {
+        let batch = batch.borrow();
         batch.validate()?;
         if batch.is_empty() {
             continue;

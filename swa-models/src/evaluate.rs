@@ -1,6 +1,8 @@
 //! Evaluation: accuracy and mean negative log-likelihood of a network, and of an ensemble of weight sets
 //! (Fast Geometric Ensembling averages the predicted probabilities of its snapshots).
 
+use std::borrow::Borrow;
+
 use serde::{Deserialize, Serialize};
 use swa_core::backend::Backend;
 
@@ -102,15 +104,20 @@ pub fn predict_logits<B: Backend>(
     Ok((values, classes))
 }
 
-/// Accuracy and mean NLL of `model` (in evaluation mode) on `batches`.
-pub fn evaluate<B: Backend>(
+/// Accuracy and mean NLL of `model` (in evaluation mode) on `batches`, owned or borrowed.
+pub fn evaluate<B: Backend, I>(
     backend: &B,
     model: &mut dyn Module<B>,
-    batches: impl IntoIterator<Item = HostBatch>,
-) -> Result<Metrics, TrainError> {
+    batches: I,
+) -> Result<Metrics, TrainError>
+where
+    I: IntoIterator,
+    I::Item: Borrow<HostBatch>,
+{
     let mut acc = MetricsAccumulator::default();
     for batch in batches {
-        let (logits, classes) = predict_logits(backend, model, &batch)?;
+        let batch = batch.borrow();
+        let (logits, classes) = predict_logits(backend, model, batch)?;
         acc.add_log_probs(&log_softmax_rows(&logits, classes), classes, &batch.labels);
     }
     Ok(acc.finish())
