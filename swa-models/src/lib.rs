@@ -11,7 +11,9 @@
 //! - [`checkpoint`]: weights in safetensors files that PyTorch loads strictly;
 //! - [`train`]: the training loop for SGD, SWA and FGE runs, with per-epoch checkpoints and resume;
 //!   [`step`] (the one training step, which benchmarks and estimates time too), [`optim`] (SGD), [`bn`] (`update_bn`: BatchNorm recomputation for averaged weights) and [`evaluate`]
-//!   (accuracy, NLL, ensembles) are its parts, usable on their own.
+//!   (accuracy, NLL, ensembles) are its parts, usable on their own;
+//! - [`geometry`]: the loss surface around trained weights (random rays, the SGD–SWA line, planes through
+//!   three points), the paper's flatness figures as numbers.
 //!
 //! ```
 //! use swa_core::CpuBackend;
@@ -31,6 +33,7 @@ pub mod bn;
 pub mod checkpoint;
 pub mod error;
 pub mod evaluate;
+pub mod geometry;
 pub mod layers;
 pub mod module;
 pub mod nets;

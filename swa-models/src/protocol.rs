@@ -212,6 +212,27 @@ impl Recipe {
     }
 }
 
+/// The file in a run's folder with its weights after the last epoch (PyTorch-loadable).
+pub const FINAL_WEIGHTS_FILE: &str = "final.safetensors";
+/// The file in an SWA run's folder with the average's weights, BatchNorm statistics recomputed.
+pub const SWA_WEIGHTS_FILE: &str = "swa.safetensors";
+
+/// The snapshot epochs of a run whose checkpoints are kept for the loss-surface figures
+/// ([`crate::geometry`]): the first, the middle and the last three snapshots, which give the planes through
+/// the first, middle and last points of a trajectory and through three consecutive FGE snapshots.
+pub fn trajectory_epochs(config: &RunConfig) -> Vec<usize> {
+    let snapshots = config.snapshot_epochs();
+    let n = snapshots.len();
+    let mut picked: Vec<usize> = [0, n / 2]
+        .into_iter()
+        .chain(n.saturating_sub(3)..n)
+        .filter_map(|i| snapshots.get(i).copied())
+        .collect();
+    picked.sort_unstable();
+    picked.dedup();
+    picked
+}
+
 /// Where a run takes its first epochs from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Branch {
@@ -232,7 +253,8 @@ pub struct PlannedRun {
     pub config: RunConfig,
     /// Its folder: checkpoints in `checkpoints/` below it.
     pub dir: PathBuf,
-    /// Epoch counts whose checkpoints later runs start from, kept when newer ones are written.
+    /// Epoch counts whose checkpoints are kept when newer ones are written: those later runs start from,
+    /// and the snapshots of [`trajectory_epochs`].
     pub keep: Vec<usize>,
     /// An earlier run that trains this one's first epochs identically.
     pub branch: Option<Branch>,
@@ -347,9 +369,9 @@ pub fn plan_seed(
         });
         plans.push(PlannedRun {
             kind,
+            keep: trajectory_epochs(&config),
             config,
             dir: seed_dir.join(kind.name()),
-            keep: Vec::new(),
             branch,
         });
     }

@@ -95,6 +95,19 @@ impl RunConfig {
         })
     }
 
+    /// The completed-epoch counts after which the run takes a snapshot, in order: its checkpoint after that
+    /// many epochs holds the snapshot's weights. Snapshots taken within epochs (a period in iterations) have
+    /// no checkpoint and are not listed.
+    pub fn snapshot_epochs(&self) -> Vec<usize> {
+        match self.policy() {
+            Some(policy) => (0..self.epochs)
+                .filter(|&epoch| policy.average_after_epoch(epoch))
+                .map(|epoch| epoch + 1)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
     /// How many leading epochs this run and `other` train identically, given the same data: the same seed
     /// and SGD settings, the same learning rate at every step (bit for bit), and no snapshot taken by
     /// either. Up to that many epochs, a checkpoint of one is a checkpoint of the other
@@ -224,7 +237,8 @@ impl<B: Backend> std::fmt::Debug for Trainer<B> {
 /// `state.json`. The unversioned layout before it kept every tensor inside `state.json`.
 const CHECKPOINT_FORMAT: u32 = 2;
 const STATE_FILE: &str = "state.json";
-const MODEL_FILE: &str = "model.safetensors";
+/// The file of a checkpoint that holds the network's weights and BatchNorm statistics.
+pub const MODEL_FILE: &str = "model.safetensors";
 const MOMENTUM_FILE: &str = "momentum.safetensors";
 const AVERAGE_FILE: &str = "average.safetensors";
 const ENSEMBLE_FILE: &str = "ensemble.safetensors";
@@ -681,6 +695,30 @@ fn read_meta(dir: &Path) -> Result<TrainerMeta, TrainError> {
         });
     }
     serde_json::from_slice(&bytes).map_err(json)
+}
+
+/// What a checkpoint records about its run, without reading its tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointInfo {
+    /// The run's configuration.
+    pub config: RunConfig,
+    /// Epochs done when the checkpoint was written.
+    pub epochs_done: usize,
+    /// Leading epochs the run took from another run's checkpoint ([`Trainer::branch_from`]).
+    pub branched_epochs: usize,
+    /// The run's per-epoch metrics so far.
+    pub history: Vec<EpochRecord>,
+}
+
+/// Reads the `state.json` of the checkpoint in `dir`.
+pub fn checkpoint_info(dir: &Path) -> Result<CheckpointInfo, TrainError> {
+    let meta = read_meta(dir)?;
+    Ok(CheckpointInfo {
+        config: meta.config,
+        epochs_done: meta.epochs_done,
+        branched_epochs: meta.branched_epochs,
+        history: meta.history,
+    })
 }
 
 /// Saves the SWA average's weights (with BN statistics recomputed by [`Trainer::swa_model`]) or any model

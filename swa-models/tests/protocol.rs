@@ -141,11 +141,19 @@ fn a_seed_plans_each_run_from_the_earlier_run_sharing_most_epochs(
             epochs: 12
         })
     );
+    // Besides the branch points, the SWA and FGE runs keep the checkpoints of their first, middle and
+    // last three snapshots for the loss-surface planes: SWA averages after epochs 13..=24, FGE at the
+    // low points of its 2-epoch cycles, after epochs 13 and 15.
+    assert_eq!(swa.config.snapshot_epochs(), (13..=24).collect::<Vec<_>>());
+    assert_eq!(fge.config.snapshot_epochs(), vec![13, 15]);
     assert_eq!(
-        (sgd.keep.as_slice(), swa.keep.as_slice()),
-        (&[7][..], &[12][..])
+        (
+            sgd.keep.as_slice(),
+            swa.keep.as_slice(),
+            fge.keep.as_slice()
+        ),
+        (&[7][..], &[13, 19, 22, 23, 24, 12][..], &[13, 15][..])
     );
-    assert!(fge.keep.is_empty());
     assert_eq!(fge.taken_epochs(), 12);
     // Another seed's runs start from that seed's checkpoints only.
     let other = plan_seed(&quick, &[RunKind::Swa], 2, 391, seed_dir)?;

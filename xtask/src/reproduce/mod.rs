@@ -20,7 +20,7 @@ use swa_core::backend::{Backend, BackendError};
 use swa_core::CpuBackend;
 use swa_data::DatasetKind;
 use swa_gpu::{GpuBackend, GpuOptions};
-use swa_models::protocol::{plan_seed, PlannedRun, RunStart};
+use swa_models::protocol::{plan_seed, PlannedRun, RunStart, FINAL_WEIGHTS_FILE, SWA_WEIGHTS_FILE};
 use swa_models::train::{EpochRecord, TrainObserver, Trainer};
 use swa_models::{module::parameter_count, Module};
 
@@ -338,9 +338,9 @@ fn write_run_files<B: Backend>(
     swa_models::checkpoint::write_atomically(&dir.join("history.json"), &json)?;
     if trainer.epochs_done() == trainer.config().epochs {
         let backend = trainer.backend().clone();
-        swa_models::train::save_weights(&backend, trainer.model(), &dir.join("final.safetensors"))?;
+        swa_models::train::save_weights(&backend, trainer.model(), &dir.join(FINAL_WEIGHTS_FILE))?;
         if let Some(swa) = trainer.swa_model(source)? {
-            swa_models::train::save_weights(&backend, swa, &dir.join("swa.safetensors"))?;
+            swa_models::train::save_weights(&backend, swa, &dir.join(SWA_WEIGHTS_FILE))?;
         }
     }
     Ok(())

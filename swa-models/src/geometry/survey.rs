@@ -1,0 +1,307 @@
+//! A survey: many points of weight space, each a linear combination of a few anchor vectors, evaluated in
+//! parallel, with every finished point cached so that a killed survey resumes where it stopped.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+use swa_core::backend::Backend;
+use swa_core::seed::{fold_words, splitmix64_mix};
+
+use crate::error::TrainError;
+use crate::geometry::probe::{PointMetrics, SurfaceData, SurfaceProbe};
+use crate::geometry::vector::WeightVector;
+use crate::geometry::GeometryError;
+
+/// One point of a survey.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SurveyPoint {
+    /// Which curve or surface of the survey the point belongs to (`swa/ray-3`, `line`, `plane`).
+    pub series: String,
+    /// The point's coordinates in the survey's terms, in weight-space distance units (a ray's distance
+    /// from its start, the line's signed distance from SWA, a plane's `(x, y)`).
+    pub coordinates: Vec<f64>,
+    /// The point as `Σ coefficient · anchor`: (anchor index, coefficient) pairs.
+    pub terms: Vec<(usize, f64)>,
+}
+
+/// Points defined over a list of anchor vectors (solutions, directions, plane bases).
+#[derive(Clone, Debug)]
+pub struct Survey {
+    /// The survey's name (`rays`, `line`, `plane-sgd-swa-start`, …).
+    pub name: String,
+    /// The vectors the points combine.
+    pub anchors: Vec<WeightVector>,
+    /// The points, in order.
+    pub points: Vec<SurveyPoint>,
+}
+
+impl Survey {
+    /// Writes point `index` into `buffer` (which must have the anchors' length).
+    pub fn point_into(&self, index: usize, buffer: &mut WeightVector) {
+        let terms: Vec<(f64, &WeightVector)> = self.points[index]
+            .terms
+            .iter()
+            .map(|&(anchor, c)| (c, &self.anchors[anchor]))
+            .collect();
+        buffer.set_combination(&terms);
+    }
+
+    /// Point `index` as a new vector.
+    pub fn point(&self, index: usize) -> WeightVector {
+        let len = self.anchors.first().map_or(0, WeightVector::len);
+        let mut buffer = WeightVector(vec![0.0; len]);
+        self.point_into(index, &mut buffer);
+        buffer
+    }
+
+    /// A fingerprint of everything a point's metrics depend on besides the network: the anchors' bits, the
+    /// points' definitions and `context` (the data and the weight decay). A cache written for another
+    /// fingerprint is not reused.
+    pub fn fingerprint(&self, context: &[u64]) -> u64 {
+        let mut words: Vec<u64> = context.to_vec();
+        for anchor in &self.anchors {
+            words.push(anchor.len() as u64);
+            // Two coordinates a word, a chunk at a time, so that a vector of tens of millions of
+            // coordinates is hashed without a copy of it.
+            let mut state = 0;
+            for chunk in anchor.0.chunks(4096) {
+                let chunk_words: Vec<u64> = chunk
+                    .chunks(2)
+                    .map(|pair| {
+                        let high = pair.get(1).map_or(0, |v| v.to_bits() as u64);
+                        (high << 32) | pair[0].to_bits() as u64
+                    })
+                    .collect();
+                state = fold_words(state, &chunk_words);
+            }
+            words.push(state);
+        }
+        for point in &self.points {
+            words.push(point.terms.len() as u64);
+            for &(anchor, c) in &point.terms {
+                words.push(anchor as u64);
+                words.push(c.to_bits());
+            }
+        }
+        splitmix64_mix(fold_words(0, &words))
+    }
+}
+
+/// The cache of a survey's finished points: a JSON-lines file whose first line names the survey and its
+/// fingerprint, and every further line one finished point. A line cut short by a kill is dropped on
+/// reading, and the point evaluated again.
+#[derive(Debug)]
+pub struct PointCache {
+    path: PathBuf,
+    file: File,
+    done: Vec<Option<PointMetrics>>,
+}
+
+#[derive(Serialize, Deserialize, PartialEq, Debug)]
+struct CacheHeader {
+    survey: String,
+    fingerprint: String,
+    points: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CachedPoint {
+    index: usize,
+    metrics: PointMetrics,
+}
+
+impl PointCache {
+    /// Opens (or creates) the cache of `survey` at `path`. A cache of another survey or fingerprint is an
+    /// error that names the file, never silently overwritten.
+    pub fn open(path: &Path, survey: &Survey, fingerprint: u64) -> Result<Self, GeometryError> {
+        let header = CacheHeader {
+            survey: survey.name.clone(),
+            fingerprint: format!("{fingerprint:016x}"),
+            points: survey.points.len(),
+        };
+        let io = |source| GeometryError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut done = vec![None; survey.points.len()];
+        if path.exists() {
+            let text = std::fs::read(path).map_err(io)?;
+            // Everything after the last newline is a line a kill cut short.
+            let complete = text
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |end| end + 1);
+            let reader = BufReader::new(&text[..complete]);
+            let mut lines = reader.lines();
+            let first = lines.next().transpose().map_err(io)?;
+            let found: Option<CacheHeader> =
+                first.as_deref().and_then(|l| serde_json::from_str(l).ok());
+            if found.as_ref() != Some(&header) {
+                return Err(GeometryError::CacheMismatch {
+                    path: path.to_path_buf(),
+                    expected: format!(
+                        "{} ({} points, {})",
+                        header.survey, header.points, header.fingerprint
+                    ),
+                });
+            }
+            for (number, line) in lines.enumerate() {
+                let line = line.map_err(io)?;
+                let point: CachedPoint =
+                    serde_json::from_str(&line).map_err(|source| GeometryError::CacheLine {
+                        path: path.to_path_buf(),
+                        line: number + 2,
+                        source,
+                    })?;
+                let slot =
+                    done.get_mut(point.index)
+                        .ok_or_else(|| GeometryError::CacheMismatch {
+                            path: path.to_path_buf(),
+                            expected: format!("point indices below {}", header.points),
+                        })?;
+                *slot = Some(point.metrics);
+            }
+            if complete < text.len() {
+                let file = OpenOptions::new().write(true).open(path).map_err(io)?;
+                file.set_len(complete as u64).map_err(io)?;
+            }
+            let file = OpenOptions::new().append(true).open(path).map_err(io)?;
+            return Ok(Self {
+                path: path.to_path_buf(),
+                file,
+                done,
+            });
+        }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let mut file = File::create(path).map_err(io)?;
+        let line = serde_json::to_string(&header).map_err(|source| GeometryError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        writeln!(file, "{line}").map_err(io)?;
+        file.sync_data().map_err(io)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            done,
+        })
+    }
+
+    /// The metrics of every point, `None` where not yet evaluated.
+    pub fn results(&self) -> &[Option<PointMetrics>] {
+        &self.done
+    }
+
+    /// The points still to evaluate.
+    pub fn pending(&self) -> Vec<usize> {
+        (0..self.done.len())
+            .filter(|&i| self.done[i].is_none())
+            .collect()
+    }
+
+    /// Records a finished point, on disk first.
+    pub fn record(&mut self, index: usize, metrics: PointMetrics) -> Result<(), GeometryError> {
+        let line = serde_json::to_string(&CachedPoint { index, metrics }).map_err(|source| {
+            GeometryError::Json {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        let io = |source| GeometryError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        writeln!(self.file, "{line}").map_err(io)?;
+        self.file.flush().map_err(io)?;
+        if let Some(slot) = self.done.get_mut(index) {
+            *slot = Some(metrics);
+        }
+        Ok(())
+    }
+}
+
+/// Evaluates the survey's points that `cache` does not hold yet, one worker thread per probe (each its
+/// own network and backend: on a CPU, probes of one thread each keep the cores busier on small networks
+/// than one probe of all threads), recording each finished point in the cache as it comes. `on_point`
+/// sees each newly finished point. Returns every point's metrics, in order.
+pub fn run_survey<B: Backend + Send>(
+    survey: &Survey,
+    data: SurfaceData<'_>,
+    probes: Vec<SurfaceProbe<B>>,
+    cache: &mut PointCache,
+    mut on_point: impl FnMut(usize, &PointMetrics),
+) -> Result<Vec<PointMetrics>, GeometryError> {
+    let pending = cache.pending();
+    if probes.is_empty() && !pending.is_empty() {
+        return Err(GeometryError::InvalidSetting(
+            "a survey needs at least one probe to evaluate its points".into(),
+        ));
+    }
+    let len = survey.anchors.first().map_or(0, WeightVector::len);
+    if let Some(probe) = probes.first() {
+        if probe.layout().len() != len {
+            return Err(GeometryError::Train(TrainError::StateMismatch(format!(
+                "the survey's points have {len} coordinates, the network {} parameters",
+                probe.layout().len()
+            ))));
+        }
+    }
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let (sender, receiver) = mpsc::channel::<(usize, Result<PointMetrics, TrainError>)>();
+    let mut failure: Option<GeometryError> = None;
+    std::thread::scope(|scope| {
+        for mut probe in probes {
+            let sender = sender.clone();
+            let (next, stop, pending) = (&next, &stop, &pending);
+            scope.spawn(move || {
+                let mut buffer = WeightVector(vec![0.0; len]);
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(&index) = pending.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        break;
+                    };
+                    survey.point_into(index, &mut buffer);
+                    let result = probe.evaluate(&buffer, data);
+                    if sender.send((index, result)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(sender);
+        for (index, result) in receiver {
+            let recorded = result
+                .map_err(GeometryError::from)
+                .and_then(|metrics| cache.record(index, metrics).map(|()| metrics));
+            match recorded {
+                Ok(metrics) => on_point(index, &metrics),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    cache
+        .results()
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            m.ok_or_else(|| {
+                GeometryError::InvalidSetting(format!(
+                    "point {i} of {} was not evaluated",
+                    survey.name
+                ))
+            })
+        })
+        .collect()
+}
