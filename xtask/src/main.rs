@@ -1,6 +1,7 @@
 //! `cargo xtask`: experiment orchestration for swa-rs. Thin: the work lives in the library crates.
 
 mod data;
+mod geometry;
 mod models;
 mod reproduce;
 
@@ -24,6 +25,8 @@ enum Command {
     /// Inspect and verify the CIFAR data sets.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// The paper's flatness figures for a seed's runs: random rays, the SGD-SWA line, planes (resumable).
+    Geometry(geometry::GeometryArgs),
     /// Print each network with its class count and parameter count.
     Models,
     /// Reproduce the paper: SGD vs SWA vs FGE on CIFAR, with tables and plots (resumable).
@@ -35,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Data(command) => data::run(command),
         Command::Reproduce(args) => reproduce::run(args),
+        Command::Geometry(args) => geometry::run(args),
         Command::Models => models::run(),
     }
 }

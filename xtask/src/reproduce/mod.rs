@@ -24,7 +24,7 @@ use swa_models::protocol::{plan_seed, PlannedRun, RunStart, FINAL_WEIGHTS_FILE, 
 use swa_models::train::{EpochRecord, TrainObserver, Trainer};
 use swa_models::{module::parameter_count, Module};
 
-pub use presets::{Preset, RunKind};
+pub use presets::{normalization_of, Preset, RunKind};
 use source::CifarSource;
 
 /// Which device trains.
@@ -131,12 +131,12 @@ pub fn run(args: ReproduceArgs) -> Result<()> {
     Ok(())
 }
 
-enum Device {
+pub enum Device {
     Cpu(CpuBackend),
     Gpu(GpuBackend),
 }
 
-fn choose_device(choice: DeviceChoice, threads: Option<usize>) -> Result<Device> {
+pub fn choose_device(choice: DeviceChoice, threads: Option<usize>) -> Result<Device> {
     let cpu = || match threads {
         Some(n) => CpuBackend::with_threads(n),
         None => CpuBackend::new(),
