@@ -28,7 +28,15 @@ The first form writes, into swa-models/tests/fixtures/:
                                torch.optim.swa_utils.AveragedModel from a given step on, BatchNorm recomputed
                                with swa_utils.update_bn, then the average's eval-mode logits. The second file
                                holds the batches, the losses, the trained state_dict ("trained.<key>"), the
-                               averaged state_dict after the recomputation ("swa.<key>") and those logits.
+                               averaged state_dict after the recomputation ("swa.<key>") and those logits;
+  golden_geometry_<net>.safetensors
+                               the loss-surface line between two weight sets standing in for SGD ("sgd.<key>")
+                               and SWA ("swa.<key>"; two torch seeds, BatchNorm randomised, the classifier
+                               scaled up): at each t of GEOMETRY_TS the parameters
+                               t·w_SGD + (1 − t)·w_SWA, BatchNorm recomputed with swa_utils.update_bn on the
+                               train batches, then the eval-mode train and test cross-entropy and error and
+                               the L2 term wd/2·‖w‖² ("t<i>.train_nll", …, in float64), with the batches
+                               ("train<j>.input"/"train<j>.labels", "test0.input"/"test0.labels").
 The second form loads a checkpoint written by swa-models into the reference network NAME (a key of
 torch_ref.MODELS, or preresnet<depth> / wrn<depth>x<k>) with load_state_dict(strict=True).
 
@@ -53,6 +61,12 @@ TRAIN_MOMENTUM = 0.9
 TRAIN_WEIGHT_DECAY = 3e-4
 TRAIN_SWA_FROM = 1                    # 0-based step after which averaging starts
 TRAIN_BN_BATCHES = 2
+GEOMETRY_GOLDEN = ('preresnet8', 10)
+GEOMETRY_TS = [0.25, 1.5]             # one point between SWA and SGD, one beyond SGD
+GEOMETRY_WEIGHT_DECAY = 5e-4
+GEOMETRY_FC_SCALE = 8.0               # on the classifier's default weights: logits of a few units
+GEOMETRY_BATCH = 8                    # every batch one size: update_bn's cumulative mean is then the
+GEOMETRY_TRAIN_BATCHES = 2            # batch-size-weighted mean that swa-models computes
 FORMULA_GOLDEN = {'vgg16': 10, 'vgg16bn': 10, 'preresnet164': 100, 'wrn16x4': 10, 'wrn28x10': 100}
 BATCH = 2
 
@@ -206,6 +220,68 @@ def train_golden(ref, out):
     print(f'{name} training: losses {losses}, {int(swa.n_averaged)} snapshots averaged')
 
 
+def geometry_golden(ref, out):
+    name, classes = GEOMETRY_GOLDEN
+    anchors = {}
+    for role, seed in (('sgd', 6000), ('swa', 6001)):
+        torch.manual_seed(seed)
+        model = build(ref, name, classes)
+        randomise_batch_norm(model, torch.Generator().manual_seed(seed + 100))
+        # Logits of a few units rather than PyTorch's default near-uniform ones, so that the losses depend
+        # on every logit and not mostly on the constant log(classes).
+        model.fc.weight.data *= GEOMETRY_FC_SCALE
+        anchors[role] = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    # A data seed on which no image's two largest logits come near a tie at any t (asserted below).
+    gen = torch.Generator().manual_seed(6004)
+    io = {}
+    train, test = [], []
+    for prefix, batches, count in (('train', train, GEOMETRY_TRAIN_BATCHES), ('test', test, 1)):
+        for j in range(count):
+            x = torch.randn(GEOMETRY_BATCH, 3, 32, 32, generator=gen)
+            y = torch.randint(0, classes, (GEOMETRY_BATCH,), generator=gen)
+            io[f'{prefix}{j}.input'], io[f'{prefix}{j}.labels'] = x, y
+            batches.append((x, y))
+    for role, state in anchors.items():
+        for k, v in state.items():
+            io[f'{role}.{k}'] = v
+
+    def nll_and_error(model, batches):
+        """Mean cross-entropy (float64 from the float32 logits), error in percent, and the smallest gap
+        between an image's two largest logits relative to the largest logit: a gap near single-precision
+        rounding would make the error hinge on the order of a kernel's sums."""
+        logits = torch.cat([model(x) for x, _ in batches]).double()
+        labels = torch.cat([y for _, y in batches])
+        nll = torch.nn.functional.cross_entropy(logits, labels).item()
+        error = 100.0 * (logits.argmax(1) != labels).double().mean().item()
+        top2 = logits.topk(2, dim=1).values
+        return nll, error, ((top2[:, 0] - top2[:, 1]).min() / logits.abs().max()).item()
+
+    model = build(ref, name, classes)
+    parameter_names = {n for n, _ in model.named_parameters()}
+    for i, t in enumerate(GEOMETRY_TS):
+        # The interpolation in float64 rounded once to float32, as WeightVector::set_combination does.
+        state = {k: (t * anchors['sgd'][k].double() + (1 - t) * anchors['swa'][k].double()).float()
+                 if k in parameter_names else v for k, v in anchors['swa'].items()}
+        model.load_state_dict(state, strict=True)
+        torch.optim.swa_utils.update_bn([x for x, _ in train], model)
+        model.eval()
+        with torch.no_grad():
+            train_nll, train_error, train_gap = nll_and_error(model, train)
+            test_nll, test_error, test_gap = nll_and_error(model, test)
+        l2 = 0.5 * GEOMETRY_WEIGHT_DECAY * sum((p.detach().double() ** 2).sum().item()
+                                               for p in model.parameters())
+        gap = min(train_gap, test_gap)
+        assert gap > 1e-3, f't = {t}: two logits within {gap:.2e} (relative), the error would hinge on rounding'
+        values = {'t': t, 'train_loss': train_nll + l2, 'train_nll': train_nll, 'l2_term': l2,
+                  'train_error': train_error, 'test_loss': test_nll, 'test_error': test_error}
+        for k, v in values.items():
+            io[f't{i}.{k}'] = torch.tensor(v, dtype=torch.float64)
+        print(f'{name} line t = {t}: train nll {train_nll:.6f}, L2 {l2:.6f}, train error {train_error}%, '
+              f'test nll {test_nll:.6f}, test error {test_error}%, smallest top-2 logit gap {gap:.3e}')
+    save_file({k: v.contiguous() for k, v in io.items()},
+              os.path.join(out, f'golden_geometry_{name}.safetensors'))
+
+
 SGD_CASES = [
     dict(lr=0.1, momentum=0.9, weight_decay=5e-4, dampening=0.0, nesterov=False),
     dict(lr=0.1, momentum=0.9, weight_decay=5e-4, dampening=0.3, nesterov=False),
@@ -268,7 +344,7 @@ def main():
     parser.add_argument('--torch-ref', default=os.environ.get('SWA_TORCH_REF', '/work/shared/tools'))
     parser.add_argument('--out', default=os.path.join(here, '..', 'tests', 'fixtures'))
     parser.add_argument('--check-load', nargs=3, metavar=('CHECKPOINT', 'NAME', 'CLASSES'))
-    parser.add_argument('--only', choices=['golden', 'formula', 'train', 'sgd', 'shapes'],
+    parser.add_argument('--only', choices=['golden', 'formula', 'train', 'geometry', 'sgd', 'shapes'],
                         help='write one family of fixtures only')
     args = parser.parse_args()
     sys.path.insert(0, args.torch_ref)
@@ -278,7 +354,8 @@ def main():
         check_load(ref, *args.check_load)
         return
     os.makedirs(args.out, exist_ok=True)
-    families = {'golden': golden, 'formula': formula_golden, 'train': train_golden, 'sgd': sgd_golden,
+    families = {'golden': golden, 'formula': formula_golden, 'train': train_golden,
+                'geometry': geometry_golden, 'sgd': sgd_golden,
                 'shapes': shapes}
     for family, write in families.items():
         if args.only in (None, family):
