@@ -51,6 +51,9 @@ pub struct Recipe {
     pub batch_size: usize,
     /// FGE cycle length in epochs.
     pub fge_cycle: usize,
+    /// Evaluate the FGE run's weights on the test set every this many steps (0: at epoch ends only), for
+    /// the figure of test error against iteration under its cyclical learning rate.
+    pub fge_test_every: usize,
     /// Evaluate the average every this many epochs of the SWA phase.
     pub swa_eval_every: usize,
     /// Train on only the first this many training images (`None`: all).
@@ -167,6 +170,7 @@ impl Recipe {
                 seed,
                 swa_eval_epochs: Vec::new(),
                 swa_eval_every: 0,
+                test_every_iterations: 0,
             },
             RunKind::Swa => RunConfig {
                 epochs: self.swa_epochs,
@@ -183,6 +187,7 @@ impl Recipe {
                 seed,
                 swa_eval_epochs: self.swa_report_epochs(),
                 swa_eval_every: self.swa_eval_every,
+                test_every_iterations: 0,
             },
             RunKind::Fge => {
                 let cycle = self.fge_cycle.max(2);
@@ -205,6 +210,7 @@ impl Recipe {
                     seed,
                     swa_eval_epochs: Vec::new(),
                     swa_eval_every: 0,
+                    test_every_iterations: self.fge_test_every,
                 }
             }
         };

@@ -83,6 +83,13 @@ pub struct RunConfig {
     /// Evaluate the SWA average every this many epochs of the SWA phase (0: only at `swa_eval_epochs` and at
     /// the end).
     pub swa_eval_every: usize,
+    /// Evaluate the current weights on the test set every this many optimiser steps as well as at epoch
+    /// ends (0: at epoch ends only), for the paper's figure of test error against iteration under a
+    /// cyclical learning rate. A multiple that falls on an epoch's last step is the epoch's own test
+    /// evaluation ([`EpochRecord::test`]). Evaluation changes no state, so the trajectory is the same
+    /// either way.
+    #[serde(default)]
+    pub test_every_iterations: usize,
 }
 
 impl RunConfig {
@@ -163,6 +170,23 @@ pub struct EpochRecord {
     pub train_seconds: f64,
     /// Wall time of the epoch including evaluations and the checkpoint, in seconds.
     pub epoch_seconds: f64,
+    /// Optimiser steps of the epoch (0 in records written before it was kept).
+    #[serde(default)]
+    pub steps: usize,
+    /// Test metrics within the epoch, every [`RunConfig::test_every_iterations`] steps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub iteration_tests: Vec<IterationTest>,
+}
+
+/// The test metrics of the weights after one optimiser step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IterationTest {
+    /// Optimiser steps done since the start of the run (1-based: the first step is iteration 1).
+    pub iteration: usize,
+    /// The learning rate of that step.
+    pub lr: f32,
+    /// Test metrics of the weights after it.
+    pub test: Metrics,
 }
 
 /// Callbacks for progress display and logging.
@@ -446,6 +470,8 @@ impl<B: Backend> Trainer<B> {
         let steps = data.train_batches_per_epoch();
         let mut train = MetricsAccumulator::default();
         let (mut lr_first, mut lr_last) = (f32::NAN, f32::NAN);
+        let mut iteration_tests = Vec::new();
+        let mut test_seconds = 0.0;
         for (step, batch) in data.train_epoch(epoch).enumerate() {
             let lr = self.lr(epoch, step, steps);
             if step == 0 {
@@ -470,6 +496,18 @@ impl<B: Backend> Trainer<B> {
                 });
             }
             observer.on_step(epoch, step, steps, loss);
+            let iteration = epoch * steps + step + 1;
+            let every = self.config.test_every_iterations;
+            if every > 0 && iteration % every == 0 && step + 1 < steps {
+                let evaluating = Instant::now();
+                let test = evaluate(&self.backend, self.model.as_mut(), data.test())?;
+                iteration_tests.push(IterationTest {
+                    iteration,
+                    lr,
+                    test,
+                });
+                test_seconds += evaluating.elapsed().as_secs_f64();
+            }
             if self
                 .policy
                 .as_ref()
@@ -478,7 +516,8 @@ impl<B: Backend> Trainer<B> {
                 self.take_snapshot(data)?;
             }
         }
-        let train_seconds = started.elapsed().as_secs_f64();
+        // The epoch's training time, without the evaluations within it.
+        let train_seconds = started.elapsed().as_secs_f64() - test_seconds;
         if self
             .policy
             .as_ref()
@@ -519,6 +558,8 @@ impl<B: Backend> Trainer<B> {
             ensemble_test,
             train_seconds,
             epoch_seconds: 0.0,
+            steps,
+            iteration_tests,
         };
         record.epoch_seconds = started.elapsed().as_secs_f64();
         self.history.push(record.clone());

@@ -25,6 +25,7 @@ fn recipe(lr_init: f32, swa_lr: f32, budget: usize, swa_start: usize) -> Recipe 
         weight_decay: 5e-4,
         batch_size: 128,
         fge_cycle: 2,
+        fge_test_every: 0,
         swa_eval_every: 1,
         train_limit: None,
         test_limit: None,

@@ -4,7 +4,7 @@
 //! and keeps its last good checkpoint.
 
 use swa_core::averaging::{BufferPolicy, CustomRule, WeightAveraging, WeightRule};
-use swa_core::schedule::{Period, Schedule};
+use swa_core::schedule::{LrSchedule, Period, Schedule};
 use swa_core::Backend;
 use swa_core::CpuBackend;
 use swa_models::optim::SgdConfig;
@@ -75,6 +75,7 @@ fn config(epochs: usize, lr: f32) -> RunConfig {
         seed: 11,
         swa_eval_epochs: vec![3],
         swa_eval_every: 0,
+        test_every_iterations: 0,
     }
 }
 
@@ -218,6 +219,7 @@ fn sgd_config(budget: usize, lr: f32) -> RunConfig {
         seed: 11,
         swa_eval_epochs: Vec::new(),
         swa_eval_every: 0,
+        test_every_iterations: 0,
     }
 }
 
@@ -652,4 +654,38 @@ fn wrn28x10_checkpoint_size() {
         written as f64 / reference as f64
     );
     assert!((written as f64) < 1.1 * ((tensors + parameters) * 4) as f64);
+}
+
+#[test]
+fn testing_within_epochs_records_every_kth_iteration_and_leaves_the_trajectory_unchanged() {
+    let backend = CpuBackend::with_threads(2);
+    let data = Toy::new();
+    let mut plain = trainer(&backend, config(4, 0.05));
+    plain.run(&data, &mut Silent).expect("plain run");
+    let mut tested = trainer(
+        &backend,
+        RunConfig {
+            test_every_iterations: 1,
+            ..config(4, 0.05)
+        },
+    );
+    tested
+        .run(&data, &mut Silent)
+        .expect("run tested every step");
+
+    assert_eq!(weights(&mut plain), weights(&mut tested));
+    for (p, t) in plain.history().iter().zip(tested.history()) {
+        assert_eq!((p.test, p.swa_test, p.train), (t.test, t.swa_test, t.train));
+        assert_eq!(t.steps, 2);
+        // Two steps an epoch: the first is tested within the epoch, the second is the epoch's own test.
+        let iterations: Vec<usize> = t.iteration_tests.iter().map(|i| i.iteration).collect();
+        assert_eq!(iterations, vec![2 * t.epoch - 1]);
+        assert!(p.iteration_tests.is_empty());
+        let within = t.iteration_tests[0];
+        assert_eq!(within.test.count, 4);
+        assert_eq!(within.lr, plain.config().schedule.lr(t.epoch - 1, 0, 2));
+    }
+    // After the first step of training the weights differ from the epoch's end, and so does the loss.
+    let first = &tested.history()[0];
+    assert_ne!(first.iteration_tests[0].test.loss, first.test.loss);
 }

@@ -71,6 +71,11 @@ pub struct ReproduceArgs {
     /// Continue from the checkpoints in OUT (the default; kept for explicitness).
     #[arg(long)]
     pub resume: bool,
+    /// Evaluate the FGE run on the test set every this many steps, for the figure of test error against
+    /// iteration under its cyclical learning rate (0: at epoch ends only). Part of the FGE run's
+    /// configuration: set it before the run starts.
+    #[arg(long, default_value_t = 0)]
+    pub fge_test_every: usize,
     /// Stop after this many epochs of each run in this invocation (to split long runs; rerun to continue).
     #[arg(long, hide = true)]
     pub max_epochs_per_run: Option<usize>,
@@ -94,7 +99,11 @@ pub fn run(args: ReproduceArgs) -> Result<()> {
     };
     let recipes = models
         .iter()
-        .map(|m| presets::recipe(args.preset, m, kind))
+        .map(|m| {
+            let mut recipe = presets::recipe(args.preset, m, kind)?;
+            recipe.fge_test_every = args.fge_test_every;
+            Ok(recipe)
+        })
         .collect::<Result<Vec<_>>>()?;
     if args.seeds == 0 {
         bail!("--seeds must be at least 1");

@@ -254,11 +254,63 @@ pub fn write_reports(data_dir: &Path, kind: DatasetKind) -> Result<Vec<PathBuf>>
         let lr_path = data_dir.join(format!("{model}-learning-rate.svg"));
         plot_learning_rate(&lr_path, model, &runs)?;
         written.push(lr_path);
+        for run in &runs {
+            if let Some(curves) = curves_by_iteration(run) {
+                let path =
+                    data_dir.join(format!("{model}-{}-test-error-by-iteration.svg", run.run));
+                plot(
+                    &path,
+                    &format!(
+                        "{model}: test error of the {} run's weights by iteration (circles: snapshots)",
+                        run.run
+                    ),
+                    "test error (%)",
+                    "iteration",
+                    &curves,
+                )?;
+                written.push(path);
+            }
+        }
     }
     Ok(written)
 }
 
 type Curve = (String, RGBColor, Vec<(f64, f64)>);
+
+/// A run's test error against iteration, from the evaluations within its epochs and at their ends, and
+/// the points where it took snapshots (the low points of a cyclical schedule); `None` for a run that was
+/// not evaluated within epochs.
+fn curves_by_iteration(run: &RunSummary) -> Option<Vec<Curve>> {
+    if run
+        .history
+        .iter()
+        .all(|e| e.iteration_tests.is_empty() || e.steps == 0)
+    {
+        return None;
+    }
+    let mut error = Vec::new();
+    let mut snapshots = Vec::new();
+    let mut taken = 0;
+    for record in &run.history {
+        let end = (record.epoch * record.steps) as f64;
+        error.extend(
+            record
+                .iteration_tests
+                .iter()
+                .map(|t| (t.iteration as f64, 100.0 - t.test.accuracy)),
+        );
+        error.push((end, 100.0 - record.test.accuracy));
+        if record.snapshots > taken {
+            snapshots.push((end, 100.0 - record.test.accuracy));
+            taken = record.snapshots;
+        }
+    }
+    let mut curves = vec![("test error".to_string(), BLUE, error)];
+    if !snapshots.is_empty() {
+        curves.push(("snapshots".to_string(), RED, snapshots));
+    }
+    Some(curves)
+}
 
 fn curves_of_error(runs: &[&RunSummary]) -> Vec<Curve> {
     let mut curves = Vec::new();
@@ -300,6 +352,7 @@ fn plot_test_error(path: &Path, model: &str, runs: &[&RunSummary]) -> Result<()>
         path,
         &format!("{model}: test error (seed 1)"),
         "test error (%)",
+        "epoch",
         &curves,
     )
 }
@@ -329,11 +382,12 @@ fn plot_learning_rate(path: &Path, model: &str, runs: &[&RunSummary]) -> Result<
         path,
         &format!("{model}: learning rate"),
         "learning rate",
+        "epoch",
         &curves,
     )
 }
 
-fn plot(path: &Path, title: &str, y_label: &str, curves: &[Curve]) -> Result<()> {
+fn plot(path: &Path, title: &str, y_label: &str, x_label: &str, curves: &[Curve]) -> Result<()> {
     let all = || curves.iter().flat_map(|c| c.2.iter());
     let x_max = all().map(|p| p.0).fold(1.0, f64::max);
     let y_max = all().map(|p| p.1).fold(f64::MIN, f64::max).max(1e-6) * 1.05;
@@ -350,7 +404,7 @@ fn plot(path: &Path, title: &str, y_label: &str, curves: &[Curve]) -> Result<()>
         .map_err(|e| draw(&e))?;
     chart
         .configure_mesh()
-        .x_desc("epoch")
+        .x_desc(x_label)
         .y_desc(y_label)
         .draw()
         .map_err(|e| draw(&e))?;
@@ -402,6 +456,8 @@ mod tests {
             ensemble_test: None,
             train_seconds: 1.0,
             epoch_seconds: 2.0,
+            steps: 10,
+            iteration_tests: Vec::new(),
         }
     }
 
@@ -479,5 +535,40 @@ mod tests {
             DatasetKind::Cifar10,
         );
         assert_eq!(rows[0].wall_seconds, 2.0 * (6.0 + 4.0));
+    }
+
+    #[test]
+    fn the_iteration_figure_joins_tests_within_and_at_the_end_of_epochs_and_marks_snapshots() {
+        use swa_models::IterationTest;
+        let mut first = record(1, 60.0, None);
+        let mut second = record(2, 70.0, None);
+        second.snapshots = 1;
+        first.iteration_tests = vec![IterationTest {
+            iteration: 5,
+            lr: 0.1,
+            test: Metrics {
+                loss: 1.0,
+                accuracy: 55.0,
+                count: 100,
+            },
+        }];
+        let run = RunSummary {
+            model: "preresnet8".into(),
+            run: RunKind::Fge,
+            seed: 1,
+            budget: 2,
+            epochs_planned: 2,
+            parameters: 1,
+            shared_epochs: 0,
+            history: vec![first, second],
+        };
+        let curves = curves_by_iteration(&run).unwrap();
+        assert_eq!(curves[0].2, vec![(5.0, 45.0), (10.0, 40.0), (20.0, 30.0)]);
+        assert_eq!(curves[1].2, vec![(20.0, 30.0)]);
+        let untested = RunSummary {
+            history: vec![record(1, 60.0, None)],
+            ..run
+        };
+        assert!(curves_by_iteration(&untested).is_none());
     }
 }
