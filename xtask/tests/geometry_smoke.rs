@@ -139,6 +139,13 @@ fn geometry_of_the_smoke_runs_writes_every_figure_and_resumes_from_its_cache() {
     assert_eq!(json["flatness"].as_array().map(Vec::len), Some(4));
     let table = std::fs::read_to_string(geometry.join("results.md")).expect("results.md");
     assert!(table.contains("| SWA | train_loss |"), "{table}");
+    // The data set's report gathers the seed's flatness beside the accuracy table.
+    let report = std::fs::read_to_string(out.join("cifar10/results.md")).expect("results.md");
+    assert!(
+        report.contains("## Flatness along random rays")
+            && report.contains("| preresnet8 | seed-1 | train_loss |"),
+        "{report}"
+    );
 
     // Run again: every point comes from the cache, and the results are the same.
     let second = assert_success(&xtask(&geometry_args, &data, &[&seed_dir]));

@@ -25,7 +25,7 @@ use swa_models::geometry::{
 use swa_models::protocol::RunKind;
 use swa_models::{Architecture, HostBatch};
 
-use crate::reproduce::{choose_device, normalization_of, Device, DeviceChoice};
+use crate::reproduce::{choose_device, normalization_of, write_reports, Device, DeviceChoice};
 
 /// Which figures to make.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -590,6 +590,13 @@ fn survey_all<B: Backend + Send>(
     let md_path = out.join("results.md");
     swa_models::checkpoint::write_atomically(&md_path, markdown(&report).as_bytes())?;
     written.push(md_path);
+    // The data set's report gathers the flatness of every surveyed seed, when RUN lies where
+    // `cargo xtask reproduce` puts seeds (OUT/<data>/<model>/seed-<s>).
+    if let Some(data_dir) = args.run.canonicalize()?.parent().and_then(Path::parent) {
+        if data_dir.file_name().and_then(|n| n.to_str()) == Some(kind.cli_name()) {
+            written.extend(write_reports(data_dir, kind)?);
+        }
+    }
     for path in written {
         println!("wrote {}", path.display());
     }

@@ -25,6 +25,7 @@ use swa_models::train::{EpochRecord, TrainObserver, Trainer};
 use swa_models::{module::parameter_count, Module};
 
 pub use presets::{normalization_of, Preset, RunKind};
+pub use report::write_reports;
 use source::CifarSource;
 
 /// Which device trains.

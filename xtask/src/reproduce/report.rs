@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 use swa_data::DatasetKind;
+use swa_models::geometry::RayWidth;
 use swa_models::train::EpochRecord;
 use swa_models::Architecture;
 
@@ -226,13 +227,88 @@ fn markdown(rows: &[Row], kind: DatasetKind) -> String {
     md
 }
 
-/// Writes `results.md`, `results.json` and one plot per network and kind into `data_dir`.
+/// What `cargo xtask geometry` leaves in `<model>/<seed>/geometry/geometry.json` that the report shows.
+#[derive(Deserialize)]
+struct GeometrySummary {
+    flatness: Vec<RayWidth>,
+}
+
+/// The ray widths of every seed folder under `data_dir` that has them: (model, seed folder, widths).
+fn load_flatness(data_dir: &Path) -> Result<Vec<(String, String, Vec<RayWidth>)>> {
+    let mut found = Vec::new();
+    let Ok(models) = std::fs::read_dir(data_dir) else {
+        return Ok(found);
+    };
+    for model in models.flatten() {
+        let Ok(seeds) = std::fs::read_dir(model.path()) else {
+            continue;
+        };
+        for seed in seeds.flatten() {
+            let path = seed.path().join("geometry").join("geometry.json");
+            if !path.is_file() {
+                continue;
+            }
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let summary: GeometrySummary = serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            if !summary.flatness.is_empty() {
+                found.push((
+                    model.file_name().to_string_lossy().to_string(),
+                    seed.file_name().to_string_lossy().to_string(),
+                    summary.flatness,
+                ));
+            }
+        }
+    }
+    found.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    Ok(found)
+}
+
+/// The flatness table: for each seed that has ray widths, SGD's and SWA's side by side.
+fn flatness_markdown(found: &[(String, String, Vec<RayWidth>)]) -> String {
+    let mut md = String::new();
+    if found.is_empty() {
+        return md;
+    }
+    let _ = writeln!(
+        md,
+        "\n## Flatness along random rays (`cargo xtask geometry`)\n\nDistance from each solution at which \
+         the metric first rises by the threshold above its value at the solution, mean ± std over rays (the \
+         same directions for both solutions). Wider is flatter.\n"
+    );
+    let _ = writeln!(md, "| model | seed | metric | rise | SGD | SWA |");
+    let _ = writeln!(md, "|---|---|---|---:|---:|---:|");
+    for (model, seed, widths) in found {
+        let mut metrics: Vec<&str> = widths.iter().map(|w| w.metric.as_str()).collect();
+        metrics.dedup();
+        for metric in metrics {
+            let of = |solution: &str| {
+                widths
+                    .iter()
+                    .find(|w| w.metric == metric && w.solution == solution)
+            };
+            let threshold = of("SWA").or(of("SGD")).map_or(f64::NAN, |w| w.threshold);
+            let describe = |w: Option<&RayWidth>| w.map_or("—".to_string(), RayWidth::describe);
+            let _ = writeln!(
+                md,
+                "| {model} | {seed} | {metric} | {threshold} | {} | {} |",
+                describe(of("SGD")),
+                describe(of("SWA"))
+            );
+        }
+    }
+    md
+}
+
+/// Writes `results.md`, `results.json` and one plot per network and kind into `data_dir`; `results.md`
+/// ends with the flatness table of the seeds `cargo xtask geometry` has surveyed.
 pub fn write_reports(data_dir: &Path, kind: DatasetKind) -> Result<Vec<PathBuf>> {
     let summaries = load_summaries(data_dir)?;
     let rows = rows(&summaries, kind);
     let mut written = Vec::new();
     let md_path = data_dir.join("results.md");
-    let md = markdown(&rows, kind);
+    let md = markdown(&rows, kind) + &flatness_markdown(&load_flatness(data_dir)?);
     print!("{md}");
     swa_models::checkpoint::write_atomically(&md_path, md.as_bytes())?;
     written.push(md_path);
