@@ -214,6 +214,14 @@ fn a_resumed_survey_equals_an_uninterrupted_one() {
     let values: Vec<PointMetrics> = reopened.results().iter().map(|m| m.unwrap()).collect();
     assert_eq!(values, expected);
 
+    // A cache killed before its header was complete starts anew.
+    let headless = dir.path().join("headless.jsonl");
+    std::fs::write(&headless, &lines[0][..5]).unwrap();
+    let fresh = PointCache::open(&headless, survey, fingerprint).unwrap();
+    assert_eq!(fresh.pending().len(), 6);
+    drop(fresh);
+    assert!(PointCache::open(&headless, survey, fingerprint).is_ok());
+
     // A cache of another survey is refused, naming the file.
     let other = PointCache::open(&cut_path, survey, fingerprint ^ 1).unwrap_err();
     assert!(matches!(other, GeometryError::CacheMismatch { .. }));

@@ -128,13 +128,18 @@ impl PointCache {
             source,
         };
         let mut done = vec![None; survey.points.len()];
-        if path.exists() {
-            let text = std::fs::read(path).map_err(io)?;
-            // Everything after the last newline is a line a kill cut short.
-            let complete = text
-                .iter()
-                .rposition(|&b| b == b'\n')
-                .map_or(0, |end| end + 1);
+        let text = match std::fs::read(path) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(e)),
+        };
+        // Everything after the last newline is a line a kill cut short; a file without a complete line
+        // (killed before its header was written) is started anew.
+        let complete = text
+            .as_ref()
+            .and_then(|t| t.iter().rposition(|&b| b == b'\n'))
+            .map(|end| end + 1);
+        if let (Some(text), Some(complete)) = (text, complete) {
             let reader = BufReader::new(&text[..complete]);
             let mut lines = reader.lines();
             let first = lines.next().transpose().map_err(io)?;
