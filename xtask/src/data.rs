@@ -47,6 +47,20 @@ impl From<DatasetArg> for DatasetKind {
     }
 }
 
+/// Reads both splits of a data set from `data` (a folder or archive), or from the data folder, downloading
+/// it there when it is missing.
+pub fn load_splits(
+    kind: DatasetKind,
+    data: Option<&Path>,
+) -> anyhow::Result<swa_data::CifarSplits> {
+    let path = match data {
+        Some(path) => path.to_path_buf(),
+        None => swa_data::ensure_available(kind, None)?,
+    };
+    swa_data::load_kind(kind, &path)
+        .with_context(|| format!("reading {} from {}", kind.display_name(), path.display()))
+}
+
 /// Runs a data command.
 pub fn run(command: DataCommand) -> anyhow::Result<()> {
     match command {

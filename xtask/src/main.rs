@@ -1,5 +1,6 @@
 //! `cargo xtask`: experiment orchestration for swa-rs. Thin: the work lives in the library crates.
 
+mod charts;
 mod data;
 mod geometry;
 mod models;

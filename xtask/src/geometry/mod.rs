@@ -336,17 +336,7 @@ fn survey_all<B: Backend + Send>(
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let data_path = match &args.data {
-        Some(path) => path.clone(),
-        None => swa_data::ensure_available(kind, None)?,
-    };
-    let splits = swa_data::load_kind(kind, &data_path).with_context(|| {
-        format!(
-            "reading {} from {}",
-            kind.display_name(),
-            data_path.display()
-        )
-    })?;
+    let splits = crate::data::load_splits(kind, args.data.as_deref())?;
     let classes = splits.train.num_classes();
     let train = eval_batches(
         splits.train,

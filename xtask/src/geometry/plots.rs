@@ -3,10 +3,11 @@
 use std::path::Path;
 
 use anyhow::Result;
-use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::colors::colormaps::ViridisRGB;
 use swa_models::geometry::{Metric, PlaneSurvey, PointMetrics, Survey};
+
+use crate::charts::{curves_panel, drawing_error, Axes};
 
 /// The paper's colours: SGD green, SWA blue.
 const SGD_COLOUR: RGBColor = RGBColor(34, 139, 34);
@@ -18,10 +19,6 @@ fn colour_of(solution: &str) -> RGBColor {
     } else {
         SWA_COLOUR
     }
-}
-
-fn drawing_error(path: &Path) -> impl Fn(&dyn std::fmt::Display) -> anyhow::Error + '_ {
-    move |e| anyhow::anyhow!("drawing {}: {e}", path.display())
 }
 
 /// Each ray of `solution` as (distances, values of `metric`), in the survey's order.
@@ -49,84 +46,6 @@ pub fn ray_curves(
     curves.into_iter().map(|(_, d, v)| (d, v)).collect()
 }
 
-type Curve = (String, RGBColor, Vec<(f64, f64)>);
-
-/// One panel of curves, labelled once per name in the legend.
-fn curves_panel(
-    area: &DrawingArea<SVGBackend, Shift>,
-    path: &Path,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    curves: &[Curve],
-    marks: &[(String, f64)],
-) -> Result<()> {
-    let draw = drawing_error(path);
-    let all = || curves.iter().flat_map(|c| c.2.iter());
-    let (x0, x1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
-        (a.min(p.0), b.max(p.0))
-    });
-    let (y0, y1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
-        (a.min(p.1), b.max(p.1))
-    });
-    if !(x0.is_finite() && y0.is_finite()) {
-        return Ok(());
-    }
-    let pad = ((y1 - y0) * 0.05).max(1e-6);
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(x0..x1.max(x0 + 1e-9), (y0 - pad)..(y1 + pad))
-        .map_err(|e| draw(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .y_desc(y_label)
-        .draw()
-        .map_err(|e| draw(&e))?;
-    let mut labelled = Vec::new();
-    for (name, colour, points) in curves {
-        let colour = *colour;
-        let series = chart
-            .draw_series(LineSeries::new(
-                points.iter().copied(),
-                colour.mix(0.8).stroke_width(2),
-            ))
-            .map_err(|e| draw(&e))?;
-        if !labelled.contains(name) {
-            labelled.push(name.clone());
-            series.label(name.as_str()).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-            });
-        }
-    }
-    for (label, x) in marks {
-        let colour = colour_of(label);
-        chart
-            .draw_series(std::iter::once(PathElement::new(
-                vec![(*x, y0 - pad), (*x, y1 + pad)],
-                colour.mix(0.5).stroke_width(1),
-            )))
-            .map_err(|e| draw(&e))?;
-        chart
-            .draw_series(std::iter::once(Text::new(
-                label.clone(),
-                (*x, y1),
-                ("sans-serif", 16).into_font().color(&colour),
-            )))
-            .map_err(|e| draw(&e))?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| draw(&e))?;
-    Ok(())
-}
-
 /// Train loss and test error against the distance along every ray, SGD's and SWA's in one plot each.
 pub fn rays(path: &Path, model: &str, survey: &Survey, metrics: &[PointMetrics]) -> Result<()> {
     let draw = drawing_error(path);
@@ -141,15 +60,12 @@ pub fn rays(path: &Path, model: &str, survey: &Survey, metrics: &[PointMetrics])
                 curves.push((solution.to_string(), colour_of(solution), points));
             }
         }
-        curves_panel(
-            area,
-            path,
-            &format!("{model}: random rays, {}", metric.label()),
-            "distance from the solution along the ray",
-            metric.label(),
-            &curves,
-            &[],
-        )?;
+        let axes = Axes {
+            title: &format!("{model}: random rays, {}", metric.label()),
+            x_label: "distance from the solution along the ray",
+            y_label: metric.label(),
+        };
+        curves_panel(area, path, &axes, &curves, &[], false)?;
     }
     root.present().map_err(|e| draw(&e))?;
     Ok(())
@@ -167,7 +83,10 @@ pub fn line(
     let root = SVGBackend::new(path, (1400, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| draw(&e))?;
     let panels = root.split_evenly((1, 2));
-    let marks = [("SWA".to_string(), 0.0), ("SGD".to_string(), span)];
+    let marks = [
+        ("SWA".to_string(), SWA_COLOUR, 0.0),
+        ("SGD".to_string(), SGD_COLOUR, span),
+    ];
     for (area, metric) in panels.iter().zip([Metric::TrainLoss, Metric::TestError]) {
         let points = survey
             .points
@@ -175,15 +94,13 @@ pub fn line(
             .zip(metrics)
             .map(|(p, m)| (p.coordinates.get(1).copied().unwrap_or(0.0), m.get(metric)))
             .collect();
-        curves_panel(
-            area,
-            path,
-            &format!("{model}: SWA to SGD, {}", metric.label()),
-            "signed distance from SWA towards SGD",
-            metric.label(),
-            &[(metric.label().to_string(), RGBColor(60, 60, 60), points)],
-            &marks,
-        )?;
+        let axes = Axes {
+            title: &format!("{model}: SWA to SGD, {}", metric.label()),
+            x_label: "signed distance from SWA towards SGD",
+            y_label: metric.label(),
+        };
+        let curve = (metric.label().to_string(), RGBColor(60, 60, 60), points);
+        curves_panel(area, path, &axes, &[curve], &marks, true)?;
     }
     root.present().map_err(|e| draw(&e))?;
     Ok(())

@@ -110,17 +110,7 @@ pub fn run(args: ReproduceArgs) -> Result<()> {
         bail!("--seeds must be at least 1");
     }
 
-    let data_path = match &args.data {
-        Some(path) => path.clone(),
-        None => swa_data::ensure_available(kind, None).map_err(|e| anyhow::anyhow!("{e}"))?,
-    };
-    let splits = swa_data::load_kind(kind, &data_path).with_context(|| {
-        format!(
-            "reading {} from {}",
-            kind.display_name(),
-            data_path.display()
-        )
-    })?;
+    let splits = crate::data::load_splits(kind, args.data.as_deref())?;
     let train = Arc::new(splits.train);
     let test = Arc::new(splits.test);
     let classes = train.num_classes();

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use plotters::prelude::*;
+use plotters::style::{BLUE, CYAN, GREEN, RED};
 use serde::{Deserialize, Serialize};
 use swa_data::DatasetKind;
 use swa_models::geometry::RayWidth;
@@ -13,6 +13,7 @@ use swa_models::train::EpochRecord;
 use swa_models::Architecture;
 
 use super::presets::{published, Published, RunKind};
+use crate::charts::{line_chart, Axes, Curve};
 use swa_models::protocol::report_points;
 
 /// What a run leaves for the report: its identity and history.
@@ -86,28 +87,38 @@ pub struct Row {
     pub wall_seconds: f64,
 }
 
-fn load_summaries(data_dir: &Path) -> Result<Vec<RunSummary>> {
+/// The seed folders under `data_dir` (`<model>/<seed>`), with their network's folder name, sorted.
+fn seed_dirs(data_dir: &Path) -> Vec<(String, PathBuf)> {
     let mut found = Vec::new();
     let Ok(models) = std::fs::read_dir(data_dir) else {
-        return Ok(found);
+        return found;
     };
     for model in models.flatten() {
         let Ok(seeds) = std::fs::read_dir(model.path()) else {
             continue;
         };
-        for seed in seeds.flatten() {
-            let Ok(runs) = std::fs::read_dir(seed.path()) else {
-                continue;
-            };
-            for run in runs.flatten() {
-                let path = run.path().join("history.json");
-                if path.is_file() {
-                    let bytes = std::fs::read(&path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    let summary: RunSummary = serde_json::from_slice(&bytes)
-                        .with_context(|| format!("parsing {}", path.display()))?;
-                    found.push(summary);
-                }
+        let name = model.file_name().to_string_lossy().to_string();
+        found.extend(seeds.flatten().map(|seed| (name.clone(), seed.path())));
+    }
+    found.sort();
+    found
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn load_summaries(data_dir: &Path) -> Result<Vec<RunSummary>> {
+    let mut found = Vec::new();
+    for (_, seed) in seed_dirs(data_dir) {
+        let Ok(runs) = std::fs::read_dir(&seed) else {
+            continue;
+        };
+        for run in runs.flatten() {
+            let path = run.path().join("history.json");
+            if path.is_file() {
+                found.push(read_json(&path)?);
             }
         }
     }
@@ -236,32 +247,17 @@ struct GeometrySummary {
 /// The ray widths of every seed folder under `data_dir` that has them: (model, seed folder, widths).
 fn load_flatness(data_dir: &Path) -> Result<Vec<(String, String, Vec<RayWidth>)>> {
     let mut found = Vec::new();
-    let Ok(models) = std::fs::read_dir(data_dir) else {
-        return Ok(found);
-    };
-    for model in models.flatten() {
-        let Ok(seeds) = std::fs::read_dir(model.path()) else {
+    for (model, seed) in seed_dirs(data_dir) {
+        let path = seed.join("geometry").join("geometry.json");
+        if !path.is_file() {
             continue;
-        };
-        for seed in seeds.flatten() {
-            let path = seed.path().join("geometry").join("geometry.json");
-            if !path.is_file() {
-                continue;
-            }
-            let bytes =
-                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            let summary: GeometrySummary = serde_json::from_slice(&bytes)
-                .with_context(|| format!("parsing {}", path.display()))?;
-            if !summary.flatness.is_empty() {
-                found.push((
-                    model.file_name().to_string_lossy().to_string(),
-                    seed.file_name().to_string_lossy().to_string(),
-                    summary.flatness,
-                ));
-            }
+        }
+        let summary: GeometrySummary = read_json(&path)?;
+        if !summary.flatness.is_empty() {
+            let seed = seed.file_name().map(|n| n.to_string_lossy().to_string());
+            found.push((model, seed.unwrap_or_default(), summary.flatness));
         }
     }
-    found.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
     Ok(found)
 }
 
@@ -334,24 +330,22 @@ pub fn write_reports(data_dir: &Path, kind: DatasetKind) -> Result<Vec<PathBuf>>
             if let Some(curves) = curves_by_iteration(run) {
                 let path =
                     data_dir.join(format!("{model}-{}-test-error-by-iteration.svg", run.run));
-                plot(
-                    &path,
-                    &format!(
-                        "{model}: test error of the {} run's weights by iteration (circles: snapshots)",
-                        run.run
-                    ),
-                    "test error (%)",
-                    "iteration",
-                    &curves,
-                )?;
+                let title = format!(
+                    "{model}: test error of the {} run's weights by iteration",
+                    run.run
+                );
+                let axes = Axes {
+                    title: &title,
+                    x_label: "iteration",
+                    y_label: "test error (%)",
+                };
+                line_chart(&path, &axes, &curves)?;
                 written.push(path);
             }
         }
     }
     Ok(written)
 }
-
-type Curve = (String, RGBColor, Vec<(f64, f64)>);
 
 /// A run's test error against iteration, from the evaluations within its epochs and at their ends, and
 /// the points where it took snapshots (the low points of a cyclical schedule); `None` for a run that was
@@ -424,13 +418,12 @@ fn curves_of_error(runs: &[&RunSummary]) -> Vec<Curve> {
 
 fn plot_test_error(path: &Path, model: &str, runs: &[&RunSummary]) -> Result<()> {
     let curves = curves_of_error(runs);
-    plot(
-        path,
-        &format!("{model}: test error (seed 1)"),
-        "test error (%)",
-        "epoch",
-        &curves,
-    )
+    let axes = Axes {
+        title: &format!("{model}: test error (seed 1)"),
+        x_label: "epoch",
+        y_label: "test error (%)",
+    };
+    line_chart(path, &axes, &curves)
 }
 
 fn plot_learning_rate(path: &Path, model: &str, runs: &[&RunSummary]) -> Result<()> {
@@ -454,60 +447,12 @@ fn plot_learning_rate(path: &Path, model: &str, runs: &[&RunSummary]) -> Result<
             )
         })
         .collect();
-    plot(
-        path,
-        &format!("{model}: learning rate"),
-        "learning rate",
-        "epoch",
-        &curves,
-    )
-}
-
-fn plot(path: &Path, title: &str, y_label: &str, x_label: &str, curves: &[Curve]) -> Result<()> {
-    let all = || curves.iter().flat_map(|c| c.2.iter());
-    let x_max = all().map(|p| p.0).fold(1.0, f64::max);
-    let y_max = all().map(|p| p.1).fold(f64::MIN, f64::max).max(1e-6) * 1.05;
-    let y_min = all().map(|p| p.1).fold(f64::MAX, f64::min).min(y_max) * 0.95;
-    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
-    let draw = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
-    root.fill(&WHITE).map_err(|e| draw(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..x_max, y_min.max(0.0)..y_max)
-        .map_err(|e| draw(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .y_desc(y_label)
-        .draw()
-        .map_err(|e| draw(&e))?;
-    for (name, colour, points) in curves {
-        let colour = *colour;
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().copied(),
-                colour.stroke_width(2),
-            ))
-            .map_err(|e| draw(&e))?
-            .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-            });
-        chart
-            .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
-            .map_err(|e| draw(&e))?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| draw(&e))?;
-    root.present().map_err(|e| draw(&e))?;
-    Ok(())
+    let axes = Axes {
+        title: &format!("{model}: learning rate"),
+        x_label: "epoch",
+        y_label: "learning rate",
+    };
+    line_chart(path, &axes, &curves)
 }
 
 #[cfg(test)]
