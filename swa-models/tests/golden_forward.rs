@@ -246,3 +246,67 @@ fn wrn16x4_matches_pytorch() {
 fn wrn28x10_matches_pytorch() {
     check_formula_network("wrn28x10");
 }
+
+/// Shake-Shake at reduced depth and width (`xtask/torch/cifar_networks.py`): both shortcut kinds, the
+/// even mix in evaluation, and in training the coefficients of `shake_coefficients` for seed 0, which
+/// the fixture script reimplements.
+#[test]
+fn shake_shake_14_2x4d_matches_pytorch() {
+    check_network("shakeshake14-2x4d");
+}
+
+/// The gradient of every parameter after one training-mode pass with Shake-Shake's independent backward
+/// coefficients, against PyTorch's autograd on the same coefficients.
+#[test]
+fn shake_shake_14_2x4d_gradients_match_pytorch() {
+    use swa_core::backend::LossOps;
+    let name = "shakeshake14-2x4d";
+    let backend = CpuBackend::with_threads(2);
+    let io = StateDict::load(&fixture(&format!("golden_{name}_io.safetensors"))).unwrap();
+    let grads = StateDict::load(&fixture(&format!("golden_{name}_grads.safetensors"))).unwrap();
+    let (input_shape, input) = f32_tensor(&io, "input");
+    let labels: Vec<u32> = match grads.get("labels") {
+        Some(StoredTensor::I64 { values, .. }) => values.iter().map(|&v| v as u32).collect(),
+        other => panic!("labels: {other:?}"),
+    };
+    let (_, want_loss) = f32_tensor(&grads, "loss");
+    let architecture: Architecture = name.parse().unwrap();
+    let config = NetworkConfig {
+        architecture,
+        classes: 10,
+    };
+    let mut net = Network::new(&backend, &config, 99).unwrap();
+    load_module(
+        &backend,
+        &mut net,
+        &fixture(&format!("golden_{name}.safetensors")),
+    )
+    .unwrap();
+    let x = backend.from_host(input, input_shape).unwrap();
+    let logits = net
+        .forward(&backend, &x, ForwardMode::Train { seed: 0 })
+        .unwrap();
+    let loss = backend.softmax_cross_entropy(&logits, &labels).unwrap();
+    let got_loss = backend.to_host(&loss.loss).unwrap()[0];
+    assert!(
+        (got_loss - want_loss[0]).abs() <= 1e-4 * want_loss[0].abs(),
+        "loss {got_loss}, PyTorch {}",
+        want_loss[0]
+    );
+    net.backward(&backend, &loss.grad).unwrap();
+    let mut checked = 0;
+    let mut worst = 0.0f32;
+    net.visit_params_mut(&mut |n, p| {
+        let (_, want) = f32_tensor(&grads, &format!("grad.{n}"));
+        let grad = p
+            .grad
+            .as_ref()
+            .unwrap_or_else(|| panic!("{n}: no gradient"));
+        let err = relative_error(&backend.to_host(grad).unwrap(), want);
+        worst = worst.max(err);
+        assert!(err < 1e-4, "{name}: gradient of {n} differs by {err}");
+        checked += 1;
+    });
+    eprintln!("{name}: {checked} parameter gradients, largest relative error {worst:.2e}");
+    assert_eq!(checked + 2, grads.len(), "{name}: gradients compared");
+}

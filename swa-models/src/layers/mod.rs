@@ -14,6 +14,7 @@ mod norm;
 mod pool;
 mod residual;
 mod sequential;
+mod shake;
 
 pub use activation::{Dropout, ReLU};
 pub use conv::{Conv2d, Conv2dConfig};
@@ -23,6 +24,9 @@ pub use norm::BatchNorm2d;
 pub use pool::{AvgPool2d, Flatten, MaxPool2d};
 pub use residual::Residual;
 pub use sequential::Sequential;
+pub use shake::{
+    per_image, shake_coefficients, ShakeBackward, ShakeBlock, ShakeForward, ShakeMix, ShakeShortcut,
+};
 
 use swa_core::backend::{Backend, BackendError, BackendResult};
 

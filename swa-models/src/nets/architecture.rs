@@ -11,8 +11,8 @@ use crate::module::Module;
 
 /// The names [`Architecture::from_str`] accepts beyond [`Architecture::NAMED`]: every depth of the two
 /// residual families.
-const GENERAL_NAMES: &str = "preresnet<depth> (depth = 6n+2 below 44, 9n+2 from 44) and \
-     wrn<depth>x<k> (depth = 6n+4)";
+const GENERAL_NAMES: &str = "preresnet<depth> (depth = 6n+2 below 44, 9n+2 from 44), \
+     wrn<depth>x<k> (depth = 6n+4) and shakeshake<depth>-2x<width>d (depth = 6n+2, width even)";
 
 /// Errors building a network.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +42,8 @@ pub enum ModelError {
 ///
 /// Parsed from and displayed as the names of the original code's command line: `vgg16`, `vgg16bn`,
 /// `preresnet<depth>`, `wrn<depth>x<k>` (WideResNet without dropout; set
-/// [`Architecture::WideResNet::dropout_rate`] to use it).
+/// [`Architecture::WideResNet::dropout_rate`] to use it), and the Shake-Shake paper's
+/// `shakeshake<depth>-2x<width>d` (also accepted without the `-2`: `shakeshake26x64d`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Architecture {
     /// VGG-16 without BatchNorm.
@@ -63,13 +64,20 @@ pub enum Architecture {
         /// Dropout probability between the two convolutions of each block (0 leaves the layer out).
         dropout_rate: f32,
     },
+    /// Shake-Shake (Gastaldi 2017) with two branches per block, mixed Shake-Shake-Image.
+    ShakeShake {
+        /// Total depth, 6n+2.
+        depth: usize,
+        /// Width of the first stage (the second and third are twice and four times as wide); even.
+        width: usize,
+    },
 }
 
 impl Architecture {
     /// The paper's networks (VGG-16, PreResNet-164, WRN-28-10), the variants the original code also
-    /// names, and the CPU-sized members of the residual families: the one list that command lines,
-    /// help texts and listings use.
-    pub const NAMED: [Architecture; 8] = [
+    /// names, the CPU-sized members of the residual families, and Shake-Shake 26 2×64d with its
+    /// CPU-sized 2×32d: the one list that command lines, help texts and listings use.
+    pub const NAMED: [Architecture; 10] = [
         Architecture::Vgg16,
         Architecture::Vgg16Bn,
         Architecture::PreResNet { depth: 20 },
@@ -85,6 +93,14 @@ impl Architecture {
             depth: 28,
             widen_factor: 10,
             dropout_rate: 0.0,
+        },
+        Architecture::ShakeShake {
+            depth: 26,
+            width: 32,
+        },
+        Architecture::ShakeShake {
+            depth: 26,
+            width: 64,
         },
     ];
 
@@ -132,6 +148,18 @@ impl Architecture {
                     Ok(())
                 }
             }
+            Architecture::ShakeShake { depth, width } => {
+                if depth < 8 || (depth - 2) % 6 != 0 {
+                    Err(invalid(format!("depth {depth} must be 6n+2 with n ≥ 1")))
+                } else if width == 0 || width % 2 != 0 {
+                    Err(invalid(format!(
+                        "width {width} must be even and positive (the shortcut concatenates two \
+                         halves)"
+                    )))
+                } else {
+                    Ok(())
+                }
+            }
         }
     }
 
@@ -167,6 +195,7 @@ impl fmt::Display for Architecture {
                 }
                 Ok(())
             }
+            Architecture::ShakeShake { depth, width } => write!(f, "shakeshake{depth}-2x{width}d"),
         }
     }
 }
@@ -194,6 +223,17 @@ impl FromStr for Architecture {
                 depth: depth.parse().map_err(|_| unknown())?,
                 widen_factor: widen.parse().map_err(|_| unknown())?,
                 dropout_rate: 0.0,
+            }
+        } else if let Some(rest) = lower.strip_prefix("shakeshake") {
+            // shakeshake<depth>-2x<width>d, or shakeshake<depth>x<width>d.
+            let rest = rest.strip_suffix('d').ok_or_else(unknown)?;
+            let (depth, width) = rest
+                .split_once("-2x")
+                .or_else(|| rest.split_once('x'))
+                .ok_or_else(unknown)?;
+            Architecture::ShakeShake {
+                depth: depth.parse().map_err(|_| unknown())?,
+                width: width.parse().map_err(|_| unknown())?,
             }
         } else {
             return Err(unknown());

@@ -3,13 +3,16 @@
 //!
 //! - VGG-16, with or without BatchNorm (`vgg16`, `vgg16bn`);
 //! - PreResNet-`depth` (`preresnet20`, `preresnet164`, …): basic blocks below depth 44, bottlenecks from 44;
-//! - WideResNet-`depth`-`k` (`wrn28x10`, `wrn16x4`, …).
+//! - WideResNet-`depth`-`k` (`wrn28x10`, `wrn16x4`, …);
+//! - Shake-Shake-`depth` 2×`width`d (`shakeshake26-2x64d`, `shakeshake26-2x32d`), defined in PyTorch by
+//!   `xtask/torch/cifar_networks.py`.
 //!
 //! Every network is a [`Network`], a [`Module`] whose first convolution skips its input gradient (call
 //! [`Module::require_input_grad`] with `true` to get it back).
 
 mod architecture;
 mod preresnet;
+mod shake_shake;
 mod vgg;
 mod wide_resnet;
 
@@ -68,6 +71,14 @@ impl<B: Backend> Network<B> {
                 depth,
                 widen_factor,
                 dropout_rate,
+                &mut rng,
+            )?,
+            Architecture::ShakeShake { depth, width } => shake_shake::build(
+                backend,
+                classes,
+                depth,
+                width,
+                crate::layers::ShakeMix::SHAKE_SHAKE,
                 &mut rng,
             )?,
         };
