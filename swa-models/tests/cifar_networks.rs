@@ -1,6 +1,6 @@
-//! Shake-Shake (and its shake mixing) against the PyTorch definitions of `xtask/torch/cifar_networks.py`:
-//! tensor names, shapes and parameter counts, the published sizes, the coefficient draws, and
-//! finite-difference gradients. The golden forward and gradient tests against PyTorch are in
+//! Shake-Shake (and its shake mixing) and PyramidNet against the PyTorch definitions of
+//! `xtask/torch/cifar_networks.py`: tensor names, shapes and parameter counts, the published sizes, the
+//! coefficient draws, and finite-difference gradients. The golden forward and gradient tests against PyTorch are in
 //! `golden_forward.rs`.
 
 use std::collections::BTreeMap;
@@ -15,7 +15,7 @@ use swa_models::layers::{
     Sequential, ShakeBackward, ShakeBlock, ShakeForward, ShakeMix,
 };
 use swa_models::module::parameter_count;
-use swa_models::{Architecture, ForwardMode, Module};
+use swa_models::{Architecture, ForwardMode, Module, Network, NetworkConfig};
 
 /// One network of `tests/fixtures/cifar_networks_shapes.json`.
 #[derive(serde::Deserialize)]
@@ -44,15 +44,10 @@ fn build(name: &str, classes: usize) -> Box<dyn Module<CpuBackend>> {
 }
 
 #[test]
-fn shake_shake_tensors_and_counts_equal_the_pytorch_definition() {
+fn tensors_and_counts_equal_the_pytorch_definition() {
     let table = torch_networks();
-    let shake: Vec<&String> = table
-        .keys()
-        .filter(|k| k.starts_with("shakeshake"))
-        .collect();
-    assert_eq!(shake.len(), 3, "Shake-Shake networks in the table");
-    for name in shake {
-        let torch = &table[name];
+    assert_eq!(table.len(), 5, "networks in the table");
+    for (name, torch) in &table {
         let net = build(name, 10);
         let mut ours = Vec::new();
         net.visit_tensors(&mut |n, _, t| ours.push((n.to_string(), t.dims().to_vec())));
@@ -82,13 +77,16 @@ fn shake_shake_tensors_and_counts_equal_the_pytorch_definition() {
     }
 }
 
-/// The sizes the Shake-Shake paper publishes (Gastaldi 2017, Table 1), in millions, rounded as published.
+/// The sizes the papers publish, in millions, rounded as published: Shake-Shake (Gastaldi 2017, Table 1)
+/// and PyramidNet (Han et al. 2017, Table 4, CIFAR-10).
 #[test]
-fn shake_shake_sizes_are_the_published_ones() {
+fn sizes_are_the_published_ones() {
     for (name, millions) in [
         ("shakeshake26-2x32d", 2.9),
         ("shakeshake26-2x64d", 11.7),
         ("shakeshake26-2x96d", 26.2),
+        ("pyramidnet110a48", 1.7),
+        ("pyramidnet272a200-bottleneck", 26.0),
     ] {
         let count = parameter_count(build(name, 10).as_ref());
         let rounded = (count as f64 / 1e5).round() / 10.0;
@@ -216,4 +214,44 @@ fn shake_blocks_have_correct_gradients_with_the_coefficients_kept() {
         assert!(names.iter().any(|n| n == name), "no {name}");
     }
     assert!(report.entries.iter().any(|e| e.analytic.abs() > 1e-3));
+}
+
+/// PyramidNet at its smallest, back to the input: zero-padded, pooled and identity shortcuts.
+#[test]
+fn pyramidnets_have_correct_gradients() {
+    let backend = CpuBackend::with_threads(2);
+    let shape = [2, 3, 32, 32];
+    let x = random_input(33, 2 * 3 * 32 * 32);
+    for name in ["pyramidnet8a3", "pyramidnet11a8-bottleneck"] {
+        let config = NetworkConfig {
+            architecture: name.parse().unwrap(),
+            classes: 4,
+        };
+        let mut net = Network::new(&backend, &config, 5).unwrap();
+        net.require_input_grad(true);
+        let check = GradCheckConfig {
+            input_samples: 12,
+            param_samples: 1,
+            ..Default::default()
+        };
+        let report = check_gradients(&backend, &mut net, &x, &shape, true, &check).unwrap();
+        let failures = report.failures();
+        assert!(
+            failures.is_empty(),
+            "{name}: {} of {} gradients disagree: {failures:#?}",
+            failures.len(),
+            report.entries.len()
+        );
+        assert!(report.entries.len() >= 20, "{name}: too few gradients");
+        assert!(
+            report.refined() * 4 <= report.entries.len(),
+            "{name}: refined"
+        );
+        assert!(report.entries.iter().any(|e| e.analytic.abs() > 1e-3));
+        eprintln!(
+            "{name}: {} gradients, largest difference {:.2e}",
+            report.entries.len(),
+            report.max_abs_error()
+        );
+    }
 }

@@ -21,7 +21,9 @@ fn known_names_parse_and_display_back() {
             "wrn16x4",
             "wrn28x10",
             "shakeshake26-2x32d",
-            "shakeshake26-2x64d"
+            "shakeshake26-2x64d",
+            "pyramidnet110a48",
+            "pyramidnet272a200-bottleneck"
         ]
     );
     for name in named.iter().map(String::as_str).chain([
@@ -29,6 +31,7 @@ fn known_names_parse_and_display_back() {
         "preresnet47",
         "wrn10x1",
         "shakeshake14-2x4d",
+        "pyramidnet20a8-bottleneck",
     ]) {
         let architecture: Architecture = name.parse().unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(architecture.to_string(), name);
@@ -84,6 +87,9 @@ fn impossible_configurations_are_rejected() {
         // 27 is not 6n+2; an odd width cannot be split into the shortcut's two halves.
         "shakeshake27-2x64d",
         "shakeshake26-2x33d",
+        // 111 is not 6n+2; 110 is not 9n+2.
+        "pyramidnet111a48",
+        "pyramidnet110a48-bottleneck",
     ] {
         assert!(
             matches!(

@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, '..', '..', 'xtask', 'torch'))
 import cifar_networks as nets  # noqa: E402
 
-GOLDEN = {'shakeshake14-2x4d': 10}
+GOLDEN = {'shakeshake14-2x4d': 10, 'pyramidnet14a3': 10, 'pyramidnet20a8-bottleneck': 100}
 BATCH = 4
 MASK = (1 << 64) - 1
 GAMMA = 0x9E3779B97F4A7C15

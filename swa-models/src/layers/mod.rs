@@ -6,6 +6,7 @@
 //! recomputation keep nothing.
 
 mod activation;
+mod channel_pad;
 mod conv;
 pub mod gradcheck;
 mod init;
@@ -17,6 +18,7 @@ mod sequential;
 mod shake;
 
 pub use activation::{Dropout, ReLU};
+pub use channel_pad::ZeroPadChannels;
 pub use conv::{Conv2d, Conv2dConfig};
 pub use init::ConvInit;
 pub use linear::Linear;

@@ -12,7 +12,9 @@ use crate::module::Module;
 /// The names [`Architecture::from_str`] accepts beyond [`Architecture::NAMED`]: every depth of the two
 /// residual families.
 const GENERAL_NAMES: &str = "preresnet<depth> (depth = 6n+2 below 44, 9n+2 from 44), \
-     wrn<depth>x<k> (depth = 6n+4) and shakeshake<depth>-2x<width>d (depth = 6n+2, width even)";
+     wrn<depth>x<k> (depth = 6n+4), shakeshake<depth>-2x<width>d (depth = 6n+2, width even), \
+     pyramidnet<depth>a<alpha> (basic blocks, depth = 6n+2) and pyramidnet<depth>a<alpha>-bottleneck \
+     (depth = 9n+2)";
 
 /// Errors building a network.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +45,8 @@ pub enum ModelError {
 /// Parsed from and displayed as the names of the original code's command line: `vgg16`, `vgg16bn`,
 /// `preresnet<depth>`, `wrn<depth>x<k>` (WideResNet without dropout; set
 /// [`Architecture::WideResNet::dropout_rate`] to use it), and the Shake-Shake paper's
-/// `shakeshake<depth>-2x<width>d` (also accepted without the `-2`: `shakeshake26x64d`).
+/// `shakeshake<depth>-2x<width>d` (also accepted without the `-2`: `shakeshake26x64d`), and PyramidNet's
+/// `pyramidnet<depth>a<alpha>` (basic blocks) and `pyramidnet<depth>a<alpha>-bottleneck`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Architecture {
     /// VGG-16 without BatchNorm.
@@ -71,13 +74,23 @@ pub enum Architecture {
         /// Width of the first stage (the second and third are twice and four times as wide); even.
         width: usize,
     },
+    /// PyramidNet (Han et al. 2017): widths growing by `alpha` over all blocks, zero-padded shortcuts.
+    PyramidNet {
+        /// Total depth: 6n+2 with basic blocks, 9n+2 with bottlenecks.
+        depth: usize,
+        /// The total growth of the width over the network's blocks.
+        alpha: usize,
+        /// Bottleneck blocks (three convolutions, output four times the width) rather than basic ones.
+        bottleneck: bool,
+    },
 }
 
 impl Architecture {
     /// The paper's networks (VGG-16, PreResNet-164, WRN-28-10), the variants the original code also
-    /// names, the CPU-sized members of the residual families, and Shake-Shake 26 2×64d with its
-    /// CPU-sized 2×32d: the one list that command lines, help texts and listings use.
-    pub const NAMED: [Architecture; 10] = [
+    /// names, the CPU-sized members of the residual families, Shake-Shake 26 2×64d with its CPU-sized
+    /// 2×32d, and PyramidNet-272 (α = 200, bottleneck) with its CPU-sized PyramidNet-110 (α = 48): the one
+    /// list that command lines, help texts and listings use.
+    pub const NAMED: [Architecture; 12] = [
         Architecture::Vgg16,
         Architecture::Vgg16Bn,
         Architecture::PreResNet { depth: 20 },
@@ -101,6 +114,16 @@ impl Architecture {
         Architecture::ShakeShake {
             depth: 26,
             width: 64,
+        },
+        Architecture::PyramidNet {
+            depth: 110,
+            alpha: 48,
+            bottleneck: false,
+        },
+        Architecture::PyramidNet {
+            depth: 272,
+            alpha: 200,
+            bottleneck: true,
         },
     ];
 
@@ -160,6 +183,19 @@ impl Architecture {
                     Ok(())
                 }
             }
+            Architecture::PyramidNet {
+                depth, bottleneck, ..
+            } => {
+                let per_block = if bottleneck { 9 } else { 6 };
+                if depth < per_block + 2 || (depth - 2) % per_block != 0 {
+                    Err(invalid(format!(
+                        "depth {depth} must be {per_block}n+2 with n ≥ 1 for {} blocks",
+                        if bottleneck { "bottleneck" } else { "basic" }
+                    )))
+                } else {
+                    Ok(())
+                }
+            }
         }
     }
 
@@ -196,6 +232,17 @@ impl fmt::Display for Architecture {
                 Ok(())
             }
             Architecture::ShakeShake { depth, width } => write!(f, "shakeshake{depth}-2x{width}d"),
+            Architecture::PyramidNet {
+                depth,
+                alpha,
+                bottleneck,
+            } => {
+                write!(f, "pyramidnet{depth}a{alpha}")?;
+                if *bottleneck {
+                    write!(f, "-bottleneck")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -234,6 +281,18 @@ impl FromStr for Architecture {
             Architecture::ShakeShake {
                 depth: depth.parse().map_err(|_| unknown())?,
                 width: width.parse().map_err(|_| unknown())?,
+            }
+        } else if let Some(rest) = lower.strip_prefix("pyramidnet") {
+            // pyramidnet<depth>a<alpha>, optionally -bottleneck.
+            let (rest, bottleneck) = match rest.strip_suffix("-bottleneck") {
+                Some(rest) => (rest, true),
+                None => (rest, false),
+            };
+            let (depth, alpha) = rest.split_once('a').ok_or_else(unknown)?;
+            Architecture::PyramidNet {
+                depth: depth.parse().map_err(|_| unknown())?,
+                alpha: alpha.parse().map_err(|_| unknown())?,
+                bottleneck,
             }
         } else {
             return Err(unknown());
