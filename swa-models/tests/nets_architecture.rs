@@ -87,9 +87,9 @@ fn impossible_configurations_are_rejected() {
         // 27 is not 6n+2; an odd width cannot be split into the shortcut's two halves.
         "shakeshake27-2x64d",
         "shakeshake26-2x33d",
-        // 111 is not 6n+2; 110 is not 9n+2.
+        // 111 is not 6n+2; 12 is not 9n+2.
         "pyramidnet111a48",
-        "pyramidnet110a48-bottleneck",
+        "pyramidnet12a48-bottleneck",
     ] {
         assert!(
             matches!(
