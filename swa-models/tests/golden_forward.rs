@@ -246,3 +246,109 @@ fn wrn16x4_matches_pytorch() {
 fn wrn28x10_matches_pytorch() {
     check_formula_network("wrn28x10");
 }
+
+/// Shake-Shake at reduced depth and width (`xtask/torch/cifar_networks.py`): both shortcut kinds, the
+/// even mix in evaluation, and in training the coefficients of `shake_coefficients` for seed 0, which
+/// the fixture script reimplements.
+#[test]
+fn shake_shake_14_2x4d_matches_pytorch() {
+    check_network("shakeshake14-2x4d");
+}
+
+/// PyramidNet with basic blocks at reduced depth, its widths growing by half a channel per block: every
+/// shortcut kind but pooling with padding (the identity, padding alone, pooling alone).
+#[test]
+fn pyramidnet_14_alpha_3_matches_pytorch() {
+    check_network("pyramidnet14a3");
+}
+
+/// PyramidNet with bottleneck blocks at reduced depth: shortcuts padded, and pooled then padded.
+#[test]
+fn pyramidnet_20_alpha_8_bottleneck_matches_pytorch() {
+    check_network("pyramidnet20a8-bottleneck");
+}
+
+/// The gradient of every parameter of `name` after one training-mode pass (seed 0) against PyTorch's
+/// autograd on the same pass: for Shake-Shake, back-propagated through its independent backward
+/// coefficients.
+fn check_gradients_against_pytorch(name: &str) {
+    use swa_core::backend::LossOps;
+    let backend = CpuBackend::with_threads(2);
+    let io = StateDict::load(&fixture(&format!("golden_{name}_io.safetensors"))).unwrap();
+    let grads = StateDict::load(&fixture(&format!("golden_{name}_grads.safetensors"))).unwrap();
+    let (input_shape, input) = f32_tensor(&io, "input");
+    let (logits_shape, _) = f32_tensor(&io, "logits_eval");
+    let labels: Vec<u32> = match grads.get("labels") {
+        Some(StoredTensor::I64 { values, .. }) => values.iter().map(|&v| v as u32).collect(),
+        other => panic!("labels: {other:?}"),
+    };
+    let (_, want_loss) = f32_tensor(&grads, "loss");
+    let architecture: Architecture = name.parse().unwrap();
+    let config = NetworkConfig {
+        architecture,
+        classes: logits_shape[1],
+    };
+    let mut net = Network::new(&backend, &config, 99).unwrap();
+    load_module(
+        &backend,
+        &mut net,
+        &fixture(&format!("golden_{name}.safetensors")),
+    )
+    .unwrap();
+    let x = backend.from_host(input, input_shape).unwrap();
+    let logits = net
+        .forward(&backend, &x, ForwardMode::Train { seed: 0 })
+        .unwrap();
+    let loss = backend.softmax_cross_entropy(&logits, &labels).unwrap();
+    let got_loss = backend.to_host(&loss.loss).unwrap()[0];
+    assert!(
+        (got_loss - want_loss[0]).abs() <= 1e-4 * want_loss[0].abs(),
+        "{name}: loss {got_loss}, PyTorch {}",
+        want_loss[0]
+    );
+    net.backward(&backend, &loss.grad).unwrap();
+    // Some gradients vanish in exact arithmetic (PyramidNet's stem BatchNorm shift: every path from it
+    // reaches a training-mode BatchNorm through shortcuts that keep per-channel sums, so its gradient
+    // sums to zero); both sides are then rounding noise, and must both be negligible instead.
+    let largest = |values: &[f32]| values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let mut scale = 0.0f32;
+    net.visit_params_mut(&mut |n, _| {
+        scale = scale.max(largest(f32_tensor(&grads, &format!("grad.{n}")).1));
+    });
+    let negligible = 1e-5 * scale;
+    let mut checked = 0;
+    let mut worst = 0.0f32;
+    net.visit_params_mut(&mut |n, p| {
+        let (_, want) = f32_tensor(&grads, &format!("grad.{n}"));
+        let grad = p
+            .grad
+            .as_ref()
+            .unwrap_or_else(|| panic!("{n}: no gradient"));
+        let got = backend.to_host(grad).unwrap();
+        if largest(want) < negligible {
+            assert!(
+                largest(&got) < negligible,
+                "{name}: gradient of {n} is {} where PyTorch's vanishes",
+                largest(&got)
+            );
+        } else {
+            let err = relative_error(&got, want);
+            worst = worst.max(err);
+            assert!(err < 1e-4, "{name}: gradient of {n} differs by {err}");
+        }
+        checked += 1;
+    });
+    eprintln!("{name}: {checked} parameter gradients, largest relative error {worst:.2e}");
+    assert_eq!(checked + 2, grads.len(), "{name}: gradients compared");
+}
+
+#[test]
+fn shake_shake_14_2x4d_gradients_match_pytorch() {
+    check_gradients_against_pytorch("shakeshake14-2x4d");
+}
+
+#[test]
+fn pyramidnet_gradients_match_pytorch() {
+    check_gradients_against_pytorch("pyramidnet14a3");
+    check_gradients_against_pytorch("pyramidnet20a8-bottleneck");
+}

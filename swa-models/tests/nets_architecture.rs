@@ -19,20 +19,33 @@ fn known_names_parse_and_display_back() {
             "preresnet110",
             "preresnet164",
             "wrn16x4",
-            "wrn28x10"
+            "wrn28x10",
+            "shakeshake26-2x32d",
+            "shakeshake26-2x64d",
+            "pyramidnet110a48",
+            "pyramidnet272a200-bottleneck"
         ]
     );
-    for name in named
-        .iter()
-        .map(String::as_str)
-        .chain(["preresnet8", "preresnet47", "wrn10x1"])
-    {
+    for name in named.iter().map(String::as_str).chain([
+        "preresnet8",
+        "preresnet47",
+        "wrn10x1",
+        "shakeshake14-2x4d",
+        "pyramidnet20a8-bottleneck",
+    ]) {
         let architecture: Architecture = name.parse().unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(architecture.to_string(), name);
     }
     assert_eq!(
         "PreResNet164".parse::<Architecture>().unwrap(),
         Architecture::PreResNet { depth: 164 }
+    );
+    assert_eq!(
+        "shakeshake26x64d".parse::<Architecture>().unwrap(),
+        Architecture::ShakeShake {
+            depth: 26,
+            width: 64
+        }
     );
     assert_eq!(
         "wrn28x10".parse::<Architecture>().unwrap(),
@@ -71,6 +84,12 @@ fn impossible_configurations_are_rejected() {
         "preresnet2",
         "wrn27x2",
         "wrn28x0",
+        // 27 is not 6n+2; an odd width cannot be split into the shortcut's two halves.
+        "shakeshake27-2x64d",
+        "shakeshake26-2x33d",
+        // 111 is not 6n+2; 12 is not 9n+2.
+        "pyramidnet111a48",
+        "pyramidnet12a48-bottleneck",
     ] {
         assert!(
             matches!(

@@ -327,6 +327,13 @@ def shapes(ref, out):
     print(f'shapes of {len(table)} networks written')
 
 
+def cifar_networks(ref, out):
+    """Shake-Shake and PyramidNet, from xtask/torch/cifar_networks.py: see golden_cifar_networks.py."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import golden_cifar_networks
+    golden_cifar_networks.write(out, randomise_batch_norm)
+
+
 def check_load(ref, path, name, classes):
     model = build(ref, name, int(classes))
     state = load_file(path)
@@ -344,7 +351,7 @@ def main():
     parser.add_argument('--torch-ref', default=os.environ.get('SWA_TORCH_REF', '/work/shared/tools'))
     parser.add_argument('--out', default=os.path.join(here, '..', 'tests', 'fixtures'))
     parser.add_argument('--check-load', nargs=3, metavar=('CHECKPOINT', 'NAME', 'CLASSES'))
-    parser.add_argument('--only', choices=['golden', 'formula', 'train', 'geometry', 'sgd', 'shapes'],
+    parser.add_argument('--only', choices=['golden', 'formula', 'train', 'geometry', 'sgd', 'shapes', 'cifar'],
                         help='write one family of fixtures only')
     args = parser.parse_args()
     sys.path.insert(0, args.torch_ref)
@@ -356,7 +363,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     families = {'golden': golden, 'formula': formula_golden, 'train': train_golden,
                 'geometry': geometry_golden, 'sgd': sgd_golden,
-                'shapes': shapes}
+                'shapes': shapes, 'cifar': cifar_networks}
     for family, write in families.items():
         if args.only in (None, family):
             write(ref, args.out)

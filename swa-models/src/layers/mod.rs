@@ -6,6 +6,7 @@
 //! recomputation keep nothing.
 
 mod activation;
+mod channel_pad;
 mod conv;
 pub mod gradcheck;
 mod init;
@@ -14,8 +15,10 @@ mod norm;
 mod pool;
 mod residual;
 mod sequential;
+mod shake;
 
 pub use activation::{Dropout, ReLU};
+pub use channel_pad::ZeroPadChannels;
 pub use conv::{Conv2d, Conv2dConfig};
 pub use init::ConvInit;
 pub use linear::Linear;
@@ -23,6 +26,9 @@ pub use norm::BatchNorm2d;
 pub use pool::{AvgPool2d, Flatten, MaxPool2d};
 pub use residual::Residual;
 pub use sequential::Sequential;
+pub use shake::{
+    per_image, shake_coefficients, ShakeBackward, ShakeBlock, ShakeForward, ShakeMix, ShakeShortcut,
+};
 
 use swa_core::backend::{Backend, BackendError, BackendResult};
 

@@ -11,8 +11,10 @@ use crate::module::Module;
 
 /// The names [`Architecture::from_str`] accepts beyond [`Architecture::NAMED`]: every depth of the two
 /// residual families.
-const GENERAL_NAMES: &str = "preresnet<depth> (depth = 6n+2 below 44, 9n+2 from 44) and \
-     wrn<depth>x<k> (depth = 6n+4)";
+const GENERAL_NAMES: &str = "preresnet<depth> (depth = 6n+2 below 44, 9n+2 from 44), \
+     wrn<depth>x<k> (depth = 6n+4), shakeshake<depth>-2x<width>d (depth = 6n+2, width even), \
+     pyramidnet<depth>a<alpha> (basic blocks, depth = 6n+2) and pyramidnet<depth>a<alpha>-bottleneck \
+     (depth = 9n+2)";
 
 /// Errors building a network.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +44,9 @@ pub enum ModelError {
 ///
 /// Parsed from and displayed as the names of the original code's command line: `vgg16`, `vgg16bn`,
 /// `preresnet<depth>`, `wrn<depth>x<k>` (WideResNet without dropout; set
-/// [`Architecture::WideResNet::dropout_rate`] to use it).
+/// [`Architecture::WideResNet::dropout_rate`] to use it), and the Shake-Shake paper's
+/// `shakeshake<depth>-2x<width>d` (also accepted without the `-2`: `shakeshake26x64d`), and PyramidNet's
+/// `pyramidnet<depth>a<alpha>` (basic blocks) and `pyramidnet<depth>a<alpha>-bottleneck`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Architecture {
     /// VGG-16 without BatchNorm.
@@ -63,13 +67,30 @@ pub enum Architecture {
         /// Dropout probability between the two convolutions of each block (0 leaves the layer out).
         dropout_rate: f32,
     },
+    /// Shake-Shake (Gastaldi 2017) with two branches per block, mixed Shake-Shake-Image.
+    ShakeShake {
+        /// Total depth, 6n+2.
+        depth: usize,
+        /// Width of the first stage (the second and third are twice and four times as wide); even.
+        width: usize,
+    },
+    /// PyramidNet (Han et al. 2017): widths growing by `alpha` over all blocks, zero-padded shortcuts.
+    PyramidNet {
+        /// Total depth: 6n+2 with basic blocks, 9n+2 with bottlenecks.
+        depth: usize,
+        /// The total growth of the width over the network's blocks.
+        alpha: usize,
+        /// Bottleneck blocks (three convolutions, output four times the width) rather than basic ones.
+        bottleneck: bool,
+    },
 }
 
 impl Architecture {
     /// The paper's networks (VGG-16, PreResNet-164, WRN-28-10), the variants the original code also
-    /// names, and the CPU-sized members of the residual families: the one list that command lines,
-    /// help texts and listings use.
-    pub const NAMED: [Architecture; 8] = [
+    /// names, the CPU-sized members of the residual families, Shake-Shake 26 2×64d with its CPU-sized
+    /// 2×32d, and PyramidNet-272 (α = 200, bottleneck) with its CPU-sized PyramidNet-110 (α = 48): the one
+    /// list that command lines, help texts and listings use.
+    pub const NAMED: [Architecture; 12] = [
         Architecture::Vgg16,
         Architecture::Vgg16Bn,
         Architecture::PreResNet { depth: 20 },
@@ -85,6 +106,24 @@ impl Architecture {
             depth: 28,
             widen_factor: 10,
             dropout_rate: 0.0,
+        },
+        Architecture::ShakeShake {
+            depth: 26,
+            width: 32,
+        },
+        Architecture::ShakeShake {
+            depth: 26,
+            width: 64,
+        },
+        Architecture::PyramidNet {
+            depth: 110,
+            alpha: 48,
+            bottleneck: false,
+        },
+        Architecture::PyramidNet {
+            depth: 272,
+            alpha: 200,
+            bottleneck: true,
         },
     ];
 
@@ -132,6 +171,31 @@ impl Architecture {
                     Ok(())
                 }
             }
+            Architecture::ShakeShake { depth, width } => {
+                if depth < 8 || (depth - 2) % 6 != 0 {
+                    Err(invalid(format!("depth {depth} must be 6n+2 with n ≥ 1")))
+                } else if width == 0 || width % 2 != 0 {
+                    Err(invalid(format!(
+                        "width {width} must be even and positive (the shortcut concatenates two \
+                         halves)"
+                    )))
+                } else {
+                    Ok(())
+                }
+            }
+            Architecture::PyramidNet {
+                depth, bottleneck, ..
+            } => {
+                let per_block = if bottleneck { 9 } else { 6 };
+                if depth < per_block + 2 || (depth - 2) % per_block != 0 {
+                    Err(invalid(format!(
+                        "depth {depth} must be {per_block}n+2 with n ≥ 1 for {} blocks",
+                        if bottleneck { "bottleneck" } else { "basic" }
+                    )))
+                } else {
+                    Ok(())
+                }
+            }
         }
     }
 
@@ -167,6 +231,18 @@ impl fmt::Display for Architecture {
                 }
                 Ok(())
             }
+            Architecture::ShakeShake { depth, width } => write!(f, "shakeshake{depth}-2x{width}d"),
+            Architecture::PyramidNet {
+                depth,
+                alpha,
+                bottleneck,
+            } => {
+                write!(f, "pyramidnet{depth}a{alpha}")?;
+                if *bottleneck {
+                    write!(f, "-bottleneck")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -194,6 +270,29 @@ impl FromStr for Architecture {
                 depth: depth.parse().map_err(|_| unknown())?,
                 widen_factor: widen.parse().map_err(|_| unknown())?,
                 dropout_rate: 0.0,
+            }
+        } else if let Some(rest) = lower.strip_prefix("shakeshake") {
+            // shakeshake<depth>-2x<width>d, or shakeshake<depth>x<width>d.
+            let rest = rest.strip_suffix('d').ok_or_else(unknown)?;
+            let (depth, width) = rest
+                .split_once("-2x")
+                .or_else(|| rest.split_once('x'))
+                .ok_or_else(unknown)?;
+            Architecture::ShakeShake {
+                depth: depth.parse().map_err(|_| unknown())?,
+                width: width.parse().map_err(|_| unknown())?,
+            }
+        } else if let Some(rest) = lower.strip_prefix("pyramidnet") {
+            // pyramidnet<depth>a<alpha>, optionally -bottleneck.
+            let (rest, bottleneck) = match rest.strip_suffix("-bottleneck") {
+                Some(rest) => (rest, true),
+                None => (rest, false),
+            };
+            let (depth, alpha) = rest.split_once('a').ok_or_else(unknown)?;
+            Architecture::PyramidNet {
+                depth: depth.parse().map_err(|_| unknown())?,
+                alpha: alpha.parse().map_err(|_| unknown())?,
+                bottleneck,
             }
         } else {
             return Err(unknown());

@@ -3,13 +3,19 @@
 //!
 //! - VGG-16, with or without BatchNorm (`vgg16`, `vgg16bn`);
 //! - PreResNet-`depth` (`preresnet20`, `preresnet164`, …): basic blocks below depth 44, bottlenecks from 44;
-//! - WideResNet-`depth`-`k` (`wrn28x10`, `wrn16x4`, …).
+//! - WideResNet-`depth`-`k` (`wrn28x10`, `wrn16x4`, …);
+//! - Shake-Shake-`depth` 2×`width`d (`shakeshake26-2x64d`, `shakeshake26-2x32d`), defined in PyTorch by
+//!   `xtask/torch/cifar_networks.py`;
+//! - PyramidNet-`depth` with growth `alpha` (`pyramidnet110a48`, `pyramidnet272a200-bottleneck`), defined
+//!   in PyTorch in the same file.
 //!
 //! Every network is a [`Network`], a [`Module`] whose first convolution skips its input gradient (call
 //! [`Module::require_input_grad`] with `true` to get it back).
 
 mod architecture;
 mod preresnet;
+mod pyramidnet;
+mod shake_shake;
 mod vgg;
 mod wide_resnet;
 
@@ -70,6 +76,19 @@ impl<B: Backend> Network<B> {
                 dropout_rate,
                 &mut rng,
             )?,
+            Architecture::ShakeShake { depth, width } => shake_shake::build(
+                backend,
+                classes,
+                depth,
+                width,
+                crate::layers::ShakeMix::SHAKE_SHAKE,
+                &mut rng,
+            )?,
+            Architecture::PyramidNet {
+                depth,
+                alpha,
+                bottleneck,
+            } => pyramidnet::build(backend, classes, depth, alpha, bottleneck, &mut rng)?,
         };
         body.require_input_grad(false);
         Ok(Self {

@@ -88,6 +88,11 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             train_limit: None,
             test_limit: None,
         },
+        (Preset::Paper, Architecture::ShakeShake { .. } | Architecture::PyramidNet { .. }) => {
+            anyhow::bail!(
+            "the paper preset has no recipe for {architecture} yet: use --preset quick or smoke"
+        )
+        }
         (Preset::Quick, _) => Recipe {
             architecture,
             budget: 16,
