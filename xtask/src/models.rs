@@ -8,13 +8,23 @@ use swa_models::Architecture;
 /// Prints one line per network and class count (CIFAR-10 and CIFAR-100): name, classes, parameters.
 pub fn run() -> anyhow::Result<()> {
     let backend = CpuBackend::new();
-    println!("{:<14} {:>7} {:>12}", "network", "classes", "parameters");
+    // The name column fits the longest name.
+    let width = Architecture::NAMED
+        .iter()
+        .map(|a| a.to_string().len())
+        .max()
+        .unwrap_or(0)
+        .max("network".len());
+    println!(
+        "{:<width$} {:>7} {:>12}",
+        "network", "classes", "parameters"
+    );
     for architecture in Architecture::NAMED {
         let name = architecture.to_string();
         for classes in [10, 100] {
             let net = architecture.build(&backend, classes, 0)?;
             println!(
-                "{:<14} {:>7} {:>12}",
+                "{:<width$} {:>7} {:>12}",
                 name,
                 classes,
                 parameter_count(net.as_ref())

@@ -11,7 +11,7 @@
 //! ([`Survey`]):
 //! - [`rays`]: `w + t·d` from the SGD and SWA solutions along directions drawn uniformly on the unit
 //!   sphere of the whole parameter vector;
-//! - [`line`]: `t·w_SGD + (1 − t)·w_SWA`, extended beyond both;
+//! - [`line()`]: `t·w_SGD + (1 − t)·w_SWA`, extended beyond both;
 //! - [`plane`]: a grid on the plane through three points with the paper's orthonormal basis
 //!   ([`Plane`]), other points projected onto it.
 //!
