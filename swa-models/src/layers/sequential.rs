@@ -11,9 +11,9 @@ use crate::module::{child_name, ForwardInput, ForwardMode, Module, Param};
 /// (`features.0.weight`), as in PyTorch; [`Sequential::push_named`] gives a child a name of its own
 /// (`layer1`, `fc`), which is how networks name their top-level parts.
 ///
-/// In [`ForwardMode::Eval`], a [`Conv2d`] directly followed by a [`BatchNorm2d`] runs as one convolution
-/// with the BatchNorm folded into its weights ([`Conv2d::fold_batch_norm`]), which saves the BatchNorm's
-/// pass over the activations. The folded convolutions are made on the first evaluation pass and kept
+/// In [`ForwardMode::Eval`], a [`Conv2d`] directly followed by a [`BatchNorm2d`](super::BatchNorm2d)
+/// runs as one convolution with the BatchNorm folded into its weights ([`Conv2d::fold_batch_norm`]),
+/// which saves the BatchNorm's pass over the activations. The folded convolutions are made on the first evaluation pass and kept
 /// for the next ones until the weights or statistics may change: every way to change them goes through
 /// this container (`visit_tensors_mut`, `visit_params_mut`, a training or recomputation pass, a
 /// backward pass), and each drops them.
