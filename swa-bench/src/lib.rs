@@ -12,6 +12,7 @@
 //! | `overhead` | a PreResNet-20 training span with and without an SWA update; `update_bn` | an epoch (target ≤ 1%); a forward-only pass (target: no slower) |
 //! | `kernels` | convolutions (forward, weight gradient, both gradients) and their GEMMs at the shapes of PreResNet-20/164 and VGG-16, GFLOP/s | a large square GEMM from the `gemm` crate (the machine's practical peak) |
 //! | `training` | training images/s of PreResNet-20, PreResNet-164, VGG-16, WRN-16-4 at batch 128, and GFLOP/s | the GEMM peak; PyTorch on the same network (`--torch PYTHON`) |
+//! | `eval` | img/s of `evaluate` and `update_bn` on PreResNet-20, VGG-16 and VGG-16-BN at batch 128, in rounds | PyTorch's `model.eval()` under `no_grad` and `swa_utils.update_bn` (`--torch PYTHON`): targets ≥ 1.5× and ≥ 1.3× |
 //! | `data` | augmented batches/s from swa-data | — |
 //! | `gpu` | averaging, kernels and training on the wgpu backend | the GPU's own copy bandwidth |
 //!
@@ -91,6 +92,16 @@ pub struct Settings {
     pub rounds: usize,
     /// The PyTorch reference, when asked for.
     pub torch: Option<torch::TorchRunner>,
+    /// The networks of the evaluation suite.
+    pub eval_networks: Vec<Architecture>,
+    /// Batch sizes of the evaluation suite.
+    pub eval_batch_sizes: Vec<usize>,
+    /// Batches per timed pass of the evaluation suite.
+    pub eval_batches: usize,
+    /// Timed passes per round of the evaluation suite.
+    pub eval_passes: usize,
+    /// Rounds of the evaluation suite, each timing swa-rs's passes and then one PyTorch run.
+    pub eval_rounds: usize,
 }
 
 impl Settings {

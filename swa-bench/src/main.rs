@@ -11,7 +11,7 @@ use swa_models::Architecture;
 
 use swa_bench::machine::{load_average, Machine};
 use swa_bench::report::{header, Report, Versions};
-use swa_bench::suites::{averaging, data, kernels, overhead, training};
+use swa_bench::suites::{averaging, data, evaluation, kernels, overhead, training};
 use swa_bench::torch::{default_script, TorchRunner};
 use swa_bench::{Recorder, Settings, BATCH};
 
@@ -31,6 +31,8 @@ enum Suite {
     Kernels,
     /// Training images/s and GFLOP/s of the paper's networks (and PyTorch's with --torch).
     Training,
+    /// Images/s of `evaluate` and `update_bn` (and PyTorch's with --torch).
+    Eval,
     /// Augmented batches/s from swa-data.
     Data,
     /// The averaging, kernel and training figures on the GPU backend.
@@ -38,11 +40,12 @@ enum Suite {
 }
 
 impl Suite {
-    const ALL: [Suite; 6] = [
+    const ALL: [Suite; 7] = [
         Suite::Averaging,
         Suite::Overhead,
         Suite::Kernels,
         Suite::Training,
+        Suite::Eval,
         Suite::Data,
         Suite::Gpu,
     ];
@@ -53,6 +56,7 @@ impl Suite {
             Suite::Overhead => "overhead",
             Suite::Kernels => "kernels",
             Suite::Training => "training",
+            Suite::Eval => "eval",
             Suite::Data => "data",
             Suite::Gpu => "gpu",
         }
@@ -100,6 +104,30 @@ struct Cli {
     #[arg(long, default_value_t = 1)]
     rounds: usize,
 
+    /// Networks of the eval suite, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "preresnet20,vgg16,vgg16bn"
+    )]
+    eval_networks: Vec<String>,
+
+    /// Batch sizes of the eval suite, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    eval_batch: Vec<usize>,
+
+    /// Batches per timed pass of the eval suite.
+    #[arg(long, default_value_t = 4)]
+    eval_batches: usize,
+
+    /// Timed passes of each function per round of the eval suite, on each side.
+    #[arg(long, default_value_t = 2)]
+    eval_passes: usize,
+
+    /// Rounds of the eval suite: each times swa-rs's passes, then one PyTorch run of as many.
+    #[arg(long, default_value_t = 5)]
+    eval_rounds: usize,
+
     /// Fewer runs and shorter spans: a smoke test whose figures are rough.
     #[arg(long)]
     quick: bool,
@@ -121,12 +149,13 @@ fn main() -> Result<()> {
         .build_global()
         .context("configuring the global thread pool")?;
 
-    let networks = cli
-        .networks
-        .iter()
-        .map(|n| n.parse::<Architecture>())
-        .collect::<Result<Vec<_>, _>>()
-        .context("--networks")?;
+    let networks = parse_networks(&cli.networks).context("--networks")?;
+    let eval_networks = parse_networks(&cli.eval_networks).context("--eval-networks")?;
+    anyhow::ensure!(
+        cli.eval_batch.iter().all(|&b| b > 0),
+        "--eval-batch: batch sizes must be positive, got {:?}",
+        cli.eval_batch
+    );
     let torch = match &cli.torch {
         Some(python) => {
             let script = cli.torch_script.clone().unwrap_or_else(default_script);
@@ -150,6 +179,15 @@ fn main() -> Result<()> {
         train_steps: if cli.quick { 1 } else { cli.train_steps.max(1) },
         rounds: cli.rounds.max(1),
         torch,
+        eval_networks,
+        eval_batch_sizes: cli.eval_batch.clone(),
+        eval_batches: if cli.quick {
+            2
+        } else {
+            cli.eval_batches.max(1)
+        },
+        eval_passes: if cli.quick { 1 } else { cli.eval_passes.max(1) },
+        eval_rounds: if cli.quick { 1 } else { cli.eval_rounds.max(1) },
     };
     let suites: Vec<Suite> = if cli.suites.is_empty() {
         Suite::ALL.to_vec()
@@ -255,6 +293,11 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Network names parsed, in order.
+fn parse_networks(names: &[String]) -> Result<Vec<Architecture>, swa_models::ModelError> {
+    names.iter().map(|n| n.parse::<Architecture>()).collect()
+}
+
 /// The peak GFLOP/s reference, measured once per run by whichever suite needs it first.
 fn gemm_peak(settings: &Settings, peak: &mut Option<f64>, recorder: &mut Recorder) -> Result<f64> {
     if let Some(value) = *peak {
@@ -342,6 +385,26 @@ fn run_suite(
                     settings.torch.as_ref(),
                     recorder,
                 )?;
+            }
+        }
+        Suite::Eval => {
+            for &batch in &settings.eval_batch_sizes {
+                for &architecture in &settings.eval_networks {
+                    evaluation::run_network(
+                        backend,
+                        "eval",
+                        architecture,
+                        evaluation::EvaluationPlan {
+                            batch,
+                            batches: settings.eval_batches,
+                            passes: settings.eval_passes,
+                            rounds: settings.eval_rounds,
+                        },
+                        settings.torch.as_ref(),
+                        &machine.cpu_model,
+                        recorder,
+                    )?;
+                }
             }
         }
         Suite::Data => {

@@ -45,13 +45,7 @@ impl Summary {
     /// The summary of `work / duration` over runs that each did `work` (for rates: GB/s, GFLOP/s, img/s).
     /// Runs that took no measurable time are left out.
     pub fn rates(work: f64, durations: &[Duration]) -> Option<Summary> {
-        let rates: Vec<f64> = durations
-            .iter()
-            .map(Duration::as_secs_f64)
-            .filter(|&s| s > 0.0)
-            .map(|s| work / s)
-            .collect();
-        Summary::of(&rates)
+        Summary::of(&rates(work, durations))
     }
 
     /// The summary of durations in milliseconds.
@@ -69,6 +63,16 @@ impl Summary {
             runs: self.runs,
         }
     }
+}
+
+/// The rate `work / duration` of each run that took measurable time, in order.
+pub fn rates(work: f64, durations: &[Duration]) -> Vec<f64> {
+    durations
+        .iter()
+        .map(Duration::as_secs_f64)
+        .filter(|&s| s > 0.0)
+        .map(|s| work / s)
+        .collect()
 }
 
 #[cfg(test)]

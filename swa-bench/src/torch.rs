@@ -57,24 +57,72 @@ impl TorchRunner {
     /// Training images per second of `model` (a name the script knows: `preresnet20`, `vgg16`, …) at
     /// batch `batch`: `PYTHON script train MODEL BATCH`, which times a few SGD steps after a warm-up one.
     pub fn train_images_per_second(&self, model: &str, batch: usize) -> Result<f64, TorchError> {
+        let (command, stdout) = self.run(
+            &self.script,
+            &["train".into(), model.into(), batch.to_string()],
+        )?;
+        parse_images_per_second(&stdout).ok_or_else(|| TorchError::NoFigure {
+            command,
+            output: stdout.trim().to_string(),
+        })
+    }
+
+    /// Evaluation and `update_bn` images per second of `model` on `batches` random batches of `batch`
+    /// images, one figure per timed pass: `PYTHON torch/eval_probe.py SCRIPT MODEL BATCH BATCHES PASSES`,
+    /// which imports the networks from this runner's script. `update_bn` is empty for a model without
+    /// BatchNorm.
+    pub fn evaluation_images_per_second(
+        &self,
+        model: &str,
+        batch: usize,
+        batches: usize,
+        passes: usize,
+    ) -> Result<EvaluationRates, TorchError> {
+        let probe = evaluation_probe();
+        let (command, stdout) = self.run(
+            &probe,
+            &[
+                self.script.display().to_string(),
+                model.into(),
+                batch.to_string(),
+                batches.to_string(),
+                passes.to_string(),
+            ],
+        )?;
+        let rates = EvaluationRates {
+            eval: labelled_images_per_second(&stdout, "eval"),
+            update_bn: labelled_images_per_second(&stdout, "update_bn"),
+        };
+        if rates.eval.is_empty() {
+            return Err(TorchError::NoFigure {
+                command,
+                output: stdout.trim().to_string(),
+            });
+        }
+        Ok(rates)
+    }
+
+    /// Runs `PYTHON script ARGS…` with this runner's threads; returns the command line (for errors) and
+    /// the standard output, or an error with the end of the standard error when it fails.
+    fn run(&self, script: &Path, args: &[String]) -> Result<(String, String), TorchError> {
         let command = format!(
-            "THREADS={} {} {} train {model} {batch}",
+            "THREADS={} {} {} {}",
             self.threads,
             self.python.display(),
-            self.script.display()
+            script.display(),
+            args.join(" ")
         );
         let output = Command::new(&self.python)
-            .arg(&self.script)
-            .args(["train", model, &batch.to_string()])
+            .arg(script)
+            .args(args)
             .env("THREADS", self.threads.to_string())
             .env("OMP_NUM_THREADS", self.threads.to_string())
             .output()
             .map_err(|source| TorchError::Start {
                 python: self.python.display().to_string(),
-                script: self.script.display().to_string(),
+                script: script.display().to_string(),
                 source,
             })?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             let tail: String = stderr
@@ -92,11 +140,34 @@ impl TorchRunner {
                 stderr: tail,
             });
         }
-        parse_images_per_second(&stdout).ok_or_else(|| TorchError::NoFigure {
+        Ok((
             command,
-            output: stdout.trim().to_string(),
-        })
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        ))
     }
+}
+
+/// PyTorch's evaluation and BatchNorm-recomputation rates, one per timed pass.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EvaluationRates {
+    /// Images per second of `model.eval()` under `torch.no_grad()`, with the loss and predictions.
+    pub eval: Vec<f64>,
+    /// Images per second of `torch.optim.swa_utils.update_bn`.
+    pub update_bn: Vec<f64>,
+}
+
+/// The evaluation probe kept in this crate, which imports the networks of a [`TorchRunner::script`].
+pub fn evaluation_probe() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("torch/eval_probe.py")
+}
+
+/// The figures of the lines `KIND …: R img/s` whose first word is `kind`, in order.
+pub fn labelled_images_per_second(output: &str, kind: &str) -> Vec<f64> {
+    output
+        .lines()
+        .filter(|line| line.split_whitespace().next() == Some(kind))
+        .filter_map(parse_images_per_second)
+        .collect()
 }
 
 /// The number before the last `img/s` in the script's output (`preresnet20 batch 128: 95.3 img/s`).
@@ -124,6 +195,20 @@ mod tests {
             parse_images_per_second("warning: something\nvgg16 batch 128: 12.0 img/s"),
             Some(12.0)
         );
+    }
+
+    #[test]
+    fn labelled_figures_are_read_by_their_first_word_in_order() {
+        let output = "eval vgg16bn b128 x4: 391.8 img/s\n\
+                      eval vgg16bn b128 x4: 371.4 img/s\n\
+                      update_bn vgg16bn b128 x4: 299.4 img/s\n\
+                      evaluation took long: 1.0 img/s\n";
+        assert_eq!(
+            labelled_images_per_second(output, "eval"),
+            vec![391.8, 371.4]
+        );
+        assert_eq!(labelled_images_per_second(output, "update_bn"), vec![299.4]);
+        assert!(labelled_images_per_second(output, "train").is_empty());
     }
 
     #[test]

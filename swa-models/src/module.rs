@@ -7,6 +7,8 @@
 use swa_core::backend::{Backend, BackendResult};
 use swa_core::params::{NamedTensors, TensorRole};
 
+use crate::layers::{BatchNorm2d, Conv2d};
+
 /// How a forward pass runs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ForwardMode {
@@ -151,6 +153,18 @@ pub trait Module<B: Backend>: NamedTensors<B> + Send {
 
     /// Visits the BatchNorm batch counters mutably (to restore them from a checkpoint).
     fn visit_batch_counters_mut(&mut self, _f: &mut dyn FnMut(&str, &mut u64)) {}
+
+    /// This module as a convolution, so that a container can fold the BatchNorm that follows it into
+    /// its weights for evaluation ([`Conv2d::fold_batch_norm`]); `None` for every other module.
+    fn as_conv2d(&self) -> Option<&Conv2d<B>> {
+        None
+    }
+
+    /// This module as a BatchNorm, the other half of [`Module::as_conv2d`]; `None` for every other
+    /// module.
+    fn as_batch_norm(&self) -> Option<&BatchNorm2d<B>> {
+        None
+    }
 }
 
 /// Prefixes a child's names with `prefix.`, as PyTorch's `state_dict` does.

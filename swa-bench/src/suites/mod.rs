@@ -6,6 +6,7 @@
 
 pub mod averaging;
 pub mod data;
+pub mod evaluation;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod kernels;

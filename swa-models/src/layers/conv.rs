@@ -5,6 +5,7 @@ use swa_core::backend::{Backend, BackendError, BackendResult, Conv2dSpec, HasSha
 use swa_core::params::{NamedTensors, TensorRole};
 
 use super::init::{normal, torch_default_bound, uniform, ConvInit};
+use super::BatchNorm2d;
 use super::ForwardCache;
 use crate::module::{ForwardInput, ForwardMode, Module, Param};
 
@@ -170,6 +171,59 @@ impl<B: Backend> Conv2d<B> {
         self.spec
     }
 
+    /// The convolution that computes, in one pass, this convolution followed by `norm` in evaluation
+    /// mode: each output channel's weights scaled by `γ / √(running_var + ε)` and its bias
+    /// `(b − running_mean) · γ / √(running_var + ε) + β`.
+    ///
+    /// Equal to the two layers in exact arithmetic; in floating point the outputs differ by rounding
+    /// only (a few units in the last place of the weights and of the sums). Both parts are computed by
+    /// the backend's own evaluation-mode BatchNorm, so the folding runs where the tensors are: the
+    /// weights, seen as `[1, out, in·k·k, 1]`, are normalised with a zero mean and shift, which scales
+    /// each output channel by exactly the factor the BatchNorm would apply; the bias, seen as
+    /// `[1, out]`, is normalised as the BatchNorm normalises the convolution's output.
+    pub fn fold_batch_norm(&self, backend: &B, norm: &BatchNorm2d<B>) -> BackendResult<Self> {
+        let dims = self.weight.value.dims().to_vec();
+        let out = dims[0];
+        let per_output: usize = dims[1..].iter().product();
+        if norm.running_mean().dims() != [out] {
+            return Err(BackendError::ShapeMismatch {
+                op: "Conv2d::fold_batch_norm",
+                expected: format!("a BatchNorm over the convolution's {out} output channels"),
+                got: norm.running_mean().dims().to_vec(),
+            });
+        }
+        let zeros = backend.zeros(&[out])?;
+        let weight = backend.reshape(
+            backend.duplicate(&self.weight.value)?,
+            &[1, out, per_output, 1],
+        )?;
+        let weight = backend.batch_norm_eval(
+            &weight,
+            &norm.weight().value,
+            &zeros,
+            &zeros,
+            norm.running_var(),
+            norm.eps(),
+        )?;
+        let bias = match &self.bias {
+            Some(bias) => backend.reshape(backend.duplicate(&bias.value)?, &[1, out])?,
+            None => backend.zeros(&[1, out])?,
+        };
+        let bias = backend.batch_norm_eval(
+            &bias,
+            &norm.weight().value,
+            &norm.bias().value,
+            norm.running_mean(),
+            norm.running_var(),
+            norm.eps(),
+        )?;
+        Self::from_tensors(
+            backend.reshape(weight, &dims)?,
+            Some(backend.reshape(bias, &[out])?),
+            self.spec,
+        )
+    }
+
     fn convolve(&self, backend: &B, x: &B::Tensor) -> BackendResult<B::Tensor> {
         backend.conv2d(
             x,
@@ -245,5 +299,9 @@ impl<B: Backend> Module<B> for Conv2d<B> {
 
     fn require_input_grad(&mut self, required: bool) {
         self.input_grad_required = required;
+    }
+
+    fn as_conv2d(&self) -> Option<&Conv2d<B>> {
+        Some(self)
     }
 }

@@ -215,4 +215,8 @@ impl<B: Backend> Module<B> for BatchNorm2d<B> {
     fn visit_batch_counters_mut(&mut self, f: &mut dyn FnMut(&str, &mut u64)) {
         f("num_batches_tracked", &mut self.num_batches_tracked);
     }
+
+    fn as_batch_norm(&self) -> Option<&BatchNorm2d<B>> {
+        Some(self)
+    }
 }

@@ -3,14 +3,25 @@
 use swa_core::backend::{Backend, BackendResult};
 use swa_core::params::{NamedTensors, TensorRole};
 
+use super::Conv2d;
 use crate::module::{child_name, ForwardInput, ForwardMode, Module, Param};
 
 /// Children run one after the other, PyTorch's `nn.Sequential`: a child's tensors are named
 /// `<child name>.<tensor name>`. Children added with [`Sequential::push`] are named by their position
 /// (`features.0.weight`), as in PyTorch; [`Sequential::push_named`] gives a child a name of its own
 /// (`layer1`, `fc`), which is how networks name their top-level parts.
+///
+/// In [`ForwardMode::Eval`], a [`Conv2d`] directly followed by a [`BatchNorm2d`](super::BatchNorm2d)
+/// runs as one convolution with the BatchNorm folded into its weights ([`Conv2d::fold_batch_norm`]),
+/// which saves the BatchNorm's pass over the activations. The folded convolutions are made on the first evaluation pass and kept
+/// for the next ones until the weights or statistics may change: every way to change them goes through
+/// this container (`visit_tensors_mut`, `visit_params_mut`, a training or recomputation pass, a
+/// backward pass), and each drops them.
 pub struct Sequential<B: Backend> {
     children: Vec<(String, Box<dyn Module<B>>)>,
+    /// The folded convolutions of evaluation, with the index of the convolution each replaces (the
+    /// BatchNorm after it is skipped); `None` when they must be made again.
+    folded: Option<Vec<(usize, Conv2d<B>)>>,
 }
 
 impl<B: Backend> std::fmt::Debug for Sequential<B> {
@@ -32,22 +43,24 @@ impl<B: Backend> Sequential<B> {
     pub fn new() -> Self {
         Self {
             children: Vec::new(),
+            folded: None,
         }
     }
 
     /// Appends a child named by its position.
     pub fn push(&mut self, module: impl Module<B> + 'static) {
         let name = self.children.len().to_string();
-        self.children.push((name, Box::new(module)));
+        self.push_boxed(name, Box::new(module));
     }
 
     /// Appends a child with its own name.
     pub fn push_named(&mut self, name: impl Into<String>, module: impl Module<B> + 'static) {
-        self.children.push((name.into(), Box::new(module)));
+        self.push_boxed(name, Box::new(module));
     }
 
     /// Appends a boxed child with its own name.
     pub fn push_boxed(&mut self, name: impl Into<String>, module: Box<dyn Module<B>>) {
+        self.folded = None;
         self.children.push((name.into(), module));
     }
 
@@ -79,6 +92,65 @@ impl<B: Backend> Sequential<B> {
     }
 }
 
+impl<B: Backend> Sequential<B> {
+    /// Each convolution directly followed by a BatchNorm, folded, with the convolution's index.
+    fn fold(&self, backend: &B) -> BackendResult<Vec<(usize, Conv2d<B>)>> {
+        let mut folded = Vec::new();
+        for (index, pair) in self.children.windows(2).enumerate() {
+            if let (Some(conv), Some(norm)) = (pair[0].1.as_conv2d(), pair[1].1.as_batch_norm()) {
+                folded.push((index, conv.fold_batch_norm(backend, norm)?));
+            }
+        }
+        Ok(folded)
+    }
+
+    /// The evaluation pass: the children in order, each folded pair as its one convolution.
+    fn forward_eval(&mut self, backend: &B, x: ForwardInput<'_, B>) -> BackendResult<B::Tensor> {
+        let mut folded = match self.folded.take() {
+            Some(folded) => folded,
+            None => self.fold(backend)?,
+        };
+        let result = run_folded(&mut self.children, &mut folded, backend, x);
+        self.folded = Some(folded);
+        result
+    }
+}
+
+/// Runs `children` in evaluation mode on `x`, replacing each convolution listed in `folded` and the
+/// BatchNorm after it by the folded convolution.
+fn run_folded<B: Backend>(
+    children: &mut [(String, Box<dyn Module<B>>)],
+    folded: &mut [(usize, Conv2d<B>)],
+    backend: &B,
+    x: ForwardInput<'_, B>,
+) -> BackendResult<B::Tensor> {
+    if children.is_empty() {
+        return x.into_owned(backend);
+    }
+    let steps = children.len();
+    let mut folded = folded.iter_mut().peekable();
+    let mut index = 0;
+    // Runs the step at `index` (one child, or a folded pair) and moves `index` past it.
+    let mut step =
+        |index: &mut usize, x: ForwardInput<'_, B>| match folded.next_if(|(at, _)| at == index) {
+            Some((_, conv)) => {
+                *index += 2;
+                conv.forward_input(backend, x, ForwardMode::Eval)
+            }
+            None => {
+                *index += 1;
+                children[*index - 1]
+                    .1
+                    .forward_input(backend, x, ForwardMode::Eval)
+            }
+        };
+    let mut y = step(&mut index, x)?;
+    while index < steps {
+        y = step(&mut index, ForwardInput::Owned(y))?;
+    }
+    Ok(y)
+}
+
 impl<B: Backend> NamedTensors<B> for Sequential<B> {
     fn visit_tensors(&self, f: &mut dyn FnMut(&str, TensorRole, &B::Tensor)) {
         for (name, child) in &self.children {
@@ -87,6 +159,7 @@ impl<B: Backend> NamedTensors<B> for Sequential<B> {
     }
 
     fn visit_tensors_mut(&mut self, f: &mut dyn FnMut(&str, TensorRole, &mut B::Tensor)) {
+        self.folded = None;
         for (name, child) in &mut self.children {
             child.visit_tensors_mut(&mut |n, role, t| f(&child_name(name, n), role, t));
         }
@@ -101,6 +174,11 @@ impl<B: Backend> Module<B> for Sequential<B> {
         x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
+        if mode == ForwardMode::Eval {
+            return self.forward_eval(backend, x);
+        }
+        // Training changes the weights next, recomputation the running statistics now.
+        self.folded = None;
         let mut children = self.children.iter_mut();
         let Some((_, first)) = children.next() else {
             return x.into_owned(backend);
@@ -113,6 +191,7 @@ impl<B: Backend> Module<B> for Sequential<B> {
     }
 
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
+        self.folded = None;
         let mut children = self.children.iter_mut().rev();
         let Some((_, last)) = children.next() else {
             return backend.duplicate(dy);
@@ -125,6 +204,7 @@ impl<B: Backend> Module<B> for Sequential<B> {
     }
 
     fn visit_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Param<B>)) {
+        self.folded = None;
         for (name, child) in &mut self.children {
             child.visit_params_mut(&mut |n, p| f(&child_name(name, n), p));
         }
@@ -153,5 +233,266 @@ impl<B: Backend> Module<B> for Sequential<B> {
         for (name, child) in &mut self.children {
             child.visit_batch_counters_mut(&mut |n, c| f(&child_name(name, n), c));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use swa_core::backend::{
+        BatchNormGrads, BatchNormSaved, Decorator, ForwardConv, ForwardDense, ForwardElementwise,
+        ForwardLoss, ForwardPool, HasShape, NormOps,
+    };
+    use swa_core::{CpuBackend, CpuTensor};
+
+    use super::*;
+    use crate::layers::{BatchNorm2d, Conv2dConfig, ReLU};
+
+    /// The CPU backend, recording the shape of every evaluation-mode BatchNorm's input.
+    #[derive(Clone, Debug)]
+    struct NormLog {
+        inner: CpuBackend,
+        eval_inputs: Arc<Mutex<Vec<Vec<usize>>>>,
+    }
+
+    impl NormLog {
+        fn new() -> Self {
+            Self {
+                inner: CpuBackend::with_threads(2),
+                eval_inputs: Arc::default(),
+            }
+        }
+
+        /// The evaluation-mode BatchNorm inputs of rank 4 with more than one image: activations, not the
+        /// weights or biases a fold normalises.
+        fn activations_normalised(&self) -> usize {
+            let inputs = self
+                .eval_inputs
+                .lock()
+                .map(|v| v.clone())
+                .unwrap_or_default();
+            inputs
+                .iter()
+                .filter(|dims| dims.len() == 4 && dims[0] > 1)
+                .count()
+        }
+
+        fn clear(&self) {
+            if let Ok(mut inputs) = self.eval_inputs.lock() {
+                inputs.clear();
+            }
+        }
+    }
+
+    impl Decorator for NormLog {
+        type Inner = CpuBackend;
+        const LABEL: &'static str = "norm log";
+        fn inner(&self) -> &CpuBackend {
+            &self.inner
+        }
+    }
+    impl ForwardElementwise for NormLog {}
+    impl ForwardDense for NormLog {}
+    impl ForwardConv for NormLog {}
+    impl ForwardPool for NormLog {}
+    impl ForwardLoss for NormLog {}
+
+    impl NormOps<CpuTensor> for NormLog {
+        fn batch_norm_train(
+            &self,
+            x: &CpuTensor,
+            gamma: &CpuTensor,
+            beta: &CpuTensor,
+            running_mean: &mut CpuTensor,
+            running_var: &mut CpuTensor,
+            momentum: f32,
+            eps: f32,
+        ) -> BackendResult<(CpuTensor, BatchNormSaved<CpuTensor>)> {
+            self.inner
+                .batch_norm_train(x, gamma, beta, running_mean, running_var, momentum, eps)
+        }
+
+        fn batch_norm_eval(
+            &self,
+            x: &CpuTensor,
+            gamma: &CpuTensor,
+            beta: &CpuTensor,
+            running_mean: &CpuTensor,
+            running_var: &CpuTensor,
+            eps: f32,
+        ) -> BackendResult<CpuTensor> {
+            if let Ok(mut inputs) = self.eval_inputs.lock() {
+                inputs.push(x.dims().to_vec());
+            }
+            self.inner
+                .batch_norm_eval(x, gamma, beta, running_mean, running_var, eps)
+        }
+
+        fn batch_norm_backward(
+            &self,
+            x: &CpuTensor,
+            gamma: &CpuTensor,
+            saved: &BatchNormSaved<CpuTensor>,
+            dy: &CpuTensor,
+        ) -> BackendResult<BatchNormGrads<CpuTensor>> {
+            self.inner.batch_norm_backward(x, gamma, saved, dy)
+        }
+    }
+
+    /// conv(3→4, bias) → BN → ReLU → conv(4→5, stride 2, no bias) → BN: two foldable pairs, built
+    /// from `seed`.
+    fn layers<B: Backend>(backend: &B, seed: u64) -> Vec<Box<dyn Module<B>>> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let first = Conv2dConfig::new(3, 4, 3).padding(1);
+        let second = Conv2dConfig::new(4, 5, 3).padding(1).stride(2).bias(false);
+        vec![
+            Box::new(Conv2d::new(backend, first, &mut rng).expect("a valid convolution")),
+            Box::new(BatchNorm2d::new(backend, 4).expect("a valid BatchNorm")),
+            Box::new(ReLU::new()),
+            Box::new(Conv2d::new(backend, second, &mut rng).expect("a valid convolution")),
+            Box::new(BatchNorm2d::new(backend, 5).expect("a valid BatchNorm")),
+        ]
+    }
+
+    /// Sets every BatchNorm tensor of `module` to values drawn from `seed` (variances positive).
+    fn perturb<B: Backend>(backend: &B, module: &mut dyn NamedTensors<B>, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        module.visit_tensors_mut(&mut |name, _, tensor| {
+            let values: Vec<f32> = (0..tensor.numel())
+                .map(|_| {
+                    if name.ends_with("running_var") {
+                        rng.random_range(0.2..3.0)
+                    } else {
+                        rng.random_range(-1.0..1.0)
+                    }
+                })
+                .collect();
+            let fresh = backend
+                .from_host(&values, tensor.dims())
+                .expect("the tensor's own shape");
+            *tensor = fresh;
+        });
+    }
+
+    /// The children run one by one in evaluation mode: the reference the folded pass must match.
+    fn unfolded<B: Backend>(
+        backend: &B,
+        sequential: &mut Sequential<B>,
+        x: &B::Tensor,
+    ) -> Vec<f32> {
+        let mut y = backend.duplicate(x).expect("a copy");
+        for (_, child) in &mut sequential.children {
+            y = child
+                .forward(backend, &y, ForwardMode::Eval)
+                .expect("an evaluation pass");
+        }
+        backend.to_host(&y).expect("values")
+    }
+
+    fn folded<B: Backend>(backend: &B, sequential: &mut Sequential<B>, x: &B::Tensor) -> Vec<f32> {
+        let y = sequential
+            .forward(backend, x, ForwardMode::Eval)
+            .expect("an evaluation pass");
+        backend.to_host(&y).expect("values")
+    }
+
+    fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * scale,
+                "{what}: element {i} is {g}, unfolded {w}"
+            );
+        }
+    }
+
+    fn network(backend: &NormLog) -> Sequential<NormLog> {
+        let mut sequential = Sequential::new();
+        for (index, layer) in layers(backend, 3).into_iter().enumerate() {
+            sequential.push_boxed(index.to_string(), layer);
+        }
+        perturb(backend, &mut sequential, 4);
+        sequential
+    }
+
+    fn input(backend: &NormLog) -> CpuTensor {
+        let mut rng = StdRng::seed_from_u64(5);
+        let values: Vec<f32> = (0..2 * 3 * 6 * 6)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        backend
+            .from_host(&values, &[2, 3, 6, 6])
+            .expect("an image batch")
+    }
+
+    #[test]
+    fn evaluation_folds_each_batch_norm_into_its_convolution_and_matches_the_layers_one_by_one() {
+        let backend = NormLog::new();
+        let mut sequential = network(&backend);
+        let x = input(&backend);
+        let want = unfolded(&backend, &mut sequential, &x);
+        assert_eq!(
+            backend.activations_normalised(),
+            2,
+            "the reference normalises twice"
+        );
+        backend.clear();
+        let got = folded(&backend, &mut sequential, &x);
+        assert_eq!(
+            backend.activations_normalised(),
+            0,
+            "folded evaluation normalises no activations"
+        );
+        assert_close("first pass", &got, &want);
+        // The second pass reuses the folded convolutions, and they give the same values.
+        assert_eq!(folded(&backend, &mut sequential, &x), got);
+    }
+
+    #[test]
+    fn folded_convolutions_follow_new_weights_statistics_and_recomputation() {
+        let backend = NormLog::new();
+        let mut sequential = network(&backend);
+        let x = input(&backend);
+        let before = folded(&backend, &mut sequential, &x);
+
+        // New weights and statistics, set from outside as a checkpoint load or an SWA swap sets them.
+        perturb(&backend, &mut sequential, 6);
+        let want = unfolded(&backend, &mut sequential, &x);
+        let got = folded(&backend, &mut sequential, &x);
+        assert!(
+            got.iter().zip(&before).any(|(a, b)| (a - b).abs() > 1e-3),
+            "the new statistics change the output"
+        );
+        assert_close("after new tensors", &got, &want);
+
+        // A recomputation pass moves the running statistics inside the BatchNorms.
+        let mode = ForwardMode::RecomputeBatchNorm {
+            momentum: 0.5,
+            seed: 0,
+        };
+        sequential
+            .forward(&backend, &x, mode)
+            .expect("a recomputation pass");
+        let want = unfolded(&backend, &mut sequential, &x);
+        assert_close(
+            "after recomputation",
+            &folded(&backend, &mut sequential, &x),
+            &want,
+        );
+
+        // An SGD-style update of the parameters alone.
+        sequential.visit_params_mut(&mut |_, param| {
+            param.value.mapv_inplace(|v| v * 0.5 + 0.1);
+        });
+        let want = unfolded(&backend, &mut sequential, &x);
+        assert_close(
+            "after a parameter update",
+            &folded(&backend, &mut sequential, &x),
+            &want,
+        );
     }
 }

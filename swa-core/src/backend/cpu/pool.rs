@@ -68,8 +68,7 @@ impl Window {
         for ih in top..top + self.kernel {
             let row = &plane[ih * self.width..][..self.width];
             for (iw, &v) in row.iter().enumerate().skip(left).take(self.kernel) {
-                // Strictly greater keeps the first maximum; a NaN wins so that it propagates like PyTorch.
-                if v > best_value || (v.is_nan() && !best_value.is_nan()) {
+                if replaces(v, best_value) {
                     best_value = v;
                     best = ih * self.width + iw;
                 }
@@ -77,6 +76,39 @@ impl Window {
         }
         best
     }
+
+    /// The maxima of one plane's output row `oh` into `out_row`, as [`Window::argmax`] picks them.
+    fn max_row(&self, plane: &[f32], oh: usize, out_row: &mut [f32]) {
+        if self.kernel == 2 && self.stride == 2 {
+            // VGG's pooling, on the evaluation path: the window's four values in argmax's scan order,
+            // without its index arithmetic.
+            let top = &plane[2 * oh * self.width..][..2 * self.out_width];
+            let bottom = &plane[(2 * oh + 1) * self.width..][..2 * self.out_width];
+            for ((o, t), b) in out_row
+                .iter_mut()
+                .zip(top.chunks_exact(2))
+                .zip(bottom.chunks_exact(2))
+            {
+                *o = [t[1], b[0], b[1]].into_iter().fold(t[0], |best, v| {
+                    if replaces(v, best) {
+                        v
+                    } else {
+                        best
+                    }
+                });
+            }
+            return;
+        }
+        for (ow, o) in out_row.iter_mut().enumerate() {
+            *o = plane[self.argmax(plane, oh, ow)];
+        }
+    }
+}
+
+/// Whether `v`, met later in a window's scan, replaces the maximum `best` so far: strictly greater keeps
+/// the first maximum, and a NaN wins so that it propagates like PyTorch.
+fn replaces(v: f32, best: f32) -> bool {
+    v > best || (v.is_nan() && !best.is_nan())
 }
 
 fn check_output_gradient(
@@ -106,8 +138,8 @@ impl PoolOps<CpuTensor> for CpuBackend {
                 y.par_chunks_mut(win.out_plane())
                     .zip(xs.par_chunks(win.in_plane()))
                     .for_each(|(out, plane)| {
-                        for (i, o) in out.iter_mut().enumerate() {
-                            *o = plane[win.argmax(plane, i / win.out_width, i % win.out_width)];
+                        for (oh, out_row) in out.chunks_exact_mut(win.out_width).enumerate() {
+                            win.max_row(plane, oh, out_row);
                         }
                     });
             }
@@ -198,6 +230,48 @@ impl PoolOps<CpuTensor> for CpuBackend {
                     });
             }
             into_tensor(OP, input_shape, dx)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 2×2 stride-2 rows must pick, bit for bit, the value at the index the backward pass sends the
+    /// gradient to: the first maximum, a NaN over any number, and of `-0.0` and `0.0` whichever comes first.
+    #[test]
+    fn the_two_by_two_rows_pick_the_values_argmax_points_to() {
+        let values = [0.0, -0.0, 1.0, f32::NAN, -1.0, 1.0, -0.0, 0.0];
+        let (height, width) = (4, 6);
+        let win = Window::new("test", &[1, 1, height, width], 2, 2).expect("a valid window");
+        let mut plane: Vec<f32> = (0..height * width)
+            .map(|i| values[(i * 5 + i / 7) % values.len()])
+            .collect();
+        plane[0..2].copy_from_slice(&[-0.0, 0.0]);
+        plane[width..width + 2].copy_from_slice(&[0.0, -0.0]);
+        for oh in 0..win.out_height {
+            let mut row = vec![7.0; win.out_width];
+            win.max_row(&plane, oh, &mut row);
+            for (ow, got) in row.iter().enumerate() {
+                let want = plane[win.argmax(&plane, oh, ow)];
+                assert_eq!(got.to_bits(), want.to_bits(), "output ({oh}, {ow})");
+            }
+        }
+        let mut first = vec![0.0; win.out_width];
+        win.max_row(&plane, 0, &mut first);
+        assert_eq!(first[0].to_bits(), (-0.0f32).to_bits());
+        assert!(
+            row_has_nan(&plane, &win),
+            "the pattern exercises NaN windows"
+        );
+    }
+
+    fn row_has_nan(plane: &[f32], win: &Window) -> bool {
+        (0..win.out_height).any(|oh| {
+            let mut row = vec![0.0; win.out_width];
+            win.max_row(plane, oh, &mut row);
+            row.iter().any(|v| v.is_nan())
         })
     }
 }
