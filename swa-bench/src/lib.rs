@@ -69,6 +69,9 @@ pub enum BenchError {
     /// The PyTorch reference could not be run or read.
     #[error(transparent)]
     Torch(#[from] torch::TorchError),
+    /// A loss-surface survey failed.
+    #[error("survey: {0}")]
+    Geometry(#[from] swa_models::geometry::GeometryError),
     /// A benchmark could not be set up (a thread pool, a buffer, …).
     #[error("setting up {0}")]
     Setup(String),

@@ -11,7 +11,7 @@ use swa_models::Architecture;
 
 use swa_bench::machine::{load_average, Machine};
 use swa_bench::report::{header, Report, Versions};
-use swa_bench::suites::{averaging, data, evaluation, kernels, overhead, training};
+use swa_bench::suites::{averaging, data, evaluation, geometry, kernels, overhead, training};
 use swa_bench::torch::{default_script, TorchRunner};
 use swa_bench::{Recorder, Settings, BATCH};
 
@@ -33,6 +33,8 @@ enum Suite {
     Training,
     /// Images/s of `evaluate` and `update_bn` (and PyTorch's with --torch).
     Eval,
+    /// Points per hour of a loss-surface survey (`cargo xtask geometry`'s path) on PreResNet-20.
+    Geometry,
     /// Augmented batches/s from swa-data.
     Data,
     /// The averaging, kernel and training figures on the GPU backend.
@@ -40,12 +42,13 @@ enum Suite {
 }
 
 impl Suite {
-    const ALL: [Suite; 7] = [
+    const ALL: [Suite; 8] = [
         Suite::Averaging,
         Suite::Overhead,
         Suite::Kernels,
         Suite::Training,
         Suite::Eval,
+        Suite::Geometry,
         Suite::Data,
         Suite::Gpu,
     ];
@@ -57,6 +60,7 @@ impl Suite {
             Suite::Kernels => "kernels",
             Suite::Training => "training",
             Suite::Eval => "eval",
+            Suite::Geometry => "geometry",
             Suite::Data => "data",
             Suite::Gpu => "gpu",
         }
@@ -406,6 +410,29 @@ fn run_suite(
                     )?;
                 }
             }
+        }
+        Suite::Geometry => {
+            // The command's defaults on a CPU; --quick surveys a few hundred images.
+            let (train_images, test_images, points, rounds) = if settings.quick {
+                (256, 256, 2, 1)
+            } else {
+                (5000, 10000, 3, 3)
+            };
+            let plan = geometry::SurveyPlan {
+                network: Architecture::PreResNet { depth: 20 },
+                train_images,
+                test_images,
+                batch: BATCH,
+                points,
+                rounds,
+            };
+            geometry::run(
+                "geometry",
+                plan,
+                settings.threads,
+                &machine.cpu_model,
+                recorder,
+            )?;
         }
         Suite::Data => {
             let batches = if settings.quick { 10 } else { 100 };

@@ -7,6 +7,7 @@
 pub mod averaging;
 pub mod data;
 pub mod evaluation;
+pub mod geometry;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod kernels;
