@@ -59,7 +59,7 @@ impl Normalization {
 
     /// A 256-entry table per channel: byte value → normalised value, computed as
     /// `(byte / 255 - mean) / std` in f32 like torchvision's `ToTensor` then `Normalize`.
-    fn tables(&self) -> [[f32; 256]; CHANNELS] {
+    pub(crate) fn tables(&self) -> [[f32; 256]; CHANNELS] {
         let (mean, std) = self.mean_std();
         let mut tables = [[0f32; 256]; CHANNELS];
         for (channel, table) in tables.iter_mut().enumerate() {
@@ -119,13 +119,54 @@ impl BatchConfig {
     }
 }
 
-/// One batch: images `[n, 3, 32, 32]` (NCHW, f32, normalised) and their labels.
+impl BatchConfig {
+    /// Checks the batch size and the normalisation; returns the normalisation's byte tables.
+    pub(crate) fn validated_tables(&self) -> Result<[[f32; 256]; CHANNELS]> {
+        if self.batch_size == 0 {
+            return Err(DataError::InvalidConfig(
+                "batch_size is 0, expected at least 1".into(),
+            ));
+        }
+        let (mean, std) = self.normalization.mean_std();
+        if std.iter().chain(&mean).any(|v| !v.is_finite()) || std.contains(&0.0) {
+            return Err(DataError::InvalidConfig(format!(
+                "normalisation mean {mean:?} std {std:?}: expected finite values and non-zero std"
+            )));
+        }
+        Ok(self.normalization.tables())
+    }
+
+    /// Batches per epoch of a data set of `len` images.
+    pub(crate) fn batches_per_epoch(&self, len: usize) -> usize {
+        if self.drop_last {
+            len / self.batch_size
+        } else {
+            len.div_ceil(self.batch_size)
+        }
+    }
+
+    /// The order in which `epoch` visits the `len` images of a data set.
+    pub(crate) fn order(&self, len: usize, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..len).collect();
+        if self.shuffle {
+            let mut rng = ChaCha8Rng::seed_from_u64(mix(self.seed ^ SHUFFLE_STREAM, epoch, 0));
+            order.shuffle(&mut rng);
+        }
+        order
+    }
+}
+
+/// One batch: images `[n, 3, height, width]` (NCHW, f32, normalised) and their labels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
-    /// `n × 3 × 32 × 32` values, image after image, each channel plane row-major.
+    /// `n × 3 × height × width` values, image after image, each channel plane row-major.
     pub images: Vec<f32>,
     /// `n` class indices.
     pub labels: Vec<u32>,
+    /// Rows of every image (32 for CIFAR).
+    pub height: usize,
+    /// Columns of every image (32 for CIFAR).
+    pub width: usize,
 }
 
 impl Batch {
@@ -139,9 +180,9 @@ impl Batch {
         self.labels.is_empty()
     }
 
-    /// `[n, 3, 32, 32]`.
+    /// `[n, 3, height, width]`.
     pub fn shape(&self) -> [usize; 4] {
-        [self.len(), CHANNELS, IMAGE_SIDE, IMAGE_SIDE]
+        [self.len(), CHANNELS, self.height, self.width]
     }
 }
 
@@ -236,7 +277,7 @@ const AUGMENT_STREAM: u64 = 0x6175_676d_656e_7421;
 const SHUFFLE_STREAM: u64 = 0x7368_7566_666c_6521;
 
 /// Two counters folded into a stream's seed: distinct inputs give unrelated seeds.
-fn mix(a: u64, b: u64, c: u64) -> u64 {
+pub(crate) fn mix(a: u64, b: u64, c: u64) -> u64 {
     swa_core::seed::fold_words(a, &[b, c])
 }
 
@@ -251,18 +292,7 @@ pub struct Batches {
 impl Batches {
     /// Batches of `dataset` under `config`; fails on a zero batch size or a zero/non-finite std.
     pub fn new(dataset: Arc<Dataset>, config: BatchConfig) -> Result<Self> {
-        if config.batch_size == 0 {
-            return Err(DataError::InvalidConfig(
-                "batch_size is 0, expected at least 1".into(),
-            ));
-        }
-        let (mean, std) = config.normalization.mean_std();
-        if std.iter().chain(&mean).any(|v| !v.is_finite()) || std.contains(&0.0) {
-            return Err(DataError::InvalidConfig(format!(
-                "normalisation mean {mean:?} std {std:?}: expected finite values and non-zero std"
-            )));
-        }
-        let tables = Arc::new(config.normalization.tables());
+        let tables = Arc::new(config.validated_tables()?);
         Ok(Batches {
             dataset,
             config,
@@ -282,23 +312,12 @@ impl Batches {
 
     /// Batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
-        let n = self.dataset.len();
-        if self.config.drop_last {
-            n / self.config.batch_size
-        } else {
-            n.div_ceil(self.config.batch_size)
-        }
+        self.config.batches_per_epoch(self.dataset.len())
     }
 
     /// The order in which `epoch` visits the images.
     pub fn order(&self, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.dataset.len()).collect();
-        if self.config.shuffle {
-            let mut rng =
-                ChaCha8Rng::seed_from_u64(mix(self.config.seed ^ SHUFFLE_STREAM, epoch, 0));
-            order.shuffle(&mut rng);
-        }
-        order
+        self.config.order(self.dataset.len(), epoch)
     }
 
     /// Builds the batch of the images at `indices` (data-set indices) for `epoch`, in parallel
@@ -324,29 +343,118 @@ impl Batches {
                 };
                 augmentation.write_normalised(image, &self.tables, out);
             });
-        Batch { images, labels }
+        Batch {
+            images,
+            labels,
+            height: IMAGE_SIDE,
+            width: IMAGE_SIDE,
+        }
     }
 
     /// All batches of `epoch`, built ahead by a worker thread (see [`BatchConfig::prefetch`]).
     /// Dropping the iterator early stops the worker.
     pub fn epoch(&self, epoch: u64) -> EpochBatches {
-        let order = self.order(epoch);
-        let count = self.batches_per_epoch();
-        if self.config.prefetch > 0 {
-            let (sender, receiver) = sync_channel(self.config.prefetch);
-            let batches = self.clone();
+        let batches = self.clone();
+        EpochBatches {
+            batches: Prefetched::new(
+                self.order(epoch),
+                self.config.batch_size,
+                self.batches_per_epoch(),
+                self.config.prefetch,
+                move |chunk: &[usize]| batches.make_batch(epoch, chunk),
+            ),
+        }
+    }
+}
+
+/// The batches of one epoch, in order.
+pub struct EpochBatches {
+    batches: Prefetched<Batch>,
+}
+
+impl Iterator for EpochBatches {
+    type Item = Batch;
+
+    fn next(&mut self) -> Option<Batch> {
+        self.batches.next()
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.batches.size_hint()
+    }
+}
+
+impl ExactSizeIterator for EpochBatches {}
+
+/// What one chunk of an epoch's order is built into: a [`Batch`], or for a source that can fail
+/// (image files) a `Result`, whose error ends the epoch.
+pub(crate) trait Outcome {
+    /// Whether no further batch should be built after this one.
+    fn ends_epoch(&self) -> bool;
+}
+
+impl Outcome for Batch {
+    fn ends_epoch(&self) -> bool {
+        false
+    }
+}
+
+impl<T> Outcome for Result<T> {
+    fn ends_epoch(&self) -> bool {
+        self.is_err()
+    }
+}
+
+/// The items built from consecutive chunks of an epoch's order: ahead on a worker thread into a
+/// bounded queue of `prefetch` items, or on demand when `prefetch` is 0 or no thread can start.
+/// An item whose [`Outcome::ends_epoch`] is true is the last one. Dropping it stops the worker.
+pub(crate) struct Prefetched<T> {
+    source: Source<T>,
+    remaining: usize,
+}
+
+/// Builds the item of one chunk of indices.
+type MakeItem<T> = Box<dyn FnMut(&[usize]) -> T + Send>;
+
+enum Source<T> {
+    Prefetch {
+        receiver: Option<Receiver<T>>,
+        worker: Option<JoinHandle<()>>,
+    },
+    Inline {
+        make: MakeItem<T>,
+        order: Vec<usize>,
+        batch_size: usize,
+        next: usize,
+    },
+}
+
+impl<T: Outcome + Send + 'static> Prefetched<T> {
+    /// The first `count` chunks of `batch_size` indices of `order`, each made into an item.
+    pub(crate) fn new(
+        order: Vec<usize>,
+        batch_size: usize,
+        count: usize,
+        prefetch: usize,
+        make: impl FnMut(&[usize]) -> T + Send + Clone + 'static,
+    ) -> Self {
+        if prefetch > 0 {
+            let (sender, receiver) = sync_channel(prefetch);
             let worker_order = order.clone();
+            let mut worker_make = make.clone();
             let spawned = std::thread::Builder::new()
                 .name("swa-data-batches".into())
                 .spawn(move || {
-                    for chunk in worker_order.chunks(batches.config.batch_size).take(count) {
-                        if sender.send(batches.make_batch(epoch, chunk)).is_err() {
+                    for chunk in worker_order.chunks(batch_size).take(count) {
+                        let item = worker_make(chunk);
+                        let last = item.ends_epoch();
+                        if sender.send(item).is_err() || last {
                             return;
                         }
                     }
                 });
             if let Ok(worker) = spawned {
-                return EpochBatches {
+                return Prefetched {
                     source: Source::Prefetch {
                         receiver: Some(receiver),
                         worker: Some(worker),
@@ -355,12 +463,12 @@ impl Batches {
                 };
             }
         }
-        // Without a worker thread the batches are built on demand.
-        EpochBatches {
+        // Without a worker thread the items are built on demand.
+        Prefetched {
             source: Source::Inline {
-                batches: self.clone(),
-                epoch,
+                make: Box::new(make),
                 order,
+                batch_size,
                 next: 0,
             },
             remaining: count,
@@ -368,49 +476,33 @@ impl Batches {
     }
 }
 
-enum Source {
-    Prefetch {
-        receiver: Option<Receiver<Batch>>,
-        worker: Option<JoinHandle<()>>,
-    },
-    Inline {
-        batches: Batches,
-        epoch: u64,
-        order: Vec<usize>,
-        next: usize,
-    },
-}
+impl<T: Outcome> Iterator for Prefetched<T> {
+    type Item = T;
 
-/// The batches of one epoch, in order.
-pub struct EpochBatches {
-    source: Source,
-    remaining: usize,
-}
-
-impl Iterator for EpochBatches {
-    type Item = Batch;
-
-    fn next(&mut self) -> Option<Batch> {
+    fn next(&mut self) -> Option<T> {
         if self.remaining == 0 {
             return None;
         }
-        let batch = match &mut self.source {
+        let item = match &mut self.source {
             Source::Prefetch { receiver, .. } => receiver.as_ref()?.recv().ok()?,
             Source::Inline {
-                batches,
-                epoch,
+                make,
                 order,
+                batch_size,
                 next,
             } => {
-                let size = batches.config.batch_size;
-                let end = (*next + size).min(order.len());
-                let batch = batches.make_batch(*epoch, &order[*next..end]);
+                let end = (*next + *batch_size).min(order.len());
+                let item = make(&order[*next..end]);
                 *next = end;
-                batch
+                item
             }
         };
-        self.remaining -= 1;
-        Some(batch)
+        self.remaining = if item.ends_epoch() {
+            0
+        } else {
+            self.remaining - 1
+        };
+        Some(item)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -418,9 +510,7 @@ impl Iterator for EpochBatches {
     }
 }
 
-impl ExactSizeIterator for EpochBatches {}
-
-impl Drop for EpochBatches {
+impl<T> Drop for Prefetched<T> {
     fn drop(&mut self) {
         if let Source::Prefetch { receiver, worker } = &mut self.source {
             // Closing the channel first makes the worker's next send fail, so it stops.

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use crate::layout::{DatasetKind, Layout, OfficialFiles};
 use crate::pickle::PickleError;
 
-/// Everything that can go wrong while finding, downloading, reading or batching CIFAR data.
+/// Everything that can go wrong while finding, downloading, reading or batching CIFAR data or an
+/// ImageFolder.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file or folder could not be read or written.
@@ -173,6 +174,58 @@ pub enum DataError {
     /// A batch configuration is unusable.
     #[error("batch configuration: {0}")]
     InvalidConfig(String),
+
+    /// A folder does not have the ImageFolder layout (one sub-folder of images per class).
+    #[error("{path}: not an ImageFolder: {problem}; expected one sub-folder per class holding image files")]
+    NotImageFolder {
+        /// The folder.
+        path: PathBuf,
+        /// What was found instead.
+        problem: String,
+    },
+
+    /// A class folder of an ImageFolder holds no image file.
+    #[error(
+        "{folder}: class '{class}' holds no image file (searched recursively for names ending in {extensions})"
+    )]
+    EmptyClass {
+        /// The class folder.
+        folder: PathBuf,
+        /// The class name (the folder's name).
+        class: String,
+        /// The extensions searched for, comma-separated.
+        extensions: String,
+    },
+
+    /// An image file could not be decoded (corrupt, truncated, or neither JPEG nor PNG).
+    #[error("{file}: cannot decode image (expected a complete JPEG or PNG file): {source}")]
+    Image {
+        /// The file.
+        file: PathBuf,
+        /// The decoder's error.
+        #[source]
+        source: image::ImageError,
+    },
+
+    /// An image could not be encoded (writing a synthetic ImageFolder).
+    #[error("{file}: cannot encode image: {source}")]
+    ImageEncode {
+        /// The file being written.
+        file: PathBuf,
+        /// The encoder's error.
+        #[source]
+        source: image::ImageError,
+    },
+
+    /// The worker threads decoding images could not be started.
+    #[error("starting {threads} image decoding threads: {source}")]
+    ThreadPool {
+        /// Threads requested.
+        threads: usize,
+        /// Why they could not be started.
+        #[source]
+        source: rayon::ThreadPoolBuildError,
+    },
 }
 
 impl DataError {

@@ -1,6 +1,7 @@
 //! # swa-data
 //!
-//! CIFAR-10 and CIFAR-100 from their official files, for Stochastic Weight Averaging experiments:
+//! CIFAR-10 and CIFAR-100 from their official files, and image folders in torchvision's ImageFolder
+//! layout, for Stochastic Weight Averaging experiments:
 //!
 //! - **Readers** for both official layouts — binary records (`cifar-10-batches-bin`,
 //!   `cifar-100-binary`) and python pickles (`cifar-10-batches-py`, `cifar-100-python`) — from the
@@ -12,7 +13,12 @@
 //! - **Verification** against the official data set: checksums, counts, channel means ([`mod@check`]).
 //! - **Batches** for training and evaluation: seeded shuffling, the random crop and flip of the
 //!   original SWA code, normalisation, prefetched on a worker thread ([`Batches`]).
-//! - **Synthetic data sets** written in the official layouts ([`synthetic`]).
+//! - **ImageFolder data sets** (torchvision's layout: one sub-folder per class) of JPEG and PNG
+//!   files ([`ImageFolder`]), decoded and transformed with torchvision's ImageNet training and
+//!   evaluation transforms in parallel worker threads into the same batches ([`FolderBatches`],
+//!   [`transform`]).
+//! - **Synthetic data sets** written in the official layouts, and synthetic ImageFolders
+//!   ([`synthetic`]).
 //!
 //! It knows nothing of models or tensors: batches are plain `Vec<f32>` in NCHW order. Bad input
 //! gives a [`DataError`] naming the file, the record or offset, and what was expected.
@@ -47,11 +53,14 @@ pub mod check;
 pub mod dataset;
 pub mod download;
 pub mod error;
+pub mod folder;
+pub mod folder_batches;
 pub mod layout;
 pub mod pickle;
 pub mod python;
 pub mod source;
 pub mod synthetic;
+pub mod transform;
 
 pub use batch::{
     Augmentation, Batch, BatchConfig, Batches, EpochBatches, Normalization, CROP_PADDING,
@@ -63,8 +72,11 @@ pub use download::{
     md5_file, md5_hex, BASE_URL_ENV, DATA_DIR_ENV, DEFAULT_BASE_URL,
 };
 pub use error::{DataError, Result};
+pub use folder::{decode_image, BadImages, ImageFolder, Sample, SkippedImage, IMAGE_EXTENSIONS};
+pub use folder_batches::{FolderBatchConfig, FolderBatches, FolderEpoch, FolderTransform};
 pub use layout::{
     known_file_md5, DatasetKind, Layout, OfficialFiles, Packaging, Split, CHANNELS, IMAGE_BYTES,
     IMAGE_SIDE,
 };
 pub use source::{detect, detect_kind, load, load_kind, DataSource};
+pub use transform::{CropBox, RandomResizedCrop};
