@@ -5,9 +5,10 @@
 //! and test images, so a point costs `2·train + test` evaluation-mode forward passes; its pace is the
 //! evaluation suite's figures over that many images. The survey here is the command's on a CPU by default
 //! (PreResNet-20, 5 000 training and 10 000 test images of random data, batch 128), on points of the line
-//! between two initialisations, evaluated as the command does: one probe of one thread per core, each a
-//! network of its own. The same points evaluated by a single probe using every thread are the reference:
-//! the ratio says what evaluating points side by side gains over splitting each point's work.
+//! between two initialisations, evaluated as the command does by default: one probe using every thread.
+//! The same points evaluated side by side, one single-threaded probe (a network of its own) per core,
+//! are the reference: the ratio says whether splitting each point's work over the threads beats
+//! evaluating points in parallel, which decides the command's default.
 
 use std::time::Instant;
 
@@ -79,7 +80,7 @@ fn seconds_per_point(
     Ok(started.elapsed().as_secs_f64() / plan.points.max(1) as f64)
 }
 
-/// Points per hour with one single-threaded probe per core, against one probe of all `threads`.
+/// Points per hour with one probe of all `threads`, against one single-threaded probe per thread.
 pub fn run(
     suite: &str,
     plan: SurveyPlan,
@@ -94,27 +95,28 @@ pub fn run(
         test: &test,
     };
     let threads = threads.max(1);
-    let (mut side_by_side, mut split) = (Vec::new(), Vec::new());
+    let (mut one_probe, mut side_by_side) = (Vec::new(), Vec::new());
     for round in 0..plan.rounds.max(1) {
-        side_by_side.push(3600.0 / seconds_per_point(&plan, data, threads, 1, 2 * round)?);
-        split.push(3600.0 / seconds_per_point(&plan, data, 1, threads, 2 * round + 1)?);
+        one_probe.push(3600.0 / seconds_per_point(&plan, data, 1, threads, 2 * round)?);
+        side_by_side.push(3600.0 / seconds_per_point(&plan, data, threads, 1, 2 * round + 1)?);
     }
     let name = format!(
         "{} survey, {} train + {} test images, b{}",
         plan.network, plan.train_images, plan.test_images, plan.batch
     );
     let what = |s: &str| format!("{name}: {s}");
-    let ours = Summary::of(&side_by_side).ok_or_else(|| BenchError::NoSamples(what("points")))?;
-    let reference = Summary::of(&split).ok_or_else(|| BenchError::NoSamples(what("points")))?;
+    let ours = Summary::of(&one_probe).ok_or_else(|| BenchError::NoSamples(what("points")))?;
+    let reference =
+        Summary::of(&side_by_side).ok_or_else(|| BenchError::NoSamples(what("points")))?;
     recorder.push(
         Figure::new(
             suite,
-            what(&format!("{threads} probes × 1 thread")),
+            what(&format!("1 probe × {threads} threads")),
             "points/h",
             ours,
         )
         .against(
-            format!("1 probe × {threads} threads"),
+            format!("{threads} probes × 1 thread"),
             reference.median,
             None,
         )
@@ -125,7 +127,7 @@ pub fn run(
     );
     recorder.push(Figure::new(
         suite,
-        what(&format!("1 probe × {threads} threads")),
+        what(&format!("{threads} probes × 1 thread")),
         "points/h",
         reference,
     ));
