@@ -2,8 +2,10 @@
 //! training loop relies on: caches released after backward, BatchNorm modes, dropout streams, the first
 //! layer's skipped input gradient.
 
+mod common;
+
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use swa_core::backend::{Backend, Conv2dSpec, HasShape};
 use swa_core::CpuBackend;
 use swa_models::layers::gradcheck::{check_gradients, GradCheckConfig, GradCheckReport};
@@ -18,41 +20,17 @@ fn backend() -> CpuBackend {
 }
 
 fn random_input(seed: u64, shape: &[usize]) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..shape.iter().product::<usize>())
-        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
-        .collect()
+    common::random_input(seed, shape.iter().product())
 }
 
-/// Fails with every disagreeing element when the check found any, and checks that something was compared.
+/// As `common::assert_agrees`, and exactly `expected_entries` gradients were compared.
 fn assert_agrees(what: &str, report: &GradCheckReport, expected_entries: usize) {
-    let failures = report.failures();
-    assert!(
-        failures.is_empty(),
-        "{what}: {} of {} gradients disagree (rtol {}, atol {}): {failures:#?}",
-        failures.len(),
-        report.entries.len(),
-        report.rtol,
-        report.atol
-    );
     assert_eq!(
         report.entries.len(),
         expected_entries,
         "{what}: number of compared gradients"
     );
-    // Elements measured again with a smaller step sit on a ReLU or max-pool kink; a wrong gradient would
-    // need the smaller steps everywhere.
-    assert!(
-        report.refined() * 4 <= report.entries.len(),
-        "{what}: {} of {} gradients only agreed with a smaller step",
-        report.refined(),
-        report.entries.len()
-    );
-    // A check of all-zero gradients would prove nothing.
-    assert!(
-        report.entries.iter().any(|e| e.analytic.abs() > 1e-3),
-        "{what}: every analytic gradient is zero"
-    );
+    common::assert_agrees(what, report, expected_entries);
 }
 
 fn check<M: Module<CpuBackend>>(

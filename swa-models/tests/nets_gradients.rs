@@ -1,42 +1,19 @@
-//! Finite-difference checks of whole networks in training mode: BatchNorm with batch statistics, both kinds
-//! of residual block, dropout with a fixed seed, pooling and the classifier, back to the input.
+//! Finite-difference checks of whole networks in training mode: BatchNorm with batch statistics, every
+//! kind of residual block (Shake-Shake's with its coefficients kept), dropout with a fixed seed, pooling
+//! and the classifier, back to the input.
 
+mod common;
+
+use common::{assert_agrees, random_input};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use swa_core::CpuBackend;
-use swa_models::layers::gradcheck::{check_gradients, GradCheckConfig, GradCheckReport};
+use swa_models::layers::gradcheck::{check_gradients, GradCheckConfig};
 use swa_models::layers::{
     AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, ConvInit, Dropout, Flatten, Linear, MaxPool2d,
-    ReLU, Residual, Sequential,
+    ReLU, Residual, Sequential, ShakeBlock, ShakeMix,
 };
 use swa_models::{Architecture, Module, Network, NetworkConfig};
-
-fn random_input(seed: u64, len: usize) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..len).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
-}
-
-fn assert_agrees(what: &str, report: &GradCheckReport, min_entries: usize) {
-    let failures = report.failures();
-    assert!(
-        failures.is_empty(),
-        "{what}: {} of {} gradients disagree: {failures:#?}",
-        failures.len(),
-        report.entries.len()
-    );
-    assert!(
-        report.entries.len() >= min_entries,
-        "{what}: only {} gradients compared",
-        report.entries.len()
-    );
-    assert!(
-        report.refined() * 4 <= report.entries.len(),
-        "{what}: {} of {} gradients only agreed with a smaller step",
-        report.refined(),
-        report.entries.len()
-    );
-    assert!(report.entries.iter().any(|e| e.analytic.abs() > 1e-3));
-}
 
 /// A small network on 8×8 images with every layer kind of the paper's networks.
 fn small_network(backend: &CpuBackend) -> Sequential<CpuBackend> {
@@ -65,57 +42,104 @@ fn small_network(backend: &CpuBackend) -> Sequential<CpuBackend> {
     net
 }
 
-#[test]
-fn a_small_network_with_every_layer_kind_has_correct_gradients() {
+/// Checks a small network on a batch of three 3×8×8 images: 32 input gradients and two elements of every
+/// trainable tensor, down to the first convolution. Returns the names of the tensors checked.
+fn check_every_tensor(what: &str, net: &mut Sequential<CpuBackend>, seed: u64) -> Vec<String> {
     let backend = CpuBackend::with_threads(2);
-    let mut net = small_network(&backend);
     let shape = [3, 3, 8, 8];
-    let x = random_input(22, 3 * 3 * 64);
+    let x = random_input(seed, 3 * 3 * 64);
     let config = GradCheckConfig {
         input_samples: 32,
         param_samples: 2,
         ..Default::default()
     };
-    let report = check_gradients(&backend, &mut net, &x, &shape, true, &config).unwrap();
-    assert_agrees("small network", &report, 32 + 2 * 20);
-    // Every trainable tensor took part, down to the first convolution.
+    let report = check_gradients(&backend, net, &x, &shape, true, &config).unwrap();
+    assert_agrees(what, &report, 32 + 2 * 20);
     let mut names = Vec::new();
     net.visit_params_mut(&mut |name, _| names.push(name.to_string()));
     for name in &names {
-        assert!(report.count(name) > 0, "{name} was not checked");
+        assert!(report.count(name) > 0, "{what}: {name} was not checked");
     }
+    names
+}
+
+#[test]
+fn a_small_network_with_every_layer_kind_has_correct_gradients() {
+    let backend = CpuBackend::with_threads(2);
+    let names = check_every_tensor("small network", &mut small_network(&backend), 22);
     assert!(names.contains(&"bottleneck.downsample.0.weight".to_string()));
     assert!(names.contains(&"wide.shortcut.0.bias".to_string()));
 }
 
-#[test]
-fn the_paper_networks_have_correct_gradients_at_their_smallest() {
+/// Checks a whole network with four classes on two 32×32 images, back to the input: 12 input gradients
+/// and one element of every trainable tensor.
+fn check_whole_network(what: &str, architecture: Architecture, seed: u64) {
     let backend = CpuBackend::with_threads(2);
     let shape = [2, 3, 32, 32];
-    let x = random_input(23, 2 * 3 * 32 * 32);
-    for (architecture, dropout) in [
-        (Architecture::PreResNet { depth: 8 }, 0.0),
-        (
-            Architecture::WideResNet {
-                depth: 10,
-                widen_factor: 1,
-                dropout_rate: 0.3,
-            },
-            0.3,
-        ),
+    let x = random_input(seed, 2 * 3 * 32 * 32);
+    let config = NetworkConfig {
+        architecture,
+        classes: 4,
+    };
+    let mut net = Network::new(&backend, &config, 5).unwrap();
+    net.require_input_grad(true);
+    let check = GradCheckConfig {
+        input_samples: 12,
+        param_samples: 1,
+        ..Default::default()
+    };
+    let report = check_gradients(&backend, &mut net, &x, &shape, true, &check).unwrap();
+    assert_agrees(what, &report, 20);
+}
+
+#[test]
+fn the_paper_networks_have_correct_gradients_at_their_smallest() {
+    check_whole_network("preresnet8", Architecture::PreResNet { depth: 8 }, 23);
+    let wide = Architecture::WideResNet {
+        depth: 10,
+        widen_factor: 1,
+        dropout_rate: 0.3,
+    };
+    check_whole_network("wrn10x1 (dropout 0.3)", wide, 23);
+}
+
+/// Shake-Keep blocks (the backward pass the exact gradient of the forward pass) with both shortcuts: the
+/// two-path projection with a stride (and with stride 1 and a change of width), and the identity.
+#[test]
+fn shake_blocks_have_correct_gradients_with_the_coefficients_kept() {
+    let backend = CpuBackend::with_threads(2);
+    let mut rng = StdRng::seed_from_u64(31);
+    let keep = ShakeMix::SHAKE_KEEP;
+    let stem = Conv2dConfig::new(3, 4, 3).padding(1).bias(false);
+    let mut net = Sequential::new();
+    net.push_named("conv1", Conv2d::new(&backend, stem, &mut rng).unwrap());
+    net.push_named("bn1", BatchNorm2d::new(&backend, 4).unwrap());
+    let widen = ShakeBlock::new(&backend, 4, 6, 1, keep, 0, &mut rng).unwrap();
+    let down = ShakeBlock::new(&backend, 6, 8, 2, keep, 1, &mut rng).unwrap();
+    let same = ShakeBlock::new(&backend, 8, 8, 1, keep, 2, &mut rng).unwrap();
+    assert!(widen.has_projection() && down.has_projection() && !same.has_projection());
+    net.push_named("widen", widen);
+    net.push_named("down", down);
+    net.push_named("same", same);
+    net.push_named("relu", ReLU::new());
+    net.push_named("avgpool", AvgPool2d::new(4).unwrap());
+    net.push_named("flatten", Flatten::new());
+    net.push_named("fc", Linear::new(&backend, 8, 3, &mut rng).unwrap());
+    let names = check_every_tensor("Shake-Keep blocks", &mut net, 32);
+    for name in [
+        "widen.shortcut.conv1.weight",
+        "down.shortcut.conv2.weight",
+        "down.shortcut.bn.weight",
+        "same.branch2.4.weight",
     ] {
-        let config = NetworkConfig {
-            architecture,
-            classes: 4,
-        };
-        let mut net = Network::new(&backend, &config, 5).unwrap();
-        net.require_input_grad(true);
-        let check = GradCheckConfig {
-            input_samples: 12,
-            param_samples: 1,
-            ..Default::default()
-        };
-        let report = check_gradients(&backend, &mut net, &x, &shape, true, &check).unwrap();
-        assert_agrees(&format!("{architecture} (dropout {dropout})"), &report, 20);
+        assert!(names.iter().any(|n| n == name), "no {name}");
+    }
+}
+
+/// PyramidNet at its smallest, back to the input: zero-padded, pooled and identity shortcuts.
+#[test]
+fn pyramidnets_have_correct_gradients() {
+    for name in ["pyramidnet8a3", "pyramidnet11a8-bottleneck"] {
+        check_whole_network(name, name.parse().unwrap(), 33);
     }
 }

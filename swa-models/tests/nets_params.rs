@@ -1,8 +1,11 @@
 //! Every network has exactly the PyTorch reference's tensors: names, order, shapes and parameter counts,
-//! for 10 and 100 classes.
+//! for 10 and 100 classes; the networks of other papers also have their published sizes.
+
+mod common;
 
 use std::collections::BTreeMap;
 
+use common::build;
 use swa_core::backend::HasShape;
 use swa_core::params::TensorRole;
 use swa_core::CpuBackend;
@@ -21,14 +24,6 @@ const TORCH_REF_PARAMS: [(&str, usize, usize); 7] = [
     ("wrn16x4", 2_751_146, 2_774_276),
 ];
 
-fn build(name: &str, classes: usize) -> Box<dyn Module<CpuBackend>> {
-    let backend = CpuBackend::with_threads(2);
-    let architecture: Architecture = name.parse().unwrap_or_else(|e| panic!("{e}"));
-    architecture
-        .build(&backend, classes, 0)
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
 #[test]
 fn parameter_counts_equal_torch_ref() {
     for (name, ten, hundred) in TORCH_REF_PARAMS {
@@ -43,74 +38,125 @@ fn parameter_counts_equal_torch_ref() {
     }
 }
 
+/// One `state_dict` entry as the fixtures list it: name, shape, dtype.
+type StateDictEntry = (String, Vec<usize>, String);
+
 /// One network's tensors as PyTorch's `state_dict` lists them.
 #[derive(serde::Deserialize)]
 struct TorchStateDict {
     parameters: usize,
-    state_dict: Vec<(String, Vec<usize>, String)>,
+    state_dict: Vec<StateDictEntry>,
 }
 
-/// `tests/fixtures/torch_shapes.json`, written by `tools/make_golden.py` from torch_ref.py.
-fn torch_shapes() -> BTreeMap<String, TorchStateDict> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/torch_shapes.json"
-    );
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+/// One network of `tests/fixtures/cifar_networks_shapes.json`, written by `xtask/torch/cifar_networks.py`.
+#[derive(serde::Deserialize)]
+struct TorchNetwork {
+    /// For 10 and 100 classes.
+    parameters: [usize; 2],
+    /// For 10 classes.
+    state_dict: Vec<StateDictEntry>,
+}
+
+fn read_fixture<T: serde::de::DeserializeOwned>(file: &str) -> T {
+    let path = format!("{}/tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// The network's tensors are the `state_dict`'s float tensors, in order, with their shapes and roles,
+/// and its BatchNorm batch counters are the `state_dict`'s scalar int64 entries.
+fn assert_state_dict_equals(
+    key: &str,
+    net: &dyn Module<CpuBackend>,
+    state_dict: &[StateDictEntry],
+) {
+    let mut ours = Vec::new();
+    net.visit_tensors(&mut |n, role, t| ours.push((n.to_string(), role, t.dims().to_vec())));
+    let float: Vec<(String, Vec<usize>)> = state_dict
+        .iter()
+        .filter(|(_, _, dtype)| dtype == "float32")
+        .map(|(n, s, _)| (n.clone(), s.clone()))
+        .collect();
+    let ours_shapes: Vec<(String, Vec<usize>)> = ours
+        .iter()
+        .map(|(n, _, s)| (n.clone(), s.clone()))
+        .collect();
+    assert_eq!(ours_shapes, float, "{key}: tensors in state_dict order");
+    for (n, role, _) in &ours {
+        let is_statistic = n.ends_with("running_mean") || n.ends_with("running_var");
+        let want = if is_statistic {
+            TensorRole::BatchNormStatistic
+        } else {
+            TensorRole::Parameter
+        };
+        assert_eq!(*role, want, "{key}: role of {n}");
+    }
+
+    let mut counters = Vec::new();
+    net.visit_batch_counters(&mut |n, _| counters.push(n.to_string()));
+    let torch_counters: Vec<String> = state_dict
+        .iter()
+        .filter(|(_, _, dtype)| dtype == "int64")
+        .map(|(n, s, _)| {
+            assert!(s.is_empty(), "{key}: {n} is not a scalar");
+            n.clone()
+        })
+        .collect();
+    assert_eq!(counters, torch_counters, "{key}: BatchNorm batch counters");
+    assert_eq!(
+        float.len() + torch_counters.len(),
+        state_dict.len(),
+        "{key}: state_dict entries of other types"
+    );
+}
+
+/// The original SWA code's networks, from `tests/fixtures/torch_shapes.json` (written by
+/// `tools/make_golden.py` from torch_ref.py).
 #[test]
 fn state_dict_keys_order_and_shapes_equal_torch_ref() {
-    let table = torch_shapes();
+    let table: BTreeMap<String, TorchStateDict> = read_fixture("torch_shapes.json");
     // Every network of torch_ref.py, plus preresnet56, for both class counts.
     assert_eq!(table.len(), 16, "networks in torch_shapes.json");
     for (key, torch) in &table {
         let (name, classes) = key.split_once('/').unwrap_or_else(|| panic!("key {key}"));
         let classes: usize = classes.parse().unwrap_or_else(|e| panic!("{key}: {e}"));
         let net = build(name, classes);
-
-        let mut ours = Vec::new();
-        net.visit_tensors(&mut |n, role, t| ours.push((n.to_string(), role, t.dims().to_vec())));
-        let float: Vec<(String, Vec<usize>)> = torch
-            .state_dict
-            .iter()
-            .filter(|(_, _, dtype)| dtype == "float32")
-            .map(|(n, s, _)| (n.clone(), s.clone()))
-            .collect();
-        let ours_shapes: Vec<(String, Vec<usize>)> = ours
-            .iter()
-            .map(|(n, _, s)| (n.clone(), s.clone()))
-            .collect();
-        assert_eq!(ours_shapes, float, "{key}: tensors in state_dict order");
-        for (n, role, _) in &ours {
-            let is_statistic = n.ends_with("running_mean") || n.ends_with("running_var");
-            let want = if is_statistic {
-                TensorRole::BatchNormStatistic
-            } else {
-                TensorRole::Parameter
-            };
-            assert_eq!(*role, want, "{key}: role of {n}");
-        }
-
-        let mut counters = Vec::new();
-        net.visit_batch_counters(&mut |n, _| counters.push(n.to_string()));
-        let torch_counters: Vec<String> = torch
-            .state_dict
-            .iter()
-            .filter(|(_, _, dtype)| dtype == "int64")
-            .map(|(n, s, _)| {
-                assert!(s.is_empty(), "{key}: {n} is not a scalar");
-                n.clone()
-            })
-            .collect();
-        assert_eq!(counters, torch_counters, "{key}: BatchNorm batch counters");
-        assert_eq!(
-            float.len() + torch_counters.len(),
-            torch.state_dict.len(),
-            "{key}: state_dict entries of other types"
-        );
+        assert_state_dict_equals(key, net.as_ref(), &torch.state_dict);
         assert_eq!(parameter_count(net.as_ref()), torch.parameters, "{key}");
+    }
+}
+
+/// Shake-Shake and PyramidNet against the PyTorch definitions of `xtask/torch/cifar_networks.py`.
+#[test]
+fn shake_shake_and_pyramidnet_equal_their_pytorch_definition() {
+    let table: BTreeMap<String, TorchNetwork> = read_fixture("cifar_networks_shapes.json");
+    assert_eq!(table.len(), 5, "networks in cifar_networks_shapes.json");
+    for (name, torch) in &table {
+        assert_state_dict_equals(name, build(name, 10).as_ref(), &torch.state_dict);
+        for (classes, want) in [10, 100].into_iter().zip(torch.parameters) {
+            assert_eq!(
+                parameter_count(build(name, classes).as_ref()),
+                want,
+                "{name} with {classes} classes"
+            );
+        }
+    }
+}
+
+/// The sizes the papers publish, in millions, rounded as published: Shake-Shake (Gastaldi 2017, Table 1)
+/// and PyramidNet (Han et al. 2017, Table 4, CIFAR-10).
+#[test]
+fn sizes_are_the_published_ones() {
+    for (name, millions) in [
+        ("shakeshake26-2x32d", 2.9),
+        ("shakeshake26-2x64d", 11.7),
+        ("shakeshake26-2x96d", 26.2),
+        ("pyramidnet110a48", 1.7),
+        ("pyramidnet272a200-bottleneck", 26.0),
+    ] {
+        let count = parameter_count(build(name, 10).as_ref());
+        let rounded = (count as f64 / 1e5).round() / 10.0;
+        assert_eq!(rounded, millions, "{name}: {count} parameters");
     }
 }
 

@@ -57,27 +57,15 @@ def set_coefficients(model, seed):
         block.coefficients = lambda n, i=block_id: shake_coefficients(seed, i, n)
 
 
-def write(out, randomise_batch_norm):
+def write(out, randomise_batch_norm, write_forward_fixtures):
     for i, (name, classes) in enumerate(GOLDEN.items()):
         torch.manual_seed(7000 + i)
         model = nets.build(name, classes)
         gen = torch.Generator().manual_seed(7100 + i)
         randomise_batch_norm(model, gen)
         set_coefficients(model, 0)
-        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, os.path.join(out, f'golden_{name}.safetensors'), metadata={'format': 'pt'})
-        x = torch.randn(BATCH, 3, 32, 32, generator=gen)
+        x = write_forward_fixtures(model, name, gen, out, BATCH)
         labels = torch.randint(0, classes, (BATCH,), generator=gen)
-        with torch.no_grad():
-            model.eval()
-            logits_eval = model(x)
-            model.train()
-            logits_train = model(x)
-        io = {'input': x, 'logits_eval': logits_eval, 'logits_train': logits_train}
-        for k, v in model.state_dict().items():
-            if k.endswith('running_mean') or k.endswith('running_var'):
-                io['after_train.' + k] = v.detach().clone()
-        save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(out, f'golden_{name}_io.safetensors'))
         loss = torch.nn.functional.cross_entropy(model(x), labels)
         loss.backward()
         grads = {'labels': labels, 'loss': loss.detach().reshape(1)}
@@ -85,8 +73,7 @@ def write(out, randomise_batch_norm):
             grads['grad.' + k] = p.grad.detach().clone()
         save_file({k: v.contiguous() for k, v in grads.items()},
                   os.path.join(out, f'golden_{name}_grads.safetensors'))
-        print(f'{name}: {nets.params(model)} parameters, eval logits[0,:3] {logits_eval[0, :3].tolist()}, '
-              f'loss {loss.item():.6f}')
+        print(f'{name}: loss {loss.item():.6f}')
     table = {}
     for name in nets.NAMED:
         model = nets.build(name, 10)

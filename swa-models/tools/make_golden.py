@@ -127,27 +127,35 @@ def randomise_batch_norm(model, gen):
             module.num_batches_tracked.fill_(7)
 
 
+def write_forward_fixtures(model, name, gen, out, batch=BATCH):
+    """Writes `golden_<name>.safetensors` (the state_dict) and `golden_<name>_io.safetensors` (`batch`
+    images drawn from `gen`, the logits in eval and in train mode, and the running statistics after the train
+    forward). Returns the input."""
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(out, f'golden_{name}.safetensors'), metadata={'format': 'pt'})
+    x = torch.randn(batch, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        model.eval()
+        logits_eval = model(x)
+        model.train()
+        logits_train = model(x)
+    io = {'input': x, 'logits_eval': logits_eval, 'logits_train': logits_train}
+    for k, v in model.state_dict().items():
+        if k.endswith('running_mean') or k.endswith('running_var'):
+            io['after_train.' + k] = v.detach().clone()
+    save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(out, f'golden_{name}_io.safetensors'))
+    print(f'{name}: {sum(p.numel() for p in model.parameters())} parameters, '
+          f'eval logits[0,:3] {logits_eval[0, :3].tolist()}')
+    return x
+
+
 def golden(ref, out):
     for i, (name, classes) in enumerate(GOLDEN.items()):
         torch.manual_seed(1000 + i)
         model = build(ref, name, classes)
         gen = torch.Generator().manual_seed(2000 + i)
         randomise_batch_norm(model, gen)
-        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, os.path.join(out, f'golden_{name}.safetensors'), metadata={'format': 'pt'})
-        x = torch.randn(BATCH, 3, 32, 32, generator=gen)
-        with torch.no_grad():
-            model.eval()
-            logits_eval = model(x)
-            model.train()
-            logits_train = model(x)
-        io = {'input': x, 'logits_eval': logits_eval, 'logits_train': logits_train}
-        for k, v in model.state_dict().items():
-            if k.endswith('running_mean') or k.endswith('running_var'):
-                io['after_train.' + k] = v.detach().clone()
-        save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(out, f'golden_{name}_io.safetensors'))
-        print(f'{name}: {sum(p.numel() for p in model.parameters())} parameters, '
-              f'eval logits[0,:3] {logits_eval[0, :3].tolist()}')
+        write_forward_fixtures(model, name, gen, out)
 
 
 def formula_golden(ref, out):
@@ -331,7 +339,7 @@ def cifar_networks(ref, out):
     """Shake-Shake and PyramidNet, from xtask/torch/cifar_networks.py: see golden_cifar_networks.py."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import golden_cifar_networks
-    golden_cifar_networks.write(out, randomise_batch_norm)
+    golden_cifar_networks.write(out, randomise_batch_norm, write_forward_fixtures)
 
 
 def check_load(ref, path, name, classes):

@@ -447,9 +447,9 @@ fn survey_all<B: Backend + Send>(
 
     let mut written = Vec::new();
     let solutions = if wants(Figures::Rays) || wants(Figures::Line) {
-        let sgd = load(&runs.sgd_solution()?)?;
-        let swa = load(&runs.swa_solution()?)?;
         let files = [runs.sgd_solution()?, runs.swa_solution()?];
+        let sgd = load(&files[0])?;
+        let swa = load(&files[1])?;
         for (file, (_, v)) in files.iter().zip([&sgd, &swa]) {
             report.solutions.push(Anchor {
                 label: file.label.clone(),
