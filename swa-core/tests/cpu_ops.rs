@@ -895,30 +895,36 @@ fn batch_norm_rejects_bad_shapes() {
 
 // ------------------------------------------------------------------------------------------ pooling
 
+/// Max pooling written from its definition: every window position in padded coordinates, the padding
+/// treated as −∞ (it never wins), ties to the first maximum in row-major order.
 fn reference_max_pool(
     x: &[f32],
     shape: [usize; 4],
-    k: usize,
-    s: usize,
+    (k, s, p): (usize, usize, usize),
     dy: &[f32],
 ) -> (Vec<f64>, Vec<f64>) {
     let [n, c, h, w] = shape;
-    let (ho, wo) = ((h - k) / s + 1, (w - k) / s + 1);
+    let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
     let mut y = Vec::new();
     let mut dx = vec![0.0; x.len()];
     let mut o = 0;
     for plane in 0..n * c {
         for oh in 0..ho {
             for ow in 0..wo {
-                let mut best = plane * h * w + oh * s * w + ow * s;
+                let mut best: Option<usize> = None;
                 for kh in 0..k {
                     for kw in 0..k {
-                        let i = plane * h * w + (oh * s + kh) * w + ow * s + kw;
-                        if x[i] > x[best] {
-                            best = i;
+                        let (ph, pw) = (oh * s + kh, ow * s + kw);
+                        if ph < p || pw < p || ph - p >= h || pw - p >= w {
+                            continue;
+                        }
+                        let i = plane * h * w + (ph - p) * w + pw - p;
+                        if best.is_none_or(|b| x[i] > x[b]) {
+                            best = Some(i);
                         }
                     }
                 }
+                let best = best.expect("every window holds an input");
                 y.push(f64::from(x[best]));
                 dx[best] += f64::from(dy[o]);
                 o += 1;
@@ -932,26 +938,34 @@ fn reference_max_pool(
 fn max_pool_matches_reference_and_sends_gradient_to_the_first_maximum() {
     let b = CpuBackend::with_threads(2);
     let mut r = rng(10);
-    for (shape, k, s) in [
-        ([2, 3, 5, 7], 2, 2),
-        ([1, 2, 6, 6], 3, 2),
-        ([3, 1, 5, 5], 3, 1),
-        ([2, 2, 4, 4], 2, 2),
+    // The last cases are ResNet's stem pooling (3, 2, 1) on odd and even planes, and a padded stride 1.
+    for (shape, k, s, p) in [
+        ([2, 3, 5, 7], 2, 2, 0),
+        ([1, 2, 6, 6], 3, 2, 0),
+        ([3, 1, 5, 5], 3, 1, 0),
+        ([2, 2, 4, 4], 2, 2, 0),
+        ([2, 3, 7, 6], 3, 2, 1),
+        ([1, 2, 8, 8], 3, 2, 1),
+        ([1, 2, 5, 4], 3, 1, 1),
+        ([1, 1, 3, 3], 4, 2, 2),
     ] {
         // Few distinct values make ties frequent, so the first-maximum rule is exercised.
         let x: Vec<f32> = (0..shape.iter().product())
             .map(|_| r.random_range(0..3) as f32)
             .collect();
-        let (ho, wo) = ((shape[2] - k) / s + 1, (shape[3] - k) / s + 1);
+        let (ho, wo) = (
+            (shape[2] + 2 * p - k) / s + 1,
+            (shape[3] + 2 * p - k) / s + 1,
+        );
         let y_shape = [shape[0], shape[1], ho, wo];
         let dy = uniform(&mut r, y_shape.iter().product());
-        let (y_want, dx_want) = reference_max_pool(&x, shape, k, s, &dy);
+        let (y_want, dx_want) = reference_max_pool(&x, shape, (k, s, p), &dy);
         let xt = tensor(&b, &x, &shape);
-        let y = b.max_pool2d(&xt, k, s).expect("max_pool2d");
-        assert_eq!(y.shape(), y_shape);
+        let y = b.max_pool2d(&xt, k, s, p).expect("max_pool2d");
+        assert_eq!(y.shape(), y_shape, "k {k} s {s} p {p}");
         assert_close(&format!("max pool {shape:?}"), &host(&b, &y), &y_want, 0.0);
         let dx = b
-            .max_pool2d_backward(&xt, &tensor(&b, &dy, &y_shape), k, s)
+            .max_pool2d_backward(&xt, &tensor(&b, &dy, &y_shape), k, s, p)
             .expect("max_pool2d_backward");
         assert_close(
             &format!("max pool dx {shape:?}"),
@@ -979,13 +993,13 @@ fn pooling_gradients_match_finite_differences() {
     let dy = tensor(&b, &probe, &y_shape);
 
     let dx = b
-        .max_pool2d_backward(&tensor(&b, &x, &shape), &dy, k, k)
+        .max_pool2d_backward(&tensor(&b, &x, &shape), &dy, k, k, 0)
         .expect("max_pool2d_backward");
     check_finite_differences("max pool", &x, &host(&b, &dx), 1e-3, 1e-2, |v| {
         dot(
             &host(
                 &b,
-                &b.max_pool2d(&tensor(&b, v, &shape), k, k)
+                &b.max_pool2d(&tensor(&b, v, &shape), k, k, 0)
                     .expect("max_pool2d"),
             ),
             &probe,
@@ -1040,14 +1054,22 @@ fn pooling_rejects_bad_arguments() {
     let b = CpuBackend::with_threads(1);
     let x = b.zeros(&[1, 2, 4, 4]).expect("zeros");
     assert!(matches!(
-        b.max_pool2d(&x, 5, 1),
+        b.max_pool2d(&x, 5, 1, 0),
+        Err(BackendError::InvalidArgument {
+            op: "max_pool2d",
+            ..
+        })
+    ));
+    // A padding of more than half the window would make windows of padding alone.
+    assert!(matches!(
+        b.max_pool2d(&x, 3, 1, 2),
         Err(BackendError::InvalidArgument {
             op: "max_pool2d",
             ..
         })
     ));
     assert!(matches!(
-        b.max_pool2d(&x, 2, 0),
+        b.max_pool2d(&x, 2, 0, 0),
         Err(BackendError::InvalidArgument {
             op: "max_pool2d",
             ..
@@ -1055,7 +1077,7 @@ fn pooling_rejects_bad_arguments() {
     ));
     let wrong = b.zeros(&[1, 2, 3, 3]).expect("zeros");
     assert!(matches!(
-        b.max_pool2d_backward(&x, &wrong, 2, 2),
+        b.max_pool2d_backward(&x, &wrong, 2, 2, 0),
         Err(BackendError::ShapeMismatch {
             op: "max_pool2d_backward",
             ..

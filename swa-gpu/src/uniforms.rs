@@ -101,6 +101,7 @@ uniform! {
         ow: u32,
         kernel: u32,
         stride: u32,
+        padding: u32,
     }
 }
 
@@ -148,7 +149,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<ElementwiseParams>(), 9 * 4);
         assert_eq!(std::mem::size_of::<BatchNormParams>(), 6 * 4);
         assert_eq!(std::mem::size_of::<GemmParams>(), 19 * 4);
-        assert_eq!(std::mem::size_of::<PoolParams>(), 8 * 4);
+        assert_eq!(std::mem::size_of::<PoolParams>(), 9 * 4);
         assert_eq!(std::mem::size_of::<LossParams>(), 2 * 4);
         assert_eq!(std::mem::size_of::<LerpManyParams>(), 4 * 4 + 16 * 4);
         assert_eq!(std::mem::offset_of!(LerpManyParams, ends), 16);

@@ -103,3 +103,23 @@ fn wide_resnet_with_dropout_matches_cpu() {
         dropout_rate: 0.3,
     });
 }
+
+/// Shake-Shake's per-image mixing, with coefficients drawn on the host from the pass's seed.
+#[test]
+fn shake_shake_matches_cpu() {
+    compare("shakeshake8-2x4d".parse().unwrap());
+}
+
+/// PyramidNet's zero-padded shortcuts, with basic and with bottleneck blocks.
+#[test]
+fn pyramidnets_match_cpu() {
+    compare("pyramidnet8a3".parse().unwrap());
+    compare("pyramidnet11a4-bottleneck".parse().unwrap());
+}
+
+/// torchvision's ResNet layout at its smallest (one bottleneck a stage, 4 wide): the padded max pooling
+/// of the stem, post-activation blocks and global average pooling, on 32×32 images.
+#[test]
+fn resnet_matches_cpu() {
+    compare("resnet14-w4".parse().unwrap());
+}

@@ -392,14 +392,18 @@ fn pooling_matches_cpu() {
         .map(|v| (v * 3.0).round())
         .collect();
     let (gx, cx) = pair(&g, &data, &[2, 3, 7, 9]);
-    for (kernel, stride) in [(2, 2), (3, 2), (3, 1)] {
-        let case = format!("k={kernel} s={stride}");
-        let gy = g.max_pool2d(&gx, kernel, stride).unwrap();
-        let cy = c.max_pool2d(&cx, kernel, stride).unwrap();
+    for (kernel, stride, padding) in [(2, 2, 0), (3, 2, 0), (3, 1, 0), (3, 2, 1), (3, 1, 1)] {
+        let case = format!("k={kernel} s={stride} p={padding}");
+        let gy = g.max_pool2d(&gx, kernel, stride, padding).unwrap();
+        let cy = c.max_pool2d(&cx, kernel, stride, padding).unwrap();
         assert_close(&format!("max_pool2d {case}"), &g, &gy, &cy, 0.0, 0.0);
         let (gdy, cdy) = random_pair(&g, 81, cy.shape());
-        let gdx = g.max_pool2d_backward(&gx, &gdy, kernel, stride).unwrap();
-        let cdx = c.max_pool2d_backward(&cx, &cdy, kernel, stride).unwrap();
+        let gdx = g
+            .max_pool2d_backward(&gx, &gdy, kernel, stride, padding)
+            .unwrap();
+        let cdx = c
+            .max_pool2d_backward(&cx, &cdy, kernel, stride, padding)
+            .unwrap();
         // Up to 4 overlapping windows add into one input: a few roundings.
         assert_close(
             &format!("max_pool2d_backward {case}"),

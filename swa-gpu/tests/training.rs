@@ -72,7 +72,7 @@ fn step<B: Backend>(b: &B, net: &mut Net<B>, x: &B::Tensor, labels: &[u32]) -> f
         )
         .unwrap();
     let act = b.relu(&normed).unwrap();
-    let pooled = b.max_pool2d(&act, 2, 2).unwrap();
+    let pooled = b.max_pool2d(&act, 2, 2, 0).unwrap();
     let flat = b
         .reshape(b.duplicate(&pooled).unwrap(), &[BATCH, 64])
         .unwrap();
@@ -84,7 +84,7 @@ fn step<B: Backend>(b: &B, net: &mut Net<B>, x: &B::Tensor, labels: &[u32]) -> f
     let d_fc_b = b.sum_rows(&ce.grad).unwrap();
     let d_flat = b.matmul(&ce.grad, &net.fc_w, false, false).unwrap();
     let d_pooled = b.reshape(d_flat, &[BATCH, 4, 4, 4]).unwrap();
-    let d_act = b.max_pool2d_backward(&act, &d_pooled, 2, 2).unwrap();
+    let d_act = b.max_pool2d_backward(&act, &d_pooled, 2, 2, 0).unwrap();
     let d_normed = b.relu_backward(&act, &d_act).unwrap();
     let bn = b
         .batch_norm_backward(&conv, &net.gamma, &saved, &d_normed)

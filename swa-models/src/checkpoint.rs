@@ -1,4 +1,10 @@
-//! Checkpoints of weights in the safetensors format, readable by PyTorch.
+//! Checkpoints of weights in the safetensors format, readable by PyTorch; PyTorch's own checkpoints read.
+//!
+//! [`StateDict::load`] also reads what `torch.save(model.state_dict(), path)` writes (`.pth`, `.pt`: the
+//! zip layout of PyTorch 1.6 and later and the older pickle and tar layouts, through the `pytorch-reader`
+//! crate), so torchvision's pretrained weights and the original SWA code's checkpoints load as users have
+//! them: a state dict nested under `state_dict` or `model` (training checkpoints) is found, and the
+//! `module.` prefix of `nn.DataParallel` is dropped.
 //!
 //! A checkpoint holds every named tensor of a network under its PyTorch `state_dict` key, as little-endian
 //! `F32` in PyTorch's layout, plus one `I64` scalar `<bn>.num_batches_tracked` per BatchNorm layer, so that
@@ -38,6 +44,31 @@ use swa_core::params::{NamedTensors, TensorRole};
 
 use crate::module::Module;
 
+/// Whether a file's first bytes are those of a PyTorch checkpoint: a zip archive (`PK\x03\x04`, PyTorch
+/// 1.6 and later), a pickle stream (protocol opcode `0x80`, the legacy layout) or a tar archive (`ustar`
+/// at byte 257, the oldest). A safetensors file starts with the 8-byte length of its JSON header and then
+/// the header's opening brace, so a file with `{` at byte 8 is taken for safetensors whatever its first
+/// bytes.
+fn is_pytorch_file(bytes: &[u8]) -> bool {
+    let safetensors = bytes.get(8) == Some(&b'{');
+    let zip = bytes.starts_with(b"PK\x03\x04");
+    let pickle = bytes.first() == Some(&0x80);
+    let tar = bytes.get(257..262) == Some(b"ustar".as_slice());
+    !safetensors && (zip || pickle || tar)
+}
+
+/// Little-endian values of a fixed width from raw bytes (the length already checked by the caller).
+fn le_values<T, const N: usize>(bytes: &[u8], from: fn([u8; N]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(N)
+        .map(|chunk| {
+            let mut array = [0u8; N];
+            array.copy_from_slice(chunk);
+            from(array)
+        })
+        .collect()
+}
+
 /// The suffix PyTorch gives a BatchNorm layer's batch counter.
 pub const BATCH_COUNTER_SUFFIX: &str = "num_batches_tracked";
 
@@ -58,6 +89,14 @@ pub enum CheckpointError {
     #[error("{origin}: not a valid safetensors checkpoint: {message}")]
     Format {
         /// The file (or `in-memory state dict`).
+        origin: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// A PyTorch checkpoint that could not be read.
+    #[error("{origin}: not a readable PyTorch checkpoint: {message}")]
+    PytorchFormat {
+        /// The file.
         origin: String,
         /// What was wrong.
         message: String,
@@ -456,14 +495,100 @@ impl StateDict {
         write_atomically(path, &bytes)
     }
 
-    /// Reads a checkpoint file.
+    /// Reads a checkpoint file: safetensors, or a PyTorch checkpoint (recognised by its first bytes: a
+    /// zip archive, a pickle stream or a tar archive; see [`StateDict::from_pytorch_file`]).
     pub fn load(path: &Path) -> Result<Self, CheckpointError> {
         let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
             action: "reading",
             path: path.to_path_buf(),
             source,
         })?;
+        if is_pytorch_file(&bytes) {
+            return Self::from_pytorch_file(path);
+        }
         Self::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// Reads the tensors of a PyTorch checkpoint written by `torch.save`: a `state_dict`, or a dictionary
+    /// holding one under `state_dict` or `model`, with any `module.` prefix (`nn.DataParallel`) dropped.
+    /// Floating-point tensors are read as `F32` (`F64` kept as it is), integer ones as `I64`; half-precision
+    /// tensors are refused with their name (convert the model with `.float()` before saving).
+    pub fn from_pytorch_file(path: &Path) -> Result<Self, CheckpointError> {
+        let origin = path.display().to_string();
+        let format = |message: String| CheckpointError::PytorchFormat {
+            origin: origin.clone(),
+            message,
+        };
+        let reader = pytorch_reader::PytorchReader::new(path).map_err(|e| format(e.to_string()))?;
+        let mut tensors = reader.into_tensors();
+        // Training checkpoints nest the state dict; keep the nested one when there is one.
+        for nest in ["state_dict.", "model."] {
+            if tensors.keys().any(|k| k.starts_with(nest)) {
+                tensors.retain(|k, _| k.starts_with(nest));
+                tensors = tensors
+                    .into_iter()
+                    .map(|(k, t)| (k[nest.len()..].to_string(), t))
+                    .collect();
+                break;
+            }
+        }
+        if !tensors.is_empty() && tensors.keys().all(|k| k.starts_with("module.")) {
+            tensors = tensors
+                .into_iter()
+                .map(|(k, t)| (k["module.".len()..].to_string(), t))
+                .collect();
+        }
+        let mut dict = StateDict {
+            origin: origin.clone(),
+            tensors: BTreeMap::new(),
+        };
+        for (name, tensor) in tensors {
+            let shape = tensor.shape().to_vec();
+            let dtype = tensor.dtype();
+            let bytes = tensor
+                .read()
+                .map_err(|e| format(format!("tensor {name:?}: {e}")))?;
+            let expected = tensor.byte_len();
+            if bytes.len() != expected {
+                return Err(format(format!(
+                    "tensor {name:?} has {} bytes, its shape {shape:?} and type {dtype:?} need \
+                     {expected}",
+                    bytes.len()
+                )));
+            }
+            use pytorch_reader::DType;
+            let stored = match dtype {
+                DType::F32 => StoredTensor::F32 {
+                    shape,
+                    values: le_values(&bytes, f32::from_le_bytes),
+                },
+                DType::F64 => StoredTensor::F64 {
+                    shape,
+                    values: le_values(&bytes, f64::from_le_bytes),
+                },
+                DType::I64 => StoredTensor::I64 {
+                    shape,
+                    values: le_values(&bytes, i64::from_le_bytes),
+                },
+                DType::I32 => StoredTensor::I64 {
+                    shape,
+                    values: le_values(&bytes, i32::from_le_bytes)
+                        .into_iter()
+                        .map(i64::from)
+                        .collect(),
+                },
+                other => {
+                    return Err(CheckpointError::DtypeMismatch {
+                        origin,
+                        name,
+                        expected: "float32, float64, int64 or int32",
+                        got: format!("{other:?}"),
+                    })
+                }
+            };
+            dict.tensors.insert(name, stored);
+        }
+        Ok(dict)
     }
 
     /// Copies the stored tensors into `tensors`, after checking that the keys are exactly the model's

@@ -307,3 +307,74 @@ fn export_checkpoints_for_pytorch() {
         eprintln!("{name}: logits on a zero image {:?}", &logits[..3]);
     }
 }
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// `torch.save(model.state_dict())` of torchvision's blocks reads as the same tensors as the safetensors
+/// file of the same state dict, counters included, and loads into the network.
+#[test]
+fn pytorch_checkpoints_read_as_their_safetensors_twin() {
+    let pth = StateDict::load(&fixture("golden_resnet14-w8.pth")).unwrap();
+    let safetensors = StateDict::load(&fixture("golden_resnet14-w8.safetensors")).unwrap();
+    assert_eq!(pth.len(), safetensors.len());
+    for (name, tensor) in safetensors.iter() {
+        assert_eq!(pth.get(name), Some(tensor), "{name}");
+    }
+    assert!(matches!(
+        pth.get("bn1.num_batches_tracked"),
+        Some(StoredTensor::I64 { values, .. }) if values == &[7]
+    ));
+    let mut net = network("resnet14-w8", 10, 3);
+    load_module(&backend(), &mut net, &fixture("golden_resnet14-w8.pth")).unwrap();
+    let loaded = host_tensors(&net);
+    let (name, values) = &loaded[0];
+    match safetensors.get(name) {
+        Some(StoredTensor::F32 { values: want, .. }) => assert_eq!(values, want, "{name}"),
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+/// The original SWA code's checkpoints nest the state dict under `state_dict` beside the epoch and the
+/// optimizer, with `nn.DataParallel`'s `module.` prefix: both are undone.
+#[test]
+fn a_nested_dataparallel_checkpoint_yields_its_state_dict() {
+    let dict = StateDict::load(&fixture("golden_nested_checkpoint.pth")).unwrap();
+    let names: Vec<&str> = dict.iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["bn.num_batches_tracked", "fc.bias", "fc.weight"]);
+    assert_eq!(
+        dict.get("fc.weight"),
+        Some(&StoredTensor::F32 {
+            shape: vec![2, 3],
+            values: vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+        })
+    );
+    assert_eq!(
+        dict.get("fc.bias"),
+        Some(&StoredTensor::F32 {
+            shape: vec![2],
+            values: vec![0.5, 1.5],
+        })
+    );
+}
+
+/// A PyTorch checkpoint cut short is refused with an error naming the file, never a panic.
+#[test]
+fn a_truncated_pytorch_checkpoint_is_reported_with_its_path() {
+    let bytes = std::fs::read(fixture("golden_resnet14-w8.pth")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for keep in [bytes.len() / 2, bytes.len() - 30, 100] {
+        let path = dir.path().join(format!("cut-{keep}.pth"));
+        std::fs::write(&path, &bytes[..keep]).unwrap();
+        let error = StateDict::load(&path).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            matches!(error, CheckpointError::PytorchFormat { .. }),
+            "{keep} bytes: {message}"
+        );
+        assert!(message.contains(&format!("cut-{keep}.pth")), "{message}");
+    }
+}

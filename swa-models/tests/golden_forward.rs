@@ -347,6 +347,15 @@ fn shake_shake_14_2x4d_gradients_match_pytorch() {
     check_gradients_against_pytorch("shakeshake14-2x4d");
 }
 
+/// torchvision's ResNet layout with one `Bottleneck` a stage, 8 wide, on two 64×64 images: the stem's
+/// padded max pooling, strided 3×3 convolutions, projection shortcuts with their BatchNorm, the ReLU after
+/// each sum and the global average pooling, forward and backward.
+#[test]
+fn resnet_14_w8_matches_torchvision() {
+    check_network("resnet14-w8");
+    check_gradients_against_pytorch("resnet14-w8");
+}
+
 #[test]
 fn pyramidnet_gradients_match_pytorch() {
     check_gradients_against_pytorch("pyramidnet14a3");

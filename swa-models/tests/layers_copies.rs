@@ -118,9 +118,10 @@ impl NormOps<CpuTensor> for CopyCounter {
 
 impl PoolOps<CpuTensor> for CopyCounter {
     delegate! {
-        max_pool2d(&self, x: &CpuTensor, kernel: usize, stride: usize) -> BackendResult<CpuTensor>;
-        max_pool2d_backward(&self, x: &CpuTensor, dy: &CpuTensor, kernel: usize, stride: usize)
+        max_pool2d(&self, x: &CpuTensor, kernel: usize, stride: usize, padding: usize)
             -> BackendResult<CpuTensor>;
+        max_pool2d_backward(&self, x: &CpuTensor, dy: &CpuTensor, kernel: usize, stride: usize,
+            padding: usize) -> BackendResult<CpuTensor>;
         avg_pool2d(&self, x: &CpuTensor, kernel: usize) -> BackendResult<CpuTensor>;
         avg_pool2d_backward(&self, dy: &CpuTensor, kernel: usize, input_shape: &[usize])
             -> BackendResult<CpuTensor>;

@@ -23,7 +23,9 @@ fn known_names_parse_and_display_back() {
             "shakeshake26-2x32d",
             "shakeshake26-2x64d",
             "pyramidnet110a48",
-            "pyramidnet272a200-bottleneck"
+            "pyramidnet272a200-bottleneck",
+            "resnet50",
+            "resnet152"
         ]
     );
     for name in named.iter().map(String::as_str).chain([
@@ -32,6 +34,8 @@ fn known_names_parse_and_display_back() {
         "wrn10x1",
         "shakeshake14-2x4d",
         "pyramidnet20a8-bottleneck",
+        "resnet101",
+        "resnet14-w8",
     ]) {
         let architecture: Architecture = name.parse().unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(architecture.to_string(), name);
@@ -59,7 +63,7 @@ fn known_names_parse_and_display_back() {
 
 #[test]
 fn unknown_names_list_the_valid_ones() {
-    for name in ["resnet50", "vgg19", "wrn28", "preresnetX", ""] {
+    for name in ["resnext50", "vgg19", "wrn28", "preresnetX", ""] {
         match name.parse::<Architecture>() {
             Err(ModelError::UnknownArchitecture { name: got, valid }) => {
                 assert_eq!(got, name);
@@ -68,9 +72,11 @@ fn unknown_names_list_the_valid_ones() {
             other => panic!("{name:?} gave {other:?}"),
         }
     }
-    let message = "resnet50".parse::<Architecture>().unwrap_err().to_string();
+    let message = "resnext50".parse::<Architecture>().unwrap_err().to_string();
     assert!(
-        message.contains("resnet50") && message.contains("vgg16bn"),
+        message.contains("resnext50")
+            && message.contains("vgg16bn")
+            && message.contains("resnet152"),
         "{message}"
     );
 }

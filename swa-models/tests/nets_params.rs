@@ -143,6 +143,22 @@ fn shake_shake_and_pyramidnet_equal_their_pytorch_definition() {
     }
 }
 
+/// torchvision's ResNet-50 and ResNet-152 for 1000 classes, from `tests/fixtures/imagenet_shapes.json`
+/// (written by `tools/golden_imagenet_networks.py` from torchvision's own constructors), whose parameter
+/// counts are torchvision's published 25,557,032 and 60,192,808.
+#[test]
+fn resnets_equal_torchvision() {
+    let table: BTreeMap<String, TorchStateDict> = read_fixture("imagenet_shapes.json");
+    assert_eq!(table.len(), 2, "networks in imagenet_shapes.json");
+    for (name, published) in [("resnet50", 25_557_032), ("resnet152", 60_192_808)] {
+        let torch = &table[name];
+        assert_eq!(torch.parameters, published, "{name}: the fixture's count");
+        let net = build(name, 1000);
+        assert_state_dict_equals(name, net.as_ref(), &torch.state_dict);
+        assert_eq!(parameter_count(net.as_ref()), published, "{name}");
+    }
+}
+
 /// The sizes the papers publish, in millions, rounded as published: Shake-Shake (Gastaldi 2017, Table 1)
 /// and PyramidNet (Han et al. 2017, Table 4, CIFAR-10).
 #[test]

@@ -14,7 +14,6 @@ parameter count for 10 and 100 classes, of each network of cifar_networks.NAMED.
 import json, os, sys
 
 import torch
-from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, '..', '..', 'xtask', 'torch'))
@@ -57,7 +56,7 @@ def set_coefficients(model, seed):
         block.coefficients = lambda n, i=block_id: shake_coefficients(seed, i, n)
 
 
-def write(out, randomise_batch_norm, write_forward_fixtures):
+def write(out, randomise_batch_norm, write_forward_fixtures, write_gradient_fixture):
     for i, (name, classes) in enumerate(GOLDEN.items()):
         torch.manual_seed(7000 + i)
         model = nets.build(name, classes)
@@ -65,15 +64,7 @@ def write(out, randomise_batch_norm, write_forward_fixtures):
         randomise_batch_norm(model, gen)
         set_coefficients(model, 0)
         x = write_forward_fixtures(model, name, gen, out, BATCH)
-        labels = torch.randint(0, classes, (BATCH,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(x), labels)
-        loss.backward()
-        grads = {'labels': labels, 'loss': loss.detach().reshape(1)}
-        for k, p in model.named_parameters():
-            grads['grad.' + k] = p.grad.detach().clone()
-        save_file({k: v.contiguous() for k, v in grads.items()},
-                  os.path.join(out, f'golden_{name}_grads.safetensors'))
-        print(f'{name}: loss {loss.item():.6f}')
+        write_gradient_fixture(model, name, x, classes, gen, out)
     table = {}
     for name in nets.NAMED:
         model = nets.build(name, 10)

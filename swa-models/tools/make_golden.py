@@ -127,13 +127,13 @@ def randomise_batch_norm(model, gen):
             module.num_batches_tracked.fill_(7)
 
 
-def write_forward_fixtures(model, name, gen, out, batch=BATCH):
+def write_forward_fixtures(model, name, gen, out, batch=BATCH, size=32):
     """Writes `golden_<name>.safetensors` (the state_dict) and `golden_<name>_io.safetensors` (`batch`
-    images drawn from `gen`, the logits in eval and in train mode, and the running statistics after the train
+    `size`×`size` images drawn from `gen`, the logits in eval and in train mode, and the running statistics after the train
     forward). Returns the input."""
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(out, f'golden_{name}.safetensors'), metadata={'format': 'pt'})
-    x = torch.randn(batch, 3, 32, 32, generator=gen)
+    x = torch.randn(batch, 3, size, size, generator=gen)
     with torch.no_grad():
         model.eval()
         logits_eval = model(x)
@@ -147,6 +147,19 @@ def write_forward_fixtures(model, name, gen, out, batch=BATCH):
     print(f'{name}: {sum(p.numel() for p in model.parameters())} parameters, '
           f'eval logits[0,:3] {logits_eval[0, :3].tolist()}')
     return x
+
+
+def write_gradient_fixture(model, name, x, classes, gen, out):
+    """Writes `golden_<name>_grads.safetensors`: labels drawn from `gen`, the mean cross-entropy of a
+    train-mode pass on `x`, and the gradient of every parameter ("grad.<key>")."""
+    labels = torch.randint(0, classes, (x.shape[0],), generator=gen)
+    loss = torch.nn.functional.cross_entropy(model(x), labels)
+    loss.backward()
+    grads = {'labels': labels, 'loss': loss.detach().reshape(1)}
+    for k, p in model.named_parameters():
+        grads['grad.' + k] = p.grad.detach().clone()
+    save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(out, f'golden_{name}_grads.safetensors'))
+    print(f'{name}: loss {loss.item():.6f}')
 
 
 def golden(ref, out):
@@ -339,7 +352,14 @@ def cifar_networks(ref, out):
     """Shake-Shake and PyramidNet, from xtask/torch/cifar_networks.py: see golden_cifar_networks.py."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import golden_cifar_networks
-    golden_cifar_networks.write(out, randomise_batch_norm, write_forward_fixtures)
+    golden_cifar_networks.write(out, randomise_batch_norm, write_forward_fixtures, write_gradient_fixture)
+
+
+def imagenet_networks(ref, out):
+    """torchvision's ResNets: see golden_imagenet_networks.py."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import golden_imagenet_networks
+    golden_imagenet_networks.write(out, randomise_batch_norm, write_forward_fixtures, write_gradient_fixture)
 
 
 def check_load(ref, path, name, classes):
@@ -359,7 +379,8 @@ def main():
     parser.add_argument('--torch-ref', default=os.environ.get('SWA_TORCH_REF', '/work/shared/tools'))
     parser.add_argument('--out', default=os.path.join(here, '..', 'tests', 'fixtures'))
     parser.add_argument('--check-load', nargs=3, metavar=('CHECKPOINT', 'NAME', 'CLASSES'))
-    parser.add_argument('--only', choices=['golden', 'formula', 'train', 'geometry', 'sgd', 'shapes', 'cifar'],
+    parser.add_argument('--only', choices=['golden', 'formula', 'train', 'geometry', 'sgd', 'shapes', 'cifar',
+                                           'imagenet'],
                         help='write one family of fixtures only')
     args = parser.parse_args()
     sys.path.insert(0, args.torch_ref)
@@ -371,7 +392,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     families = {'golden': golden, 'formula': formula_golden, 'train': train_golden,
                 'geometry': geometry_golden, 'sgd': sgd_golden,
-                'shapes': shapes, 'cifar': cifar_networks}
+                'shapes': shapes, 'cifar': cifar_networks, 'imagenet': imagenet_networks}
     for family, write in families.items():
         if args.only in (None, family):
             write(ref, args.out)

@@ -211,8 +211,9 @@ impl<D: ForwardPool> PoolOps<InnerTensor<D>> for D {
         x: &InnerTensor<D>,
         kernel: usize,
         stride: usize,
+        padding: usize,
     ) -> BackendResult<InnerTensor<D>> {
-        self.inner().max_pool2d(x, kernel, stride)
+        self.inner().max_pool2d(x, kernel, stride, padding)
     }
     fn max_pool2d_backward(
         &self,
@@ -220,8 +221,10 @@ impl<D: ForwardPool> PoolOps<InnerTensor<D>> for D {
         dy: &InnerTensor<D>,
         kernel: usize,
         stride: usize,
+        padding: usize,
     ) -> BackendResult<InnerTensor<D>> {
-        self.inner().max_pool2d_backward(x, dy, kernel, stride)
+        self.inner()
+            .max_pool2d_backward(x, dy, kernel, stride, padding)
     }
     fn avg_pool2d(&self, x: &InnerTensor<D>, kernel: usize) -> BackendResult<InnerTensor<D>> {
         self.inner().avg_pool2d(x, kernel)

@@ -318,10 +318,19 @@ pub trait NormOps<T> {
 
 /// Pooling on tensors `T`.
 pub trait PoolOps<T> {
-    /// Max pooling with a square window `kernel` and step `stride`, no padding.
-    fn max_pool2d(&self, x: &T, kernel: usize, stride: usize) -> BackendResult<T>;
+    /// Max pooling with a square window `kernel`, step `stride` and `padding` on every side, as PyTorch's
+    /// `max_pool2d` (floor mode): the padding never wins a window, and is at most half the window so that
+    /// every window holds at least one input.
+    fn max_pool2d(&self, x: &T, kernel: usize, stride: usize, padding: usize) -> BackendResult<T>;
     /// Gradient of max pooling: each window's `dy` goes to the first position holding the window's maximum.
-    fn max_pool2d_backward(&self, x: &T, dy: &T, kernel: usize, stride: usize) -> BackendResult<T>;
+    fn max_pool2d_backward(
+        &self,
+        x: &T,
+        dy: &T,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> BackendResult<T>;
     /// Average pooling with a square window `kernel` and step `kernel`, no padding.
     fn avg_pool2d(&self, x: &T, kernel: usize) -> BackendResult<T>;
     /// Gradient of average pooling, for an input of `input_shape`.

@@ -18,6 +18,7 @@ struct PoolGeometry {
     ow: usize,
     kernel: usize,
     stride: usize,
+    padding: usize,
 }
 
 fn geometry(
@@ -25,6 +26,7 @@ fn geometry(
     input: &[usize],
     kernel: usize,
     stride: usize,
+    padding: usize,
 ) -> BackendResult<PoolGeometry> {
     let [n, c, h, w] = *input else {
         return Err(BackendError::ShapeMismatch {
@@ -33,12 +35,19 @@ fn geometry(
             got: input.to_vec(),
         });
     };
-    if kernel == 0 || stride == 0 || kernel > h || kernel > w {
+    if kernel == 0 || stride == 0 || kernel > h + 2 * padding || kernel > w + 2 * padding {
         return Err(BackendError::InvalidArgument {
             op,
             message: format!(
-                "window {kernel} with stride {stride} does not fit a {h}×{w} input (both must be ≥ 1)"
+                "window {kernel} with stride {stride} does not fit a {h}×{w} input with padding \
+                 {padding} (both must be ≥ 1)"
             ),
+        });
+    }
+    if 2 * padding > kernel {
+        return Err(BackendError::InvalidArgument {
+            op,
+            message: format!("padding {padding} is more than half the window {kernel}"),
         });
     }
     Ok(PoolGeometry {
@@ -46,10 +55,11 @@ fn geometry(
         c,
         h,
         w,
-        oh: (h - kernel) / stride + 1,
-        ow: (w - kernel) / stride + 1,
+        oh: (h + 2 * padding - kernel) / stride + 1,
+        ow: (w + 2 * padding - kernel) / stride + 1,
         kernel,
         stride,
+        padding,
     })
 }
 
@@ -76,6 +86,7 @@ impl GpuBackend {
             ow: u("output width", g.ow)?,
             kernel: u("window", g.kernel)?,
             stride: u("stride", g.stride)?,
+            padding: u("padding", g.padding)?,
         });
         let mut buffers = inputs;
         buffers.push(out);
@@ -89,9 +100,15 @@ impl GpuBackend {
 }
 
 impl PoolOps<GpuTensor> for GpuBackend {
-    fn max_pool2d(&self, x: &GpuTensor, kernel: usize, stride: usize) -> BackendResult<GpuTensor> {
+    fn max_pool2d(
+        &self,
+        x: &GpuTensor,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> BackendResult<GpuTensor> {
         let op = "max_pool2d";
-        let g = geometry(op, x.dims(), kernel, stride)?;
+        let g = geometry(op, x.dims(), kernel, stride, padding)?;
         let out = self.ctx.alloc(op, &[g.n, g.c, g.oh, g.ow])?;
         self.pool_dispatch(op, &kernels::MAX_POOL, g, out.numel(), vec![x], &out)?;
         Ok(out)
@@ -103,9 +120,10 @@ impl PoolOps<GpuTensor> for GpuBackend {
         dy: &GpuTensor,
         kernel: usize,
         stride: usize,
+        padding: usize,
     ) -> BackendResult<GpuTensor> {
         let op = "max_pool2d_backward";
-        let g = geometry(op, x.dims(), kernel, stride)?;
+        let g = geometry(op, x.dims(), kernel, stride, padding)?;
         if dy.dims() != [g.n, g.c, g.oh, g.ow] {
             return Err(BackendError::ShapeMismatch {
                 op,
@@ -127,7 +145,7 @@ impl PoolOps<GpuTensor> for GpuBackend {
 
     fn avg_pool2d(&self, x: &GpuTensor, kernel: usize) -> BackendResult<GpuTensor> {
         let op = "avg_pool2d";
-        let g = geometry(op, x.dims(), kernel, kernel)?;
+        let g = geometry(op, x.dims(), kernel, kernel, 0)?;
         let out = self.ctx.alloc(op, &[g.n, g.c, g.oh, g.ow])?;
         self.pool_dispatch(op, &kernels::AVG_POOL, g, out.numel(), vec![x], &out)?;
         Ok(out)
@@ -140,7 +158,7 @@ impl PoolOps<GpuTensor> for GpuBackend {
         input_shape: &[usize],
     ) -> BackendResult<GpuTensor> {
         let op = "avg_pool2d_backward";
-        let g = geometry(op, input_shape, kernel, kernel)?;
+        let g = geometry(op, input_shape, kernel, kernel, 0)?;
         if dy.dims() != [g.n, g.c, g.oh, g.ow] {
             return Err(BackendError::ShapeMismatch {
                 op,

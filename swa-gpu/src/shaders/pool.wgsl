@@ -1,4 +1,5 @@
-// Max and average pooling over square windows (no padding) and their gradients.
+// Max and average pooling over square windows and their gradients; max pooling takes an implicit padding
+// that never wins a window (PyTorch's), average pooling has none.
 //
 // Gradients run one thread per input element and gather from the windows that contain it, in window
 // order, so there are no atomics and the result is deterministic. Max pooling routes a window's gradient
@@ -13,6 +14,7 @@ struct Params {
     ow: u32,
     kernel: u32,
     stride: u32,
+    padding: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -26,17 +28,25 @@ fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.y * nwg.x * WG + gid.x;
 }
 
-// Offset in x of the first position holding the maximum of window (oy, ox) of plane `plane`.
+// Offset in x of the first position holding the maximum of window (oy, ox) of plane `plane`. The window
+// starts at padded coordinates (oy·stride, ox·stride); positions in the padding are skipped, and every
+// window holds at least one input because the padding is at most half the window.
 fn argmax(plane: u32, oy: u32, ox: u32) -> u32 {
     let base = plane * p.h * p.w;
-    var best = base + (oy * p.stride) * p.w + ox * p.stride;
-    var best_value = x[best];
+    var best = base;
+    var best_value = 0.0;
+    var found = false;
     for (var ky = 0u; ky < p.kernel; ky = ky + 1u) {
+        let py = oy * p.stride + ky;
+        if (py < p.padding || py >= p.h + p.padding) { continue; }
         for (var kx = 0u; kx < p.kernel; kx = kx + 1u) {
-            let i = base + (oy * p.stride + ky) * p.w + ox * p.stride + kx;
+            let px = ox * p.stride + kx;
+            if (px < p.padding || px >= p.w + p.padding) { continue; }
+            let i = base + (py - p.padding) * p.w + px - p.padding;
             let v = x[i];
             // Strictly greater keeps the first maximum; a NaN wins so that it propagates (x != x tests NaN).
-            if (v > best_value || (v != v && best_value == best_value)) {
+            if (!found || v > best_value || (v != v && best_value == best_value)) {
+                found = true;
                 best_value = v;
                 best = i;
             }
@@ -54,13 +64,15 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     out[i] = x[argmax(plane, pixel / p.ow, pixel % p.ow)];
 }
 
-// First and one-past-last output index along one axis whose window covers input coordinate `c`.
+// First and one-past-last output index along one axis whose window covers input coordinate `c` (padded
+// coordinate c + padding; average pooling has no padding).
 fn covering(c: u32, outputs: u32) -> vec2<u32> {
+    let padded = c + p.padding;
     var first = 0u;
-    if (c + 1u > p.kernel) {
-        first = (c + 1u - p.kernel + p.stride - 1u) / p.stride;
+    if (padded + 1u > p.kernel) {
+        first = (padded + 1u - p.kernel + p.stride - 1u) / p.stride;
     }
-    let last = min(c / p.stride + 1u, outputs);
+    let last = min(padded / p.stride + 1u, outputs);
     return vec2<u32>(first, last);
 }
 

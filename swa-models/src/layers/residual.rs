@@ -7,7 +7,8 @@ use swa_core::params::{NamedTensors, TensorRole};
 use super::{BatchNorm2d, Conv2d, Conv2dConfig, ConvInit, Dropout, ReLU, Sequential};
 use crate::module::{child_name, ForwardInput, ForwardMode, Module, Param};
 
-/// A residual block, `main(x) + shortcut(x)`, with the shortcut the identity when there is none.
+/// A residual block, `main(x) + shortcut(x)`, with the shortcut the identity when there is none, and
+/// optionally a ReLU after the sum (the post-activation blocks of torchvision's ResNets).
 ///
 /// The main path's children are named directly under the block (`bn1`, `conv1`, …), and the shortcut's
 /// under its own name (`downsample.0` in PreResNet, `shortcut.0` in WideResNet), as in the original code.
@@ -16,12 +17,57 @@ use crate::module::{child_name, ForwardInput, ForwardMode, Module, Param};
 pub struct Residual<B: Backend> {
     main: Sequential<B>,
     shortcut: Option<(String, Sequential<B>)>,
+    /// `relu(main(x) + shortcut(x))` when present.
+    output_relu: Option<ReLU<B>>,
 }
 
 impl<B: Backend> Residual<B> {
     /// A block from its main path and an optional named shortcut.
     pub fn new(main: Sequential<B>, shortcut: Option<(String, Sequential<B>)>) -> Self {
-        Self { main, shortcut }
+        Self {
+            main,
+            shortcut,
+            output_relu: None,
+        }
+    }
+
+    /// The same block with a ReLU applied to the sum.
+    pub fn with_output_relu(mut self) -> Self {
+        self.output_relu = Some(ReLU::new());
+        self
+    }
+
+    /// torchvision's ResNet bottleneck (expansion 4), post-activation:
+    /// `relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x))))))) + downsample(x))`, with 1×1 → 3×3 (with
+    /// `stride`, as torchvision's "ResNet v1.5") → 1×1 to `4·channels`, convolutions without bias, and
+    /// `downsample.0` (a strided 1×1 convolution) with `downsample.1` (its BatchNorm) when the shape
+    /// changes. Convolutions are He-normal with fan-out, as torchvision initialises them.
+    pub fn bottleneck<R: Rng + ?Sized>(
+        backend: &B,
+        in_channels: usize,
+        channels: usize,
+        stride: usize,
+        rng: &mut R,
+    ) -> BackendResult<Self> {
+        let out_channels = channels * 4;
+        let mut main = Sequential::new();
+        for (index, conv) in (1..).zip(bottleneck_convs(in_channels, channels, stride)) {
+            let out = conv.out_channels;
+            main.push_named(format!("conv{index}"), Conv2d::new(backend, conv, rng)?);
+            main.push_named(format!("bn{index}"), BatchNorm2d::new(backend, out)?);
+            if index < 3 {
+                main.push_named(format!("relu{index}"), ReLU::new());
+            }
+        }
+        let down = preact_conv(in_channels, out_channels, 1, stride);
+        let shortcut = match projection(backend, "downsample", down, rng)? {
+            Some((name, mut path)) => {
+                path.push(BatchNorm2d::new(backend, out_channels)?);
+                Some((name, path))
+            }
+            None => None,
+        };
+        Ok(Self::new(main, shortcut).with_output_relu())
     }
 
     /// PreResNet's pre-activation basic block: `conv2(relu(bn2(conv1(relu(bn1(x)))))) + shortcut(x)`, with
@@ -60,12 +106,7 @@ impl<B: Backend> Residual<B> {
     ) -> BackendResult<Self> {
         let out_channels = channels * 4;
         let mut main = Sequential::new();
-        let convs = [
-            preact_conv(in_channels, channels, 1, 1),
-            preact_conv(channels, channels, 3, stride),
-            preact_conv(channels, out_channels, 1, 1),
-        ];
-        for (index, conv) in (1..).zip(convs) {
+        for (index, conv) in (1..).zip(bottleneck_convs(in_channels, channels, stride)) {
             push_preactivated(backend, &mut main, index, conv, rng)?;
         }
         let down = preact_conv(in_channels, out_channels, 1, stride);
@@ -126,6 +167,16 @@ fn preact_conv(
     wide_conv(in_channels, out_channels, kernel, stride)
         .bias(false)
         .init(ConvInit::HeNormalFanOut)
+}
+
+/// The three convolutions of a bottleneck of expansion 4 (both ResNet families): 1×1 to `channels`, 3×3
+/// with the stride, 1×1 to `4·channels`, without bias, He-normal with fan-out.
+fn bottleneck_convs(in_channels: usize, channels: usize, stride: usize) -> [Conv2dConfig; 3] {
+    [
+        preact_conv(in_channels, channels, 1, 1),
+        preact_conv(channels, channels, 3, stride),
+        preact_conv(channels, channels * 4, 1, 1),
+    ]
 }
 
 /// A convolution of WideResNet's blocks: a bias, PyTorch's default initialisation, and the padding that
@@ -208,10 +259,21 @@ impl<B: Backend> Module<B> for Residual<B> {
             None => x.tensor(),
         };
         backend.axpy_(&mut y, 1.0, shortcut)?;
-        Ok(y)
+        match &mut self.output_relu {
+            Some(relu) => relu.forward_input(backend, ForwardInput::Owned(y), mode),
+            None => Ok(y),
+        }
     }
 
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
+        let activated;
+        let dy = match &mut self.output_relu {
+            Some(relu) => {
+                activated = relu.backward(backend, dy)?;
+                &activated
+            }
+            None => dy,
+        };
         let mut dx = self.main.backward(backend, dy)?;
         match &mut self.shortcut {
             Some((_, shortcut)) => {
@@ -234,6 +296,9 @@ impl<B: Backend> Module<B> for Residual<B> {
         self.main.zero_grads();
         if let Some((_, shortcut)) = &mut self.shortcut {
             shortcut.zero_grads();
+        }
+        if let Some(relu) = &mut self.output_relu {
+            relu.zero_grads();
         }
     }
 

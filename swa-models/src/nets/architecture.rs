@@ -14,7 +14,8 @@ use crate::module::Module;
 const GENERAL_NAMES: &str = "preresnet<depth> (depth = 6n+2 below 44, 9n+2 from 44), \
      wrn<depth>x<k> (depth = 6n+4), shakeshake<depth>-2x<width>d (depth = 6n+2, width even), \
      pyramidnet<depth>a<alpha> (basic blocks, depth = 6n+2) and pyramidnet<depth>a<alpha>-bottleneck \
-     (depth = 9n+2)";
+     (depth = 9n+2), resnet<depth> (50, 101, 152, or 12n+2 with n blocks a stage) with an optional \
+     -w<width> (the first stage's width, 64 by default)";
 
 /// Errors building a network.
 #[derive(Debug, thiserror::Error)]
@@ -83,14 +84,23 @@ pub enum Architecture {
         /// Bottleneck blocks (three convolutions, output four times the width) rather than basic ones.
         bottleneck: bool,
     },
+    /// torchvision's ResNet with bottleneck blocks, for ImageNet-sized inputs (any square input of at
+    /// least 32 pixels): a 7×7 strided stem and max pooling, four stages, global average pooling.
+    ResNet {
+        /// 50, 101 or 152 (torchvision's stage sizes), or 12n+2 for n blocks in every stage.
+        depth: usize,
+        /// Width of the stem and of the first stage's bottlenecks (torchvision: 64); the later stages are
+        /// 2, 4 and 8 times as wide, and blocks put out four times their width.
+        width: usize,
+    },
 }
 
 impl Architecture {
     /// The paper's networks (VGG-16, PreResNet-164, WRN-28-10), the variants the original code also
     /// names, the CPU-sized members of the residual families, Shake-Shake 26 2×64d with its CPU-sized
-    /// 2×32d, and PyramidNet-272 (α = 200, bottleneck) with its CPU-sized PyramidNet-110 (α = 48): the one
-    /// list that command lines, help texts and listings use.
-    pub const NAMED: [Architecture; 12] = [
+    /// 2×32d, PyramidNet-272 (α = 200, bottleneck) with its CPU-sized PyramidNet-110 (α = 48), and the
+    /// paper's ImageNet ResNets: the one list that command lines, help texts and listings use.
+    pub const NAMED: [Architecture; 14] = [
         Architecture::Vgg16,
         Architecture::Vgg16Bn,
         Architecture::PreResNet { depth: 20 },
@@ -125,7 +135,27 @@ impl Architecture {
             alpha: 200,
             bottleneck: true,
         },
+        Architecture::RESNET50,
+        Architecture::RESNET152,
     ];
+
+    /// torchvision's ResNet-50.
+    pub const RESNET50: Architecture = Architecture::ResNet {
+        depth: 50,
+        width: 64,
+    };
+
+    /// torchvision's ResNet-152.
+    pub const RESNET152: Architecture = Architecture::ResNet {
+        depth: 152,
+        width: 64,
+    };
+
+    /// Whether the network is built for ImageNet (1000 classes, images of 224 pixels and more, any square
+    /// size from 32 on) rather than for 32×32 CIFAR images.
+    pub fn is_imagenet(&self) -> bool {
+        matches!(self, Architecture::ResNet { .. })
+    }
 
     /// The names [`Architecture::from_str`] accepts, for error messages and help texts: the named
     /// networks, then the general forms.
@@ -196,6 +226,17 @@ impl Architecture {
                     Ok(())
                 }
             }
+            Architecture::ResNet { depth, width } => {
+                if super::resnet::blocks_per_stage(depth).is_none() {
+                    Err(invalid(format!(
+                        "depth {depth} must be 50, 101, 152 or 12n+2 with n ≥ 1"
+                    )))
+                } else if width == 0 {
+                    Err(invalid("the width must be positive".into()))
+                } else {
+                    Ok(())
+                }
+            }
         }
     }
 
@@ -240,6 +281,13 @@ impl fmt::Display for Architecture {
                 write!(f, "pyramidnet{depth}a{alpha}")?;
                 if *bottleneck {
                     write!(f, "-bottleneck")?;
+                }
+                Ok(())
+            }
+            Architecture::ResNet { depth, width } => {
+                write!(f, "resnet{depth}")?;
+                if *width != 64 {
+                    write!(f, "-w{width}")?;
                 }
                 Ok(())
             }
@@ -293,6 +341,16 @@ impl FromStr for Architecture {
                 depth: depth.parse().map_err(|_| unknown())?,
                 alpha: alpha.parse().map_err(|_| unknown())?,
                 bottleneck,
+            }
+        } else if let Some(rest) = lower.strip_prefix("resnet") {
+            // resnet<depth>, optionally -w<width>.
+            let (depth, width) = match rest.split_once("-w") {
+                Some((depth, width)) => (depth, width.parse().map_err(|_| unknown())?),
+                None => (rest, 64),
+            };
+            Architecture::ResNet {
+                depth: depth.parse().map_err(|_| unknown())?,
+                width,
             }
         } else {
             return Err(unknown());

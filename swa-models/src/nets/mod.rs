@@ -7,7 +7,9 @@
 //! - Shake-Shake-`depth` 2×`width`d (`shakeshake26-2x64d`, `shakeshake26-2x32d`), defined in PyTorch by
 //!   `xtask/torch/cifar_networks.py`;
 //! - PyramidNet-`depth` with growth `alpha` (`pyramidnet110a48`, `pyramidnet272a200-bottleneck`), defined
-//!   in PyTorch in the same file.
+//!   in PyTorch in the same file;
+//! - for ImageNet, torchvision's ResNet-`depth` with bottleneck blocks (`resnet50`, `resnet152`), with
+//!   torchvision's tensor names, so that its checkpoints load as they are.
 //!
 //! Every network is a [`Network`], a [`Module`] whose first convolution skips its input gradient (call
 //! [`Module::require_input_grad`] with `true` to get it back).
@@ -15,6 +17,7 @@
 mod architecture;
 mod preresnet;
 mod pyramidnet;
+mod resnet;
 mod shake_shake;
 mod vgg;
 mod wide_resnet;
@@ -89,6 +92,14 @@ impl<B: Backend> Network<B> {
                 alpha,
                 bottleneck,
             } => pyramidnet::build(backend, classes, depth, alpha, bottleneck, &mut rng)?,
+            Architecture::ResNet { depth, width } => {
+                let blocks =
+                    resnet::blocks_per_stage(depth).ok_or_else(|| ModelError::InvalidConfig {
+                        architecture: config.architecture.to_string(),
+                        message: format!("no stage sizes for depth {depth}"),
+                    })?;
+                resnet::build(backend, classes, blocks, width, &mut rng)?
+            }
         };
         body.require_input_grad(false);
         Ok(Self {

@@ -88,10 +88,15 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             train_limit: None,
             test_limit: None,
         },
-        (Preset::Paper, Architecture::ShakeShake { .. } | Architecture::PyramidNet { .. }) => {
+        (
+            Preset::Paper,
+            Architecture::ShakeShake { .. }
+            | Architecture::PyramidNet { .. }
+            | Architecture::ResNet { .. },
+        ) => {
             anyhow::bail!(
-            "the paper preset has no recipe for {architecture} yet: use --preset quick or smoke"
-        )
+                "the paper preset has no CIFAR recipe for {architecture}: use --preset quick or smoke"
+            )
         }
         (Preset::Quick, _) => Recipe {
             architecture,

@@ -1,4 +1,5 @@
-//! Max and average pooling over `[N, C, H, W]`, without padding, one parallel task per image plane.
+//! Max and average pooling over `[N, C, H, W]` (max pooling with optional padding), one parallel task per
+//! image plane.
 
 use rayon::prelude::*;
 
@@ -14,12 +15,20 @@ struct Window {
     width: usize,
     kernel: usize,
     stride: usize,
+    /// Implicit padding on every side; it never wins a window.
+    padding: usize,
     out_height: usize,
     out_width: usize,
 }
 
 impl Window {
-    fn new(op: &'static str, shape: &[usize], kernel: usize, stride: usize) -> BackendResult<Self> {
+    fn new(
+        op: &'static str,
+        shape: &[usize],
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> BackendResult<Self> {
         let &[n, c, height, width] = shape else {
             return Err(BackendError::ShapeMismatch {
                 op,
@@ -33,10 +42,18 @@ impl Window {
                 message: format!("kernel {kernel} and stride {stride} must both be at least 1"),
             });
         }
-        if kernel > height || kernel > width {
+        if 2 * padding > kernel {
             return Err(BackendError::InvalidArgument {
                 op,
-                message: format!("kernel {kernel} is larger than the input {height}×{width}"),
+                message: format!("padding {padding} is more than half the window {kernel}"),
+            });
+        }
+        if kernel > height + 2 * padding || kernel > width + 2 * padding {
+            return Err(BackendError::InvalidArgument {
+                op,
+                message: format!(
+                    "kernel {kernel} is larger than the input {height}×{width} with padding {padding}"
+                ),
             });
         }
         Ok(Self {
@@ -45,8 +62,9 @@ impl Window {
             width,
             kernel,
             stride,
-            out_height: (height - kernel) / stride + 1,
-            out_width: (width - kernel) / stride + 1,
+            padding,
+            out_height: (height + 2 * padding - kernel) / stride + 1,
+            out_width: (width + 2 * padding - kernel) / stride + 1,
         })
     }
 
@@ -60,14 +78,25 @@ impl Window {
         [input[0], input[1], self.out_height, self.out_width]
     }
 
+    /// The input rows or columns `[first, end)` that the window starting at padded coordinate
+    /// `start` covers, clipped to the `extent` of the input.
+    fn covered(&self, start: usize, extent: usize) -> (usize, usize) {
+        let first = start.saturating_sub(self.padding);
+        let end = (start + self.kernel)
+            .saturating_sub(self.padding)
+            .min(extent);
+        (first, end)
+    }
+
     /// The flat in-plane index of the first maximum of the window at `(oh, ow)`.
     fn argmax(&self, plane: &[f32], oh: usize, ow: usize) -> usize {
-        let (top, left) = (oh * self.stride, ow * self.stride);
+        let (top, bottom) = self.covered(oh * self.stride, self.height);
+        let (left, right) = self.covered(ow * self.stride, self.width);
         let mut best = top * self.width + left;
         let mut best_value = plane[best];
-        for ih in top..top + self.kernel {
+        for ih in top..bottom {
             let row = &plane[ih * self.width..][..self.width];
-            for (iw, &v) in row.iter().enumerate().skip(left).take(self.kernel) {
+            for (iw, &v) in row.iter().enumerate().take(right).skip(left) {
                 if replaces(v, best_value) {
                     best_value = v;
                     best = ih * self.width + iw;
@@ -79,7 +108,7 @@ impl Window {
 
     /// The maxima of one plane's output row `oh` into `out_row`, as [`Window::argmax`] picks them.
     fn max_row(&self, plane: &[f32], oh: usize, out_row: &mut [f32]) {
-        if self.kernel == 2 && self.stride == 2 {
+        if self.kernel == 2 && self.stride == 2 && self.padding == 0 {
             // VGG's pooling, on the evaluation path: the window's four values in argmax's scan order,
             // without its index arithmetic.
             let top = &plane[2 * oh * self.width..][..2 * self.out_width];
@@ -128,10 +157,16 @@ fn check_output_gradient(
 }
 
 impl PoolOps<CpuTensor> for CpuBackend {
-    fn max_pool2d(&self, x: &CpuTensor, kernel: usize, stride: usize) -> BackendResult<CpuTensor> {
+    fn max_pool2d(
+        &self,
+        x: &CpuTensor,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> BackendResult<CpuTensor> {
         self.install(|| {
             const OP: &str = "max_pool2d";
-            let win = Window::new(OP, x.shape(), kernel, stride)?;
+            let win = Window::new(OP, x.shape(), kernel, stride, padding)?;
             let xs = contiguous(x);
             let mut y = vec![0.0f32; win.planes * win.out_plane()];
             if !y.is_empty() {
@@ -153,10 +188,11 @@ impl PoolOps<CpuTensor> for CpuBackend {
         dy: &CpuTensor,
         kernel: usize,
         stride: usize,
+        padding: usize,
     ) -> BackendResult<CpuTensor> {
         self.install(|| {
             const OP: &str = "max_pool2d_backward";
-            let win = Window::new(OP, x.shape(), kernel, stride)?;
+            let win = Window::new(OP, x.shape(), kernel, stride, padding)?;
             check_output_gradient(OP, dy, win.output_shape(x.shape()))?;
             let xs = contiguous(x);
             let dys = contiguous(dy);
@@ -178,7 +214,7 @@ impl PoolOps<CpuTensor> for CpuBackend {
     fn avg_pool2d(&self, x: &CpuTensor, kernel: usize) -> BackendResult<CpuTensor> {
         self.install(|| {
             const OP: &str = "avg_pool2d";
-            let win = Window::new(OP, x.shape(), kernel, kernel)?;
+            let win = Window::new(OP, x.shape(), kernel, kernel, 0)?;
             let xs = contiguous(x);
             let scale = 1.0 / (kernel * kernel) as f32;
             let mut y = vec![0.0f32; win.planes * win.out_plane()];
@@ -210,7 +246,7 @@ impl PoolOps<CpuTensor> for CpuBackend {
     ) -> BackendResult<CpuTensor> {
         self.install(|| {
             const OP: &str = "avg_pool2d_backward";
-            let win = Window::new(OP, input_shape, kernel, kernel)?;
+            let win = Window::new(OP, input_shape, kernel, kernel, 0)?;
             check_output_gradient(OP, dy, win.output_shape(input_shape))?;
             let dys = contiguous(dy);
             let scale = 1.0 / (kernel * kernel) as f32;
@@ -244,7 +280,7 @@ mod tests {
     fn the_two_by_two_rows_pick_the_values_argmax_points_to() {
         let values = [0.0, -0.0, 1.0, f32::NAN, -1.0, 1.0, -0.0, 0.0];
         let (height, width) = (4, 6);
-        let win = Window::new("test", &[1, 1, height, width], 2, 2).expect("a valid window");
+        let win = Window::new("test", &[1, 1, height, width], 2, 2, 0).expect("a valid window");
         let mut plane: Vec<f32> = (0..height * width)
             .map(|i| values[(i * 5 + i / 7) % values.len()])
             .collect();

@@ -1,0 +1,98 @@
+"""Fixtures of the ImageNet networks' golden tests, from torchvision's own classes.
+
+Called by make_golden.py (family `imagenet`). Writes:
+  golden_resnet14-w8.safetensors, golden_resnet14-w8_io.safetensors, golden_resnet14-w8_grads.safetensors
+      as make_golden.py's `golden` family, on two 64×64 images: a ResNet of torchvision's `Bottleneck`
+      blocks, one per stage, with a stem and first stage 8 wide instead of 64 (torchvision's ResNet class
+      fixes the widths, so the same layers and names are assembled here at a size a fixture can hold),
+      BatchNorm randomised, then labels, the cross-entropy of a train-mode pass and every parameter's
+      gradient ("grad.<key>");
+  golden_resnet14-w8.pth
+      the same state_dict saved by torch.save, as users hold torchvision checkpoints;
+  golden_nested_checkpoint.pth
+      a training checkpoint as the original SWA code saves one from nn.DataParallel: {'epoch': 3,
+      'state_dict': {'module.fc.weight': …, 'module.fc.bias': …, 'module.bn.num_batches_tracked': …},
+      'optimizer': …} with a 2×3 linear layer's values 0..5 and 0.5, 1.5 and a counter of 7;
+  imagenet_shapes.json
+      for torchvision.models.resnet50 and resnet152 (1000 classes, no weights downloaded): every
+      state_dict key with its shape and dtype, and the parameter count.
+"""
+import json, os
+
+import torch
+from torch import nn
+from torchvision.models import resnet50, resnet152
+from torchvision.models.resnet import Bottleneck, conv1x1
+
+BATCH = 2
+SIZE = 64
+SMALL = ('resnet14-w8', 10, 8)   # name, classes, width
+
+
+class SmallResNet(nn.Module):
+    """torchvision's ResNet layout (conv1, bn1, relu, maxpool, layer1..4, avgpool, fc) with one
+    torchvision Bottleneck a stage and a chosen width, initialised as torchvision initialises ResNets."""
+
+    def __init__(self, width, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        inplanes = width
+        for stage in range(4):
+            planes = width << stage
+            stride = 1 if stage == 0 else 2
+            downsample = None
+            if stride != 1 or inplanes != planes * Bottleneck.expansion:
+                downsample = nn.Sequential(conv1x1(inplanes, planes * Bottleneck.expansion, stride),
+                                           nn.BatchNorm2d(planes * Bottleneck.expansion))
+            block = Bottleneck(inplanes, planes, stride, downsample)
+            setattr(self, f'layer{stage + 1}', nn.Sequential(block))
+            inplanes = planes * Bottleneck.expansion
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(inplanes, classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def write(out, randomise_batch_norm, write_forward_fixtures, write_gradient_fixture):
+    name, classes, width = SMALL
+    torch.manual_seed(9000)
+    model = SmallResNet(width, classes)
+    gen = torch.Generator().manual_seed(9100)
+    randomise_batch_norm(model, gen)
+    torch.save(model.state_dict(), os.path.join(out, f'golden_{name}.pth'))
+    x = write_forward_fixtures(model, name, gen, out, BATCH, SIZE)
+    write_gradient_fixture(model, name, x, classes, gen, out)
+    nested = {
+        'epoch': 3,
+        'state_dict': {
+            'module.fc.weight': torch.arange(6, dtype=torch.float32).reshape(2, 3),
+            'module.fc.bias': torch.tensor([0.5, 1.5]),
+            'module.bn.num_batches_tracked': torch.tensor(7),
+        },
+        'optimizer': {'state': {}, 'param_groups': [{'lr': 0.1, 'momentum': 0.9}]},
+    }
+    torch.save(nested, os.path.join(out, 'golden_nested_checkpoint.pth'))
+    table = {}
+    for key, build in [('resnet50', resnet50), ('resnet152', resnet152)]:
+        net = build(weights=None)
+        table[key] = {
+            'parameters': params(net),
+            'state_dict': [[k, list(v.shape), str(v.dtype).replace('torch.', '')]
+                           for k, v in net.state_dict().items()],
+        }
+        print(f'{key}: {params(net)} parameters')
+    with open(os.path.join(out, 'imagenet_shapes.json'), 'w') as f:
+        json.dump(table, f, separators=(',', ':'))
