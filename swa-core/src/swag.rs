@@ -24,13 +24,14 @@
 //! | [`LowRankPlusDiagonal`](Covariance::LowRankPlusDiagonal) | `θ̄ + √scale · ( σ⊙z₁/√2 + D̂z₂/√(2(K − 1)) )` | `scale · ½(Σ_diag + D̂D̂ᵀ/(K − 1))` |
 //! | [`Diagonal`](Covariance::Diagonal) | `θ̄ + √scale · σ⊙z₁` | `scale · Σ_diag` |
 //!
-//! At `scale = 1` the first row is the paper's sampling identity (Section 4.2, *SWAG: Low Rank plus
-//! Diagonal Covariance Structure*), `θ̃ = θ_SWA + (1/√2)·Σ_diag^{1/2} z₁ + (1/√(2(K − 1)))·D̂ z₂`, and the
-//! second is SWAG-Diagonal's `N(θ_SWA, Σ_diag)` (Section 4.1). `scale` multiplies the *covariance*, so it
-//! enters the draw as `√scale`, as in the authors' `SWAG.sample(scale, cov)` (`sample_fullrank`:
-//! `mean + scale**0.5 * (var_sample + cov_sample)`). Their code leaves out the two `1/√2` factors of the
-//! paper, so their `sample(s, cov=True)` is this crate's low-rank draw at `scale = 2s` (their `s = 0.5` is
-//! the paper's identity), and their `sample(s, cov=False)` is this crate's diagonal draw at `scale = s`.
+//! At `scale = 1` the first row is the paper's sampling identity (subsection *SWAG: Low Rank plus
+//! Diagonal Covariance Structure*), `θ̃ = θ_SWA + (1/√2)·Σ_diag^{1/2} z₁ + (1/√(2(K − 1)))·D̂ z₂`, and
+//! the second is SWAG-Diagonal's `N(θ_SWA, Σ_diag)` (subsection *SWAG-Diagonal*). `scale` multiplies
+//! the *covariance*, so it enters the draw as `√scale`, as in the authors' `SWAG.sample(scale, cov)`
+//! (`sample_fullrank`: `mean + scale**0.5 * (var_sample + cov_sample)`). Their code leaves out the two
+//! `1/√2` factors of the paper, so their `sample(s, cov=True)` is this crate's low-rank draw at
+//! `scale = 2s` (their `s = 0.5` is the paper's identity), and their `sample(s, cov=False)` is this
+//! crate's diagonal draw at `scale = s`.
 //!
 //! `K` in `√(2(K − 1))` is the number of columns held ([`SwagMoments::rank`]), which is the maximum rank
 //! once `n ≥ K` snapshots were collected: `D̂D̂ᵀ/(K − 1)` is then the sample covariance of the held
@@ -202,7 +203,9 @@ pub enum SwagError {
         got: usize,
     },
     /// A parameter tensor whose name differs from the moments' tensor at the same position.
-    #[error("{op}: parameter #{index} is named `{got}`, expected `{expected}` (the moments' name)")]
+    #[error(
+        "{op}: parameter #{index} is named `{got}`, expected `{expected}` (the moments' name)"
+    )]
     NameMismatch {
         /// The operation.
         op: &'static str,
@@ -402,8 +405,8 @@ impl<B: Backend> SwagMoments<B> {
     }
 
     /// Collects one more snapshot (the authors' `collect_model`): with `n` snapshots already collected,
-    /// `θ̄ += (θ − θ̄)/(n + 1)`, `θ²‾ += (θ² − θ²‾)/(n + 1)`, then the column `θ − θ̄` (with the updated `θ̄`)
-    /// is appended to the ring, replacing the oldest once `K` are held.
+    /// `θ̄ += (θ − θ̄)/(n + 1)`, `θ²‾ += (θ² − θ²‾)/(n + 1)`, then the column `θ − θ̄` (with the updated
+    /// `θ̄`) is appended to the ring, replacing the oldest once `K` are held.
     ///
     /// Only a backend failure can leave the moments part-updated; their values are then unspecified (the
     /// structure stays consistent), and a checkpoint is the way back.
@@ -476,7 +479,10 @@ impl<B: Backend> SwagMoments<B> {
 
     /// The number of parameter elements `d`: the length of `z₁`.
     pub fn parameter_count(&self) -> usize {
-        self.slots.iter().map(|s| s.shape.iter().product::<usize>()).sum()
+        self.slots
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum()
     }
 
     /// The names of the parameter tensors, in visiting order.
@@ -566,7 +572,7 @@ impl<B: Backend> SwagMoments<B> {
     ) -> Result<(), SwagError> {
         self.check_sample("sample_into", model, scale, covariance)?;
         let z2 = self.draw_low_rank_noise(covariance, seed);
-        let mut z1 = DiagonalNoise::Seeded(stream(seed, DIAGONAL_STREAM));
+        let mut z1 = DiagonalNoise::Seeded(Box::new(stream(seed, DIAGONAL_STREAM)));
         self.write_sample(backend, model, scale, covariance, &mut z1, &z2)
     }
 
@@ -655,8 +661,10 @@ impl<B: Backend> SwagMoments<B> {
         // The columns first, which cannot fail, so that every slot holds `keep` of them whatever happens.
         let my_order = self.chronological();
         for (mine, their_columns) in self.slots.iter_mut().zip(copies) {
-            let mut ring: Vec<Option<B::Tensor>> =
-                std::mem::take(&mut mine.columns).into_iter().map(Some).collect();
+            let mut ring: Vec<Option<B::Tensor>> = std::mem::take(&mut mine.columns)
+                .into_iter()
+                .map(Some)
+                .collect();
             let mut merged = Vec::with_capacity(keep);
             for &i in &my_order[my_order.len() - keep_mine..] {
                 if let Some(column) = ring.get_mut(i).and_then(Option::take) {
@@ -704,7 +712,8 @@ impl<B: Backend> SwagMoments<B> {
     /// Restores moments saved with [`to_state`](Self::to_state). Fails with [`SwagError::InvalidState`]
     /// for a state that [`to_state`](Self::to_state) cannot have written: a count of 0, a ring position
     /// outside `[0, max_rank)` or inconsistent with the columns held, a number of columns other than
-    /// `min(n_models, max_rank)`, values that do not fill a shape, a repeated name or no tensors.
+    /// `min(n_models, max_rank)`, values that do not fill a shape or a repeated name; with
+    /// [`SwagError::ZeroMaxRank`] for `max_rank = 0` and [`SwagError::NoParameters`] for no tensors.
     pub fn from_state(backend: &B, state: &SwagState) -> Result<Self, SwagError> {
         let invalid = |name: &str, message: String| SwagError::InvalidState {
             name: name.to_owned(),
@@ -721,7 +730,8 @@ impl<B: Backend> SwagMoments<B> {
         }
         // min(n, K) in u64, so that a count beyond usize does not wrap.
         let rank = state.n_models.min(state.max_rank as u64) as usize;
-        if state.next_column >= state.max_rank || (rank < state.max_rank && state.next_column != rank)
+        if state.next_column >= state.max_rank
+            || (rank < state.max_rank && state.next_column != rank)
         {
             return Err(invalid(
                 "next_column",
@@ -1052,7 +1062,8 @@ fn stream(seed: u64, stream: u64) -> ChaCha8Rng {
 /// Where `z₁` comes from: a caller's vector, or the seeded stream.
 enum DiagonalNoise<'a> {
     Given { z1: &'a [f32], offset: usize },
-    Seeded(ChaCha8Rng),
+    // Boxed: the generator's state is 300-odd bytes against the slice's 24.
+    Seeded(Box<ChaCha8Rng>),
 }
 
 impl DiagonalNoise<'_> {
@@ -1068,7 +1079,7 @@ impl DiagonalNoise<'_> {
             }
             DiagonalNoise::Seeded(rng) => {
                 for z in out {
-                    *z = StandardNormal.sample(rng);
+                    *z = StandardNormal.sample(rng.as_mut());
                 }
             }
         }

@@ -155,7 +155,13 @@ fn state_bits(state: &SwagState) -> Vec<Vec<u32>> {
 /// A model to sample into whose BN statistics hold a sentinel, to see that sampling leaves them alone.
 fn canvas() -> ToyNet {
     let flat: Vec<f32> = (0..NUMEL)
-        .map(|i| if is_statistic(i) { 42.0 + i as f32 } else { -7.0 })
+        .map(|i| {
+            if is_statistic(i) {
+                42.0 + i as f32
+            } else {
+                -7.0
+            }
+        })
         .collect();
     ToyNet::from_flat(&flat)
 }
@@ -173,7 +179,11 @@ fn sample(
     let flat = model.to_flat();
     for (i, &v) in flat.iter().enumerate() {
         if is_statistic(i) {
-            assert_eq!(v, 42.0 + i as f32, "sampling wrote BN statistic element {i}");
+            assert_eq!(
+                v,
+                42.0 + i as f32,
+                "sampling wrote BN statistic element {i}"
+            );
         }
     }
     params_of(&flat)
@@ -228,7 +238,8 @@ proptest! {
         // The merge adds one lerp to each half's running mean: a few more roundings of the same size.
         assert_close(&mean_flat(&first), &mean, mean_tolerance(n + 16, max_abs), "merged mean");
         let clamped: Vec<f64> = variance.iter().map(|&v| v.max(1e-30)).collect();
-        assert_close(&variance_flat(&first), &clamped, variance_tolerance(n + 16, max_abs), "merged variance");
+        let tolerance = variance_tolerance(n + 16, max_abs);
+        assert_close(&variance_flat(&first), &clamped, tolerance, "merged variance");
         // The most recent K columns of the first half's followed by the second half's, bit for bit.
         let kept = columns.len() - first.rank();
         let want: Vec<Vec<u32>> = columns[kept..].iter().map(|c| bits(c)).collect();
@@ -407,7 +418,8 @@ fn diagonal_samples_have_variance_scale_times_the_diagonal_variance() {
     // Independent elements: no covariance beyond sampling noise.
     for (a, b) in [(0, 1), (3, 20), (17, 34)] {
         let c = empirical_covariance(&samples, &mean, a, b);
-        let sd = (f64::from(scale).powi(2) * f64::from(sigma2[a]) * f64::from(sigma2[b]) / n).sqrt();
+        let sd =
+            (f64::from(scale).powi(2) * f64::from(sigma2[a]) * f64::from(sigma2[b]) / n).sqrt();
         assert!(c.abs() < 6.0 * sd, "elements {a}, {b}: covariance {c}");
     }
 }
@@ -481,7 +493,11 @@ impl NamedTensors<CpuBackend> for Tiny {
     }
     fn visit_tensors_mut(&mut self, f: &mut dyn FnMut(&str, TensorRole, &mut CpuTensor)) {
         f("a", TensorRole::Parameter, &mut self.a);
-        f("bn.running_var", TensorRole::BatchNormStatistic, &mut self.stat);
+        f(
+            "bn.running_var",
+            TensorRole::BatchNormStatistic,
+            &mut self.stat,
+        );
         f("b", TensorRole::Parameter, &mut self.b);
     }
 }
@@ -522,8 +538,7 @@ fn golden_sample(
                     .map(|(i, z)| (f64::from(snaps[i][e]) - mean_of(i + 1, e)) * z)
                     .sum();
                 mean + scale.sqrt()
-                    * (sigma * z1[e] / 2f64.sqrt()
-                        + low_rank / (2.0 * (rank as f64 - 1.0)).sqrt())
+                    * (sigma * z1[e] / 2f64.sqrt() + low_rank / (2.0 * (rank as f64 - 1.0)).sqrt())
             }
         };
     }
@@ -573,9 +588,16 @@ fn a_sample_matches_the_formula_computed_in_f64() {
                     &model.params(),
                     &want,
                     2e-6 * 8.0,
-                    &format!("{covariance:?}, scale {scale}, {} snapshots, K = {k}", snaps.len()),
+                    &format!(
+                        "{covariance:?}, scale {scale}, {} snapshots, K = {k}",
+                        snaps.len()
+                    ),
                 );
-                assert_eq!(host(&model.stat), vec![900.0], "the BN statistic is untouched");
+                assert_eq!(
+                    host(&model.stat),
+                    vec![900.0],
+                    "the BN statistic is untouched"
+                );
             }
         }
     }
@@ -592,7 +614,9 @@ fn the_golden_moments_and_deviations() {
     let oldest = host(swag.deviations("a").unwrap()[0]);
     assert_eq!(oldest, vec![0.25, 0.25]);
     assert!(swag.mean("bn.running_var").is_none());
-    let err = swag.diagonal_variance(backend(), "bn.running_var").unwrap_err();
+    let err = swag
+        .diagonal_variance(backend(), "bn.running_var")
+        .unwrap_err();
     assert!(matches!(err, SwagError::UnknownTensor { .. }), "{err}");
 }
 
@@ -626,22 +650,40 @@ fn low_rank_sampling_needs_two_columns() {
     let mut swag = SwagMoments::new(backend(), &toy(1.0), DEFAULT_MAX_RANK).unwrap();
     let mut model = canvas();
     let err = swag
-        .sample_into(backend(), &mut model, 1.0, Covariance::LowRankPlusDiagonal, 0)
+        .sample_into(
+            backend(),
+            &mut model,
+            1.0,
+            Covariance::LowRankPlusDiagonal,
+            0,
+        )
         .unwrap_err();
     assert_eq!(err, SwagError::RankTooLow { rank: 1 });
     // A diagonal sample of one snapshot is its mean plus noise of the clamped variance.
     swag.sample_into(backend(), &mut model, 1.0, Covariance::Diagonal, 0)
         .unwrap();
     swag.update(backend(), &toy(2.0)).unwrap();
-    swag.sample_into(backend(), &mut model, 1.0, Covariance::LowRankPlusDiagonal, 0)
-        .unwrap();
+    swag.sample_into(
+        backend(),
+        &mut model,
+        1.0,
+        Covariance::LowRankPlusDiagonal,
+        0,
+    )
+    .unwrap();
 
     // K = 1 never holds two columns.
     let mut one = SwagMoments::new(backend(), &toy(1.0), 1).unwrap();
     one.update(backend(), &toy(3.0)).unwrap();
     assert_eq!(one.rank(), 1);
     let err = one
-        .sample_into(backend(), &mut model, 1.0, Covariance::LowRankPlusDiagonal, 0)
+        .sample_into(
+            backend(),
+            &mut model,
+            1.0,
+            Covariance::LowRankPlusDiagonal,
+            0,
+        )
         .unwrap_err();
     assert_eq!(err, SwagError::RankTooLow { rank: 1 });
 }
@@ -656,7 +698,11 @@ fn a_scale_that_is_negative_or_not_finite_is_refused() {
             .sample_into(backend(), &mut model, scale, Covariance::Diagonal, 1)
             .unwrap_err();
         assert!(matches!(err, SwagError::InvalidScale { .. }), "{err}");
-        assert_eq!(bits(&model.to_flat()), bits(&before), "the model is unchanged");
+        assert_eq!(
+            bits(&model.to_flat()),
+            bits(&before),
+            "the model is unchanged"
+        );
     }
 }
 
@@ -669,7 +715,10 @@ fn models_of_another_layout_are_refused_and_left_unchanged() {
     let mut renamed = Loose::like_toy(1.0);
     renamed.entries[0].0 = "conv.kernel".to_owned();
     let err = swag.update(b, &renamed).unwrap_err();
-    assert!(matches!(err, SwagError::NameMismatch { index: 0, .. }), "{err}");
+    assert!(
+        matches!(err, SwagError::NameMismatch { index: 0, .. }),
+        "{err}"
+    );
 
     let mut reshaped = Loose::like_toy(1.0);
     reshaped.entries[7].2 = b.from_host(&[1.0; 4], &[4]).unwrap();
@@ -680,17 +729,31 @@ fn models_of_another_layout_are_refused_and_left_unchanged() {
     shorter.entries.pop();
     let err = swag.update(b, &shorter).unwrap_err();
     assert!(
-        matches!(err, SwagError::TensorCountMismatch { expected: 6, got: 5, .. }),
+        matches!(
+            err,
+            SwagError::TensorCountMismatch {
+                expected: 6,
+                got: 5,
+                ..
+            }
+        ),
         "{err}"
     );
-    assert_eq!(swag.to_state(b).unwrap(), before, "failed updates change nothing");
+    assert_eq!(
+        swag.to_state(b).unwrap(),
+        before,
+        "failed updates change nothing"
+    );
 
     let mut target = Loose::like_toy(5.0);
     target.entries[1].0 = "conv.offset".to_owned();
     let err = swag
         .sample_into(b, &mut target, 1.0, Covariance::Diagonal, 3)
         .unwrap_err();
-    assert!(matches!(err, SwagError::NameMismatch { index: 1, .. }), "{err}");
+    assert!(
+        matches!(err, SwagError::NameMismatch { index: 1, .. }),
+        "{err}"
+    );
     let err = swag.copy_mean_into(b, &mut target).unwrap_err();
     assert!(matches!(err, SwagError::NameMismatch { .. }), "{err}");
     for (_, _, t) in &target.entries {
@@ -699,7 +762,9 @@ fn models_of_another_layout_are_refused_and_left_unchanged() {
 
     // BN statistics are not part of the layout: a model whose statistics differ still fits.
     let mut other_stats = Loose::like_toy(1.0);
-    other_stats.entries.retain(|(_, role, _)| *role == TensorRole::Parameter);
+    other_stats
+        .entries
+        .retain(|(_, role, _)| *role == TensorRole::Parameter);
     swag.update(b, &other_stats).unwrap();
 }
 
@@ -709,7 +774,14 @@ fn noise_of_the_wrong_length_is_refused() {
     let mut model = canvas();
     let z1 = vec![0.0; PARAMS];
     let err = swag
-        .sample_with_noise(backend(), &mut model, 1.0, Covariance::Diagonal, &z1[1..], &[])
+        .sample_with_noise(
+            backend(),
+            &mut model,
+            1.0,
+            Covariance::Diagonal,
+            &z1[1..],
+            &[],
+        )
         .unwrap_err();
     assert_eq!(
         err,
@@ -779,7 +851,10 @@ fn inconsistent_states_are_refused() {
 
 #[test]
 fn bytes_needed_counts_two_moments_and_k_columns() {
-    assert_eq!(SwagMoments::<CpuBackend>::bytes_needed(1000, 20), 22 * 1000 * 4);
+    assert_eq!(
+        SwagMoments::<CpuBackend>::bytes_needed(1000, 20),
+        22 * 1000 * 4
+    );
     assert_eq!(SwagMoments::<CpuBackend>::bytes_needed(0, 20), 0);
     assert_eq!(
         SwagMoments::<CpuBackend>::bytes_needed(usize::MAX, usize::MAX),
