@@ -9,7 +9,10 @@
 //!   merge of two averages;
 //! - [`schedule`]: learning-rate schedules as pure functions of (epoch, step);
 //! - [`policy`]: the SWA policy that tells a training loop the learning rate now and whether to average now;
-//! - [`seed`]: SplitMix64, from which every random stream of a run is seeded by counters.
+//! - [`seed`]: SplitMix64, from which every random stream of a run is seeded by counters;
+//! - [`swag`]: SWA-Gaussian (Maddox et al., NeurIPS 2019): the first and second moments and the last `K`
+//!   deviations of the snapshots SWA averages, [`swag::SwagMoments`], and samples from the Gaussian
+//!   posterior they define, with a diagonal or a low-rank-plus-diagonal covariance.
 //!
 //! swa-core does not depend on a GPU API: a user who wants only the maths depends on this crate alone.
 //! The CPU backend is the default feature `cpu`; without it (`default-features = false`) the crate
@@ -29,6 +32,7 @@ pub mod params;
 pub mod policy;
 pub mod schedule;
 pub mod seed;
+pub mod swag;
 
 #[cfg(feature = "cpu")]
 pub use backend::cpu::{CpuBackend, CpuTensor};
