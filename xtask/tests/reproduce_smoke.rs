@@ -158,7 +158,7 @@ fn unknown_models_are_listed_with_the_valid_names() {
             "--preset",
             "smoke",
             "--model",
-            "resnet50",
+            "resnext50",
             "--data",
         ])
         .arg(&data)
@@ -169,7 +169,7 @@ fn unknown_models_are_listed_with_the_valid_names() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("resnet50") && stderr.contains("preresnet"),
+        stderr.contains("resnext50") && stderr.contains("preresnet"),
         "{stderr}"
     );
 }
