@@ -107,10 +107,7 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             swa_lr: if cifar100 { 0.05 } else { 0.01 },
             weight_decay: 3e-4,
             batch_size: 128,
-            // One-epoch cycles: FGE runs from epoch 12 to the budget of 16, so this gives four snapshots
-            // to ensemble, and the three that the plane through FGE snapshots needs (two-epoch cycles
-            // gave two).
-            fge_cycle: 1,
+            fge_cycle: 2,
             fge_test_every: 0,
             swa_eval_every: 2,
             train_limit: None,
