@@ -49,6 +49,9 @@ use crate::module::Module;
 /// at byte 257, the oldest). A safetensors file starts with the 8-byte length of its JSON header and then
 /// the header's opening brace, so a file with `{` at byte 8 is taken for safetensors whatever its first
 /// bytes.
+/// The bytes [`is_pytorch_file`] looks at: up to the end of a tar header's `ustar` magic.
+const FORMAT_PROBE_BYTES: usize = 262;
+
 fn is_pytorch_file(bytes: &[u8]) -> bool {
     let safetensors = bytes.get(8) == Some(&b'{');
     let zip = bytes.starts_with(b"PK\x03\x04");
@@ -498,14 +501,25 @@ impl StateDict {
     /// Reads a checkpoint file: safetensors, or a PyTorch checkpoint (recognised by its first bytes: a
     /// zip archive, a pickle stream or a tar archive; see [`StateDict::from_pytorch_file`]).
     pub fn load(path: &Path) -> Result<Self, CheckpointError> {
-        let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
+        use std::io::Read;
+        let io_error = |source| CheckpointError::Io {
             action: "reading",
             path: path.to_path_buf(),
             source,
-        })?;
-        if is_pytorch_file(&bytes) {
+        };
+        // Only the first bytes decide the format: a PyTorch checkpoint is then read lazily by its reader
+        // rather than loaded whole here first.
+        let mut file = std::fs::File::open(path).map_err(io_error)?;
+        let mut head = Vec::with_capacity(FORMAT_PROBE_BYTES);
+        (&mut file)
+            .take(FORMAT_PROBE_BYTES as u64)
+            .read_to_end(&mut head)
+            .map_err(io_error)?;
+        if is_pytorch_file(&head) {
             return Self::from_pytorch_file(path);
         }
+        let mut bytes = head;
+        file.read_to_end(&mut bytes).map_err(io_error)?;
         Self::from_bytes(&bytes, &path.display().to_string())
     }
 
