@@ -41,6 +41,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use swa_core::averaging::AverageState;
 use swa_core::backend::{Backend, BackendError, HasShape};
 use swa_core::params::{NamedTensors, TensorRole};
+use swa_core::swag::SwagState;
 
 use crate::module::Module;
 
@@ -380,6 +381,120 @@ impl StateDict {
             Err(CheckpointError::KeyMismatch {
                 origin: self.origin,
                 missing: Vec::new(),
+                unexpected: self.tensors.into_keys().collect(),
+            })
+        }
+    }
+
+    /// Takes the values out of saved SWAG moments, leaving the sizes for `state.json`, under the keys of the
+    /// authors' `SWAG` module: `<name>_mean`, `<name>_sq_mean` and `<name>_cov_mat_sqrt` (`[rank, numel]`,
+    /// oldest deviation first). The state's ring is rotated to that order (`next_column` then points at
+    /// the oldest column again), which changes no sample and no later update.
+    pub fn take_swag_values(state: &mut SwagState) -> Self {
+        let mut dict = Self::new();
+        let held = state.tensors.first().map_or(0, |t| t.columns.len());
+        let full = held == state.max_rank;
+        let oldest = if full { state.next_column } else { 0 };
+        for tensor in &mut state.tensors {
+            let numel = tensor.shape.iter().product::<usize>();
+            let held_here = tensor.columns.len();
+            tensor.columns.rotate_left(oldest.min(held_here));
+            let rows = tensor.columns.len();
+            let deviations: Vec<f32> = std::mem::take(&mut tensor.columns).concat();
+            let shape = tensor.shape.clone();
+            dict.insert(
+                format!("{}_mean", tensor.name),
+                StoredTensor::F32 {
+                    shape: shape.clone(),
+                    values: std::mem::take(&mut tensor.mean),
+                },
+            );
+            dict.insert(
+                format!("{}_sq_mean", tensor.name),
+                StoredTensor::F32 {
+                    shape,
+                    values: std::mem::take(&mut tensor.sq_mean),
+                },
+            );
+            dict.insert(
+                format!("{}_cov_mat_sqrt", tensor.name),
+                StoredTensor::F32 {
+                    shape: vec![rows, numel],
+                    values: deviations,
+                },
+            );
+        }
+        state.next_column = if full {
+            0
+        } else {
+            held % state.max_rank.max(1)
+        };
+        dict
+    }
+
+    /// Puts the values taken by [`StateDict::take_swag_values`] back into the moments' state, checking
+    /// every key, shape and element type; [`SwagMoments::from_state`] then checks that the sizes agree.
+    ///
+    /// [`SwagMoments::from_state`]: swa_core::swag::SwagMoments::from_state
+    pub fn restore_swag_values(mut self, state: &mut SwagState) -> Result<(), CheckpointError> {
+        let mut missing = Vec::new();
+        for tensor in &mut state.tensors {
+            let numel = tensor.shape.iter().product::<usize>();
+            let mut take = |key: String,
+                            rows: Option<usize>|
+             -> Result<Option<(Vec<usize>, Vec<f32>)>, CheckpointError> {
+                match self.tensors.remove(&key) {
+                    None => {
+                        missing.push(key);
+                        Ok(None)
+                    }
+                    Some(StoredTensor::F32 { shape, values }) => {
+                        let fits = match rows {
+                            None => shape == tensor.shape,
+                            Some(max) => shape.len() == 2 && shape[0] <= max && shape[1] == numel,
+                        };
+                        if fits {
+                            Ok(Some((shape, values)))
+                        } else {
+                            let expected = match rows {
+                                None => tensor.shape.clone(),
+                                Some(max) => vec![max, numel],
+                            };
+                            Err(CheckpointError::ShapeMismatch {
+                                origin: self.origin.clone(),
+                                name: key,
+                                expected,
+                                got: shape,
+                            })
+                        }
+                    }
+                    Some(other) => Err(CheckpointError::DtypeMismatch {
+                        origin: self.origin.clone(),
+                        name: key,
+                        expected: "F32",
+                        got: other.dtype_name().into(),
+                    }),
+                }
+            };
+            if let Some((_, values)) = take(format!("{}_mean", tensor.name), None)? {
+                tensor.mean = values;
+            }
+            if let Some((_, values)) = take(format!("{}_sq_mean", tensor.name), None)? {
+                tensor.sq_mean = values;
+            }
+            if let Some((_, values)) = take(
+                format!("{}_cov_mat_sqrt", tensor.name),
+                Some(state.max_rank),
+            )? {
+                tensor.columns = values.chunks(numel.max(1)).map(<[f32]>::to_vec).collect();
+            }
+        }
+        if missing.is_empty() && self.tensors.is_empty() {
+            Ok(())
+        } else {
+            Err(CheckpointError::KeyMismatch {
+                origin: self.origin,
+                missing,
                 unexpected: self.tensors.into_keys().collect(),
             })
         }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use swa_core::averaging::AveragingError;
 use swa_core::backend::BackendError;
+use swa_core::swag::SwagError;
 
 use crate::checkpoint::CheckpointError;
 
@@ -46,6 +47,9 @@ pub enum TrainError {
     /// Weight averaging failed.
     #[error("weight averaging: {0}")]
     Averaging(#[from] AveragingError),
+    /// Collecting or sampling SWAG moments failed.
+    #[error("SWAG moments: {0}")]
+    Swag(#[from] SwagError),
     /// Reading or writing a safetensors file of a checkpoint failed (the error names the file).
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),

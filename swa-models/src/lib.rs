@@ -48,7 +48,7 @@ pub use error::TrainError;
 pub use module::{ForwardMode, Module, Param};
 pub use nets::{Architecture, ModelError, Network, NetworkConfig};
 pub use step::sgd_step;
-pub use train::{IterationTest, RunConfig, SnapshotUse, Snapshots, Trainer};
+pub use train::{IterationTest, RunConfig, SnapshotUse, Snapshots, SwagCollection, Trainer};
 
 /// The README's example, compiled and run as a doc test.
 #[cfg(doctest)]

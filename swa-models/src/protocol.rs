@@ -28,7 +28,7 @@ use crate::error::TrainError;
 use crate::module::Module;
 use crate::nets::Architecture;
 use crate::optim::SgdConfig;
-use crate::train::{find_checkpoints, RunConfig, SnapshotUse, Snapshots, Trainer};
+use crate::train::{find_checkpoints, RunConfig, SnapshotUse, Snapshots, SwagCollection, Trainer};
 
 /// One network's training recipe, as the original code's command line sets it.
 #[derive(Clone, Debug, PartialEq)]
@@ -60,6 +60,9 @@ pub struct Recipe {
     pub train_limit: Option<usize>,
     /// Evaluate on only the first this many test images (`None`: all).
     pub test_limit: Option<usize>,
+    /// Collect SWAG moments with this many deviation columns from the SWA run's snapshots (`None`: SWA
+    /// alone).
+    pub swag_max_rank: Option<usize>,
 }
 
 /// The three kinds of run the paper compares.
@@ -171,6 +174,7 @@ impl Recipe {
                 swa_eval_epochs: Vec::new(),
                 swa_eval_every: 0,
                 test_every_iterations: 0,
+                swag: None,
             },
             RunKind::Swa => RunConfig {
                 epochs: self.swa_epochs,
@@ -188,6 +192,9 @@ impl Recipe {
                 swa_eval_epochs: self.swa_report_epochs(),
                 swa_eval_every: self.swa_eval_every,
                 test_every_iterations: 0,
+                swag: self
+                    .swag_max_rank
+                    .map(|max_rank| SwagCollection { max_rank }),
             },
             RunKind::Fge => {
                 let cycle = self.fge_cycle.max(2);
@@ -211,6 +218,7 @@ impl Recipe {
                     swa_eval_epochs: Vec::new(),
                     swa_eval_every: 0,
                     test_every_iterations: self.fge_test_every,
+                    swag: None,
                 }
             }
         };

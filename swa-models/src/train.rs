@@ -26,6 +26,7 @@ use swa_core::backend::Backend;
 use swa_core::policy::SwaPolicy;
 use swa_core::schedule::{LrSchedule, Period, Schedule};
 use swa_core::seed::splitmix64_mix;
+use swa_core::swag::{SwagMoments, SwagState};
 
 use crate::batch::BatchSource;
 use crate::bn::update_bn;
@@ -64,6 +65,15 @@ pub struct Snapshots {
     pub usage: SnapshotUse,
 }
 
+/// SWA-Gaussian moments collected from an SWA run's snapshots ([`SwagMoments`]), beside the average.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwagCollection {
+    /// The number of deviation columns kept (the paper's `K`,
+    /// [`DEFAULT_MAX_RANK`](swa_core::swag::DEFAULT_MAX_RANK) = 20): the moments take `K + 2` copies of the
+    /// parameters.
+    pub max_rank: usize,
+}
+
 /// Everything that defines a run; a checkpoint only resumes a run with the same configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunConfig {
@@ -90,6 +100,9 @@ pub struct RunConfig {
     /// either way.
     #[serde(default)]
     pub test_every_iterations: usize,
+    /// Also collect SWAG moments from the snapshots (runs that average weights only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swag: Option<SwagCollection>,
 }
 
 impl RunConfig {
@@ -219,6 +232,9 @@ struct TrainerMeta {
     average: Option<AverageState>,
     /// The ensemble's sizes; its probabilities and labels are in [`ENSEMBLE_FILE`].
     ensemble: Option<Ensemble>,
+    /// The SWAG moments without their values (in [`SWAG_FILE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    swag: Option<SwagState>,
 }
 
 /// Reads only the format of a `state.json`, so that a checkpoint of another layout is recognised before
@@ -238,6 +254,7 @@ pub struct Trainer<B: Backend> {
     eval_model: Box<dyn Module<B>>,
     optimizer: Sgd<B>,
     average: Option<WeightAverage<B>>,
+    swag: Option<SwagMoments<B>>,
     ensemble: Option<Ensemble>,
     epochs_done: usize,
     branched_epochs: usize,
@@ -266,6 +283,9 @@ pub const MODEL_FILE: &str = "model.safetensors";
 const MOMENTUM_FILE: &str = "momentum.safetensors";
 const AVERAGE_FILE: &str = "average.safetensors";
 const ENSEMBLE_FILE: &str = "ensemble.safetensors";
+/// The file of a checkpoint that holds the SWAG moments (the authors' `<name>_mean`, `<name>_sq_mean` and
+/// `<name>_cov_mat_sqrt` keys).
+pub const SWAG_FILE: &str = "swag.safetensors";
 
 impl<B: Backend> Trainer<B> {
     /// A trainer for `model`; `eval_model` must be another instance of the same network (its weights are
@@ -288,6 +308,28 @@ impl<B: Backend> Trainer<B> {
                 .map_err(|e| TrainError::InvalidConfig(format!("schedule: {e}")))?;
         }
         config.sgd.validate()?;
+        if let Some(swag) = config.swag {
+            let averages = matches!(
+                config.snapshots,
+                Some(Snapshots {
+                    usage: SnapshotUse::AverageWeights { .. },
+                    ..
+                })
+            );
+            if !averages {
+                return Err(TrainError::InvalidConfig(
+                    "SWAG moments are collected from the snapshots of a run that averages weights; \
+                     this run takes none"
+                        .into(),
+                ));
+            }
+            if swag.max_rank == 0 {
+                return Err(TrainError::InvalidConfig(
+                    "SWAG needs at least one deviation column (max_rank 0 given; the paper keeps 20)"
+                        .into(),
+                ));
+            }
+        }
         let ensemble = matches!(
             config.snapshots,
             Some(Snapshots {
@@ -304,6 +346,7 @@ impl<B: Backend> Trainer<B> {
             model,
             eval_model,
             average: None,
+            swag: None,
             ensemble,
             epochs_done: 0,
             branched_epochs: 0,
@@ -373,7 +416,7 @@ impl<B: Backend> Trainer<B> {
         }
         let meta = read_meta(checkpoint)?;
         let shared = self.config.shared_epochs(&meta.config, steps_per_epoch);
-        if meta.epochs_done > shared || meta.average.is_some() {
+        if meta.epochs_done > shared || meta.average.is_some() || meta.swag.is_some() {
             return Err(TrainError::StateMismatch(format!(
                 "cannot branch from {} after {} epochs: the runs train identically for only {shared}",
                 checkpoint.display(),
@@ -420,6 +463,11 @@ impl<B: Backend> Trainer<B> {
     /// The weight average, once the first snapshot is taken.
     pub fn average(&self) -> Option<&WeightAverage<B>> {
         self.average.as_ref()
+    }
+
+    /// The SWAG moments, once the first snapshot is taken by a run configured to collect them.
+    pub fn swag(&self) -> Option<&SwagMoments<B>> {
+        self.swag.as_ref()
     }
 
     /// The backend.
@@ -591,17 +639,31 @@ impl<B: Backend> Trainer<B> {
             return Ok(());
         };
         match snapshots.usage {
-            SnapshotUse::AverageWeights { buffers, rule } => match &mut self.average {
-                Some(average) => average.update(&self.backend, self.model.as_ref())?,
-                None => {
-                    self.average = Some(WeightAverage::new(
-                        &self.backend,
-                        self.model.as_ref(),
-                        rule,
-                        buffers,
-                    )?)
+            SnapshotUse::AverageWeights { buffers, rule } => {
+                match &mut self.average {
+                    Some(average) => average.update(&self.backend, self.model.as_ref())?,
+                    None => {
+                        self.average = Some(WeightAverage::new(
+                            &self.backend,
+                            self.model.as_ref(),
+                            rule,
+                            buffers,
+                        )?)
+                    }
                 }
-            },
+                if let Some(collection) = self.config.swag {
+                    match &mut self.swag {
+                        Some(moments) => moments.update(&self.backend, self.model.as_ref())?,
+                        None => {
+                            self.swag = Some(SwagMoments::new(
+                                &self.backend,
+                                self.model.as_ref(),
+                                collection.max_rank,
+                            )?)
+                        }
+                    }
+                }
+            }
             SnapshotUse::EnsemblePredictions => {
                 let ensemble = self.ensemble.get_or_insert_with(Ensemble::new);
                 ensemble.add_member(&self.backend, self.model.as_mut(), data.test())?;
@@ -644,6 +706,14 @@ impl<B: Backend> Trainer<B> {
         if let Some(ensemble) = self.ensemble.as_ref().filter(|e| e.members() > 0) {
             ensemble.tensors().save(&staging.join(ENSEMBLE_FILE))?;
         }
+        let swag = match &self.swag {
+            Some(moments) => {
+                let mut state = moments.to_state(&self.backend)?;
+                StateDict::take_swag_values(&mut state).save(&staging.join(SWAG_FILE))?;
+                Some(state)
+            }
+            None => None,
+        };
         let meta = TrainerMeta {
             format: CHECKPOINT_FORMAT,
             config: self.config.clone(),
@@ -653,6 +723,7 @@ impl<B: Backend> Trainer<B> {
             momentum,
             average,
             ensemble: self.ensemble.clone(),
+            swag,
         };
         let state_path = staging.join(STATE_FILE);
         let json = serde_json::to_vec(&meta).map_err(|source| TrainError::Json {
@@ -711,7 +782,35 @@ impl<B: Backend> Trainer<B> {
             }
             None => None,
         };
+        self.swag = match &meta.swag {
+            Some(state) => Some(load_swag_values(&self.backend, dir, state)?),
+            None => None,
+        };
         Ok(())
+    }
+}
+
+/// The SWAG moments of the checkpoint in `dir`, from its metadata `state` and [`SWAG_FILE`].
+fn load_swag_values<B: Backend>(
+    backend: &B,
+    dir: &Path,
+    state: &SwagState,
+) -> Result<SwagMoments<B>, TrainError> {
+    let mut state = state.clone();
+    StateDict::load(&dir.join(SWAG_FILE))?.restore_swag_values(&mut state)?;
+    Ok(SwagMoments::from_state(backend, &state)?)
+}
+
+/// The SWAG moments a run's checkpoint in `dir` holds, on `backend`; `None` for a run that collected none
+/// or had taken no snapshot yet.
+pub fn load_swag_moments<B: Backend>(
+    backend: &B,
+    dir: &Path,
+) -> Result<Option<SwagMoments<B>>, TrainError> {
+    let meta = read_meta(dir)?;
+    match &meta.swag {
+        Some(state) => Ok(Some(load_swag_values(backend, dir, state)?)),
+        None => Ok(None),
     }
 }
 

@@ -29,6 +29,7 @@ fn recipe(lr_init: f32, swa_lr: f32, budget: usize, swa_start: usize) -> Recipe 
         swa_eval_every: 1,
         train_limit: None,
         test_limit: None,
+        swag_max_rank: None,
     }
 }
 

@@ -5,10 +5,14 @@
 
 use swa_core::averaging::{BufferPolicy, CustomRule, WeightAveraging, WeightRule};
 use swa_core::schedule::{LrSchedule, Period, Schedule};
+use swa_core::swag::SwagMoments;
 use swa_core::Backend;
 use swa_core::CpuBackend;
 use swa_models::optim::SgdConfig;
-use swa_models::train::{RunConfig, Silent, SnapshotUse, Snapshots, Trainer};
+use swa_models::train::{
+    load_swag_moments, RunConfig, Silent, SnapshotUse, Snapshots, SwagCollection, Trainer,
+    SWAG_FILE,
+};
 use swa_models::{Architecture, BatchSource, HostBatch, TrainError};
 
 /// A tiny deterministic data set: two classes of 32×32 images told apart by their mean.
@@ -76,6 +80,7 @@ fn config(epochs: usize, lr: f32) -> RunConfig {
         swa_eval_epochs: vec![3],
         swa_eval_every: 0,
         test_every_iterations: 0,
+        swag: None,
     }
 }
 
@@ -220,6 +225,7 @@ fn sgd_config(budget: usize, lr: f32) -> RunConfig {
         swa_eval_epochs: Vec::new(),
         swa_eval_every: 0,
         test_every_iterations: 0,
+        swag: None,
     }
 }
 
@@ -688,4 +694,161 @@ fn testing_within_epochs_records_every_kth_iteration_and_leaves_the_trajectory_u
     // After the first step of training the weights differ from the epoch's end, and so does the loss.
     let first = &tested.history()[0];
     assert_ne!(first.iteration_tests[0].test.loss, first.test.loss);
+}
+
+/// The SWA run of `config(epochs)` collecting SWAG moments with `max_rank` deviation columns.
+fn swag_config(epochs: usize, max_rank: usize) -> RunConfig {
+    RunConfig {
+        swag: Some(SwagCollection { max_rank }),
+        ..config(epochs, 0.05)
+    }
+}
+
+/// Everything the moments hold, deviations oldest first (independent of where the ring starts).
+fn swag_values(
+    moments: &SwagMoments<CpuBackend>,
+) -> Vec<(String, Vec<f32>, Vec<f32>, Vec<Vec<f32>>)> {
+    moments
+        .names()
+        .into_iter()
+        .map(|name| {
+            let host = |t: &swa_core::CpuTensor| t.iter().copied().collect::<Vec<f32>>();
+            (
+                name.to_owned(),
+                moments.mean(name).map(host).unwrap_or_default(),
+                moments.second_moment(name).map(host).unwrap_or_default(),
+                moments
+                    .deviations(name)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(host)
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_swag_run_collects_its_snapshots_moments_and_resumes_them_bit_for_bit() {
+    let backend = CpuBackend::with_threads(2);
+    // Snapshots after epochs 2 to 6: five, into a ring of two columns, which wraps before and after the
+    // interruption after epoch 4.
+    let config = swag_config(6, 2);
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let (mut whole, mut resumed) = whole_and_resumed(&backend, &config, 4, dir.path());
+    let moments = whole.swag().expect("moments collected");
+    assert_eq!((moments.count(), moments.rank()), (5, 2));
+
+    // The first moment is the SWA average, bit for bit: both are the same running mean.
+    let average = whole.average().expect("averaged");
+    for (name, mean, _, _) in swag_values(moments) {
+        let averaged: Vec<f32> = average
+            .tensor(&name)
+            .map(|t| t.iter().copied().collect())
+            .unwrap_or_default();
+        assert_eq!(mean, averaged, "{name}");
+    }
+    // The newest deviation is the last snapshot (the final weights) minus the mean.
+    let last_weights = weights(&mut whole);
+    for (name, mean, _, deviations) in swag_values(whole.swag().expect("moments")) {
+        let theta = &last_weights
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("a parameter of the model")
+            .1;
+        let expected: Vec<f32> = theta.iter().zip(&mean).map(|(t, m)| t - m).collect();
+        assert_eq!(deviations.last(), Some(&expected), "{name}");
+    }
+
+    // A resumed run ends with the same moments, and its last checkpoint holds them under the authors' keys.
+    let whole_values = swag_values(whole.swag().expect("moments"));
+    assert_eq!(swag_values(resumed.swag().expect("moments")), whole_values);
+    assert_eq!(weights(&mut resumed), weights(&mut whole));
+    let checkpoint = dir.path().join("epoch-0006");
+    let stored = swa_models::checkpoint::StateDict::load(&checkpoint.join(SWAG_FILE))
+        .expect("the moments' tensors");
+    let (first, mean, _, _) = &whole_values[0];
+    assert_eq!(
+        stored
+            .get(&format!("{first}_cov_mat_sqrt"))
+            .map(|t| t.shape().to_vec()),
+        Some(vec![2, mean.len()])
+    );
+    let loaded = load_swag_moments(&backend, &checkpoint)
+        .expect("readable")
+        .expect("moments in the checkpoint");
+    assert_eq!(swag_values(&loaded), whole_values);
+}
+
+#[test]
+fn swag_moments_need_a_run_that_averages_and_at_least_one_column() {
+    let backend = CpuBackend::with_threads(1);
+    let build = |config: RunConfig| {
+        let arch: Architecture = "preresnet8".parse().expect("valid name");
+        let model = arch.build(&backend, 2, 5).expect("network");
+        let eval = arch.build(&backend, 2, 5).expect("network");
+        Trainer::new(backend.clone(), config, model, eval).err()
+    };
+    let sgd = RunConfig {
+        swag: Some(SwagCollection { max_rank: 20 }),
+        snapshots: None,
+        ..config(4, 0.05)
+    };
+    match build(sgd) {
+        Some(TrainError::InvalidConfig(message)) => {
+            assert!(message.contains("SWAG"), "{message}")
+        }
+        other => panic!("expected an invalid configuration, got {other:?}"),
+    }
+    match build(swag_config(4, 0)) {
+        Some(TrainError::InvalidConfig(message)) => {
+            assert!(message.contains("max_rank 0"), "{message}")
+        }
+        other => panic!("expected an invalid configuration, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_swag_checkpoint_missing_a_key_or_with_a_wrong_shape_names_it() {
+    let backend = CpuBackend::with_threads(2);
+    let data = Toy::new();
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let mut run = trainer(&backend, swag_config(3, 2));
+    run.with_checkpoints(dir.path()).expect("empty folder");
+    run.run(&data, &mut Silent).expect("run");
+    let checkpoint = dir.path().join("epoch-0003");
+    let path = checkpoint.join(SWAG_FILE);
+    let original = swa_models::checkpoint::StateDict::load(&path).expect("moments");
+    let key = original
+        .iter()
+        .map(|(k, _)| k.to_owned())
+        .find(|k| k.ends_with("_sq_mean"))
+        .expect("a second moment");
+
+    let mut without = swa_models::checkpoint::StateDict::load(&path).expect("moments");
+    without.remove(&key);
+    without.save(&path).expect("write");
+    let message = load_swag_moments(&backend, &checkpoint)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(message.contains(&key), "{message}");
+
+    let mut reshaped = swa_models::checkpoint::StateDict::load(&path).expect("moments");
+    reshaped.insert(
+        key.clone(),
+        swa_models::checkpoint::StoredTensor::F32 {
+            shape: vec![1],
+            values: vec![0.0],
+        },
+    );
+    reshaped.save(&path).expect("write");
+    let message = load_swag_moments(&backend, &checkpoint)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains(&key) && message.contains("[1]"),
+        "{message}"
+    );
 }

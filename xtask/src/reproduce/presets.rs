@@ -3,6 +3,7 @@
 use std::fmt;
 
 use anyhow::Result;
+use swa_core::swag::DEFAULT_MAX_RANK;
 use swa_data::{DatasetKind, Normalization};
 pub use swa_models::protocol::{Recipe, RunKind};
 use swa_models::Architecture;
@@ -57,6 +58,7 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             swa_eval_every: 5,
             train_limit: None,
             test_limit: None,
+            swag_max_rank: None,
         },
         (Preset::Paper, Architecture::PreResNet { .. }) => Recipe {
             architecture,
@@ -72,6 +74,7 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             swa_eval_every: 5,
             train_limit: None,
             test_limit: None,
+            swag_max_rank: None,
         },
         (Preset::Paper, Architecture::WideResNet { .. }) => Recipe {
             architecture,
@@ -87,6 +90,7 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             swa_eval_every: 5,
             train_limit: None,
             test_limit: None,
+            swag_max_rank: None,
         },
         (
             Preset::Paper,
@@ -115,6 +119,7 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             swa_eval_every: 2,
             train_limit: None,
             test_limit: None,
+            swag_max_rank: Some(DEFAULT_MAX_RANK),
         },
         (Preset::Smoke, _) => Recipe {
             architecture,
@@ -130,6 +135,7 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             swa_eval_every: 1,
             train_limit: Some(1024),
             test_limit: Some(512),
+            swag_max_rank: Some(DEFAULT_MAX_RANK),
         },
     };
     base.validate()?;
