@@ -101,12 +101,10 @@
 //! # }
 //! ```
 
-use std::collections::HashSet;
-
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, BackendError, HasShape};
-use crate::params::{NamedTensors, TensorRole};
+use crate::backend::{Backend, BackendError};
+use crate::params::{LayoutError, NamedTensors, RoleFilter, TensorLayout, TensorRole};
 
 /// How an average treats tensors that are not trained parameters ([`TensorRole::BatchNormStatistic`]).
 #[doc(alias = "use_buffers")]
@@ -235,62 +233,20 @@ fn refuse_to_write_custom_rule<S: serde::Serializer>(
     )))
 }
 
-/// Errors of averaging. Mismatch errors name the tensor, its position and what was expected.
+/// Errors of averaging. Layout errors name the operation, the tensor or its position, and what was
+/// expected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AveragingError {
-    /// A snapshot or average with another number of tensors than the average holds.
-    #[error("{op}: expected {expected} named tensors (the average's), got {got}")]
-    TensorCountMismatch {
-        /// The operation (`update`, `copy_into`, `merge`).
+    /// A model or average whose tensors are not the average's: other names, roles or shapes, another
+    /// order or another number of tensors (all of them, BN statistics included), or, on creation, a name
+    /// visited twice.
+    #[error("{op}: {source}")]
+    Layout {
+        /// The operation (`new`, `update`, `copy_into`, `merge`).
         op: &'static str,
-        /// The number of tensors the average holds.
-        expected: usize,
-        /// The number given.
-        got: usize,
-    },
-    /// A tensor whose name differs from the average's tensor at the same position.
-    #[error("{op}: tensor #{index} is named `{got}`, expected `{expected}` (the average's name)")]
-    NameMismatch {
-        /// The operation.
-        op: &'static str,
-        /// The position in visiting order.
-        index: usize,
-        /// The average's name.
-        expected: String,
-        /// The name given.
-        got: String,
-    },
-    /// A tensor whose role differs from the average's.
-    #[error("{op}: tensor `{name}` has role {got:?}, expected {expected:?} (the average's)")]
-    RoleMismatch {
-        /// The operation.
-        op: &'static str,
-        /// The tensor's name.
-        name: String,
-        /// The average's role.
-        expected: TensorRole,
-        /// The role given.
-        got: TensorRole,
-    },
-    /// A tensor whose shape differs from the average's.
-    #[error("{op}: tensor `{name}` has shape {got:?}, expected {expected:?} (the average's)")]
-    ShapeMismatch {
-        /// The operation.
-        op: &'static str,
-        /// The tensor's name.
-        name: String,
-        /// The average's shape.
-        expected: Vec<usize>,
-        /// The shape given.
-        got: Vec<usize>,
-    },
-    /// Two tensors of a model with the same name, which would make checkpoints ambiguous.
-    #[error("{op}: tensor name `{name}` appears more than once")]
-    DuplicateName {
-        /// The operation.
-        op: &'static str,
-        /// The repeated name.
-        name: String,
+        /// What differs, with the average's value and the one given.
+        #[source]
+        source: LayoutError,
     },
     /// An EMA decay outside `[0, 1]`.
     #[error("EMA decay {decay} is outside [0, 1]")]
@@ -404,20 +360,13 @@ pub trait WeightAveraging<B: Backend> {
     fn to_state(&self, backend: &B) -> Result<AverageState, AveragingError>;
 }
 
-/// One named tensor of an average.
-#[derive(Debug)]
-struct Slot<T> {
-    name: String,
-    role: TensorRole,
-    shape: Vec<usize>,
-    /// `None` for BN statistics under [`BufferPolicy::RecomputeLater`].
-    tensor: Option<T>,
-}
-
 /// The tensors of an average and how they are treated; the averaging rules live in the public types.
 #[derive(Debug)]
 struct Slots<B: Backend> {
-    slots: Vec<Slot<B::Tensor>>,
+    /// The names, roles and shapes of all the model's tensors, BN statistics included.
+    layout: TensorLayout,
+    /// One per entry of `layout`; `None` for BN statistics under [`BufferPolicy::RecomputeLater`].
+    tensors: Vec<Option<B::Tensor>>,
     buffer_policy: BufferPolicy,
 }
 
@@ -425,92 +374,36 @@ fn holds(role: TensorRole, policy: BufferPolicy) -> bool {
     role == TensorRole::Parameter || policy != BufferPolicy::RecomputeLater
 }
 
+/// Attributes a layout error to the operation that met it.
+fn layout_error(op: &'static str) -> impl Fn(LayoutError) -> AveragingError {
+    move |source| AveragingError::Layout { op, source }
+}
+
 impl<B: Backend> Slots<B> {
-    /// Deep copies of the model's tensors: the first snapshot.
+    /// Deep copies of the model's tensors: the first snapshot. The layout is read first, so that a
+    /// repeated name fails before anything is copied.
     fn capture(
         backend: &B,
         model: &dyn NamedTensors<B>,
         buffer_policy: BufferPolicy,
     ) -> Result<Self, AveragingError> {
-        let mut slots = Vec::new();
-        let mut seen = HashSet::new();
-        let mut failure: Option<AveragingError> = None;
-        model.visit_tensors(&mut |name, role, tensor| {
-            if failure.is_some() {
-                return;
-            }
-            if !seen.insert(name.to_owned()) {
-                failure = Some(AveragingError::DuplicateName {
-                    op: "new",
-                    name: name.to_owned(),
-                });
-                return;
-            }
-            let copy = if holds(role, buffer_policy) {
-                match backend.duplicate(tensor) {
-                    Ok(copy) => Some(copy),
-                    Err(e) => {
-                        failure = Some(e.into());
-                        return;
-                    }
-                }
+        let layout = TensorLayout::of_model(model, RoleFilter::All).map_err(layout_error("new"))?;
+        let mut tensors = Vec::with_capacity(layout.len());
+        // Nothing to pair the tensors with: the copies are what is built.
+        layout.zip_visit(model, std::iter::repeat(()), |entry, (), tensor| {
+            let copy = if holds(entry.role, buffer_policy) {
+                Some(backend.duplicate(tensor)?)
             } else {
                 None
             };
-            slots.push(Slot {
-                name: name.to_owned(),
-                role,
-                shape: tensor.dims().to_vec(),
-                tensor: copy,
-            });
-        });
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(Slots {
-                slots,
-                buffer_policy,
-            }),
-        }
-    }
-
-    /// Checks one visited tensor against slot `index`.
-    fn check_one(
-        &self,
-        op: &'static str,
-        index: usize,
-        name: &str,
-        role: TensorRole,
-        shape: &[usize],
-    ) -> Result<(), AveragingError> {
-        let Some(slot) = self.slots.get(index) else {
-            // Counted and reported once the visit is over.
-            return Ok(());
-        };
-        if slot.name != name {
-            return Err(AveragingError::NameMismatch {
-                op,
-                index,
-                expected: slot.name.clone(),
-                got: name.to_owned(),
-            });
-        }
-        if slot.role != role {
-            return Err(AveragingError::RoleMismatch {
-                op,
-                name: name.to_owned(),
-                expected: slot.role,
-                got: role,
-            });
-        }
-        if slot.shape != shape {
-            return Err(AveragingError::ShapeMismatch {
-                op,
-                name: name.to_owned(),
-                expected: slot.shape.clone(),
-                got: shape.to_vec(),
-            });
-        }
-        Ok(())
+            tensors.push(copy);
+            Ok::<_, AveragingError>(())
+        })?;
+        Ok(Slots {
+            layout,
+            tensors,
+            buffer_policy,
+        })
     }
 
     /// Checks that a model visits the same names, roles and shapes as the average, before anything is
@@ -520,30 +413,7 @@ impl<B: Backend> Slots<B> {
         op: &'static str,
         model: &dyn NamedTensors<B>,
     ) -> Result<(), AveragingError> {
-        let mut index = 0;
-        let mut failure = None;
-        model.visit_tensors(&mut |name, role, tensor| {
-            if failure.is_none() {
-                failure = self.check_one(op, index, name, role, tensor.dims()).err();
-            }
-            index += 1;
-        });
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        self.check_count(op, index)
-    }
-
-    fn check_count(&self, op: &'static str, got: usize) -> Result<(), AveragingError> {
-        if got == self.slots.len() {
-            Ok(())
-        } else {
-            Err(AveragingError::TensorCountMismatch {
-                op,
-                expected: self.slots.len(),
-                got,
-            })
-        }
+        self.layout.check_model(model).map_err(layout_error(op))
     }
 
     fn check_same_layout(&self, op: &'static str, other: &Slots<B>) -> Result<(), AveragingError> {
@@ -556,10 +426,9 @@ impl<B: Backend> Slots<B> {
                 ),
             });
         }
-        for (index, slot) in other.slots.iter().enumerate() {
-            self.check_one(op, index, &slot.name, slot.role, &slot.shape)?;
-        }
-        self.check_count(op, other.slots.len())
+        self.layout
+            .check_same(&other.layout)
+            .map_err(layout_error(op))
     }
 
     /// `avg += weight · (snapshot − avg)` for parameters (and BN statistics under `Average`); BN statistics
@@ -571,32 +440,21 @@ impl<B: Backend> Slots<B> {
         weight: f32,
     ) -> Result<(), AveragingError> {
         let buffer_policy = self.buffer_policy;
-        let mut index = 0;
-        let mut failure: Option<BackendError> = None;
-        let slots = &mut self.slots;
-        model.visit_tensors(&mut |_, role, snapshot| {
-            let slot = slots.get_mut(index);
-            index += 1;
-            if failure.is_some() {
-                return;
-            }
-            let Some(avg) = slot.and_then(|s| s.tensor.as_mut()) else {
-                return;
-            };
-            let result = match (role, buffer_policy) {
-                (TensorRole::BatchNormStatistic, BufferPolicy::CopyLatest) => {
-                    backend.copy_(avg, snapshot)
+        self.layout
+            .zip_visit(model, &mut self.tensors, |entry, held, snapshot| {
+                let Some(avg) = held.as_mut() else {
+                    return Ok(());
+                };
+                match (entry.role, buffer_policy) {
+                    (TensorRole::BatchNormStatistic, BufferPolicy::CopyLatest) => {
+                        backend.copy_(avg, snapshot)
+                    }
+                    _ if weight == 1.0 => backend.copy_(avg, snapshot),
+                    _ if weight == 0.0 => Ok(()),
+                    _ => backend.lerp_(avg, snapshot, weight),
                 }
-                _ if weight == 1.0 => backend.copy_(avg, snapshot),
-                _ if weight == 0.0 => Ok(()),
-                _ => backend.lerp_(avg, snapshot, weight),
-            };
-            failure = result.err();
-        });
-        match failure {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+            })?;
+        Ok(())
     }
 
     fn write_into(
@@ -605,22 +463,12 @@ impl<B: Backend> Slots<B> {
         model: &mut dyn NamedTensors<B>,
     ) -> Result<(), AveragingError> {
         self.check_model("copy_into", model)?;
-        let mut index = 0;
-        let mut failure: Option<BackendError> = None;
-        model.visit_tensors_mut(&mut |_, _, dst| {
-            let slot = self.slots.get(index);
-            index += 1;
-            if failure.is_some() {
-                return;
-            }
-            if let Some(src) = slot.and_then(|s| s.tensor.as_ref()) {
-                failure = backend.copy_(dst, src).err();
-            }
-        });
-        match failure {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+        self.layout
+            .zip_visit_mut(model, &self.tensors, |_, held, dst| match held {
+                Some(src) => backend.copy_(dst, src),
+                None => Ok(()),
+            })?;
+        Ok(())
     }
 
     /// `self += weight · (other − self)` for every held tensor; BN statistics under `CopyLatest` keep
@@ -635,13 +483,14 @@ impl<B: Backend> Slots<B> {
         let buffer_policy = self.buffer_policy;
         let mut dsts = Vec::new();
         let mut srcs = Vec::new();
-        for (mine, theirs) in self.slots.iter_mut().zip(&other.slots) {
-            if mine.role == TensorRole::BatchNormStatistic
+        let pairs = self.layout.entries().iter().zip(&mut self.tensors);
+        for ((entry, mine), theirs) in pairs.zip(&other.tensors) {
+            if entry.role == TensorRole::BatchNormStatistic
                 && buffer_policy == BufferPolicy::CopyLatest
             {
                 continue;
             }
-            if let (Some(dst), Some(src)) = (mine.tensor.as_mut(), theirs.tensor.as_ref()) {
+            if let (Some(dst), Some(src)) = (mine.as_mut(), theirs.as_ref()) {
                 dsts.push(dst);
                 srcs.push(src);
             }
@@ -651,14 +500,12 @@ impl<B: Backend> Slots<B> {
     }
 
     fn names(&self) -> Vec<&str> {
-        self.slots.iter().map(|s| s.name.as_str()).collect()
+        self.layout.names()
     }
 
     fn tensor(&self, name: &str) -> Option<&B::Tensor> {
-        self.slots
-            .iter()
-            .find(|s| s.name == name)
-            .and_then(|s| s.tensor.as_ref())
+        let position = self.layout.position(name)?;
+        self.tensors.get(position)?.as_ref()
     }
 
     fn to_state(
@@ -667,16 +514,16 @@ impl<B: Backend> Slots<B> {
         rule: WeightRule,
         n_averaged: u64,
     ) -> Result<AverageState, AveragingError> {
-        let mut tensors = Vec::with_capacity(self.slots.len());
-        for slot in &self.slots {
-            let values = match &slot.tensor {
+        let mut tensors = Vec::with_capacity(self.tensors.len());
+        for (entry, held) in self.layout.entries().iter().zip(&self.tensors) {
+            let values = match held {
                 Some(t) => Some(backend.to_host(t)?),
                 None => None,
             };
             tensors.push(TensorState {
-                name: slot.name.clone(),
-                role: slot.role,
-                shape: slot.shape.clone(),
+                name: entry.name.clone(),
+                role: entry.role,
+                shape: entry.shape.clone(),
                 values,
             });
         }
@@ -696,14 +543,15 @@ impl<B: Backend> Slots<B> {
                     .to_owned(),
             });
         }
-        let mut seen = HashSet::new();
-        let mut slots = Vec::with_capacity(state.tensors.len());
+        let mut layout = TensorLayout::new(RoleFilter::All);
+        let mut tensors = Vec::with_capacity(state.tensors.len());
         for t in &state.tensors {
             let invalid = |message: String| AveragingError::InvalidState {
                 name: t.name.clone(),
                 message,
             };
-            if !seen.insert(t.name.as_str()) {
+            // A layout of all roles refuses only a repeated name.
+            if layout.push(&t.name, t.role, &t.shape).is_err() {
                 return Err(invalid("the name appears more than once".to_owned()));
             }
             let expected_held = holds(t.role, state.buffer_policy);
@@ -733,15 +581,11 @@ impl<B: Backend> Slots<B> {
                     )))
                 }
             };
-            slots.push(Slot {
-                name: t.name.clone(),
-                role: t.role,
-                shape: t.shape.clone(),
-                tensor,
-            });
+            tensors.push(tensor);
         }
         Ok(Slots {
-            slots,
+            layout,
+            tensors,
             buffer_policy: state.buffer_policy,
         })
     }

@@ -37,7 +37,7 @@ pub mod swag;
 #[cfg(feature = "cpu")]
 pub use backend::cpu::{CpuBackend, CpuTensor};
 pub use backend::{Backend, BackendError, BackendResult, HasShape};
-pub use params::{NamedTensors, TensorRole};
+pub use params::{LayoutEntry, LayoutError, NamedTensors, RoleFilter, TensorLayout, TensorRole};
 
 pub use averaging::{
     AverageState, AveragingError, BufferPolicy, CustomRule, WeightAverage, WeightAveraging,

@@ -132,15 +132,13 @@
 //! # }
 //! ```
 
-use std::collections::HashSet;
-
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, BackendError, HasShape};
-use crate::params::{NamedTensors, TensorRole};
+use crate::backend::{Backend, BackendError};
+use crate::params::{LayoutEntry, LayoutError, NamedTensors, RoleFilter, TensorLayout, TensorRole};
 
 /// The paper's maximum rank `K = 20`: the number of deviation columns kept.
 pub const DEFAULT_MAX_RANK: usize = 20;
@@ -165,7 +163,7 @@ pub enum Covariance {
     LowRankPlusDiagonal,
 }
 
-/// Errors of SWAG. Mismatch errors name the tensor, its position and what was expected.
+/// Errors of SWAG. Layout errors name the operation, the tensor or its position, and what was expected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SwagError {
     /// A maximum rank of 0: SWAG keeps at least one deviation column.
@@ -192,49 +190,17 @@ pub enum SwagError {
         /// The scale given.
         scale: f32,
     },
-    /// A model with another number of parameter tensors than the moments hold.
-    #[error("{op}: expected {expected} parameter tensors (the moments'), got {got}")]
-    TensorCountMismatch {
-        /// The operation (`update`, `sample_into`, `copy_mean_into`, `merge`).
+    /// A model or set of moments whose parameter tensors are not the moments': other names or shapes,
+    /// another order or another number of them, or, on creation, a parameter name visited twice.
+    /// Positions and counts are among the parameters ([`TensorRole::Parameter`]) only.
+    #[error("{op}: {source}")]
+    Layout {
+        /// The operation (`new`, `update`, `sample_into`, `sample_with_noise`, `copy_mean_into`,
+        /// `merge`).
         op: &'static str,
-        /// The number of parameter tensors the moments hold.
-        expected: usize,
-        /// The number given.
-        got: usize,
-    },
-    /// A parameter tensor whose name differs from the moments' tensor at the same position.
-    #[error(
-        "{op}: parameter #{index} is named `{got}`, expected `{expected}` (the moments' name)"
-    )]
-    NameMismatch {
-        /// The operation.
-        op: &'static str,
-        /// The position among the parameters, in visiting order.
-        index: usize,
-        /// The moments' name.
-        expected: String,
-        /// The name given.
-        got: String,
-    },
-    /// A parameter tensor whose shape differs from the moments'.
-    #[error("{op}: parameter `{name}` has shape {got:?}, expected {expected:?} (the moments')")]
-    ShapeMismatch {
-        /// The operation.
-        op: &'static str,
-        /// The tensor's name.
-        name: String,
-        /// The moments' shape.
-        expected: Vec<usize>,
-        /// The shape given.
-        got: Vec<usize>,
-    },
-    /// Two parameters of a model with the same name, which would make checkpoints ambiguous.
-    #[error("{op}: parameter name `{name}` appears more than once")]
-    DuplicateName {
-        /// The operation.
-        op: &'static str,
-        /// The repeated name.
-        name: String,
+        /// What differs, with the moments' value and the one given.
+        #[source]
+        source: LayoutError,
     },
     /// A name the moments do not hold.
     #[error("no parameter named `{name}` in the SWAG moments")]
@@ -309,11 +275,18 @@ pub struct SwagState {
     pub tensors: Vec<SwagTensorState>,
 }
 
-/// The moments of one parameter tensor.
+/// The tensors SWAG holds moments of: the trained parameters, never BatchNorm statistics.
+const PARAMETERS: RoleFilter = RoleFilter::Only(TensorRole::Parameter);
+
+/// Attributes a layout error to the operation that met it.
+fn layout_error(op: &'static str) -> impl Fn(LayoutError) -> SwagError {
+    move |source| SwagError::Layout { op, source }
+}
+
+/// The moments of one parameter tensor; its name and shape are the entry at the same position of the
+/// moments' layout.
 #[derive(Debug)]
 struct SwagSlot<T> {
-    name: String,
-    shape: Vec<usize>,
     mean: T,
     sq_mean: T,
     /// The ring of deviation columns, `rank` of them, in storage order.
@@ -337,6 +310,9 @@ struct SwagSlot<T> {
 #[doc(alias = "SWA-Gaussian")]
 #[derive(Debug)]
 pub struct SwagMoments<B: Backend> {
+    /// The names and shapes of the model's parameter tensors.
+    layout: TensorLayout,
+    /// One per entry of `layout`.
     slots: Vec<SwagSlot<B::Tensor>>,
     count: u64,
     max_rank: usize,
@@ -351,7 +327,8 @@ impl<B: Backend> SwagMoments<B> {
     /// keeping at most `max_rank` deviation columns ([`DEFAULT_MAX_RANK`] is the paper's 20).
     ///
     /// Fails with [`SwagError::ZeroMaxRank`] for `max_rank = 0`, [`SwagError::NoParameters`] for a model
-    /// without parameters and [`SwagError::DuplicateName`] for a repeated parameter name.
+    /// without parameters and [`SwagError::Layout`] with [`LayoutError::DuplicateName`] for a repeated
+    /// parameter name.
     pub fn new(
         backend: &B,
         model: &dyn NamedTensors<B>,
@@ -360,42 +337,24 @@ impl<B: Backend> SwagMoments<B> {
         if max_rank == 0 {
             return Err(SwagError::ZeroMaxRank);
         }
-        let mut slots = Vec::new();
-        let mut seen = HashSet::new();
-        let mut failure: Option<SwagError> = None;
-        model.visit_tensors(&mut |name, role, tensor| {
-            if failure.is_some() || role != TensorRole::Parameter {
-                return;
-            }
-            if !seen.insert(name.to_owned()) {
-                failure = Some(SwagError::DuplicateName {
-                    op: "new",
-                    name: name.to_owned(),
-                });
-                return;
-            }
-            // The first snapshot's moments are exact: θ̄ = θ, θ²‾ = θ², and its deviation θ − θ̄ = 0.
-            let slot = (|| -> Result<SwagSlot<B::Tensor>, BackendError> {
-                Ok(SwagSlot {
-                    name: name.to_owned(),
-                    shape: tensor.dims().to_vec(),
-                    mean: backend.duplicate(tensor)?,
-                    sq_mean: backend.mul(tensor, tensor)?,
-                    columns: vec![backend.zeros(tensor.dims())?],
-                })
-            })();
-            match slot {
-                Ok(slot) => slots.push(slot),
-                Err(e) => failure = Some(e.into()),
-            }
-        });
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        if slots.is_empty() {
+        // The layout is read first, so that a repeated name fails before anything is allocated.
+        let layout = TensorLayout::of_model(model, PARAMETERS).map_err(layout_error("new"))?;
+        if layout.is_empty() {
             return Err(SwagError::NoParameters { op: "new" });
         }
+        let mut slots = Vec::with_capacity(layout.len());
+        // Nothing to pair the tensors with: the slots are what is built.
+        layout.zip_visit(model, std::iter::repeat(()), |entry, (), theta| {
+            // The first snapshot's moments are exact: θ̄ = θ, θ²‾ = θ², and its deviation θ − θ̄ = 0.
+            slots.push(SwagSlot {
+                mean: backend.duplicate(theta)?,
+                sq_mean: backend.mul(theta, theta)?,
+                columns: vec![backend.zeros(&entry.shape)?],
+            });
+            Ok::<_, BackendError>(())
+        })?;
         Ok(SwagMoments {
+            layout,
             slots,
             count: 1,
             max_rank,
@@ -420,44 +379,28 @@ impl<B: Backend> SwagMoments<B> {
         // 1/(n + 1) rounded once from f64, the weight of WeightRule::Equal.
         let weight = (1.0 / next_count as f64) as f32;
         let grow = self.rank < self.max_rank;
-        // New columns are allocated before anything changes, so that a failed allocation changes nothing.
-        let mut fresh = Vec::new();
+        // New columns are allocated before anything changes, so that a failed allocation changes nothing,
+        // and every slot gets its column before any is written, so that all hold `rank` columns whatever
+        // fails.
         if grow {
-            for slot in &self.slots {
-                fresh.push(backend.zeros(&slot.shape)?);
+            let mut fresh = Vec::with_capacity(self.slots.len());
+            for entry in self.layout.entries() {
+                fresh.push(backend.zeros(&entry.shape)?);
             }
-        }
-        let mut fresh = fresh.into_iter();
-        let target = self.next;
-        let mut index = 0;
-        let mut failure: Option<BackendError> = None;
-        let slots = &mut self.slots;
-        model.visit_tensors(&mut |_, role, theta| {
-            if role != TensorRole::Parameter {
-                return;
-            }
-            let Some(slot) = slots.get_mut(index) else {
-                return;
-            };
-            index += 1;
-            // Every slot gets its column even after a failure, so that all hold `rank` columns.
-            if let Some(column) = fresh.next() {
+            for (slot, column) in self.slots.iter_mut().zip(fresh) {
                 slot.columns.push(column);
             }
-            if failure.is_some() {
-                return;
-            }
-            failure = collect_one(backend, slot, theta, weight, target).err();
-        });
-        if grow {
             self.rank += 1;
         }
+        let target = self.next;
+        let collected = self
+            .layout
+            .zip_visit(model, &mut self.slots, |entry, slot, theta| {
+                collect_one(backend, &entry.name, slot, theta, weight, target)
+            });
         self.next = (self.next + 1) % self.max_rank;
         self.count = next_count;
-        match failure {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+        Ok(collected?)
     }
 
     /// The number of snapshots collected, including the first (the authors' `n_models`).
@@ -479,34 +422,31 @@ impl<B: Backend> SwagMoments<B> {
 
     /// The number of parameter elements `d`: the length of `z₁`.
     pub fn parameter_count(&self) -> usize {
-        self.slots
-            .iter()
-            .map(|s| s.shape.iter().product::<usize>())
-            .sum()
+        self.layout.numel()
     }
 
     /// The names of the parameter tensors, in visiting order.
     pub fn names(&self) -> Vec<&str> {
-        self.slots.iter().map(|s| s.name.as_str()).collect()
+        self.layout.names()
     }
 
     /// The first moment `θ̄` (the SWA solution) of a parameter tensor.
     #[doc(alias = "swa_mean")]
     pub fn mean(&self, name: &str) -> Option<&B::Tensor> {
-        self.slot(name).map(|s| &s.mean)
+        self.slot(name).map(|(_, s)| &s.mean)
     }
 
     /// The second moment `θ²‾` (the running mean of the squares) of a parameter tensor.
     #[doc(alias = "sq_mean")]
     pub fn second_moment(&self, name: &str) -> Option<&B::Tensor> {
-        self.slot(name).map(|s| &s.sq_mean)
+        self.slot(name).map(|(_, s)| &s.sq_mean)
     }
 
     /// The deviation columns of a parameter tensor, oldest first: `D_i = θ_i − θ̄_i` for the last
     /// [`rank`](Self::rank) snapshots collected (or, after a [`merge`](Self::merge), the order it
     /// documents). This is the order in which `z₂` multiplies them.
     pub fn deviations(&self, name: &str) -> Option<Vec<&B::Tensor>> {
-        let slot = self.slot(name)?;
+        let (_, slot) = self.slot(name)?;
         self.chronological()
             .into_iter()
             .map(|i| slot.columns.get(i))
@@ -517,11 +457,11 @@ impl<B: Backend> SwagMoments<B> {
     ///
     /// The difference runs on the backend; the clamp, which no backend operation provides, on the host.
     pub fn diagonal_variance(&self, backend: &B, name: &str) -> Result<B::Tensor, SwagError> {
-        let slot = self.slot(name).ok_or_else(|| SwagError::UnknownTensor {
+        let (entry, slot) = self.slot(name).ok_or_else(|| SwagError::UnknownTensor {
             name: name.to_owned(),
         })?;
         let variance = clamped_variance(backend, slot)?;
-        Ok(backend.from_host(&variance, &slot.shape)?)
+        Ok(backend.from_host(&variance, &entry.shape)?)
     }
 
     /// Writes the first moment `θ̄` (the SWA solution) into the model's parameters; its BatchNorm
@@ -532,25 +472,8 @@ impl<B: Backend> SwagMoments<B> {
         model: &mut dyn NamedTensors<B>,
     ) -> Result<(), SwagError> {
         self.check_model("copy_mean_into", model)?;
-        let mut index = 0;
-        let mut failure: Option<BackendError> = None;
-        model.visit_tensors_mut(&mut |_, role, dst| {
-            if role != TensorRole::Parameter {
-                return;
-            }
-            let slot = self.slots.get(index);
-            index += 1;
-            if failure.is_some() {
-                return;
-            }
-            if let Some(slot) = slot {
-                failure = backend.copy_(dst, &slot.mean).err();
-            }
-        });
-        match failure {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+        self.for_each_parameter_mut(model, |_, slot, dst| backend.copy_(dst, &slot.mean))?;
+        Ok(())
     }
 
     /// Writes one SWAG sample into the model's parameters, with the noise of `seed` (see the
@@ -688,14 +611,14 @@ impl<B: Backend> SwagMoments<B> {
     /// Reads the moments back to the host for a checkpoint.
     pub fn to_state(&self, backend: &B) -> Result<SwagState, SwagError> {
         let mut tensors = Vec::with_capacity(self.slots.len());
-        for slot in &self.slots {
+        for (entry, slot) in self.layout.entries().iter().zip(&self.slots) {
             let mut columns = Vec::with_capacity(slot.columns.len());
             for column in &slot.columns {
                 columns.push(backend.to_host(column)?);
             }
             tensors.push(SwagTensorState {
-                name: slot.name.clone(),
-                shape: slot.shape.clone(),
+                name: entry.name.clone(),
+                shape: entry.shape.clone(),
                 mean: backend.to_host(&slot.mean)?,
                 sq_mean: backend.to_host(&slot.sq_mean)?,
                 columns,
@@ -750,11 +673,15 @@ impl<B: Backend> SwagMoments<B> {
         if state.tensors.is_empty() {
             return Err(SwagError::NoParameters { op: "from_state" });
         }
-        let mut seen = HashSet::new();
+        let mut layout = TensorLayout::new(PARAMETERS);
         let mut slots = Vec::with_capacity(state.tensors.len());
         for t in &state.tensors {
             let bad = |message: String| invalid(&t.name, message);
-            if !seen.insert(t.name.as_str()) {
+            // Every tensor of a state is a parameter, so the layout refuses only a repeated name.
+            if layout
+                .push(&t.name, TensorRole::Parameter, &t.shape)
+                .is_err()
+            {
                 return Err(bad("the name appears more than once".to_owned()));
             }
             let numel = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
@@ -785,14 +712,13 @@ impl<B: Backend> SwagMoments<B> {
                 columns.push(backend.from_host(column, &t.shape)?);
             }
             slots.push(SwagSlot {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
                 mean: backend.from_host(&t.mean, &t.shape)?,
                 sq_mean: backend.from_host(&t.sq_mean, &t.shape)?,
                 columns,
             });
         }
         Ok(SwagMoments {
+            layout,
             slots,
             count: state.n_models,
             max_rank: state.max_rank,
@@ -818,8 +744,23 @@ impl<B: Backend> SwagMoments<B> {
 
     // ---------------------------------------------------------------- internals
 
-    fn slot(&self, name: &str) -> Option<&SwagSlot<B::Tensor>> {
-        self.slots.iter().find(|s| s.name == name)
+    fn slot(&self, name: &str) -> Option<(&LayoutEntry, &SwagSlot<B::Tensor>)> {
+        let position = self.layout.position(name)?;
+        Some((
+            self.layout.entries().get(position)?,
+            self.slots.get(position)?,
+        ))
+    }
+
+    /// Writes into the model's parameters, in visiting order: `f(entry, slot, tensor)` for each, with the
+    /// moments' entry and slot at the same position, until the first error, which is returned. The
+    /// model must have been checked.
+    fn for_each_parameter_mut(
+        &self,
+        model: &mut dyn NamedTensors<B>,
+        f: impl FnMut(&LayoutEntry, &SwagSlot<B::Tensor>, &mut B::Tensor) -> Result<(), BackendError>,
+    ) -> Result<(), BackendError> {
+        self.layout.zip_visit_mut(model, &self.slots, f)
     }
 
     /// Ring slots, oldest column first.
@@ -885,109 +826,34 @@ impl<B: Backend> SwagMoments<B> {
             .map(|&z| (low_rank_factor * f64::from(z)) as f32)
             .collect();
         let order = self.chronological();
-        let mut index = 0;
-        let mut failure: Option<BackendError> = None;
-        model.visit_tensors_mut(&mut |_, role, dst| {
-            if role != TensorRole::Parameter {
-                return;
+        self.for_each_parameter_mut(model, |entry, slot, dst| {
+            backend.copy_(dst, &slot.mean)?;
+            if scale == 0.0 {
+                // Every term is zero: the mean itself, bit-exactly, and no noise needed.
+                return Ok(());
             }
-            let slot = self.slots.get(index);
-            index += 1;
-            if failure.is_some() {
-                return;
+            let variance = clamped_variance(backend, slot)?;
+            let mut term = vec![0.0f32; variance.len()];
+            z1.fill(&mut term);
+            for (t, &v) in term.iter_mut().zip(&variance) {
+                *t = (diagonal_factor * f64::from(v).sqrt() * f64::from(*t)) as f32;
             }
-            let Some(slot) = slot else {
-                return;
-            };
-            failure = (|| -> Result<(), BackendError> {
-                backend.copy_(dst, &slot.mean)?;
-                if scale == 0.0 {
-                    // Every term is zero: the mean itself, bit-exactly, and no noise needed.
-                    return Ok(());
+            let term = backend.from_host(&term, &entry.shape)?;
+            backend.axpy_(dst, 1.0, &term)?;
+            for (&c, &i) in coefficients.iter().zip(&order) {
+                if let Some(column) = slot.columns.get(i) {
+                    backend.axpy_(dst, c, column)?;
                 }
-                let variance = clamped_variance(backend, slot)?;
-                let mut term = vec![0.0f32; variance.len()];
-                z1.fill(&mut term);
-                for (t, &v) in term.iter_mut().zip(&variance) {
-                    *t = (diagonal_factor * f64::from(v).sqrt() * f64::from(*t)) as f32;
-                }
-                let term = backend.from_host(&term, &slot.shape)?;
-                backend.axpy_(dst, 1.0, &term)?;
-                for (&c, &i) in coefficients.iter().zip(&order) {
-                    if let Some(column) = slot.columns.get(i) {
-                        backend.axpy_(dst, c, column)?;
-                    }
-                }
-                Ok(())
-            })()
-            .err();
-        });
-        match failure {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+            }
+            Ok(())
+        })?;
+        Ok(())
     }
 
     /// Checks that a model visits the moments' parameter names and shapes in order, before anything is
     /// written, so that a mismatch leaves both unchanged. BatchNorm statistics are not looked at.
     fn check_model(&self, op: &'static str, model: &dyn NamedTensors<B>) -> Result<(), SwagError> {
-        let mut index = 0;
-        let mut failure = None;
-        model.visit_tensors(&mut |name, role, tensor| {
-            if role != TensorRole::Parameter {
-                return;
-            }
-            if failure.is_none() {
-                failure = self.check_one(op, index, name, tensor.dims()).err();
-            }
-            index += 1;
-        });
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        self.check_count(op, index)
-    }
-
-    fn check_one(
-        &self,
-        op: &'static str,
-        index: usize,
-        name: &str,
-        shape: &[usize],
-    ) -> Result<(), SwagError> {
-        let Some(slot) = self.slots.get(index) else {
-            // Counted and reported once the visit is over.
-            return Ok(());
-        };
-        if slot.name != name {
-            return Err(SwagError::NameMismatch {
-                op,
-                index,
-                expected: slot.name.clone(),
-                got: name.to_owned(),
-            });
-        }
-        if slot.shape != shape {
-            return Err(SwagError::ShapeMismatch {
-                op,
-                name: name.to_owned(),
-                expected: slot.shape.clone(),
-                got: shape.to_vec(),
-            });
-        }
-        Ok(())
-    }
-
-    fn check_count(&self, op: &'static str, got: usize) -> Result<(), SwagError> {
-        if got == self.slots.len() {
-            Ok(())
-        } else {
-            Err(SwagError::TensorCountMismatch {
-                op,
-                expected: self.slots.len(),
-                got,
-            })
-        }
+        self.layout.check_model(model).map_err(layout_error(op))
     }
 
     fn check_same_layout(&self, op: &'static str, other: &SwagMoments<B>) -> Result<(), SwagError> {
@@ -1000,10 +866,9 @@ impl<B: Backend> SwagMoments<B> {
                 ),
             });
         }
-        for (index, slot) in other.slots.iter().enumerate() {
-            self.check_one(op, index, &slot.name, &slot.shape)?;
-        }
-        self.check_count(op, other.slots.len())
+        self.layout
+            .check_same(&other.layout)
+            .map_err(layout_error(op))
     }
 }
 
@@ -1011,6 +876,7 @@ impl<B: Backend> SwagMoments<B> {
 /// `θ − θ̄` (updated mean) into ring slot `target` (the slot just pushed when the ring grows).
 fn collect_one<B: Backend>(
     backend: &B,
+    name: &str,
     slot: &mut SwagSlot<B::Tensor>,
     theta: &B::Tensor,
     weight: f32,
@@ -1023,8 +889,7 @@ fn collect_one<B: Backend>(
         return Err(BackendError::InvalidArgument {
             op: "swag update",
             message: format!(
-                "ring slot {target} of `{}` is missing ({} held)",
-                slot.name,
+                "ring slot {target} of `{name}` is missing ({} held)",
                 slot.columns.len()
             ),
         });

@@ -6,7 +6,7 @@ mod toy_model;
 use swa_core::averaging::{
     AveragingError, BufferPolicy, CustomRule, WeightAverage, WeightAveraging, WeightRule,
 };
-use swa_core::{Backend, CpuBackend, TensorRole};
+use swa_core::{Backend, CpuBackend, LayoutError, TensorRole};
 use toy_model::{backend, is_statistic, Loose, ToyNet, NUMEL};
 
 fn flat(value: f32) -> Vec<f32> {
@@ -102,7 +102,8 @@ fn merge_rejects_different_buffer_policies_and_layouts() {
     let other = WeightAverage::swa(b, &renamed, BufferPolicy::Average).unwrap();
     let err = a.merge(b, &other).unwrap_err();
     assert!(
-        matches!(&err, AveragingError::NameMismatch { op: "merge", index: 2, expected, got } if expected == "bn.weight" && got == "bn.gamma"),
+        matches!(&err, AveragingError::Layout { op: "merge", source: LayoutError::NameMismatch { index: 2, expected, got, .. } }
+            if expected == "bn.weight" && got == "bn.gamma"),
         "{err}"
     );
     assert_eq!(a.count(), 1);
@@ -129,7 +130,7 @@ fn update_names_the_mismatching_tensor() {
     let mut renamed = Loose::like_toy(5.0);
     renamed.entries[7].0 = "classifier.bias".to_owned();
     rejects(&renamed, |e| {
-        matches!(e, AveragingError::NameMismatch { op: "update", index: 7, expected, got }
+        matches!(e, AveragingError::Layout { op: "update", source: LayoutError::NameMismatch { index: 7, expected, got, .. } }
             if expected == "fc.bias" && got == "classifier.bias")
             && e.to_string().contains("fc.bias")
     });
@@ -137,14 +138,14 @@ fn update_names_the_mismatching_tensor() {
     let mut reshaped = Loose::like_toy(5.0);
     reshaped.entries[6].2 = backend().zeros(&[4, 3]).unwrap();
     rejects(&reshaped, |e| {
-        matches!(e, AveragingError::ShapeMismatch { name, expected, got, .. }
+        matches!(e, AveragingError::Layout { op: "update", source: LayoutError::ShapeMismatch { name, expected, got } }
             if name == "fc.weight" && expected == &[3, 4] && got == &[4, 3])
     });
 
     let mut role = Loose::like_toy(5.0);
     role.entries[4].1 = TensorRole::Parameter;
     rejects(&role, |e| {
-        matches!(e, AveragingError::RoleMismatch { name, expected: TensorRole::BatchNormStatistic, got: TensorRole::Parameter, .. }
+        matches!(e, AveragingError::Layout { op: "update", source: LayoutError::RoleMismatch { name, expected: TensorRole::BatchNormStatistic, got: TensorRole::Parameter } }
             if name == "bn.running_mean")
     });
 
@@ -153,10 +154,13 @@ fn update_names_the_mismatching_tensor() {
     rejects(&shorter, |e| {
         matches!(
             e,
-            AveragingError::TensorCountMismatch {
-                expected: 8,
-                got: 7,
-                ..
+            AveragingError::Layout {
+                op: "update",
+                source: LayoutError::CountMismatch {
+                    expected: 8,
+                    got: 7,
+                    ..
+                }
             }
         )
     });
@@ -169,10 +173,13 @@ fn update_names_the_mismatching_tensor() {
     rejects(&longer, |e| {
         matches!(
             e,
-            AveragingError::TensorCountMismatch {
-                expected: 8,
-                got: 9,
-                ..
+            AveragingError::Layout {
+                op: "update",
+                source: LayoutError::CountMismatch {
+                    expected: 8,
+                    got: 9,
+                    ..
+                }
             }
         )
     });
@@ -187,12 +194,11 @@ fn copy_into_rejects_a_different_model_and_leaves_it_unchanged() {
     let err = swa.copy_into(b, &mut other).unwrap_err();
     assert!(
         matches!(
-            err,
-            AveragingError::NameMismatch {
+            &err,
+            AveragingError::Layout {
                 op: "copy_into",
-                index: 0,
-                ..
-            }
+                source: LayoutError::NameMismatch { index: 0, expected, got, .. },
+            } if expected == "conv.weight" && got == "features.0.weight"
         ),
         "{err}"
     );
@@ -208,7 +214,7 @@ fn invalid_models_and_decays_are_rejected() {
     dup.entries[1].0 = "conv.weight".to_owned();
     let err = WeightAverage::swa(b, &dup, BufferPolicy::Average).unwrap_err();
     assert!(
-        matches!(&err, AveragingError::DuplicateName { name, .. } if name == "conv.weight"),
+        matches!(&err, AveragingError::Layout { op: "new", source: LayoutError::DuplicateName { name } } if name == "conv.weight"),
         "{err}"
     );
 
