@@ -104,6 +104,28 @@ pub fn predict_logits<B: Backend>(
     Ok((values, classes))
 }
 
+/// The logits of `model` (in evaluation mode) on every image of `batches`, in order, with the labels and
+/// the class count.
+pub fn predict_all_logits<B: Backend, I>(
+    backend: &B,
+    model: &mut dyn Module<B>,
+    batches: I,
+) -> Result<(Vec<f32>, Vec<u32>, usize), TrainError>
+where
+    I: IntoIterator,
+    I::Item: Borrow<HostBatch>,
+{
+    let (mut logits, mut labels, mut classes) = (Vec::new(), Vec::new(), 0);
+    for batch in batches {
+        let batch = batch.borrow();
+        let (values, c) = predict_logits(backend, model, batch)?;
+        classes = c;
+        logits.extend_from_slice(&values);
+        labels.extend_from_slice(&batch.labels);
+    }
+    Ok((logits, labels, classes))
+}
+
 /// Accuracy and mean NLL of `model` (in evaluation mode) on `batches`, owned or borrowed.
 pub fn evaluate<B: Backend, I>(
     backend: &B,
@@ -155,18 +177,23 @@ impl Ensemble {
 
     /// Adds the predictions of `model` on `batches` (which must be the same images, in the same order, for
     /// every member) and returns that member's own metrics.
-    pub fn add_member<B: Backend>(
+    pub fn add_member<B: Backend, I>(
         &mut self,
         backend: &B,
         model: &mut dyn Module<B>,
-        batches: impl IntoIterator<Item = HostBatch>,
-    ) -> Result<Metrics, TrainError> {
+        batches: I,
+    ) -> Result<Metrics, TrainError>
+    where
+        I: IntoIterator,
+        I::Item: Borrow<HostBatch>,
+    {
         let mut probs = Vec::new();
         let mut labels = Vec::new();
         let mut classes = 0;
         let mut own = MetricsAccumulator::default();
         for batch in batches {
-            let (logits, c) = predict_logits(backend, model, &batch)?;
+            let batch = batch.borrow();
+            let (logits, c) = predict_logits(backend, model, batch)?;
             classes = c;
             let log_probs = log_softmax_rows(&logits, c);
             own.add_log_probs(&log_probs, c, &batch.labels);
@@ -260,6 +287,21 @@ impl Ensemble {
         self.mean_probs = probs;
         self.labels = labels;
         Ok(())
+    }
+
+    /// The mean predicted probabilities, `[images, classes]` row-major, in the evaluation set's order.
+    pub fn probabilities(&self) -> &[f64] {
+        &self.mean_probs
+    }
+
+    /// The evaluation set's labels, in order.
+    pub fn labels(&self) -> &[u32] {
+        &self.labels
+    }
+
+    /// The number of classes (0 before the first member).
+    pub fn classes(&self) -> usize {
+        self.classes
     }
 
     /// Accuracy and NLL of the ensemble's mean probabilities.

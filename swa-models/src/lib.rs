@@ -12,6 +12,9 @@
 //! - [`train`]: the training loop for SGD, SWA and FGE runs, with per-epoch checkpoints and resume;
 //!   [`step`] (the one training step, which benchmarks and estimates time too), [`optim`] (SGD), [`bn`] (`update_bn`: BatchNorm recomputation for averaged weights) and [`evaluate`]
 //!   (accuracy, NLL, ensembles) are its parts, usable on their own;
+//! - [`swag`] and [`calibration`]: Bayesian model averaging over networks drawn from the SWAG posterior of
+//!   an SWA run (moments collected by the trainer), and the accuracy, NLL, calibration error, reliability
+//!   diagrams and temperature scaling that compare it with SGD, SWA and FGE;
 //! - [`geometry`]: the loss surface around trained weights (random rays, the SGD–SWA line, planes through
 //!   three points), the paper's flatness figures as numbers.
 //!
@@ -30,6 +33,7 @@
 
 pub mod batch;
 pub mod bn;
+pub mod calibration;
 pub mod checkpoint;
 pub mod error;
 pub mod evaluate;
@@ -40,6 +44,7 @@ pub mod nets;
 pub mod optim;
 pub mod protocol;
 pub mod step;
+pub mod swag;
 pub mod train;
 
 pub use batch::{BatchSource, HostBatch};

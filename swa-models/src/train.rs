@@ -814,6 +814,19 @@ pub fn load_swag_moments<B: Backend>(
     }
 }
 
+/// The FGE ensemble a run's checkpoint in `dir` holds (its members' mean probabilities on the test set);
+/// `None` for a run that ensembles nothing or had no member yet.
+pub fn load_ensemble(dir: &Path) -> Result<Option<Ensemble>, TrainError> {
+    let meta = read_meta(dir)?;
+    match meta.ensemble {
+        Some(mut ensemble) if ensemble.members() > 0 => {
+            ensemble.restore_tensors(&StateDict::load(&dir.join(ENSEMBLE_FILE))?)?;
+            Ok(Some(ensemble))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Reads a checkpoint's `state.json`, refusing one of another layout with
 /// [`TrainError::CheckpointFormat`].
 fn read_meta(dir: &Path) -> Result<TrainerMeta, TrainError> {

@@ -1,5 +1,6 @@
 //! `cargo xtask`: experiment orchestration for swa-rs. Thin: the work lives in the library crates.
 
+mod calibrate;
 mod charts;
 mod data;
 mod geometry;
@@ -23,6 +24,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Accuracy, NLL and calibration error of SGD, SWA, SWA + temperature, SWAG and FGE for a seed's
+    /// runs, with reliability diagrams.
+    Calibrate(calibrate::CalibrateArgs),
     /// Inspect and verify the CIFAR data sets.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -37,6 +41,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Calibrate(args) => calibrate::run(args),
         Command::Data(command) => data::run(command),
         Command::Reproduce(args) => reproduce::run(args),
         Command::Geometry(args) => geometry::run(args),

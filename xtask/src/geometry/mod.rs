@@ -228,7 +228,7 @@ struct PointReport {
 /// Runs the command.
 pub fn run(args: GeometryArgs) -> Result<()> {
     let runs = SeedRuns::open(&args.run)?;
-    let (architecture, kind) = identify(&args)?;
+    let (architecture, kind) = identify(&args.run, args.data_set)?;
     let out = args
         .out
         .clone()
@@ -263,12 +263,15 @@ fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// The network and data set of a run folder `OUT/<data>/<model>/seed-<s>`.
-fn identify(args: &GeometryArgs) -> Result<(Architecture, DatasetKind)> {
-    let dir = args
-        .run
+/// The network and data set of a run folder `OUT/<data>/<model>/seed-<s>` (the data set given overrides
+/// the folder's name).
+pub(crate) fn identify(
+    run: &Path,
+    data_set: Option<crate::data::DatasetArg>,
+) -> Result<(Architecture, DatasetKind)> {
+    let dir = run
         .canonicalize()
-        .with_context(|| format!("{}", args.run.display()))?;
+        .with_context(|| format!("{}", run.display()))?;
     let model_dir = dir.parent();
     let name_of = |p: Option<&Path>| {
         p.and_then(Path::file_name)
@@ -287,7 +290,7 @@ fn identify(args: &GeometryArgs) -> Result<(Architecture, DatasetKind)> {
             dir.display()
         )
     })?;
-    let kind = match args.data_set {
+    let kind = match data_set {
         Some(arg) => arg.into(),
         None => match name_of(model_dir.and_then(Path::parent)).as_deref() {
             Some("cifar10") => DatasetKind::Cifar10,
@@ -302,7 +305,7 @@ fn identify(args: &GeometryArgs) -> Result<(Architecture, DatasetKind)> {
 }
 
 /// Batches of the first `limit` images of a split, in order, without augmentation.
-fn eval_batches(
+pub(crate) fn eval_batches(
     split: swa_data::Dataset,
     limit: usize,
     batch_size: usize,
