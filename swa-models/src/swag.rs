@@ -25,6 +25,9 @@ use crate::error::TrainError;
 use crate::evaluate::{Ensemble, Metrics};
 use crate::module::Module;
 
+/// The number of networks the SWAG paper draws for a Bayesian model average (`S = 30`).
+pub const PAPER_SAMPLES: usize = 30;
+
 /// How a Bayesian model average draws its networks.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BmaConfig {
@@ -47,7 +50,7 @@ impl BmaConfig {
             Covariance::Diagonal => 0.5,
         };
         BmaConfig {
-            samples: 30,
+            samples: PAPER_SAMPLES,
             scale,
             covariance,
             seed,

@@ -22,7 +22,7 @@ use swa_models::checkpoint::{load_module, StateDict, StoredTensor};
 use swa_models::evaluate::predict_all_logits;
 use swa_models::geometry::SeedRuns;
 use swa_models::protocol::RunKind;
-use swa_models::swag::{bayesian_model_average, BmaConfig};
+use swa_models::swag::{bayesian_model_average, BmaConfig, PAPER_SAMPLES};
 use swa_models::train::{load_ensemble, load_swag_moments};
 use swa_models::{Architecture, HostBatch};
 
@@ -47,7 +47,7 @@ pub struct CalibrateArgs {
     #[arg(long, value_enum)]
     pub data_set: Option<crate::data::DatasetArg>,
     /// Networks drawn from each SWAG posterior (the paper's 30).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = PAPER_SAMPLES)]
     pub samples: usize,
     /// Training images (the first N, without augmentation) on which each SWAG sample's BatchNorm
     /// statistics are recomputed (default: all).
@@ -71,6 +71,34 @@ pub struct CalibrateArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+}
+
+impl CalibrateArgs {
+    /// The defaults for the seed folder `run`, as `cargo xtask reproduce --method swag` scores it: on the
+    /// training and test images the runs used (`train_limit`, `test_limit` of the recipe).
+    pub fn for_seed(
+        run: PathBuf,
+        data: Option<PathBuf>,
+        data_set: crate::data::DatasetArg,
+        device: DeviceChoice,
+        threads: Option<usize>,
+        limits: (Option<usize>, Option<usize>),
+    ) -> Self {
+        CalibrateArgs {
+            run,
+            out: None,
+            data,
+            data_set: Some(data_set),
+            samples: PAPER_SAMPLES,
+            bn_subset: limits.0,
+            test_subset: limits.1,
+            bins: DEFAULT_BINS,
+            seed: 1,
+            batch_size: 128,
+            device,
+            threads,
+        }
+    }
 }
 
 /// One method's row of the table.

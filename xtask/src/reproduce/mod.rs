@@ -39,6 +39,13 @@ pub enum DeviceChoice {
     Gpu,
 }
 
+/// Methods that `cargo xtask reproduce` adds to the runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Method {
+    /// SWA-Gaussian: moments from the SWA run, Bayesian model averaging, and the calibration table.
+    Swag,
+}
+
 /// Arguments of `cargo xtask reproduce`.
 #[derive(Args, Debug)]
 pub struct ReproduceArgs {
@@ -77,6 +84,11 @@ pub struct ReproduceArgs {
     /// configuration: set it before the run starts.
     #[arg(long, default_value_t = 0)]
     pub fge_test_every: usize,
+    /// Methods beyond the runs: `swag` collects SWAG moments from the SWA run's snapshots (the quick and
+    /// smoke presets always do) and, once a seed's runs are done, scores SGD, SWA, SWA + temperature,
+    /// SWAG-Diagonal, SWAG and FGE with `cargo xtask calibrate`'s defaults (30 samples per posterior).
+    #[arg(long = "method", value_enum, value_delimiter = ',')]
+    pub methods: Vec<Method>,
     /// Stop after this many epochs of each run in this invocation (to split long runs; rerun to continue).
     #[arg(long, hide = true)]
     pub max_epochs_per_run: Option<usize>,
@@ -103,6 +115,9 @@ pub fn run(args: ReproduceArgs) -> Result<()> {
         .map(|m| {
             let mut recipe = presets::recipe(args.preset, m, kind)?;
             recipe.fge_test_every = args.fge_test_every;
+            if args.methods.contains(&Method::Swag) && recipe.swag_max_rank.is_none() {
+                recipe.swag_max_rank = Some(swa_core::swag::DEFAULT_MAX_RANK);
+            }
             Ok(recipe)
         })
         .collect::<Result<Vec<_>>>()?;
@@ -123,6 +138,21 @@ pub fn run(args: ReproduceArgs) -> Result<()> {
         Device::Gpu(backend) => run_all(
             backend, &args, kind, &recipes, &runs, &train, &test, classes, &data_dir,
         )?,
+    }
+    if args.methods.contains(&Method::Swag) {
+        for (model, recipe) in models.iter().zip(&recipes) {
+            for seed in 1..=args.seeds {
+                let run = data_dir.join(model).join(format!("seed-{seed}"));
+                crate::calibrate::run(crate::calibrate::CalibrateArgs::for_seed(
+                    run,
+                    args.data.clone(),
+                    args.data_set,
+                    args.device,
+                    args.threads,
+                    (recipe.train_limit, recipe.test_limit),
+                ))?;
+            }
+        }
     }
     let written = report::write_reports(&data_dir, kind)?;
     for path in written {

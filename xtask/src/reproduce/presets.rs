@@ -13,7 +13,7 @@ use swa_models::Architecture;
 pub enum Preset {
     /// The original code's hyper-parameters per model, exactly (days of GPU time for the three networks).
     Paper,
-    /// PreResNet-20 with a budget of 16 epochs: about 75 minutes on a 2-core CPU for one seed.
+    /// PreResNet-20 with a budget of 16 epochs: about 80 minutes on a 2-core CPU for one seed.
     Quick,
     /// A few minutes on a subset of the data, to try the command.
     Smoke,

@@ -244,6 +244,76 @@ struct GeometrySummary {
     flatness: Vec<RayWidth>,
 }
 
+/// What a seed's `calibration/calibration.json` holds that the results table shows.
+#[derive(Deserialize)]
+struct CalibrationSummary {
+    test_images: usize,
+    methods: Vec<CalibratedMethod>,
+}
+
+#[derive(Deserialize)]
+struct CalibratedMethod {
+    method: String,
+    calibration: CalibrationScores,
+}
+
+#[derive(Deserialize)]
+struct CalibrationScores {
+    accuracy: f64,
+    nll: f64,
+    ece: f64,
+}
+
+/// The calibration of every seed folder under `data_dir` that `cargo xtask calibrate` has scored:
+/// (model, seed folder, summary).
+fn load_calibration(data_dir: &Path) -> Result<Vec<(String, String, CalibrationSummary)>> {
+    let mut found = Vec::new();
+    for (model, seed) in seed_dirs(data_dir) {
+        let path = seed.join("calibration").join("calibration.json");
+        if !path.is_file() {
+            continue;
+        }
+        let summary: CalibrationSummary = read_json(&path)?;
+        let seed = seed.file_name().map(|n| n.to_string_lossy().to_string());
+        found.push((model, seed.unwrap_or_default(), summary));
+    }
+    Ok(found)
+}
+
+/// The calibration table: accuracy, NLL and ECE of every method scored, per seed.
+fn calibration_markdown(found: &[(String, String, CalibrationSummary)]) -> String {
+    let mut md = String::new();
+    if found.is_empty() {
+        return md;
+    }
+    let _ = writeln!(
+        md,
+        "\n## Calibration (`cargo xtask calibrate`)\n\nOn the test set: negative log-likelihood (nats) and \
+         expected calibration error (equal-width confidence bins); lower is better. Reliability diagrams \
+         are in each seed's `calibration/reliability.svg`.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| model | seed | method | test images | accuracy (%) | NLL | ECE |"
+    );
+    let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|");
+    for (model, seed, summary) in found {
+        for m in &summary.methods {
+            let c = &m.calibration;
+            let _ = writeln!(
+                md,
+                "| {model} | {seed} | {} | {} | {:.2} | {:.4} | {:.4} |",
+                m.method,
+                summary.test_images,
+                100.0 * c.accuracy,
+                c.nll,
+                c.ece
+            );
+        }
+    }
+    md
+}
+
 /// The ray widths of every seed folder under `data_dir` that has them: (model, seed folder, widths).
 fn load_flatness(data_dir: &Path) -> Result<Vec<(String, String, Vec<RayWidth>)>> {
     let mut found = Vec::new();
@@ -304,7 +374,9 @@ pub fn write_reports(data_dir: &Path, kind: DatasetKind) -> Result<Vec<PathBuf>>
     let rows = rows(&summaries, kind);
     let mut written = Vec::new();
     let md_path = data_dir.join("results.md");
-    let md = markdown(&rows, kind) + &flatness_markdown(&load_flatness(data_dir)?);
+    let md = markdown(&rows, kind)
+        + &flatness_markdown(&load_flatness(data_dir)?)
+        + &calibration_markdown(&load_calibration(data_dir)?);
     print!("{md}");
     swa_models::checkpoint::write_atomically(&md_path, md.as_bytes())?;
     written.push(md_path);
