@@ -27,25 +27,15 @@ use swa_models::train::{load_ensemble, load_swag_moments};
 use swa_models::{Architecture, HostBatch};
 
 use crate::charts::{curves_panel, drawing_error, Axes, Curve};
-use crate::geometry::{eval_batches, identify};
+use crate::geometry::{eval_batches, SeedFolderArgs};
 use crate::reproduce::{choose_device, Device, DeviceChoice};
 
 /// Arguments of `cargo xtask calibrate`.
 #[derive(Args, Debug)]
 pub struct CalibrateArgs {
-    /// The folder of one seed's runs, as `cargo xtask reproduce` writes it:
-    /// `OUT/<data>/<model>/seed-<s>` with `sgd/`, `swa/` and `fge/` inside.
-    #[arg(long)]
-    pub run: PathBuf,
-    /// Output folder (default: `RUN/calibration`).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Data folder or archive (default: `$SWA_DATA_DIR` or the cache).
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// The data set (default: the name of RUN's grandparent folder, `cifar10` or `cifar100`).
-    #[arg(long, value_enum)]
-    pub data_set: Option<crate::data::DatasetArg>,
+    /// The seed's runs, the data and where to write (default: `RUN/calibration`).
+    #[command(flatten)]
+    pub seed_folder: SeedFolderArgs,
     /// Networks drawn from each SWAG posterior (the paper's 30).
     #[arg(long, default_value_t = PAPER_SAMPLES)]
     pub samples: usize,
@@ -85,10 +75,12 @@ impl CalibrateArgs {
         limits: (Option<usize>, Option<usize>),
     ) -> Self {
         CalibrateArgs {
-            run,
-            out: None,
-            data,
-            data_set: Some(data_set),
+            seed_folder: SeedFolderArgs {
+                run,
+                out: None,
+                data,
+                data_set: Some(data_set),
+            },
             samples: PAPER_SAMPLES,
             bn_subset: limits.0,
             test_subset: limits.1,
@@ -128,17 +120,11 @@ struct Report {
 
 /// Runs the command.
 pub fn run(args: CalibrateArgs) -> Result<()> {
-    let runs = SeedRuns::open(&args.run)?;
-    let (architecture, kind) = identify(&args.run, args.data_set)?;
+    let (runs, architecture, kind, out) = args.seed_folder.open("calibration")?;
     if args.batch_size == 0 || args.bins == 0 || args.samples == 0 {
         bail!("--batch-size, --bins and --samples must be at least 1");
     }
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| args.run.join("calibration"));
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let splits = crate::data::load_splits(kind, args.data.as_deref())?;
+    let splits = crate::data::load_splits(kind, args.seed_folder.data.as_deref())?;
     let classes = splits.train.num_classes();
     let bn = eval_batches(
         splits.train,
@@ -153,7 +139,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         architecture,
     )?;
     let mut report = Report {
-        run: args.run.clone(),
+        run: args.seed_folder.run.clone(),
         model: architecture.to_string(),
         data_set: kind.cli_name().to_string(),
         test_images: test.iter().map(HostBatch::len).sum(),
@@ -300,11 +286,7 @@ fn calibrate_all<B: Backend>(
     }
 
     // SWAG: the moments of the SWA run's last checkpoint.
-    let moments = runs
-        .run(RunKind::Swa, "SWAG moments")
-        .ok()
-        .and_then(|run| run.checkpoints.last().map(|(_, dir)| dir.clone()));
-    let moments = match moments {
+    let moments = match latest_checkpoint(runs, RunKind::Swa) {
         Some(dir) => load_swag_moments(&backend, &dir)?.map(|m| (m, dir)),
         None => None,
     };
@@ -362,11 +344,7 @@ fn calibrate_all<B: Backend>(
     }
 
     // FGE: the ensemble the FGE run kept, on the same test images.
-    let fge = runs
-        .run(RunKind::Fge, "FGE")
-        .ok()
-        .and_then(|run| run.checkpoints.last().map(|(_, dir)| dir.clone()));
-    match fge {
+    match latest_checkpoint(runs, RunKind::Fge) {
         None => report
             .skipped
             .push(("FGE".into(), "no FGE run in the folder".into())),
@@ -405,6 +383,13 @@ fn calibrate_all<B: Backend>(
         println!("  {method:<18} skipped: {why}");
     }
     Ok(())
+}
+
+/// The folder of the latest checkpoint of the seed's run of `kind`, if it has one.
+fn latest_checkpoint(runs: &SeedRuns, kind: RunKind) -> Option<PathBuf> {
+    runs.run(kind, kind.name())
+        .ok()
+        .and_then(|run| run.checkpoints.last().map(|(_, dir)| dir.clone()))
 }
 
 fn progress(total: u64, what: &str) -> ProgressBar {

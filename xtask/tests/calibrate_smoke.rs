@@ -3,8 +3,12 @@
 //! table of `results.md`, the reliability diagram and the per-example probabilities are written, and a
 //! corrupt moments file is refused with its name.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
+
+use common::assert_success;
 
 use swa_data::{synthetic, DatasetKind, Layout, Packaging};
 use swa_models::checkpoint::StateDict;
@@ -18,16 +22,6 @@ fn xtask(args: &[&str], extra: &[(&str, &Path)]) -> Output {
         command.arg(flag).arg(path);
     }
     command.output().expect("the xtask binary runs")
-}
-
-fn assert_success(output: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
 }
 
 #[test]

@@ -2,8 +2,12 @@
 //! the weights of every figure it can make, write the figures, `geometry.json` and the flatness table,
 //! resume from its cache without evaluating a point twice, and refuse folders that are not a seed's runs.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
+
+use common::assert_success;
 
 use swa_data::{synthetic, DatasetKind, Layout, Packaging};
 
@@ -19,16 +23,6 @@ fn xtask(args: &[&str], data: &Path, extra: &[&Path]) -> Output {
         .arg(data)
         .output()
         .expect("the xtask binary runs")
-}
-
-fn assert_success(output: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
 }
 
 #[test]

@@ -73,17 +73,14 @@ impl PlaneKind {
     }
 }
 
-/// Arguments of `cargo xtask geometry`.
-#[derive(Args, Debug)]
-pub struct GeometryArgs {
-    /// The figures.
-    #[arg(value_enum)]
-    pub figures: Figures,
+/// The arguments of the commands that work on one seed's finished runs (`geometry`, `calibrate`).
+#[derive(Args, Debug, Clone)]
+pub struct SeedFolderArgs {
     /// The folder of one seed's runs, as `cargo xtask reproduce` writes it:
     /// `OUT/<data>/<model>/seed-<s>` with `sgd/`, `swa/` (and `fge/`) inside.
     #[arg(long)]
     pub run: PathBuf,
-    /// Output folder (default: `RUN/geometry`).
+    /// Output folder (default: a folder named after the command inside RUN).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Data folder or archive (default: `$SWA_DATA_DIR` or the cache).
@@ -92,6 +89,28 @@ pub struct GeometryArgs {
     /// The data set (default: the name of RUN's grandparent folder, `cifar10` or `cifar100`).
     #[arg(long, value_enum)]
     pub data_set: Option<crate::data::DatasetArg>,
+}
+
+impl SeedFolderArgs {
+    /// The seed's runs, network and data set, and the output folder (`RUN/<name>` by default), created.
+    pub fn open(&self, name: &str) -> Result<(SeedRuns, Architecture, DatasetKind, PathBuf)> {
+        let runs = SeedRuns::open(&self.run)?;
+        let (architecture, kind) = identify(&self.run, self.data_set)?;
+        let out = self.out.clone().unwrap_or_else(|| self.run.join(name));
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        Ok((runs, architecture, kind, out))
+    }
+}
+
+/// Arguments of `cargo xtask geometry`.
+#[derive(Args, Debug)]
+pub struct GeometryArgs {
+    /// The figures.
+    #[arg(value_enum)]
+    pub figures: Figures,
+    /// The seed's runs, the data and where to write.
+    #[command(flatten)]
+    pub folder: SeedFolderArgs,
     /// Random rays per solution.
     #[arg(long, default_value_t = 10)]
     pub rays: usize,
@@ -227,13 +246,7 @@ struct PointReport {
 
 /// Runs the command.
 pub fn run(args: GeometryArgs) -> Result<()> {
-    let runs = SeedRuns::open(&args.run)?;
-    let (architecture, kind) = identify(&args.run, args.data_set)?;
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| args.run.join("geometry"));
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let (runs, architecture, kind, out) = args.folder.open("geometry")?;
 
     match choose_device(args.device, args.threads)? {
         Device::Cpu(_) => {
@@ -265,7 +278,7 @@ fn num_cpus() -> usize {
 
 /// The network and data set of a run folder `OUT/<data>/<model>/seed-<s>` (the data set given overrides
 /// the folder's name).
-pub(crate) fn identify(
+fn identify(
     run: &Path,
     data_set: Option<crate::data::DatasetArg>,
 ) -> Result<(Architecture, DatasetKind)> {
@@ -345,7 +358,7 @@ fn survey_all<B: Backend + Send>(
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let splits = crate::data::load_splits(kind, args.data.as_deref())?;
+    let splits = crate::data::load_splits(kind, args.folder.data.as_deref())?;
     let classes = splits.train.num_classes();
     let train = eval_batches(
         splits.train,
@@ -405,7 +418,7 @@ fn survey_all<B: Backend + Send>(
         classes as u64,
     ];
     let mut report = Report {
-        run: args.run.clone(),
+        run: args.folder.run.clone(),
         model: architecture.to_string(),
         data_set: kind.cli_name().to_string(),
         weight_decay,
@@ -591,7 +604,13 @@ fn survey_all<B: Backend + Send>(
     written.push(md_path);
     // The data set's report gathers the flatness of every surveyed seed, when RUN lies where
     // `cargo xtask reproduce` puts seeds (OUT/<data>/<model>/seed-<s>).
-    if let Some(data_dir) = args.run.canonicalize()?.parent().and_then(Path::parent) {
+    if let Some(data_dir) = args
+        .folder
+        .run
+        .canonicalize()?
+        .parent()
+        .and_then(Path::parent)
+    {
         if data_dir.file_name().and_then(|n| n.to_str()) == Some(kind.cli_name()) {
             written.extend(write_reports(data_dir, kind)?);
         }
