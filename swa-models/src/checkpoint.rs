@@ -442,7 +442,7 @@ impl StateDict {
             let numel = tensor.shape.iter().product::<usize>();
             let mut take = |key: String,
                             rows: Option<usize>|
-             -> Result<Option<(Vec<usize>, Vec<f32>)>, CheckpointError> {
+             -> Result<Option<Vec<f32>>, CheckpointError> {
                 match self.tensors.remove(&key) {
                     None => {
                         missing.push(key);
@@ -454,7 +454,7 @@ impl StateDict {
                             Some(max) => shape.len() == 2 && shape[0] <= max && shape[1] == numel,
                         };
                         if fits {
-                            Ok(Some((shape, values)))
+                            Ok(Some(values))
                         } else {
                             let expected = match rows {
                                 None => tensor.shape.clone(),
@@ -476,13 +476,13 @@ impl StateDict {
                     }),
                 }
             };
-            if let Some((_, values)) = take(format!("{}_mean", tensor.name), None)? {
+            if let Some(values) = take(format!("{}_mean", tensor.name), None)? {
                 tensor.mean = values;
             }
-            if let Some((_, values)) = take(format!("{}_sq_mean", tensor.name), None)? {
+            if let Some(values) = take(format!("{}_sq_mean", tensor.name), None)? {
                 tensor.sq_mean = values;
             }
-            if let Some((_, values)) = take(
+            if let Some(values) = take(
                 format!("{}_cov_mat_sqrt", tensor.name),
                 Some(state.max_rank),
             )? {

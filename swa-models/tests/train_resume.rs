@@ -704,10 +704,11 @@ fn swag_config(epochs: usize, max_rank: usize) -> RunConfig {
     }
 }
 
+/// One parameter's moments on the host: name, mean, second moment, deviations oldest first.
+type HostMoments = (String, Vec<f32>, Vec<f32>, Vec<Vec<f32>>);
+
 /// Everything the moments hold, deviations oldest first (independent of where the ring starts).
-fn swag_values(
-    moments: &SwagMoments<CpuBackend>,
-) -> Vec<(String, Vec<f32>, Vec<f32>, Vec<Vec<f32>>)> {
+fn swag_values(moments: &SwagMoments<CpuBackend>) -> Vec<HostMoments> {
     moments
         .names()
         .into_iter()
