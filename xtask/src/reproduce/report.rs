@@ -346,8 +346,13 @@ fn flatness_markdown(found: &[(String, String, Vec<RayWidth>)]) -> String {
     let _ = writeln!(md, "| model | seed | metric | rise | SGD | SWA |");
     let _ = writeln!(md, "|---|---|---|---:|---:|---:|");
     for (model, seed, widths) in found {
-        let mut metrics: Vec<&str> = widths.iter().map(|w| w.metric.as_str()).collect();
-        metrics.dedup();
+        // Each metric once, in the order of its first width (the widths list SGD's metrics, then SWA's).
+        let mut metrics: Vec<&str> = Vec::new();
+        for width in widths {
+            if !metrics.contains(&width.metric.as_str()) {
+                metrics.push(&width.metric);
+            }
+        }
         for metric in metrics {
             let of = |solution: &str| {
                 widths
@@ -552,6 +557,34 @@ mod tests {
             steps: 10,
             iteration_tests: Vec::new(),
         }
+    }
+
+    #[test]
+    fn the_flatness_table_has_one_row_per_metric_with_sgd_and_swa_side_by_side() {
+        let width = |solution: &str, metric: &str, mean: f64| RayWidth {
+            solution: solution.into(),
+            metric: metric.into(),
+            threshold: 0.1,
+            at_solution: 0.5,
+            per_ray: vec![Some(mean)],
+            mean: Some(mean),
+            std: Some(0.0),
+            range: 40.0,
+        };
+        let widths = vec![
+            width("SGD", "train_loss", 12.0),
+            width("SGD", "test_error", 11.0),
+            width("SWA", "train_loss", 10.0),
+            width("SWA", "test_error", 9.0),
+        ];
+        let md = flatness_markdown(&[("preresnet20".into(), "seed-1".into(), widths)]);
+        let rows: Vec<&str> = md
+            .lines()
+            .filter(|l| l.starts_with("| preresnet20"))
+            .collect();
+        assert_eq!(rows.len(), 2, "{md}");
+        assert!(rows[0].contains("train_loss") && rows[0].contains("12") && rows[0].contains("10"));
+        assert!(rows[1].contains("test_error") && rows[1].contains("11") && rows[1].contains("9"));
     }
 
     #[test]
