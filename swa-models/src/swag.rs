@@ -17,7 +17,7 @@
 
 use swa_core::backend::Backend;
 use swa_core::seed::splitmix64_mix;
-use swa_core::swag::{Covariance, SwagMoments};
+use swa_core::swag::{Covariance, SwagError, SwagMoments};
 
 use crate::batch::HostBatch;
 use crate::bn::update_bn;
@@ -68,6 +68,8 @@ impl BmaConfig {
 /// `test_batches`. `on_sample(i, metrics)` is called after sample `i` with that network's own test
 /// metrics. `model` is left holding the last sample.
 ///
+/// Sample `i` is [`SwagMoments::sample_into`] with the seed [`BmaConfig::sample_seed`]`(i)`.
+///
 /// Fails with [`TrainError::InvalidConfig`] for zero samples or a scale that is negative or not finite,
 /// and with [`TrainError::Swag`] when the moments do not fit the model or hold too few columns for the
 /// covariance.
@@ -80,21 +82,87 @@ pub fn bayesian_model_average<B: Backend>(
     config: &BmaConfig,
     on_sample: &mut dyn FnMut(usize, &Metrics),
 ) -> Result<Ensemble, TrainError> {
-    if config.samples == 0 {
+    check_scale(config.scale)?;
+    average_samples(
+        backend,
+        model,
+        bn_batches,
+        test_batches,
+        config.samples,
+        &mut |index, model| {
+            let seed = config.sample_seed(index);
+            moments.sample_into(backend, model, config.scale, config.covariance, seed)?;
+            Ok(seed)
+        },
+        on_sample,
+    )
+}
+
+/// [`bayesian_model_average`] over samples of given noise: sample `i` is
+/// [`SwagMoments::sample_with_noise`] with `noise[i] = (z₁, z₂)` (the layout of
+/// [`SwagMoments::draw_noise`]), so that the average can be checked against another implementation of
+/// the paper's formulas, or drawn from a generator of the caller's. BatchNorm's recomputation for sample
+/// `i` gets the seed `i`.
+///
+/// Fails as [`bayesian_model_average`] does, and with [`TrainError::Swag`] for noise of the wrong
+/// length.
+#[allow(clippy::too_many_arguments)]
+pub fn bayesian_model_average_of_noise<B: Backend>(
+    backend: &B,
+    moments: &SwagMoments<B>,
+    model: &mut dyn Module<B>,
+    bn_batches: &[HostBatch],
+    test_batches: &[HostBatch],
+    scale: f32,
+    covariance: Covariance,
+    noise: &[(Vec<f32>, Vec<f32>)],
+    on_sample: &mut dyn FnMut(usize, &Metrics),
+) -> Result<Ensemble, TrainError> {
+    check_scale(scale)?;
+    average_samples(
+        backend,
+        model,
+        bn_batches,
+        test_batches,
+        noise.len(),
+        &mut |index, model| {
+            let (z1, z2) = &noise[index];
+            moments.sample_with_noise(backend, model, scale, covariance, z1, z2)?;
+            Ok(index as u64)
+        },
+        on_sample,
+    )
+}
+
+fn check_scale(scale: f32) -> Result<(), TrainError> {
+    if scale.is_finite() && scale >= 0.0 {
+        Ok(())
+    } else {
+        Err(TrainError::InvalidConfig(format!(
+            "SWAG scale {scale} must be finite and at least 0"
+        )))
+    }
+}
+
+/// The loop of Algorithm 1: `draw(i, model)` writes sample `i` into the model and returns the seed of its
+/// BatchNorm pass; the statistics are recomputed and the sample's predictions join the ensemble.
+fn average_samples<B: Backend>(
+    backend: &B,
+    model: &mut dyn Module<B>,
+    bn_batches: &[HostBatch],
+    test_batches: &[HostBatch],
+    samples: usize,
+    draw: &mut dyn FnMut(usize, &mut dyn Module<B>) -> Result<u64, SwagError>,
+    on_sample: &mut dyn FnMut(usize, &Metrics),
+) -> Result<Ensemble, TrainError> {
+    if samples == 0 {
         return Err(TrainError::InvalidConfig(
             "Bayesian model averaging needs at least one sample (the paper draws 30)".into(),
         ));
     }
-    if !(config.scale.is_finite() && config.scale >= 0.0) {
-        return Err(TrainError::InvalidConfig(format!(
-            "SWAG scale {} must be finite and at least 0",
-            config.scale
-        )));
-    }
     let mut ensemble = Ensemble::new();
-    for index in 0..config.samples {
-        let seed = config.sample_seed(index);
-        moments.sample_into(backend, model, config.scale, config.covariance, seed)?;
+    for index in 0..samples {
+        let seed = draw(index, model)?;
         update_bn(backend, model, bn_batches, seed)?;
         let metrics = ensemble.add_member(backend, model, test_batches)?;
         on_sample(index, &metrics);

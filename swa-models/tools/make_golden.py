@@ -36,7 +36,10 @@ The first form writes, into swa-models/tests/fixtures/:
                                t·w_SGD + (1 − t)·w_SWA, BatchNorm recomputed with swa_utils.update_bn on the
                                train batches, then the eval-mode train and test cross-entropy and error and
                                the L2 term wd/2·‖w‖² ("t<i>.train_nll", …, in float64), with the batches
-                               ("train<j>.input"/"train<j>.labels", "test0.input"/"test0.labels").
+                               ("train<j>.input"/"train<j>.labels", "test0.input"/"test0.labels");
+  golden_swag_<net>.safetensors
+                               SWAG's moments, one sample of each covariance from given noise and the Bayesian
+                               model average with BatchNorm recomputed per sample: see golden_swag.py.
 The second form loads a checkpoint written by swa-models into the reference network NAME (a key of
 torch_ref.MODELS, or preresnet<depth> / wrn<depth>x<k>) with load_state_dict(strict=True).
 
@@ -362,6 +365,13 @@ def imagenet_networks(ref, out):
     golden_imagenet_networks.write(out, randomise_batch_norm, write_forward_fixtures, write_gradient_fixture)
 
 
+def swag_golden(ref, out):
+    """SWAG's moments, samples and Bayesian model average: see golden_swag.py."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import golden_swag
+    golden_swag.write(out, randomise_batch_norm)
+
+
 def check_load(ref, path, name, classes):
     model = build(ref, name, int(classes))
     state = load_file(path)
@@ -380,7 +390,7 @@ def main():
     parser.add_argument('--out', default=os.path.join(here, '..', 'tests', 'fixtures'))
     parser.add_argument('--check-load', nargs=3, metavar=('CHECKPOINT', 'NAME', 'CLASSES'))
     parser.add_argument('--only', choices=['golden', 'formula', 'train', 'geometry', 'sgd', 'shapes', 'cifar',
-                                           'imagenet'],
+                                           'imagenet', 'swag'],
                         help='write one family of fixtures only')
     args = parser.parse_args()
     sys.path.insert(0, args.torch_ref)
@@ -392,7 +402,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     families = {'golden': golden, 'formula': formula_golden, 'train': train_golden,
                 'geometry': geometry_golden, 'sgd': sgd_golden,
-                'shapes': shapes, 'cifar': cifar_networks, 'imagenet': imagenet_networks}
+                'shapes': shapes, 'cifar': cifar_networks, 'imagenet': imagenet_networks,
+                'swag': swag_golden}
     for family, write in families.items():
         if args.only in (None, family):
             write(ref, args.out)
