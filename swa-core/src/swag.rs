@@ -63,9 +63,12 @@
 //! # Memory
 //!
 //! The moments hold `2 + K` tensors the size of the parameters (first moment, second moment and `K`
-//! columns) on the backend: [`SwagMoments::bytes_needed`] says how many bytes, for a caller to refuse a
-//! rank that would not fit before collecting anything. With the paper's `K = 20` that is 22 copies of the
-//! network.
+//! columns) on the backend: [`SwagMoments::bytes_needed`] says how many bytes. With the paper's `K = 20`
+//! that is 22 copies of the network: 0.15 GB for PreResNet-20's 0.27M parameters, 3.2 GB for
+//! WRN-28-10's 36.5M. [`SwagMoments::new`] refuses, before allocating anything, moments that would not
+//! fit in what the backend reports available ([`SwagMoments::check_fits`],
+//! [`Backend::memory_available`]: the host's available memory on the CPU), with
+//! [`SwagError::DoesNotFit`] naming both sizes.
 //!
 //! # Checkpoints
 //!
@@ -240,6 +243,27 @@ pub enum SwagError {
         /// The operation.
         op: &'static str,
     },
+    /// Moments whose `K + 2` copies of the parameters need more memory than the backend has available.
+    #[error(
+        "SWAG moments of {parameters} parameters at maximum rank {max_rank} need {needed_bytes} bytes \
+         ({max_rank} deviation columns, the mean and the second moment: {copies} copies of the \
+         parameters, 4 bytes each), but the backend ({backend}) has {available_bytes} bytes available; \
+         keep fewer deviation columns or use a device with more memory"
+    )]
+    DoesNotFit {
+        /// Parameter elements of the model.
+        parameters: usize,
+        /// The maximum rank asked for.
+        max_rank: usize,
+        /// `max_rank + 2`.
+        copies: u64,
+        /// [`SwagMoments::bytes_needed`].
+        needed_bytes: u64,
+        /// [`Backend::memory_available`].
+        available_bytes: u64,
+        /// [`Backend::name`].
+        backend: String,
+    },
     /// A backend operation failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -327,8 +351,9 @@ impl<B: Backend> SwagMoments<B> {
     /// keeping at most `max_rank` deviation columns ([`DEFAULT_MAX_RANK`] is the paper's 20).
     ///
     /// Fails with [`SwagError::ZeroMaxRank`] for `max_rank = 0`, [`SwagError::NoParameters`] for a model
-    /// without parameters and [`SwagError::Layout`] with [`LayoutError::DuplicateName`] for a repeated
-    /// parameter name.
+    /// without parameters, [`SwagError::Layout`] with [`LayoutError::DuplicateName`] for a repeated
+    /// parameter name, and [`SwagError::DoesNotFit`] when the moments at full rank would need more memory
+    /// than the backend has available ([`check_fits`](Self::check_fits)); nothing is allocated then.
     pub fn new(
         backend: &B,
         model: &dyn NamedTensors<B>,
@@ -342,6 +367,7 @@ impl<B: Backend> SwagMoments<B> {
         if layout.is_empty() {
             return Err(SwagError::NoParameters { op: "new" });
         }
+        Self::check_fits(backend, layout.numel(), max_rank)?;
         let mut slots = Vec::with_capacity(layout.len());
         // Nothing to pair the tensors with: the slots are what is built.
         layout.zip_visit(model, std::iter::repeat(()), |entry, (), theta| {
@@ -740,6 +766,26 @@ impl<B: Backend> SwagMoments<B> {
         copies
             .saturating_mul(parameters as u64)
             .saturating_mul(std::mem::size_of::<f32>() as u64)
+    }
+
+    /// Refuses, before anything is collected, moments of `parameters` elements at `max_rank` whose
+    /// [`bytes_needed`](Self::bytes_needed) exceed what `backend` has available
+    /// ([`Backend::memory_available`]): the host's available memory on the CPU. A backend that cannot tell
+    /// (`None`) is not refused here; its allocations report running out. The memory the model and its
+    /// other state already take is counted as used, since the check reads what is available now.
+    pub fn check_fits(backend: &B, parameters: usize, max_rank: usize) -> Result<(), SwagError> {
+        let needed_bytes = Self::bytes_needed(parameters, max_rank);
+        match backend.memory_available() {
+            Some(available_bytes) if needed_bytes > available_bytes => Err(SwagError::DoesNotFit {
+                parameters,
+                max_rank,
+                copies: (max_rank as u64).saturating_add(2),
+                needed_bytes,
+                available_bytes,
+                backend: backend.name(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     // ---------------------------------------------------------------- internals

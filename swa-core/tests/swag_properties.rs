@@ -859,6 +859,51 @@ fn inconsistent_states_are_refused() {
 }
 
 #[test]
+fn moments_larger_than_the_available_memory_are_refused_before_anything_is_allocated() {
+    let b = backend();
+    let available = b
+        .memory_available()
+        .expect("the CPU backend reads /proc/meminfo on Linux");
+    let parameters = SwagMoments::new(b, &toy(1.0), 2)
+        .expect("moments")
+        .parameter_count();
+    // Enough columns that K + 2 copies of the toy's parameters need twice the host's available memory
+    // (which moves a little between two readings).
+    let max_rank = usize::try_from(available / (parameters as u64 * 4)).expect("fits usize") * 2;
+    let err = SwagMoments::new(b, &toy(1.0), max_rank).unwrap_err();
+    let expected_parameters = parameters;
+    match &err {
+        SwagError::DoesNotFit {
+            parameters,
+            max_rank: rank,
+            copies,
+            needed_bytes,
+            available_bytes,
+            backend,
+        } => {
+            assert_eq!(*parameters, expected_parameters);
+            assert_eq!(*rank, max_rank);
+            assert_eq!(*copies, max_rank as u64 + 2);
+            assert_eq!(
+                *needed_bytes,
+                SwagMoments::<CpuBackend>::bytes_needed(expected_parameters, max_rank)
+            );
+            assert!(needed_bytes > available_bytes);
+            assert!(backend.starts_with("cpu"), "{backend}");
+        }
+        other => panic!("expected DoesNotFit, got {other:?}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("maximum rank {max_rank}"))
+            && message.contains("bytes available"),
+        "{message}"
+    );
+    // The paper's rank fits easily.
+    assert!(SwagMoments::<CpuBackend>::check_fits(b, expected_parameters, 20).is_ok());
+}
+
+#[test]
 fn bytes_needed_counts_two_moments_and_k_columns() {
     assert_eq!(
         SwagMoments::<CpuBackend>::bytes_needed(1000, 20),

@@ -22,7 +22,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use swa_core::averaging::{AverageState, BufferPolicy, WeightAverage, WeightAveraging, WeightRule};
-use swa_core::backend::Backend;
+use swa_core::backend::{Backend, HasShape};
+use swa_core::params::TensorRole;
 use swa_core::policy::SwaPolicy;
 use swa_core::schedule::{LrSchedule, Period, Schedule};
 use swa_core::seed::splitmix64_mix;
@@ -329,6 +330,14 @@ impl<B: Backend> Trainer<B> {
                         .into(),
                 ));
             }
+            // Refused now rather than at `swa_start`, after hours of training.
+            let mut parameters = 0;
+            model.visit_tensors(&mut |_, role, tensor| {
+                if role == TensorRole::Parameter {
+                    parameters += tensor.numel();
+                }
+            });
+            SwagMoments::check_fits(&backend, parameters, swag.max_rank)?;
         }
         let ensemble = matches!(
             config.snapshots,

@@ -89,7 +89,10 @@ fn batch(io: &StateDict, prefix: &str, labels: Option<&str>) -> HostBatch {
     };
     HostBatch {
         images: images.clone(),
-        shape: shape.as_slice().try_into().expect("images are [n, c, h, w]"),
+        shape: shape
+            .as_slice()
+            .try_into()
+            .expect("images are [n, c, h, w]"),
         labels,
     }
 }
@@ -118,9 +121,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tolerance: f64) {
 fn collected<B: Backend>(backend: &B, io: &StateDict) -> (Box<dyn Module<B>>, SwagMoments<B>) {
     let architecture: Architecture = NETWORK.parse().expect("architecture");
     // Another seed than PyTorch's: every parameter must come from the snapshots.
-    let mut model = architecture
-        .build(backend, CLASSES, 4321)
-        .expect("network");
+    let mut model = architecture.build(backend, CLASSES, 4321).expect("network");
     state_dict(io, "snapshot0")
         .copy_into_module(backend, model.as_mut())
         .expect("snapshot 0 loads");
@@ -165,7 +166,9 @@ fn the_moments_are_the_papers_over_the_snapshots() {
     let names = moments.names();
     assert!(names.len() > 20, "only {} parameter tensors", names.len());
     for name in names {
-        let mean = backend.to_host(moments.mean(name).expect("mean")).expect("read");
+        let mean = backend
+            .to_host(moments.mean(name).expect("mean"))
+            .expect("read");
         assert_close(
             &format!("mean of {name}"),
             &mean,
@@ -227,7 +230,10 @@ fn a_sample_of_given_noise_is_the_papers_draw() {
             moved = moved.max(distance);
         }
         // The sample is not the mean: the comparison above saw the noise's term.
-        assert!(moved > 1e-3, "{key}: moves no parameter by more than {moved:.2e}");
+        assert!(
+            moved > 1e-3,
+            "{key}: moves no parameter by more than {moved:.2e}"
+        );
     }
 }
 
@@ -260,12 +266,17 @@ fn the_bayesian_model_average_equals_pytorchs() {
     let got: Vec<f32> = ensemble.probabilities().iter().map(|&p| p as f32).collect();
     let want = floats(&io, "bma.probabilities");
     let (difference, _) = worst_difference(&got, want);
-    eprintln!("Bayesian model average: largest difference from PyTorch's probabilities {difference:.2e}");
+    eprintln!(
+        "Bayesian model average: largest difference from PyTorch's probabilities {difference:.2e}"
+    );
     assert!(
         difference <= PROBABILITY_TOLERANCE,
         "averaged probabilities differ from PyTorch's by {difference:.3e}"
     );
     // The average is of different networks: a member alone is not it.
     let (spread, _) = worst_difference(floats(&io, "bma.member0.probabilities"), want);
-    assert!(spread > 10.0 * PROBABILITY_TOLERANCE, "members barely differ ({spread:.2e})");
+    assert!(
+        spread > 10.0 * PROBABILITY_TOLERANCE,
+        "members barely differ ({spread:.2e})"
+    );
 }

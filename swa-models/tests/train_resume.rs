@@ -5,7 +5,7 @@
 
 use swa_core::averaging::{BufferPolicy, CustomRule, WeightAveraging, WeightRule};
 use swa_core::schedule::{LrSchedule, Period, Schedule};
-use swa_core::swag::SwagMoments;
+use swa_core::swag::{SwagError, SwagMoments};
 use swa_core::Backend;
 use swa_core::CpuBackend;
 use swa_models::optim::SgdConfig;
@@ -806,6 +806,15 @@ fn swag_moments_need_a_run_that_averages_and_at_least_one_column() {
             assert!(message.contains("max_rank 0"), "{message}")
         }
         other => panic!("expected an invalid configuration, got {other:?}"),
+    }
+    // A rank whose K + 2 copies of the parameters exceed the host's memory is refused before training.
+    let available = backend.memory_available().expect("/proc/meminfo");
+    let huge_rank = usize::try_from(available / 4).expect("fits usize");
+    match build(swag_config(4, huge_rank)) {
+        Some(TrainError::Swag(SwagError::DoesNotFit { max_rank, .. })) => {
+            assert_eq!(max_rank, huge_rank)
+        }
+        other => panic!("expected moments that do not fit, got {other:?}"),
     }
 }
 

@@ -70,6 +70,9 @@ where
     fn synchronize(&self) -> BackendResult<()> {
         self.inner().synchronize()
     }
+    fn memory_available(&self) -> Option<u64> {
+        self.inner().memory_available()
+    }
     fn fill_(&self, tensor: &mut Self::Tensor, value: f32) -> BackendResult<()> {
         self.inner().fill_(tensor, value)
     }

@@ -196,6 +196,12 @@ pub trait Backend:
     fn reshape(&self, tensor: Self::Tensor, shape: &[usize]) -> BackendResult<Self::Tensor>;
     /// Waits until all queued work has finished.
     fn synchronize(&self) -> BackendResult<()>;
+    /// Bytes the backend can still allocate, when it can tell (for callers that refuse work that would
+    /// not fit, such as SWAG's `K + 2` copies of the parameters, before spending time on it). `None`, the
+    /// default, means unknown: the allocation itself then reports running out.
+    fn memory_available(&self) -> Option<u64> {
+        None
+    }
 
     // ---------------------------------------------------------------- in-place updates
 

@@ -99,6 +99,19 @@ pub(crate) fn same_shape(op: &'static str, a: &CpuTensor, b: &CpuTensor) -> Back
     }
 }
 
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes (the file gives kB, which are KiB).
+fn mem_available_bytes(meminfo: &str) -> Option<u64> {
+    meminfo.lines().find_map(|line| {
+        let rest = line.strip_prefix("MemAvailable:")?;
+        let mut fields = rest.split_whitespace();
+        let kib: u64 = fields.next()?.parse().ok()?;
+        match fields.next() {
+            Some("kB") => kib.checked_mul(1024),
+            _ => None,
+        }
+    })
+}
+
 /// Checks a tensor's rank.
 pub(crate) fn rank(
     op: &'static str,
@@ -139,6 +152,14 @@ impl Backend for CpuBackend {
 
     fn zeros(&self, shape: &[usize]) -> BackendResult<CpuTensor> {
         Ok(ArrayD::zeros(IxDyn(shape)))
+    }
+
+    /// The host's available memory (`MemAvailable` of `/proc/meminfo`, Linux's estimate of what can be
+    /// allocated without swapping); `None` where that file is absent or unreadable.
+    fn memory_available(&self) -> Option<u64> {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| mem_available_bytes(&text))
     }
 
     fn to_host(&self, tensor: &CpuTensor) -> BackendResult<Vec<f32>> {
@@ -214,5 +235,28 @@ impl Backend for CpuBackend {
             elementwise::sgd_step(param, grad, momentum, step)
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mem_available_bytes;
+
+    #[test]
+    fn mem_available_is_read_in_bytes_from_meminfo() {
+        let meminfo = "MemTotal:       24608344 kB\nMemFree:         1204200 kB\n\
+                       MemAvailable:   20123456 kB\nBuffers:          123456 kB\n";
+        assert_eq!(mem_available_bytes(meminfo), Some(20_123_456 * 1024));
+    }
+
+    #[test]
+    fn a_meminfo_without_mem_available_or_with_another_unit_tells_nothing() {
+        assert_eq!(
+            mem_available_bytes("MemTotal: 100 kB\nMemFree: 50 kB\n"),
+            None
+        );
+        assert_eq!(mem_available_bytes("MemAvailable: 100 MB\n"), None);
+        assert_eq!(mem_available_bytes("MemAvailable: lots kB\n"), None);
+        assert_eq!(mem_available_bytes(""), None);
     }
 }
