@@ -64,7 +64,7 @@
 //!
 //! The moments hold `2 + K` tensors the size of the parameters (first moment, second moment and `K`
 //! columns) on the backend: [`SwagMoments::bytes_needed`] says how many bytes. With the paper's `K = 20`
-//! that is 22 copies of the network: 0.15 GB for PreResNet-20's 0.27M parameters, 3.2 GB for
+//! that is 22 copies of the network: 24 MB for PreResNet-20's 0.27M parameters, 3.2 GB for
 //! WRN-28-10's 36.5M. [`SwagMoments::new`] refuses, before allocating anything, moments that would not
 //! fit in what the backend reports available ([`SwagMoments::check_fits`],
 //! [`Backend::memory_available`]: the host's available memory on the CPU), with

@@ -174,6 +174,34 @@ impl Dataset {
         }
     }
 
+    /// Splits off the last `n` images as a held-out set: `(the first len − n, the last n)`, both with the
+    /// same class names. The SWAG authors hold out the end of CIFAR's training split this way to fit a
+    /// temperature on images the network never trained on. `n = 0` holds out nothing; an `n` that would
+    /// leave no image to train on is refused.
+    pub fn hold_out(&self, n: usize) -> Result<(Dataset, Dataset)> {
+        if n >= self.len() && n > 0 {
+            return Err(DataError::InvalidConfig(format!(
+                "a held-out set of {n} images leaves nothing to train on: the {} split has {} images",
+                self.split,
+                self.len()
+            )));
+        }
+        let keep = self.len() - n;
+        let part = |range: std::ops::Range<usize>| Dataset {
+            kind: self.kind,
+            split: self.split,
+            images: self.images[range.start * IMAGE_BYTES..range.end * IMAGE_BYTES].to_vec(),
+            labels: self.labels[range.clone()].to_vec(),
+            coarse_labels: self
+                .coarse_labels
+                .as_ref()
+                .map(|c| c[range.clone()].to_vec()),
+            class_names: self.class_names.clone(),
+            coarse_class_names: self.coarse_class_names.clone(),
+        };
+        Ok((part(0..keep), part(keep..self.len())))
+    }
+
     /// Mean of each colour channel over all images, on the 0–255 scale.
     pub fn channel_means(&self) -> [f64; CHANNELS] {
         let plane = IMAGE_SIDE * IMAGE_SIDE;

@@ -181,3 +181,29 @@ fn synthetic_sets_with_chosen_class_counts_load() {
         .iter()
         .all(|&c| c < 2));
 }
+
+#[test]
+fn a_held_out_set_is_the_end_of_the_split_and_the_rest_is_its_start() {
+    let spec = spec(DatasetKind::Cifar100, Layout::Binary, Packaging::Folder);
+    let train = synthetic::generate(&spec).expect("generate").train;
+    let (kept, held) = train.hold_out(5).expect("hold out 5 of 23");
+    assert_eq!((kept.len(), held.len()), (18, 5));
+    assert_eq!(kept.images(), &train.images()[..18 * 3072]);
+    assert_eq!(held.images(), &train.images()[18 * 3072..]);
+    assert_eq!(kept.labels(), &train.labels()[..18]);
+    assert_eq!(held.labels(), &train.labels()[18..]);
+    assert_eq!(
+        held.coarse_labels().expect("coarse"),
+        &train.coarse_labels().expect("coarse")[18..]
+    );
+    assert_eq!(held.class_names(), train.class_names());
+    assert_eq!(held.split(), Split::Train);
+
+    let (all, none) = train.hold_out(0).expect("nothing held out");
+    assert_eq!((all.len(), none.len()), (23, 0));
+    let error = train.hold_out(23).expect_err("nothing left to train on");
+    assert!(
+        error.to_string().contains("23 images") && error.to_string().contains("leaves nothing"),
+        "{error}"
+    );
+}

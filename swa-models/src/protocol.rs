@@ -63,6 +63,9 @@ pub struct Recipe {
     /// Collect SWAG moments with this many deviation columns from the SWA run's snapshots (`None`: SWA
     /// alone).
     pub swag_max_rank: Option<usize>,
+    /// Training images held out at the end of the (limited) training split, for fitting the temperature
+    /// of temperature scaling ([`RunConfig::holdout`]; 0: none, the paper's protocol).
+    pub holdout: usize,
 }
 
 /// The three kinds of run the paper compares.
@@ -175,6 +178,7 @@ impl Recipe {
                 swa_eval_every: 0,
                 test_every_iterations: 0,
                 swag: None,
+                holdout: self.holdout,
             },
             RunKind::Swa => RunConfig {
                 epochs: self.swa_epochs,
@@ -195,6 +199,7 @@ impl Recipe {
                 swag: self
                     .swag_max_rank
                     .map(|max_rank| SwagCollection { max_rank }),
+                holdout: self.holdout,
             },
             RunKind::Fge => {
                 let cycle = self.fge_cycle.max(2);
@@ -219,6 +224,7 @@ impl Recipe {
                     swa_eval_every: 0,
                     test_every_iterations: self.fge_test_every,
                     swag: None,
+                    holdout: self.holdout,
                 }
             }
         };

@@ -104,6 +104,17 @@ pub struct RunConfig {
     /// Also collect SWAG moments from the snapshots (runs that average weights only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub swag: Option<SwagCollection>,
+    /// Images at the end of the training split held out of training (0: none), on which a temperature
+    /// can be fitted to images the network never saw, as the SWAG authors hold out CIFAR's last 5,000.
+    /// The trainer does not pick its data (the [`BatchSource`] does, and must leave these out); the
+    /// count is recorded so that a checkpoint resumes, and a run branches from, only a run that trained
+    /// on the same images, and so that calibration finds the held-out images again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub holdout: usize,
+}
+
+fn is_zero(count: &usize) -> bool {
+    *count == 0
 }
 
 impl RunConfig {
@@ -135,7 +146,7 @@ impl RunConfig {
     /// ([`Trainer::branch_from`]). The SGD and SWA runs of the paper's protocol share the epochs before
     /// their schedules' first decay; an FGE run shares the SWA run's epochs before its cycles begin.
     pub fn shared_epochs(&self, other: &RunConfig, steps_per_epoch: usize) -> usize {
-        if self.seed != other.seed || self.sgd != other.sgd {
+        if self.seed != other.seed || self.sgd != other.sgd || self.holdout != other.holdout {
             return 0;
         }
         // A snapshot at the end of epoch `start − 1` (by epoch or by iteration) is in the checkpoint

@@ -30,6 +30,7 @@ fn recipe(lr_init: f32, swa_lr: f32, budget: usize, swa_start: usize) -> Recipe 
         train_limit: None,
         test_limit: None,
         swag_max_rank: None,
+        holdout: 0,
     }
 }
 

@@ -8,26 +8,24 @@
 //! (`probabilities.safetensors`) into `DIR/calibration`.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 use serde::Serialize;
 use swa_core::backend::Backend;
-use swa_core::swag::Covariance;
-use swa_models::calibration::{cross_fitted_temperature, Calibration, DEFAULT_BINS};
-use swa_models::checkpoint::{load_module, StateDict, StoredTensor};
-use swa_models::evaluate::predict_all_logits;
+use swa_models::calibration::{
+    calibrate_runs, Calibration, CalibrationData, CalibrationEvent, RunsCalibration,
+    RunsCalibrationConfig, DEFAULT_BINS,
+};
+use swa_models::checkpoint::{StateDict, StoredTensor};
 use swa_models::geometry::SeedRuns;
-use swa_models::protocol::RunKind;
-use swa_models::swag::{bayesian_model_average, BmaConfig, PAPER_SAMPLES};
-use swa_models::train::{load_ensemble, load_swag_moments};
+use swa_models::swag::PAPER_SAMPLES;
 use swa_models::{Architecture, HostBatch};
 
 use crate::charts::{curves_panel, drawing_error, Axes, Curve};
-use crate::geometry::{eval_batches, SeedFolderArgs};
+use crate::geometry::SeedFolderArgs;
 use crate::reproduce::{choose_device, Device, DeviceChoice};
 
 /// Arguments of `cargo xtask calibrate`.
@@ -93,7 +91,7 @@ impl CalibrateArgs {
     }
 }
 
-/// One method's row of the table.
+/// One method's row of `calibration.json`.
 #[derive(Serialize)]
 struct MethodReport {
     method: String,
@@ -111,6 +109,9 @@ struct Report {
     data_set: String,
     test_images: usize,
     bn_images: usize,
+    /// Training images the runs held out, on which the temperature is fitted (0: cross-fitted on the
+    /// test set's halves).
+    holdout_images: usize,
     bins: usize,
     device: String,
     methods: Vec<MethodReport>,
@@ -121,65 +122,83 @@ struct Report {
 /// Runs the command.
 pub fn run(args: CalibrateArgs) -> Result<()> {
     let (runs, architecture, kind, out) = args.seed_folder.open("calibration")?;
-    if args.batch_size == 0 || args.bins == 0 || args.samples == 0 {
-        bail!("--batch-size, --bins and --samples must be at least 1");
-    }
-    let splits = crate::data::load_splits(kind, args.seed_folder.data.as_deref())?;
-    let classes = splits.train.num_classes();
-    let bn = eval_batches(
-        splits.train,
-        args.bn_subset.unwrap_or(usize::MAX),
-        args.batch_size,
+    let batches = args.seed_folder.load_batches(
+        kind,
+        &runs,
         architecture,
-    )?;
-    let test = eval_batches(
-        splits.test,
-        args.test_subset.unwrap_or(usize::MAX),
+        (
+            args.bn_subset.unwrap_or(usize::MAX),
+            args.test_subset.unwrap_or(usize::MAX),
+        ),
         args.batch_size,
-        architecture,
     )?;
+    let data = CalibrationData {
+        bn: &batches.train,
+        holdout: &batches.holdout,
+        test: &batches.test,
+    };
+    let config = RunsCalibrationConfig {
+        samples: args.samples,
+        seed: args.seed,
+        bins: args.bins,
+    };
+    let images = |batches: &[HostBatch]| batches.iter().map(HostBatch::len).sum::<usize>();
     let mut report = Report {
         run: args.seed_folder.run.clone(),
         model: architecture.to_string(),
         data_set: kind.cli_name().to_string(),
-        test_images: test.iter().map(HostBatch::len).sum(),
-        bn_images: bn.iter().map(HostBatch::len).sum(),
+        test_images: images(data.test),
+        bn_images: images(data.bn),
+        holdout_images: images(data.holdout),
         bins: args.bins,
         device: String::new(),
         methods: Vec::new(),
         skipped: Vec::new(),
     };
+    let classes = batches.classes;
+    let scored = match choose_device(args.device, args.threads)? {
+        Device::Cpu(cpu) => score(
+            &cpu,
+            &runs,
+            architecture,
+            classes,
+            data,
+            &config,
+            &mut report,
+        )?,
+        Device::Gpu(gpu) => score(
+            &gpu,
+            &runs,
+            architecture,
+            classes,
+            data,
+            &config,
+            &mut report,
+        )?,
+    };
+
     let mut probabilities = StateDict::new();
-    match choose_device(args.device, args.threads)? {
-        Device::Cpu(cpu) => calibrate_all(
-            &args,
-            &runs,
-            architecture,
-            classes,
-            cpu,
-            &bn,
-            &test,
-            &mut report,
-            &mut probabilities,
-        )?,
-        Device::Gpu(gpu) => calibrate_all(
-            &args,
-            &runs,
-            architecture,
-            classes,
-            gpu,
-            &bn,
-            &test,
-            &mut report,
-            &mut probabilities,
-        )?,
+    for method in scored.methods {
+        probabilities.insert(
+            method.method.as_str(),
+            StoredTensor::F64 {
+                shape: vec![scored.labels.len(), classes],
+                values: method.probabilities,
+            },
+        );
+        report.methods.push(MethodReport {
+            method: method.method,
+            detail: method.detail,
+            calibration: method.calibration,
+            seconds: method.seconds,
+        });
     }
-    let labels: Vec<u32> = test.iter().flat_map(|b| b.labels.iter().copied()).collect();
+    report.skipped = scored.skipped;
     probabilities.insert(
         "labels",
         StoredTensor::I64 {
-            shape: vec![labels.len()],
-            values: labels.iter().map(|&l| i64::from(l)).collect(),
+            shape: vec![scored.labels.len()],
+            values: scored.labels.iter().map(|&l| i64::from(l)).collect(),
         },
     );
     probabilities.save(&out.join("probabilities.safetensors"))?;
@@ -194,202 +213,63 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn calibrate_all<B: Backend>(
-    args: &CalibrateArgs,
+/// Scores every method on `backend`, printing each row and a progress bar per SWAG average.
+fn score<B: Backend>(
+    backend: &B,
     runs: &SeedRuns,
     architecture: Architecture,
     classes: usize,
-    backend: B,
-    bn: &[HostBatch],
-    test: &[HostBatch],
+    data: CalibrationData<'_>,
+    config: &RunsCalibrationConfig,
     report: &mut Report,
-    probabilities: &mut StateDict,
-) -> Result<()> {
+) -> Result<RunsCalibration> {
     report.device = backend.name();
+    let temperature_on = if data.holdout.is_empty() {
+        "halves of the test set".to_string()
+    } else {
+        format!("{} held-out training images", report.holdout_images)
+    };
     println!(
-        "calibration of {architecture} on {} test images (BatchNorm of SWAG samples on {} training images) on {}",
+        "calibration of {architecture} on {} test images (BatchNorm of SWAG samples on {} training \
+         images, temperature on {temperature_on}) on {}",
         report.test_images, report.bn_images, report.device
     );
-    let mut model = architecture.build(&backend, classes, 0)?;
-    let bins = args.bins;
-    let mut add = |report: &mut Report,
-                   method: &str,
-                   detail: String,
-                   probs: &[f64],
-                   labels: &[u32],
-                   started: Instant|
-     -> Result<()> {
-        let calibration = Calibration::of_probabilities(probs, classes, labels, bins)
-            .with_context(|| format!("scoring {method}"))?;
-        probabilities.insert(
-            method,
-            StoredTensor::F64 {
-                shape: vec![labels.len(), classes],
-                values: probs.to_vec(),
-            },
-        );
-        println!(
-            "  {method:<18} accuracy {:6.2}%  NLL {:.4}  ECE {:.4}  ({:.0} s)",
-            100.0 * calibration.accuracy,
-            calibration.nll,
-            calibration.ece,
-            started.elapsed().as_secs_f64()
-        );
-        report.methods.push(MethodReport {
-            method: method.to_string(),
-            detail,
-            calibration,
-            seconds: started.elapsed().as_secs_f64(),
-        });
-        Ok(())
-    };
-
-    // Single networks: SGD and SWA (BatchNorm recomputed when the run finished), SWA with temperature.
-    for (method, file) in [("SGD", runs.sgd_solution()), ("SWA", runs.swa_solution())] {
-        let file = match file {
-            Ok(file) => file,
-            Err(e) => {
-                report.skipped.push((method.into(), e.to_string()));
-                continue;
+    let mut bar: Option<ProgressBar> = None;
+    let scored = calibrate_runs(
+        backend,
+        runs,
+        architecture,
+        classes,
+        data,
+        config,
+        &mut |event| match event {
+            CalibrationEvent::Sampling { method, samples } => {
+                bar = Some(progress(samples as u64, method));
             }
-        };
-        let started = Instant::now();
-        load_module(&backend, model.as_mut(), &file.path)
-            .with_context(|| format!("{method} weights {}", file.path.display()))?;
-        let (logits, labels, _) = predict_all_logits(&backend, model.as_mut(), test)?;
-        let plain =
-            swa_models::calibration::softmax_with_temperature(&logits, classes, &labels, 1.0)?;
-        add(
-            report,
-            method,
-            format!("{}", file.path.display()),
-            &plain,
-            &labels,
-            started,
-        )?;
-        if method == "SWA" {
-            let (scaled, temperatures) = cross_fitted_temperature(&logits, classes, &labels)?;
-            add(
-                report,
-                "SWA + temperature",
-                format!(
-                    "temperatures {:.3} and {:.3}, each fitted on the other half of the test set \
-                     (interleaved halves)",
-                    temperatures[0], temperatures[1]
-                ),
-                &scaled,
-                &labels,
-                started,
-            )?;
-        }
-    }
-
-    // SWAG: the moments of the SWA run's last checkpoint.
-    let moments = match latest_checkpoint(runs, RunKind::Swa) {
-        Some(dir) => load_swag_moments(&backend, &dir)?.map(|m| (m, dir)),
-        None => None,
-    };
-    match moments {
-        None => report.skipped.push((
-            "SWAG".into(),
-            "the SWA run collected no SWAG moments (train it with the quick preset or --method swag)"
-                .into(),
-        )),
-        Some((moments, dir)) => {
-            for (method, covariance) in [
-                ("SWAG-Diagonal", Covariance::Diagonal),
-                ("SWAG", Covariance::LowRankPlusDiagonal),
-            ] {
-                let config = BmaConfig {
-                    samples: args.samples,
-                    ..BmaConfig::paper(covariance, args.seed)
-                };
-                if covariance == Covariance::LowRankPlusDiagonal && moments.rank() < 2 {
-                    report.skipped.push((
-                        method.into(),
-                        format!("the moments hold {} deviation column; SWAG needs two", moments.rank()),
-                    ));
-                    continue;
+            CalibrationEvent::Sampled { .. } => {
+                if let Some(bar) = &bar {
+                    bar.inc(1);
                 }
-                let started = Instant::now();
-                let bar = progress(config.samples as u64, method);
-                let ensemble = bayesian_model_average(
-                    &backend,
-                    &moments,
-                    model.as_mut(),
-                    bn,
-                    test,
-                    &config,
-                    &mut |_, _| bar.inc(1),
-                )?;
-                bar.finish_and_clear();
-                add(
-                    report,
-                    method,
-                    format!(
-                        "{} samples at scale {} from {} snapshots, rank {} ({})",
-                        config.samples,
-                        config.scale,
-                        moments.count(),
-                        moments.rank(),
-                        dir.display()
-                    ),
-                    ensemble.probabilities(),
-                    ensemble.labels(),
-                    started,
-                )?;
             }
-        }
-    }
-
-    // FGE: the ensemble the FGE run kept, on the same test images.
-    match latest_checkpoint(runs, RunKind::Fge) {
-        None => report
-            .skipped
-            .push(("FGE".into(), "no FGE run in the folder".into())),
-        Some(dir) => match load_ensemble(&dir)? {
-            None => report.skipped.push((
-                "FGE".into(),
-                format!("{}: no ensemble member yet", dir.display()),
-            )),
-            Some(ensemble) => {
-                let labels: Vec<u32> = test.iter().flat_map(|b| b.labels.iter().copied()).collect();
-                let n = labels.len();
-                if ensemble.classes() != classes
-                    || ensemble.labels().len() < n
-                    || ensemble.labels()[..n] != labels[..]
-                {
-                    bail!(
-                        "{}: the FGE ensemble was evaluated on other test images ({} labels of {} \
-                         classes) than these {n}",
-                        dir.display(),
-                        ensemble.labels().len(),
-                        ensemble.classes()
-                    );
+            CalibrationEvent::Scored(method) => {
+                if let Some(bar) = bar.take() {
+                    bar.finish_and_clear();
                 }
-                add(
-                    report,
-                    "FGE",
-                    format!("{} snapshots ({})", ensemble.members(), dir.display()),
-                    &ensemble.probabilities()[..n * classes],
-                    &labels,
-                    Instant::now(),
-                )?;
+                println!(
+                    "  {:<18} accuracy {:6.2}%  NLL {:.4}  ECE {:.4}  ({:.0} s)",
+                    method.method,
+                    100.0 * method.calibration.accuracy,
+                    method.calibration.nll,
+                    method.calibration.ece,
+                    method.seconds
+                );
+            }
+            CalibrationEvent::Skipped { method, why } => {
+                println!("  {method:<18} skipped: {why}");
             }
         },
-    }
-    for (method, why) in &report.skipped {
-        println!("  {method:<18} skipped: {why}");
-    }
-    Ok(())
-}
-
-/// The folder of the latest checkpoint of the seed's run of `kind`, if it has one.
-fn latest_checkpoint(runs: &SeedRuns, kind: RunKind) -> Option<PathBuf> {
-    runs.run(kind, kind.name())
-        .ok()
-        .and_then(|run| run.checkpoints.last().map(|(_, dir)| dir.clone()))
+    )?;
+    Ok(scored)
 }
 
 fn progress(total: u64, what: &str) -> ProgressBar {
@@ -495,6 +375,7 @@ mod tests {
             data_set: "cifar10".into(),
             test_images: 2,
             bn_images: 0,
+            holdout_images: 0,
             bins: 2,
             device: "cpu".into(),
             methods: vec![MethodReport {

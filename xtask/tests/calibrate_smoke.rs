@@ -1,6 +1,7 @@
 //! `cargo xtask reproduce --method swag` and `cargo xtask calibrate` end to end on the smoke preset over
-//! synthetic CIFAR-10: the SWA run collects SWAG moments, every method is scored into the calibration
-//! table of `results.md`, the reliability diagram and the per-example probabilities are written, and a
+//! synthetic CIFAR-10: the runs hold out the end of the training split, the SWA run collects SWAG
+//! moments, every method is scored into the calibration table of `results.md` (the temperature fitted on
+//! the held-out images), the reliability diagram and the per-example probabilities are written, and a
 //! corrupt moments file is refused with its name.
 
 mod common;
@@ -44,6 +45,8 @@ fn reproduce_with_swag_scores_every_method_and_calibrate_refuses_corrupt_moments
         "smoke",
         "--method",
         "swag",
+        "--holdout",
+        "32",
     ];
     assert_success(&xtask(&args, &[("--data", &data), ("--out", &out)]));
 
@@ -78,6 +81,14 @@ fn reproduce_with_swag_scores_every_method_and_calibrate_refuses_corrupt_moments
 
     let seed = out.join("cifar10/preresnet8/seed-1");
     let calibration = seed.join("calibration");
+    let markdown = std::fs::read_to_string(calibration.join("calibration.md")).expect("table");
+    assert!(
+        markdown.contains("fitted on the 32 held-out training images"),
+        "{markdown}"
+    );
+    let state = std::fs::read_to_string(seed.join("sgd/checkpoints/epoch-0004/state.json"))
+        .expect("the SGD run's last checkpoint");
+    assert!(state.contains("\"holdout\":32"), "{state}");
     let svg = std::fs::read_to_string(calibration.join("reliability.svg")).expect("diagram");
     assert!(
         svg.contains("SWAG-Diagonal") && svg.contains("confidence"),

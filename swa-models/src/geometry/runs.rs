@@ -140,6 +140,19 @@ impl SeedRuns {
         Ok([a?, b?, c?])
     }
 
+    /// The training images the runs held out ([`RunConfig::holdout`](crate::train::RunConfig)), which
+    /// must agree between them: 0 when they trained on every image.
+    pub fn holdout(&self) -> Result<usize, GeometryError> {
+        let counts: Vec<usize> = self.runs.iter().map(|r| r.info.config.holdout).collect();
+        match counts.split_first() {
+            Some((&first, rest)) if rest.iter().all(|&c| c == first) => Ok(first),
+            _ => Err(GeometryError::MissingRun {
+                dir: self.dir.clone(),
+                what: format!("runs that held out the same training images (found {counts:?})"),
+            }),
+        }
+    }
+
     /// The weight decay of the runs (the L2 term of the train loss), which must agree between them.
     pub fn weight_decay(&self) -> Result<f32, GeometryError> {
         let decays: Vec<f32> = self

@@ -100,6 +100,43 @@ impl SeedFolderArgs {
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         Ok((runs, architecture, kind, out))
     }
+
+    /// The data set as evaluation batches (no augmentation) for the seed's `runs`: the first
+    /// `train_limit` images of those the runs trained on, the training images they held out
+    /// ([`SeedRuns::holdout`]), and the first `test_limit` test images.
+    pub fn load_batches(
+        &self,
+        kind: DatasetKind,
+        runs: &SeedRuns,
+        architecture: Architecture,
+        (train_limit, test_limit): (usize, usize),
+        batch_size: usize,
+    ) -> Result<SeedBatches> {
+        if batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        let splits = crate::data::load_splits(kind, self.data.as_deref())?;
+        let classes = splits.train.num_classes();
+        let (trained, held_out) = splits.train.hold_out(runs.holdout()?)?;
+        Ok(SeedBatches {
+            train: eval_batches(trained, train_limit, batch_size, architecture)?,
+            holdout: eval_batches(held_out, usize::MAX, batch_size, architecture)?,
+            test: eval_batches(splits.test, test_limit, batch_size, architecture)?,
+            classes,
+        })
+    }
+}
+
+/// A seed's images as evaluation batches ([`SeedFolderArgs::load_batches`]).
+pub struct SeedBatches {
+    /// Training images the runs trained on.
+    pub train: Vec<HostBatch>,
+    /// Training images the runs held out (none for the paper's protocol).
+    pub holdout: Vec<HostBatch>,
+    /// Test images.
+    pub test: Vec<HostBatch>,
+    /// The data set's class count.
+    pub classes: usize,
 }
 
 /// Arguments of `cargo xtask geometry`.
@@ -317,13 +354,17 @@ fn identify(
     Ok((architecture, kind))
 }
 
-/// Batches of the first `limit` images of a split, in order, without augmentation.
-pub(crate) fn eval_batches(
+/// Batches of the first `limit` images of a split, in order, without augmentation (none for an empty
+/// split).
+fn eval_batches(
     split: swa_data::Dataset,
     limit: usize,
     batch_size: usize,
     architecture: Architecture,
 ) -> Result<Vec<HostBatch>> {
+    if split.is_empty() || limit == 0 {
+        return Ok(Vec::new());
+    }
     let split = if limit < split.len() {
         split.head(limit)
     } else {
@@ -355,22 +396,20 @@ fn survey_all<B: Backend + Send>(
     backends: Vec<B>,
     default_train_subset: usize,
 ) -> Result<()> {
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
-    let splits = crate::data::load_splits(kind, args.folder.data.as_deref())?;
-    let classes = splits.train.num_classes();
-    let train = eval_batches(
-        splits.train,
-        args.train_subset.unwrap_or(default_train_subset),
-        args.batch_size,
+    let SeedBatches {
+        train,
+        test,
+        classes,
+        ..
+    } = args.folder.load_batches(
+        kind,
+        runs,
         architecture,
-    )?;
-    let test = eval_batches(
-        splits.test,
-        args.test_subset.unwrap_or(usize::MAX),
+        (
+            args.train_subset.unwrap_or(default_train_subset),
+            args.test_subset.unwrap_or(usize::MAX),
+        ),
         args.batch_size,
-        architecture,
     )?;
     let data = SurfaceData {
         train: &train,

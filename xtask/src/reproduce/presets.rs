@@ -59,6 +59,7 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             train_limit: None,
             test_limit: None,
             swag_max_rank: None,
+            holdout: 0,
         },
         (Preset::Paper, Architecture::PreResNet { .. }) => Recipe {
             architecture,
@@ -75,6 +76,7 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             train_limit: None,
             test_limit: None,
             swag_max_rank: None,
+            holdout: 0,
         },
         (Preset::Paper, Architecture::WideResNet { .. }) => Recipe {
             architecture,
@@ -91,6 +93,7 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             train_limit: None,
             test_limit: None,
             swag_max_rank: None,
+            holdout: 0,
         },
         (
             Preset::Paper,
@@ -120,6 +123,7 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             train_limit: None,
             test_limit: None,
             swag_max_rank: Some(DEFAULT_MAX_RANK),
+            holdout: 0,
         },
         (Preset::Smoke, _) => Recipe {
             architecture,
@@ -136,6 +140,7 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             train_limit: Some(1024),
             test_limit: Some(512),
             swag_max_rank: Some(DEFAULT_MAX_RANK),
+            holdout: 0,
         },
     };
     base.validate()?;

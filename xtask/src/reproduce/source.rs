@@ -17,14 +17,20 @@ pub struct CifarSource {
 }
 
 impl CifarSource {
-    /// Batches for `recipe` (its batch size, normalisation and subset), the training order seeded by `seed`.
+    /// Batches for `recipe` (its batch size, normalisation and subset), the training order seeded by `seed`:
+    /// the training images without the `recipe.holdout` held out at the split's end, of which the first
+    /// `recipe.train_limit`.
     pub fn new(
         train: &Arc<Dataset>,
         test: &Arc<Dataset>,
         recipe: &Recipe,
         seed: u64,
     ) -> Result<Self> {
-        let train = limit(train, recipe.train_limit);
+        let trained = match recipe.holdout {
+            0 => Arc::clone(train),
+            held_out => Arc::new(train.hold_out(held_out)?.0),
+        };
+        let train = limit(&trained, recipe.train_limit);
         let test = limit(test, recipe.test_limit);
         let (train_images, test_images) = (train.len(), test.len());
         let normalization = normalization_of(recipe.architecture);

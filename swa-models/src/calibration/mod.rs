@@ -14,6 +14,16 @@
 //!
 //! Temperature scaling divides a single model's logits by one scalar `T > 0` fitted to minimise the NLL
 //! on held-out examples ([`fit_temperature`]); it changes no prediction's class, only its confidence.
+//!
+//! [`calibrate_runs`] puts these together into the SWAG paper's table for the runs of one seed: SGD,
+//! SWA, SWA with a temperature, SWAG-Diagonal, SWAG and FGE on the same test images.
+
+mod runs;
+
+pub use runs::{
+    calibrate_runs, CalibrationData, CalibrationEvent, MethodCalibration, RunsCalibration,
+    RunsCalibrationConfig, RunsCalibrationError,
+};
 
 use crate::evaluate::log_softmax_rows;
 
