@@ -6,7 +6,12 @@
 //! itself ([`std::env::current_exe`]) with the hidden [`PROBE_COMMAND`], which builds the network, trains
 //! a few steps through [`TrainingStep`] (swa-models' own `sgd_step`, the trainer's step) and prints its
 //! resident set before building the network and its peak ([`PeakRss::line`]); PyTorch's side is
-//! `torch_ref.py peak`, which prints the same line from `resource.getrusage` after the same steps.
+//! `torch_ref.py peak`, which prints the same line from its own `/proc/self/status` after the same steps.
+//!
+//! Both sides read `VmHWM`, the peak of the process's own address space, which starts afresh at `exec`.
+//! `getrusage`'s `ru_maxrss` would not do: Linux carries the peak of the address space an `exec`
+//! replaces into it, so a child spawned by this process (whose peak includes the networks it trained)
+//! would report the benchmark's peak rather than its own.
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -79,8 +79,8 @@ impl TorchRunner {
 
     /// The resident memory of a process training `model` at `batch` for `steps` SGD steps (the first
     /// included): `PYTHON script peak MODEL BATCH STEPS`, which reads its resident set after importing
-    /// PyTorch and its peak (`getrusage`'s `ru_maxrss`) after the steps. Run in a process of its own, so
-    /// that nothing else's peak mixes in.
+    /// PyTorch and its peak (`VmHWM`, not `ru_maxrss`: see [`crate::memory`]) after the steps. Run in a
+    /// process of its own, so that nothing else's peak mixes in.
     pub fn train_peak_rss(
         &self,
         model: &str,

@@ -19,10 +19,21 @@ fn the_probe_subcommand_trains_and_prints_its_resident_memory() {
         threads: 1,
     }
     .args();
+    // The parent's peak must not show in the child's: 512 MiB touched here, far above what training
+    // PreResNet-20 on 2 images takes (a child's `ru_maxrss` would report this parent's peak).
+    let parent_ballast = vec![1u8; 512 << 20];
     let output = Command::new(env!("CARGO_BIN_EXE_swa-bench"))
         .args(&args)
         .output()
         .expect("starting swa-bench");
+    assert_eq!(
+        parent_ballast
+            .iter()
+            .step_by(4096)
+            .map(|&b| b as usize)
+            .sum::<usize>(),
+        512 << 8
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -34,6 +45,10 @@ fn the_probe_subcommand_trains_and_prints_its_resident_memory() {
     // Building PreResNet-20 (0.27M parameters, with momentum and gradients) and training must grow the
     // resident set by at least the parameters' 1 MiB.
     assert!(rss.peak_kib > rss.start_kib + 1024, "{rss:?}");
+    assert!(
+        rss.peak_kib < 256 << 10,
+        "the child reported its parent's peak: {rss:?}"
+    );
 }
 
 #[test]

@@ -301,7 +301,7 @@ fn record_memory(
                 torch,
             )
             .note(format!(
-                "torch_ref.py peak: ru_maxrss of a process training {steps} steps; {}",
+                "torch_ref.py peak: VmHWM of a process training {steps} steps; {}",
                 describe(theirs, "after `import torch`")
             )),
         );
