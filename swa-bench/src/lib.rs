@@ -11,7 +11,8 @@
 //! | `averaging` | [`WeightAverage::update`](swa_core::WeightAverage) and EMA updates over 1.7M and 36.5M parameters (PreResNet-164, WRN-28-10), GB/s | a plain memory copy (target ≥ 90%) |
 //! | `overhead` | a PreResNet-20 training span with and without an SWA update; `update_bn` | an epoch (target ≤ 1%); a forward-only pass (target: no slower) |
 //! | `kernels` | convolutions (forward, weight gradient, both gradients) and their GEMMs at the shapes of PreResNet-20/164 and VGG-16, GFLOP/s | a large square GEMM from the `gemm` crate (the machine's practical peak) |
-//! | `training` | training images/s of PreResNet-20, PreResNet-164, VGG-16, WRN-16-4 at batch 128, and GFLOP/s | the GEMM peak; PyTorch on the same network (`--torch PYTHON`) |
+//! | `training` | training images/s of PreResNet-20 (batch 32, 64, 128, 256), PreResNet-164, VGG-16, WRN-16-4 (batch 128), GFLOP/s, and the peak resident memory of training, each side in a child process of its own ([`memory`]) | the GEMM peak; PyTorch on the same network and batch (`--torch PYTHON`), in alternating rounds, per-round ratios included: memory target ≤ 1.0× |
+//! | `epoch` | img/s of a slice of a real CIFAR-10 epoch (`--data DIR` or `SWA_CIFAR10_DIR`): swa-data's shuffled, augmented batches into the trainer's step | PyTorch's same loop with numpy augmentation (`--torch PYTHON`), in alternating rounds |
 //! | `eval` | img/s of `evaluate` and `update_bn` on PreResNet-20, VGG-16 and VGG-16-BN at batch 128, in rounds | PyTorch's `model.eval()` under `no_grad` and `swa_utils.update_bn` (`--torch PYTHON`): targets ≥ 1.5× and ≥ 1.3× |
 //! | `data` | augmented batches/s from swa-data | — |
 //! | `gpu` | averaging, kernels and training on the wgpu backend | the GPU's own copy bandwidth |
@@ -20,12 +21,15 @@
 //! written as JSON with the machine's description (CPU, cores, threads, load, adapter), the crate and
 //! compiler versions and the command line ([`report::Report`]).
 //!
-//! The library holds the pieces the binary puts together: [`stats`] (median, min, max), [`flops`]
-//! (FLOP counts, including a counting backend that measures a network's FLOPs by running it),
-//! [`timing`] (how each backend is timed), [`workload`] (what is run) and [`suites`].
+//! The library holds the pieces the binary puts together: [`stats`] (median, min, max, per-round
+//! ratios), [`flops`] (FLOP counts, including a counting backend that measures a network's FLOPs by
+//! running it), [`timing`] (how each backend is timed), [`memory`] (peak resident memory of training,
+//! measured in child processes), [`workload`] (what is run), [`torch`] (the PyTorch reference) and
+//! [`suites`].
 
 pub mod flops;
 pub mod machine;
+pub mod memory;
 pub mod report;
 pub mod stats;
 pub mod suites;
@@ -69,6 +73,9 @@ pub enum BenchError {
     /// The PyTorch reference could not be run or read.
     #[error(transparent)]
     Torch(#[from] torch::TorchError),
+    /// Peak memory could not be measured.
+    #[error("peak memory: {0}")]
+    Memory(#[from] memory::MemoryError),
     /// A loss-surface survey failed.
     #[error("survey: {0}")]
     Geometry(#[from] swa_models::geometry::GeometryError),
@@ -93,6 +100,19 @@ pub struct Settings {
     pub train_steps: usize,
     /// Rounds of the training suite, each timing `train_steps` steps and then one PyTorch run.
     pub rounds: usize,
+    /// Batch sizes of the training suite for every network, when given; otherwise
+    /// [`suites::training::batch_sizes`]' defaults.
+    pub train_batches: Option<Vec<usize>>,
+    /// Training steps of each peak-memory child (the first included); 0 measures no memory.
+    pub memory_steps: usize,
+    /// Where the epoch suite finds CIFAR-10, when anything says.
+    pub data: Option<suites::epoch::DataLocation>,
+    /// The networks of the epoch suite.
+    pub epoch_networks: Vec<Architecture>,
+    /// Batches per timed slice of the epoch suite.
+    pub epoch_batches: usize,
+    /// Rounds of the epoch suite, each timing one slice of swa-rs's and then one of PyTorch's.
+    pub epoch_rounds: usize,
     /// The PyTorch reference, when asked for.
     pub torch: Option<torch::TorchRunner>,
     /// The networks of the evaluation suite.

@@ -10,8 +10,11 @@ use swa_core::CpuBackend;
 use swa_models::Architecture;
 
 use swa_bench::machine::{load_average, Machine};
+use swa_bench::memory::{probe_this_process, ProbeRequest, SelfProbe, PROBE_COMMAND};
 use swa_bench::report::{header, Report, Versions};
-use swa_bench::suites::{averaging, data, evaluation, geometry, kernels, overhead, training};
+use swa_bench::suites::{
+    averaging, data, epoch, evaluation, geometry, kernels, overhead, training,
+};
 use swa_bench::torch::{default_script, TorchRunner};
 use swa_bench::{Recorder, Settings, BATCH};
 
@@ -29,8 +32,10 @@ enum Suite {
     Overhead,
     /// Convolution and GEMM GFLOP/s at the paper's shapes against the GEMM peak.
     Kernels,
-    /// Training images/s and GFLOP/s of the paper's networks (and PyTorch's with --torch).
+    /// Training images/s, GFLOP/s and peak memory of the paper's networks (and PyTorch's with --torch).
     Training,
+    /// Images/s of a slice of a real CIFAR-10 epoch, data pipeline included (and PyTorch's with --torch).
+    Epoch,
     /// Images/s of `evaluate` and `update_bn` (and PyTorch's with --torch).
     Eval,
     /// Points per hour of a loss-surface survey (`cargo xtask geometry`'s path) on PreResNet-20.
@@ -42,11 +47,12 @@ enum Suite {
 }
 
 impl Suite {
-    const ALL: [Suite; 8] = [
+    const ALL: [Suite; 9] = [
         Suite::Averaging,
         Suite::Overhead,
         Suite::Kernels,
         Suite::Training,
+        Suite::Epoch,
         Suite::Eval,
         Suite::Geometry,
         Suite::Data,
@@ -59,6 +65,7 @@ impl Suite {
             Suite::Overhead => "overhead",
             Suite::Kernels => "kernels",
             Suite::Training => "training",
+            Suite::Epoch => "epoch",
             Suite::Eval => "eval",
             Suite::Geometry => "geometry",
             Suite::Data => "data",
@@ -104,9 +111,36 @@ struct Cli {
     train_steps: usize,
 
     /// Rounds of the training suite: each times the steps of swa-rs, then one PyTorch run, so that a
-    /// machine whose speed drifts slows both alike.
+    /// machine whose speed drifts slows both alike; then measures each side's peak memory.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+
+    /// Batch sizes of the training suite for every network, comma-separated (default: 32,64,128,256
+    /// for PreResNet-20, 128 for the other networks).
+    #[arg(long, value_delimiter = ',', value_name = "SIZES")]
+    batches: Option<Vec<usize>>,
+
+    /// Training steps of each peak-memory child of the training suite, the first included; one child
+    /// per side, network, batch and round. 0 measures no memory.
+    #[arg(long, default_value_t = 3)]
+    memory_steps: usize,
+
+    /// The CIFAR-10 data of the epoch suite: the official binary folder (cifar-10-batches-bin) or
+    /// anything swa-data recognises (default: the SWA_CIFAR10_DIR environment variable).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+
+    /// Networks of the epoch suite, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "preresnet20")]
+    epoch_networks: Vec<String>,
+
+    /// Batches of 128 images per timed slice of the epoch suite.
+    #[arg(long, default_value_t = 50)]
+    epoch_batches: usize,
+
+    /// Rounds of the epoch suite: each times one slice of swa-rs's, then one of PyTorch's.
+    #[arg(long, default_value_t = 3)]
+    epoch_rounds: usize,
 
     /// Networks of the eval suite, comma-separated.
     #[arg(
@@ -137,7 +171,52 @@ struct Cli {
     quick: bool,
 }
 
+/// The hidden subcommand with which swa-bench measures its own training's peak memory in a child
+/// process (see `swa_bench::memory`); the training suite starts it, users need not.
+#[derive(Parser, Debug)]
+#[command(name = "swa-bench peak-memory-probe")]
+struct ProbeCli {
+    /// The network to train.
+    #[arg(long)]
+    network: String,
+    /// Images per batch.
+    #[arg(long)]
+    batch: usize,
+    /// Training steps, the first included.
+    #[arg(long)]
+    steps: usize,
+    /// Backend threads.
+    #[arg(long)]
+    threads: usize,
+}
+
+/// Trains as `swa-bench peak-memory-probe …` asks and prints the resident memory line.
+fn run_memory_probe() -> Result<()> {
+    let cli = ProbeCli::parse_from(std::env::args_os().skip(1));
+    anyhow::ensure!(cli.batch > 0, "--batch must be positive");
+    // The thread pools of a measuring run, so that the child's memory is that of the same setup.
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(cli.threads.max(1))
+        .build_global()
+        .context("configuring the global thread pool")?;
+    let request = ProbeRequest {
+        network: cli.network.parse().context("--network")?,
+        batch: cli.batch,
+        steps: cli.steps,
+        threads: cli.threads,
+    };
+    let rss = probe_this_process(&request)?;
+    println!("{}", rss.line());
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == PROBE_COMMAND)
+    {
+        return run_memory_probe();
+    }
     let cli = Cli::parse();
     let started = Instant::now();
     let started_unix_s = SystemTime::now()
@@ -155,6 +234,13 @@ fn main() -> Result<()> {
 
     let networks = parse_networks(&cli.networks).context("--networks")?;
     let eval_networks = parse_networks(&cli.eval_networks).context("--eval-networks")?;
+    let epoch_networks = parse_networks(&cli.epoch_networks).context("--epoch-networks")?;
+    if let Some(batches) = &cli.batches {
+        anyhow::ensure!(
+            !batches.is_empty() && batches.iter().all(|&b| b > 0),
+            "--batches: batch sizes must be positive, got {batches:?}"
+        );
+    }
     anyhow::ensure!(
         cli.eval_batch.iter().all(|&b| b > 0),
         "--eval-batch: batch sizes must be positive, got {:?}",
@@ -182,6 +268,20 @@ fn main() -> Result<()> {
         networks,
         train_steps: if cli.quick { 1 } else { cli.train_steps.max(1) },
         rounds: cli.rounds.max(1),
+        train_batches: cli.batches.clone(),
+        memory_steps: cli.memory_steps,
+        data: epoch::data_location(cli.data.as_deref(), std::env::var_os(epoch::DATA_ENV)),
+        epoch_networks,
+        epoch_batches: if cli.quick {
+            5
+        } else {
+            cli.epoch_batches.max(1)
+        },
+        epoch_rounds: if cli.quick {
+            1
+        } else {
+            cli.epoch_rounds.max(1)
+        },
         torch,
         eval_networks,
         eval_batch_sizes: cli.eval_batch.clone(),
@@ -375,20 +475,79 @@ fn run_suite(
         }
         Suite::Training => {
             let peak = gemm_peak(settings, peak, recorder)?;
+            let memory = match settings.memory_steps {
+                0 => None,
+                steps => match SelfProbe::current(steps, settings.threads) {
+                    Ok(probe) => Some(probe),
+                    Err(e) => {
+                        recorder.note("training", format!("no peak-memory figures: {e}"));
+                        None
+                    }
+                },
+            };
             for &architecture in &settings.networks {
-                training::run_network(
+                for batch in training::batch_sizes(architecture, settings.train_batches.as_deref())
+                {
+                    training::run_network(
+                        backend,
+                        "training",
+                        architecture,
+                        batch,
+                        training::Rounds {
+                            steps: settings.train_steps,
+                            rounds: settings.rounds,
+                        },
+                        training::References {
+                            peak: Some(("GEMM peak", peak)),
+                            torch: settings.torch.as_ref(),
+                            memory: memory.as_ref(),
+                            cpu: &machine.cpu_model,
+                        },
+                        recorder,
+                    )?;
+                }
+            }
+        }
+        Suite::Epoch => {
+            let Some(data) = &settings.data else {
+                recorder.note(
+                    "epoch",
+                    format!(
+                        "skipped: no CIFAR-10 data given (--data DIR or the {} environment variable, \
+                         naming the cifar-10-batches-bin folder)",
+                        epoch::DATA_ENV
+                    ),
+                );
+                return Ok(());
+            };
+            anyhow::ensure!(
+                data.path.exists(),
+                "the CIFAR-10 data {} (from {}) does not exist",
+                data.path.display(),
+                data.source
+            );
+            for &architecture in &settings.epoch_networks {
+                epoch::run_network(
                     backend,
-                    "training",
+                    "epoch",
                     architecture,
-                    BATCH,
-                    training::Rounds {
-                        steps: settings.train_steps,
-                        rounds: settings.rounds,
+                    data,
+                    epoch::SlicePlan {
+                        batches: settings.epoch_batches,
+                        batch: BATCH,
+                        rounds: settings.epoch_rounds,
                     },
-                    Some(("GEMM peak", peak)),
                     settings.torch.as_ref(),
+                    &machine.cpu_model,
                     recorder,
-                )?;
+                )
+                .with_context(|| {
+                    format!(
+                        "the epoch slice of {architecture} on {} (from {})",
+                        data.path.display(),
+                        data.source
+                    )
+                })?;
             }
         }
         Suite::Eval => {

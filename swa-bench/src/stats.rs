@@ -65,6 +65,36 @@ impl Summary {
     }
 }
 
+/// The ratios `ours / theirs` of rounds that measured two sides alternately, one per round: their
+/// median says how the sides compare, their extreme the worst round.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoundRatios {
+    ratios: Vec<f64>,
+}
+
+impl RoundRatios {
+    /// Adds one round's ratio. A round where either side has no figure, or one that is not a positive
+    /// finite number (a failed or unmeasurable run), adds nothing rather than a meaningless ratio.
+    pub fn add(&mut self, ours: Option<f64>, theirs: Option<f64>) {
+        let usable = |v: f64| v.is_finite() && v > 0.0;
+        if let (Some(ours), Some(theirs)) = (ours, theirs) {
+            if usable(ours) && usable(theirs) {
+                self.ratios.push(ours / theirs);
+            }
+        }
+    }
+
+    /// The ratios so far, in round order.
+    pub fn ratios(&self) -> &[f64] {
+        &self.ratios
+    }
+
+    /// Their median, minimum and maximum; `None` before any round had both sides.
+    pub fn summary(&self) -> Option<Summary> {
+        Summary::of(&self.ratios)
+    }
+}
+
 /// The rate `work / duration` of each run that took measurable time, in order.
 pub fn rates(work: f64, durations: &[Duration]) -> Vec<f64> {
     durations
@@ -123,6 +153,22 @@ mod tests {
         let s = Summary::rates(100.0, &durations).unwrap();
         // 100 / {0.5, 0.25, 1} s = {200, 400, 100}.
         assert_eq!((s.median, s.min, s.max, s.runs), (200.0, 100.0, 400.0, 3));
+    }
+
+    #[test]
+    fn round_ratios_divide_ours_by_theirs_and_skip_incomplete_rounds() {
+        let mut rounds = RoundRatios::default();
+        rounds.add(Some(300.0), Some(200.0));
+        rounds.add(Some(100.0), None);
+        rounds.add(None, Some(100.0));
+        rounds.add(Some(100.0), Some(0.0));
+        rounds.add(Some(f64::NAN), Some(1.0));
+        rounds.add(Some(50.0), Some(100.0));
+        rounds.add(Some(100.0), Some(100.0));
+        assert_eq!(rounds.ratios(), &[1.5, 0.5, 1.0]);
+        let s = rounds.summary().unwrap();
+        assert_eq!((s.median, s.min, s.max, s.runs), (1.0, 0.5, 1.5, 3));
+        assert_eq!(RoundRatios::default().summary(), None);
     }
 
     #[test]

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::memory::{last_lines, PeakRss};
+
 /// Errors running the PyTorch reference script.
 #[derive(Debug, thiserror::Error)]
 pub enum TorchError {
@@ -35,6 +37,14 @@ pub enum TorchError {
         /// What it printed.
         output: String,
     },
+    /// The script's output held no `start_rss_kib=N peak_rss_kib=N` line.
+    #[error("`{command}` printed no \"start_rss_kib=N peak_rss_kib=N\" line; its output was: {output:?}")]
+    NoMemoryFigure {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        output: String,
+    },
 }
 
 /// Runs the reference script.
@@ -60,6 +70,60 @@ impl TorchRunner {
         let (command, stdout) = self.run(
             &self.script,
             &["train".into(), model.into(), batch.to_string()],
+        )?;
+        parse_images_per_second(&stdout).ok_or_else(|| TorchError::NoFigure {
+            command,
+            output: stdout.trim().to_string(),
+        })
+    }
+
+    /// The resident memory of a process training `model` at `batch` for `steps` SGD steps (the first
+    /// included): `PYTHON script peak MODEL BATCH STEPS`, which reads its resident set after importing
+    /// PyTorch and its peak (`VmHWM`, not `ru_maxrss`: see [`crate::memory`]) after the steps. Run in a
+    /// process of its own, so that nothing else's peak mixes in.
+    pub fn train_peak_rss(
+        &self,
+        model: &str,
+        batch: usize,
+        steps: usize,
+    ) -> Result<PeakRss, TorchError> {
+        let (command, stdout) = self.run(
+            &self.script,
+            &[
+                "peak".into(),
+                model.into(),
+                batch.to_string(),
+                steps.to_string(),
+            ],
+        )?;
+        PeakRss::parse(&stdout).ok_or_else(|| TorchError::NoMemoryFigure {
+            command,
+            output: stdout.trim().to_string(),
+        })
+    }
+
+    /// Training images per second of `model` over `batches` batches of `batch` images of the CIFAR-10
+    /// training split read from `data` (the binary-version folder), each batch shuffled, cropped, flipped
+    /// and normalised by the script itself before its SGD step: `PYTHON script epoch MODEL DATA BATCHES
+    /// BATCH SEED`. Reading the files and one warm-up step are not timed.
+    pub fn epoch_images_per_second(
+        &self,
+        model: &str,
+        data: &Path,
+        batches: usize,
+        batch: usize,
+        seed: u64,
+    ) -> Result<f64, TorchError> {
+        let (command, stdout) = self.run(
+            &self.script,
+            &[
+                "epoch".into(),
+                model.into(),
+                data.display().to_string(),
+                batches.to_string(),
+                batch.to_string(),
+                seed.to_string(),
+            ],
         )?;
         parse_images_per_second(&stdout).ok_or_else(|| TorchError::NoFigure {
             command,
@@ -124,20 +188,10 @@ impl TorchRunner {
                 source,
             })?;
         if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            let tail: String = stderr
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
             return Err(TorchError::Failed {
                 command,
                 status: output.status.to_string(),
-                stderr: tail,
+                stderr: last_lines(&String::from_utf8_lossy(&output.stderr), 5),
             });
         }
         Ok((

@@ -223,8 +223,7 @@ pub fn run(settings: &Settings, recorder: &mut Recorder) -> Result<Option<Adapte
                 steps: 2,
                 rounds: 1,
             },
-            None,
-            None,
+            training::References::default(),
             recorder,
         )?;
     } else {
@@ -259,8 +258,7 @@ pub fn run(settings: &Settings, recorder: &mut Recorder) -> Result<Option<Adapte
                     steps: settings.train_steps.max(settings.runs(5)),
                     rounds: 1,
                 },
-                None,
-                None,
+                training::References::default(),
                 recorder,
             )?;
         }

@@ -6,6 +6,7 @@
 
 pub mod averaging;
 pub mod data;
+pub mod epoch;
 pub mod evaluation;
 pub mod geometry;
 #[cfg(feature = "gpu")]
