@@ -144,6 +144,9 @@ fn check_scale(scale: f32) -> Result<(), TrainError> {
     }
 }
 
+/// Writes sample `i` into the model and returns the seed of its BatchNorm pass.
+type DrawSample<'a, B> = dyn FnMut(usize, &mut dyn Module<B>) -> Result<u64, SwagError> + 'a;
+
 /// The loop of Algorithm 1: `draw(i, model)` writes sample `i` into the model and returns the seed of its
 /// BatchNorm pass; the statistics are recomputed and the sample's predictions join the ensemble.
 fn average_samples<B: Backend>(
@@ -152,7 +155,7 @@ fn average_samples<B: Backend>(
     bn_batches: &[HostBatch],
     test_batches: &[HostBatch],
     samples: usize,
-    draw: &mut dyn FnMut(usize, &mut dyn Module<B>) -> Result<u64, SwagError>,
+    draw: &mut DrawSample<'_, B>,
     on_sample: &mut dyn FnMut(usize, &Metrics),
 ) -> Result<Ensemble, TrainError> {
     if samples == 0 {

@@ -59,13 +59,26 @@ fn the_quick_and_paper_protocols_share_their_constant_phase() {
 }
 
 #[test]
-fn another_seed_or_weight_decay_shares_nothing() {
+fn another_seed_weight_decay_or_held_out_set_shares_nothing() {
     let [sgd, swa, _] = protocol(0.1, 0.01, 16, 13);
     let reseeded = RunConfig {
         seed: 2,
         ..swa.clone()
     };
     assert_eq!(sgd.shared_epochs(&reseeded, 10), 0);
+    // Runs that trained on other images share no epoch, even with the same learning rates.
+    let held_out = RunConfig {
+        holdout: 5000,
+        ..swa.clone()
+    };
+    assert_eq!(sgd.shared_epochs(&held_out, 10), 0);
+    let both_held_out = RunConfig {
+        holdout: 5000,
+        ..sgd.clone()
+    };
+    let shared = sgd.shared_epochs(&swa, 10);
+    assert!(shared > 0);
+    assert_eq!(both_held_out.shared_epochs(&held_out, 10), shared);
     let decayed = RunConfig {
         sgd: SgdConfig::momentum(1e-4),
         ..swa

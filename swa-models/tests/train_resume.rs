@@ -81,6 +81,7 @@ fn config(epochs: usize, lr: f32) -> RunConfig {
         swa_eval_every: 0,
         test_every_iterations: 0,
         swag: None,
+        holdout: 0,
     }
 }
 
@@ -226,6 +227,7 @@ fn sgd_config(budget: usize, lr: f32) -> RunConfig {
         swa_eval_every: 0,
         test_every_iterations: 0,
         swag: None,
+        holdout: 0,
     }
 }
 

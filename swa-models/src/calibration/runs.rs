@@ -128,9 +128,9 @@ pub enum RunsCalibrationError {
         method: &'static str,
         /// The file.
         path: PathBuf,
-        /// Why.
+        /// Why (boxed: a checkpoint error is large, and the other variants small).
         #[source]
-        source: CheckpointError,
+        source: Box<CheckpointError>,
     },
     /// Evaluating, sampling or reading a checkpoint failed.
     #[error(transparent)]
@@ -209,7 +209,7 @@ pub fn calibrate_runs<B: Backend>(
             RunsCalibrationError::Weights {
                 method,
                 path: file.path.clone(),
-                source,
+                source: Box::new(source),
             }
         })?;
         let (logits, labels, _) = predict_all_logits(backend, model.as_mut(), data.test)?;
