@@ -23,6 +23,8 @@
 //! image's two largest logits are closer than 1e-3 of the largest logit's magnitude, far above that
 //! rounding, so no prediction can flip between the two implementations.
 
+mod common;
+
 use std::path::PathBuf;
 
 use swa_core::backend::Backend;
@@ -80,19 +82,6 @@ fn batch(io: &StateDict, prefix: &str) -> HostBatch {
     }
 }
 
-/// The entries `<prefix>.<key>` of `io` as a state dict of `<key>`s: a PyTorch `state_dict` with its
-/// BatchNorm statistics and batch counters, which a weight vector leaves out.
-fn state_dict(io: &StateDict, prefix: &str) -> StateDict {
-    let mut dict = StateDict::new();
-    for (name, tensor) in io.iter() {
-        if let Some(key) = name.strip_prefix(prefix).and_then(|k| k.strip_prefix('.')) {
-            dict.insert(key, tensor.clone());
-        }
-    }
-    assert!(!dict.is_empty(), "the fixture holds no `{prefix}.` entries");
-    dict
-}
-
 fn relative_difference(got: f64, want: f64) -> f64 {
     (got - want).abs() / want.abs()
 }
@@ -116,11 +105,11 @@ fn check_line_against_pytorch<B: Backend>(backend: &B, label: &str) -> f64 {
     let mut probe = SurfaceProbe::new(backend.clone(), net, WEIGHT_DECAY);
     let sgd: WeightVector = probe
         .layout()
-        .vector_of(&state_dict(&io, "sgd"))
+        .vector_of(&common::prefixed(&io, "sgd"))
         .expect("the SGD weights");
     let swa: WeightVector = probe
         .layout()
-        .vector_of(&state_dict(&io, "swa"))
+        .vector_of(&common::prefixed(&io, "swa"))
         .expect("the SWA weights");
 
     let train: Vec<HostBatch> = (0..TRAIN_BATCHES)

@@ -22,6 +22,8 @@
 //! tolerance. Probabilities agree to
 //! [`PROBABILITY_TOLERANCE`], the tolerance of the other golden tests against PyTorch.
 
+mod common;
+
 use std::path::PathBuf;
 
 use swa_core::backend::Backend;
@@ -58,18 +60,6 @@ fn floats<'a>(io: &'a StateDict, name: &str) -> &'a [f32] {
         Some(StoredTensor::F32 { values, .. }) => values,
         other => panic!("{}: `{name}` is {other:?}, expected f32", io.origin()),
     }
-}
-
-/// The entries `<prefix>.<key>` of `io` as a state dict of `<key>`s.
-fn state_dict(io: &StateDict, prefix: &str) -> StateDict {
-    let mut dict = StateDict::new();
-    for (name, tensor) in io.iter() {
-        if let Some(key) = name.strip_prefix(prefix).and_then(|k| k.strip_prefix('.')) {
-            dict.insert(key, tensor.clone());
-        }
-    }
-    assert!(!dict.is_empty(), "the fixture holds no `{prefix}.` entries");
-    dict
 }
 
 fn batch(io: &StateDict, prefix: &str, labels: Option<&str>) -> HostBatch {
@@ -122,12 +112,12 @@ fn collected<B: Backend>(backend: &B, io: &StateDict) -> (Box<dyn Module<B>>, Sw
     let architecture: Architecture = NETWORK.parse().expect("architecture");
     // Another seed than PyTorch's: every parameter must come from the snapshots.
     let mut model = architecture.build(backend, CLASSES, 4321).expect("network");
-    state_dict(io, "snapshot0")
+    common::prefixed(io, "snapshot0")
         .copy_into_module(backend, model.as_mut())
         .expect("snapshot 0 loads");
     let mut moments = SwagMoments::new(backend, model.as_ref(), MAX_RANK).expect("moments");
     for i in 1..SNAPSHOTS {
-        state_dict(io, &format!("snapshot{i}"))
+        common::prefixed(io, &format!("snapshot{i}"))
             .copy_into_module(backend, model.as_mut())
             .expect("a snapshot loads");
         moments.update(backend, model.as_ref()).expect("update");

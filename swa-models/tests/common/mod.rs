@@ -1,4 +1,5 @@
-//! What several test files share: building a named network, random inputs, and the assertions on a
+//! What several test files share: building a named network, random inputs, fixtures stored under a
+//! prefix, and the assertions on a
 //! finite-difference report.
 
 #![allow(dead_code)] // each test file uses its own part
@@ -6,6 +7,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use swa_core::CpuBackend;
+use swa_models::checkpoint::StateDict;
 use swa_models::layers::gradcheck::GradCheckReport;
 use swa_models::{Architecture, Module};
 
@@ -59,4 +61,17 @@ pub fn assert_agrees(what: &str, report: &GradCheckReport, min_entries: usize) {
         report.max_abs_error(),
         report.refined()
     );
+}
+
+/// The entries `<prefix>.<key>` of a fixture as a state dict of `<key>`s (a PyTorch `state_dict` stored
+/// under a prefix, BatchNorm statistics and batch counters included).
+pub fn prefixed(io: &StateDict, prefix: &str) -> StateDict {
+    let mut dict = StateDict::new();
+    for (name, tensor) in io.iter() {
+        if let Some(key) = name.strip_prefix(prefix).and_then(|k| k.strip_prefix('.')) {
+            dict.insert(key, tensor.clone());
+        }
+    }
+    assert!(!dict.is_empty(), "the fixture holds no `{prefix}.` entries");
+    dict
 }
