@@ -1,6 +1,5 @@
 //! What several test files share: building a named network, random inputs, fixtures stored under a
-//! prefix, and the assertions on a
-//! finite-difference report.
+//! prefix, and the assertions on a finite-difference report.
 
 #![allow(dead_code)] // each test file uses its own part
 
