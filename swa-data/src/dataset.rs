@@ -162,16 +162,7 @@ impl Dataset {
     /// The first `n` images with their labels and the same class names; all of them when `n` is at
     /// least [`len`](Self::len), none when it is 0.
     pub fn head(&self, n: usize) -> Dataset {
-        let n = n.min(self.len());
-        Dataset {
-            kind: self.kind,
-            split: self.split,
-            images: self.images[..n * IMAGE_BYTES].to_vec(),
-            labels: self.labels[..n].to_vec(),
-            coarse_labels: self.coarse_labels.as_ref().map(|c| c[..n].to_vec()),
-            class_names: self.class_names.clone(),
-            coarse_class_names: self.coarse_class_names.clone(),
-        }
+        self.part(0..n.min(self.len()))
     }
 
     /// Splits off the last `n` images as a held-out set: `(the first len − n, the last n)`, both with the
@@ -187,7 +178,12 @@ impl Dataset {
             )));
         }
         let keep = self.len() - n;
-        let part = |range: std::ops::Range<usize>| Dataset {
+        Ok((self.part(0..keep), self.part(keep..self.len())))
+    }
+
+    /// The images of `range` (within the split) with their labels and the same class names.
+    fn part(&self, range: std::ops::Range<usize>) -> Dataset {
+        Dataset {
             kind: self.kind,
             split: self.split,
             images: self.images[range.start * IMAGE_BYTES..range.end * IMAGE_BYTES].to_vec(),
@@ -198,8 +194,7 @@ impl Dataset {
                 .map(|c| c[range.clone()].to_vec()),
             class_names: self.class_names.clone(),
             coarse_class_names: self.coarse_class_names.clone(),
-        };
-        Ok((part(0..keep), part(keep..self.len())))
+        }
     }
 
     /// Mean of each colour channel over all images, on the 0–255 scale.
