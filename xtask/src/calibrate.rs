@@ -16,7 +16,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 use swa_core::backend::Backend;
 use swa_models::calibration::{
-    calibrate_runs, Calibration, CalibrationData, CalibrationEvent, RunsCalibration,
+    calibrate_runs, CalibrationData, CalibrationEvent, MethodCalibration, RunsCalibration,
     RunsCalibrationConfig, DEFAULT_BINS,
 };
 use swa_models::checkpoint::{StateDict, StoredTensor};
@@ -91,16 +91,6 @@ impl CalibrateArgs {
     }
 }
 
-/// One method's row of `calibration.json`.
-#[derive(Serialize)]
-struct MethodReport {
-    method: String,
-    /// What the predictions are, and how the method was set up.
-    detail: String,
-    calibration: Calibration,
-    seconds: f64,
-}
-
 /// Everything written to `calibration.json`.
 #[derive(Serialize)]
 struct Report {
@@ -114,7 +104,8 @@ struct Report {
     holdout_images: usize,
     bins: usize,
     device: String,
-    methods: Vec<MethodReport>,
+    /// Each method's row (its probabilities go to `probabilities.safetensors`).
+    methods: Vec<MethodCalibration>,
     /// Methods that could not be evaluated, with why.
     skipped: Vec<(String, String)>,
 }
@@ -178,20 +169,15 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     };
 
     let mut probabilities = StateDict::new();
-    for method in scored.methods {
+    for mut method in scored.methods {
         probabilities.insert(
             method.method.as_str(),
             StoredTensor::F64 {
                 shape: vec![scored.labels.len(), classes],
-                values: method.probabilities,
+                values: std::mem::take(&mut method.probabilities),
             },
         );
-        report.methods.push(MethodReport {
-            method: method.method,
-            detail: method.detail,
-            calibration: method.calibration,
-            seconds: method.seconds,
-        });
+        report.methods.push(method);
     }
     report.skipped = scored.skipped;
     probabilities.insert(
@@ -365,6 +351,7 @@ fn reliability_diagram(report: &Report, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use swa_models::calibration::Calibration;
 
     #[test]
     fn the_table_names_every_method_and_every_skipped_one() -> Result<()> {
@@ -378,10 +365,11 @@ mod tests {
             holdout_images: 0,
             bins: 2,
             device: "cpu".into(),
-            methods: vec![MethodReport {
+            methods: vec![MethodCalibration {
                 method: "SWA".into(),
                 detail: "weights".into(),
                 calibration,
+                probabilities: Vec::new(),
                 seconds: 0.0,
             }],
             skipped: vec![("FGE".into(), "no FGE run in the folder".into())],

@@ -61,8 +61,9 @@ pub struct RunsCalibrationConfig {
     pub bins: usize,
 }
 
-/// One method's row of the table, with its per-example probabilities.
-#[derive(Clone, Debug, PartialEq)]
+/// One method's row of the table, with its per-example probabilities (which a serialised row leaves
+/// out: they are a tensor, for a tensor file).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct MethodCalibration {
     /// `SGD`, `SWA`, `SWA + temperature`, `SWAG-Diagonal`, `SWAG` or `FGE`.
     pub method: String,
@@ -71,6 +72,7 @@ pub struct MethodCalibration {
     /// The scores.
     pub calibration: Calibration,
     /// Predicted probabilities, `[test images, classes]` row-major.
+    #[serde(skip)]
     pub probabilities: Vec<f64>,
     /// Wall time of the method.
     pub seconds: f64,
