@@ -18,7 +18,7 @@
 //! [`calibrate_runs`] puts these together into the SWAG paper's table for the runs of one seed: SGD,
 //! SWA, SWA with a temperature, SWAG-Diagonal, SWAG and FGE on the same test images.
 
-mod runs;
+pub mod runs;
 
 pub use runs::{
     calibrate_runs, CalibrationData, CalibrationEvent, MethodCalibration, RunsCalibration,
