@@ -22,8 +22,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use swa_core::averaging::{AverageState, BufferPolicy, WeightAverage, WeightAveraging, WeightRule};
-use swa_core::backend::{Backend, HasShape};
-use swa_core::params::TensorRole;
+use swa_core::backend::Backend;
 use swa_core::policy::SwaPolicy;
 use swa_core::schedule::{LrSchedule, Period, Schedule};
 use swa_core::seed::splitmix64_mix;
@@ -34,7 +33,7 @@ use crate::bn::update_bn;
 use crate::checkpoint::{load_module, save_module, write_atomically, StateDict};
 use crate::error::TrainError;
 use crate::evaluate::{evaluate, Ensemble, Metrics, MetricsAccumulator};
-use crate::module::Module;
+use crate::module::{parameter_count, Module};
 use crate::optim::{Sgd, SgdConfig, SgdState};
 use crate::step::sgd_step;
 
@@ -342,13 +341,7 @@ impl<B: Backend> Trainer<B> {
                 ));
             }
             // Refused now rather than at `swa_start`, after hours of training.
-            let mut parameters = 0;
-            model.visit_tensors(&mut |_, role, tensor| {
-                if role == TensorRole::Parameter {
-                    parameters += tensor.numel();
-                }
-            });
-            SwagMoments::check_fits(&backend, parameters, swag.max_rank)?;
+            SwagMoments::check_fits(&backend, parameter_count(model.as_ref()), swag.max_rank)?;
         }
         let ensemble = matches!(
             config.snapshots,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::geometry::GeometryError;
 use crate::protocol::{RunKind, FINAL_WEIGHTS_FILE, SWA_WEIGHTS_FILE};
-use crate::train::{checkpoint_info, find_checkpoints, CheckpointInfo, MODEL_FILE};
+use crate::train::{checkpoint_info, find_checkpoints, CheckpointInfo, RunConfig, MODEL_FILE};
 
 /// One run's folder: its latest checkpoint's record and the checkpoints on disk.
 #[derive(Clone, Debug)]
@@ -140,31 +140,34 @@ impl SeedRuns {
         Ok([a?, b?, c?])
     }
 
-    /// The training images the runs held out ([`RunConfig::holdout`](crate::train::RunConfig)), which
+    /// The training images the runs held out ([`RunConfig::holdout`]), which
     /// must agree between them: 0 when they trained on every image.
     pub fn holdout(&self) -> Result<usize, GeometryError> {
-        let counts: Vec<usize> = self.runs.iter().map(|r| r.info.config.holdout).collect();
-        match counts.split_first() {
-            Some((&first, rest)) if rest.iter().all(|&c| c == first) => Ok(first),
-            _ => Err(GeometryError::MissingRun {
-                dir: self.dir.clone(),
-                what: format!("runs that held out the same training images (found {counts:?})"),
-            }),
-        }
+        self.agreed("runs that held out the same training images", |config| {
+            config.holdout
+        })
     }
 
     /// The weight decay of the runs (the L2 term of the train loss), which must agree between them.
     pub fn weight_decay(&self) -> Result<f32, GeometryError> {
-        let decays: Vec<f32> = self
-            .runs
-            .iter()
-            .map(|r| r.info.config.sgd.weight_decay)
-            .collect();
-        match decays.split_first() {
-            Some((&first, rest)) if rest.iter().all(|&d| d == first) => Ok(first),
+        self.agreed("runs with one weight decay", |config| {
+            config.sgd.weight_decay
+        })
+    }
+
+    /// A setting every run must share, or an error saying what was needed (`what`) and listing each
+    /// run's.
+    fn agreed<T: Copy + PartialEq + std::fmt::Debug>(
+        &self,
+        what: &str,
+        setting: impl Fn(&RunConfig) -> T,
+    ) -> Result<T, GeometryError> {
+        let values: Vec<T> = self.runs.iter().map(|r| setting(&r.info.config)).collect();
+        match values.split_first() {
+            Some((&first, rest)) if rest.iter().all(|&v| v == first) => Ok(first),
             _ => Err(GeometryError::MissingRun {
                 dir: self.dir.clone(),
-                what: format!("runs with one weight decay (found {decays:?})"),
+                what: format!("{what} (found {values:?})"),
             }),
         }
     }
