@@ -18,10 +18,10 @@ use swa_bench::suites::{
 use swa_bench::torch::{default_script, TorchRunner};
 use swa_bench::{Recorder, Settings, BATCH};
 
-// The same allocator as `cargo xtask`, so that the figures are those of the training users run: the system
-// allocator returns tens-of-megabyte activation buffers to the OS and page-faults them in again every step.
+// The same allocator and setting as `cargo xtask` (`swa_core::allocator`, turned on first thing in `main`),
+// so that the figures are those of the training users run.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: swa_core::allocator::MiMalloc = swa_core::allocator::MiMalloc;
 
 /// A benchmark suite.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -211,6 +211,7 @@ fn run_memory_probe() -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    swa_core::allocator::keep_freed_memory();
     if std::env::args_os()
         .nth(1)
         .is_some_and(|arg| arg == PROBE_COMMAND)

@@ -10,6 +10,8 @@
 //! - [`schedule`]: learning-rate schedules as pure functions of (epoch, step);
 //! - [`policy`]: the SWA policy that tells a training loop the learning rate now and whether to average now;
 //! - [`seed`]: SplitMix64, from which every random stream of a run is seeded by counters;
+//! - `allocator` (feature `mimalloc`): the allocator CPU training binaries install, set to keep the
+//!   memory a step frees for the next step;
 //! - [`swag`]: SWA-Gaussian (Maddox et al., NeurIPS 2019): the first and second moments and the last `K`
 //!   deviations of the snapshots SWA averages, [`swag::SwagMoments`], and samples from the Gaussian
 //!   posterior they define, with a diagonal or a low-rank-plus-diagonal covariance.
@@ -26,6 +28,9 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "mimalloc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mimalloc")))]
+pub mod allocator;
 pub mod averaging;
 pub mod backend;
 pub mod params;

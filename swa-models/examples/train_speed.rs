@@ -13,9 +13,10 @@ use swa_core::CpuBackend;
 use swa_models::optim::{Sgd, SgdConfig};
 use swa_models::{Architecture, ForwardMode};
 
-// The training binaries use mimalloc; measuring with the system allocator would time its page faults.
+// The training binaries' allocator and setting (`swa_core::allocator`); measuring with another would time
+// page faults.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: swa_core::allocator::MiMalloc = swa_core::allocator::MiMalloc;
 
 const BATCH: usize = 128;
 const CLASSES: usize = 10;
@@ -31,6 +32,7 @@ struct Phases {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    swa_core::allocator::keep_freed_memory();
     let mut args = std::env::args().skip(1);
     let steps: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(10);
     let threads: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(2);
