@@ -1,10 +1,12 @@
-//! Checkpoints of weights in the safetensors format, readable by PyTorch; PyTorch's own checkpoints read.
+//! Checkpoints of weights in the safetensors format, readable by PyTorch, and in PyTorch's own format.
 //!
 //! [`StateDict::load`] also reads what `torch.save(model.state_dict(), path)` writes (`.pth`, `.pt`: the
 //! zip layout of PyTorch 1.6 and later and the older pickle and tar layouts, through the `pytorch-reader`
 //! crate), so torchvision's pretrained weights and the original SWA code's checkpoints load as users have
 //! them: a state dict nested under `state_dict` or `model` (training checkpoints) is found, and the
-//! `module.` prefix of `nn.DataParallel` is dropped.
+//! `module.` prefix of `nn.DataParallel` is dropped. [`StateDict::save`] writes that format too when the
+//! path ends in `.pth` or `.pt` (the layout `torch.save` writes, so `torch.load` and `load_state_dict` take
+//! it), and safetensors otherwise.
 //!
 //! A checkpoint holds every named tensor of a network under its PyTorch `state_dict` key, as little-endian
 //! `F32` in PyTorch's layout, plus one `I64` scalar `<bn>.num_batches_tracked` per BatchNorm layer, so that
@@ -45,6 +47,8 @@ use swa_core::swag::SwagState;
 
 use crate::module::Module;
 
+mod pth;
+
 /// Whether a file's first bytes are those of a PyTorch checkpoint: a zip archive (`PK\x03\x04`, PyTorch
 /// 1.6 and later), a pickle stream (protocol opcode `0x80`, the legacy layout) or a tar archive (`ustar`
 /// at byte 257, the oldest). A safetensors file starts with the 8-byte length of its JSON header and then
@@ -59,6 +63,13 @@ fn is_pytorch_file(bytes: &[u8]) -> bool {
     let pickle = bytes.first() == Some(&0x80);
     let tar = bytes.get(257..262) == Some(b"ustar".as_slice());
     !safetensors && (zip || pickle || tar)
+}
+
+/// Whether a path names a PyTorch checkpoint by its extension (`.pth`, `.pt`, any case).
+fn is_pytorch_path(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("pth") || e.eq_ignore_ascii_case("pt"))
 }
 
 /// Little-endian values of a fixed width from raw bytes (the length already checked by the caller).
@@ -95,6 +106,14 @@ pub enum CheckpointError {
         /// The file (or `in-memory state dict`).
         origin: String,
         /// What was wrong.
+        message: String,
+    },
+    /// The tensors could not be encoded as a PyTorch checkpoint.
+    #[error("{origin}: cannot be encoded as a PyTorch checkpoint: {message}")]
+    PytorchEncode {
+        /// The state dict's origin.
+        origin: String,
+        /// What went wrong.
         message: String,
     },
     /// A PyTorch checkpoint that could not be read.
@@ -607,9 +626,25 @@ impl StateDict {
         })
     }
 
-    /// Writes the tensors to `path` atomically (temporary file in the same directory, fsync, rename).
+    /// The bytes `torch.save` writes for a state dict of these tensors (its zip layout), in key order.
+    pub fn to_pytorch_bytes(&self) -> Result<Vec<u8>, CheckpointError> {
+        pth::encode(self.tensors.iter().map(|(name, t)| (name.as_str(), t))).map_err(|e| {
+            CheckpointError::PytorchEncode {
+                origin: self.origin.clone(),
+                message: e.to_string(),
+            }
+        })
+    }
+
+    /// Writes the tensors to `path` atomically (temporary file in the same directory, fsync, rename): in
+    /// PyTorch's format ([`StateDict::to_pytorch_bytes`]) when the path ends in `.pth` or `.pt`, as
+    /// safetensors ([`StateDict::to_bytes`]) otherwise.
     pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
-        let bytes = self.to_bytes()?;
+        let bytes = if is_pytorch_path(path) {
+            self.to_pytorch_bytes()?
+        } else {
+            self.to_bytes()?
+        };
         write_atomically(path, &bytes)
     }
 
@@ -924,7 +959,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError
     Ok(())
 }
 
-/// Saves a module's tensors and BatchNorm batch counters to `path` (atomically).
+/// Saves a module's tensors and BatchNorm batch counters to `path` (atomically), in PyTorch's format for a
+/// `.pth` or `.pt` path and as safetensors otherwise ([`StateDict::save`]).
 pub fn save_module<B: Backend, M: Module<B> + ?Sized>(
     backend: &B,
     module: &M,

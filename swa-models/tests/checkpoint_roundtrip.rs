@@ -378,3 +378,114 @@ fn a_truncated_pytorch_checkpoint_is_reported_with_its_path() {
         assert!(message.contains(&format!("cut-{keep}.pth")), "{message}");
     }
 }
+
+/// A network saved to a `.pth` path is written in PyTorch's zip layout and loads back exactly, running
+/// statistics and batch counters included.
+#[test]
+fn a_network_saved_as_pth_loads_back_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resnet.pth");
+    let b = backend();
+    let saved = trained_network("resnet14-w8", 5);
+    save_module(&b, &saved, &path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(&bytes[..4], b"PK\x03\x04", "a .pth is a zip archive");
+
+    let mut loaded = network("resnet14-w8", 10, 6);
+    assert_ne!(host_tensors(&saved), host_tensors(&loaded));
+    load_module(&b, &mut loaded, &path).unwrap();
+    assert_eq!(host_tensors(&saved), host_tensors(&loaded));
+    assert_eq!(counters(&saved), counters(&loaded));
+    assert!(counters(&loaded).iter().all(|(_, c)| *c == 3));
+}
+
+/// torchvision's own `.pth`, read and written again by us, reads back as the same tensors; so do tensors of
+/// every stored type and rank, the scalar and the empty one included.
+#[test]
+fn written_pytorch_checkpoints_read_back_as_the_same_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let torchvision = StateDict::load(&fixture("golden_resnet14-w8.pth")).unwrap();
+    let rewritten = dir.path().join("rewritten.pt");
+    torchvision.save(&rewritten).unwrap();
+    let again = StateDict::load(&rewritten).unwrap();
+    assert_eq!(again.len(), torchvision.len());
+    for (name, tensor) in torchvision.iter() {
+        assert_eq!(again.get(name), Some(tensor), "{name}");
+    }
+
+    let mut mixed = StateDict::new();
+    mixed.insert(
+        "weights",
+        StoredTensor::F32 {
+            shape: vec![2, 3, 4],
+            values: (0..24).map(|i| i as f32 * 0.25 - 3.0).collect(),
+        },
+    );
+    mixed.insert(
+        "probabilities",
+        StoredTensor::F64 {
+            shape: vec![3, 2],
+            values: vec![0.125, 0.875, 1e-300, 1.0, 0.5, 0.5],
+        },
+    );
+    mixed.insert(
+        "labels",
+        StoredTensor::I64 {
+            shape: vec![70_000],
+            values: (0..70_000).map(|i| i64::from(i) * 65_537 - 1).collect(),
+        },
+    );
+    mixed.insert(
+        "empty",
+        StoredTensor::F32 {
+            shape: vec![0, 5],
+            values: vec![],
+        },
+    );
+    mixed.insert_counter("bn.num_batches_tracked", 1 << 40);
+    let path = dir.path().join("mixed.pth");
+    mixed.save(&path).unwrap();
+    let read = StateDict::load(&path).unwrap();
+    assert_eq!(read.len(), mixed.len());
+    for (name, tensor) in mixed.iter() {
+        assert_eq!(read.get(name), Some(tensor), "{name}");
+    }
+}
+
+/// The full ResNet-50 in both directions against torchvision (see `tools/torchvision_pth_check.py`, which
+/// writes the inputs of this test and checks its output in PyTorch): torchvision's `.pth` loads and
+/// predicts torchvision's logits on one image within 1e-4 of the largest; ours is written for PyTorch.
+#[test]
+#[ignore = "needs files written by tools/torchvision_pth_check.py: set SWA_TORCHVISION_CHECK_DIR, run with --ignored"]
+fn torchvision_resnet50_pth_in_both_directions() {
+    let dir = std::path::PathBuf::from(
+        std::env::var_os("SWA_TORCHVISION_CHECK_DIR")
+            .expect("SWA_TORCHVISION_CHECK_DIR names the folder torchvision_pth_check.py wrote"),
+    );
+    let b = backend();
+    let mut net = network("resnet50", 1000, 1);
+    load_module(&b, &mut net, &dir.join("torchvision_resnet50.pth")).unwrap();
+    let io = StateDict::load(&dir.join("resnet50_io.safetensors")).unwrap();
+    let (
+        Some(StoredTensor::F32 { values: input, .. }),
+        Some(StoredTensor::F32 { values: want, .. }),
+    ) = (io.get("input"), io.get("logits"))
+    else {
+        panic!("resnet50_io.safetensors holds no f32 input and logits")
+    };
+    let x = b.from_host(input, &[1, 3, 224, 224]).unwrap();
+    let got = b
+        .to_host(&net.forward(&b, &x, ForwardMode::Eval).unwrap())
+        .unwrap();
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let error = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()))
+        / scale;
+    eprintln!(
+        "resnet50 from torchvision's .pth: largest logit difference {error:.2e} of the largest"
+    );
+    assert!(error <= 1e-4, "logits differ by {error:.2e} relative");
+    save_module(&b, &net, &dir.join("ours_resnet50.pth")).unwrap();
+}
