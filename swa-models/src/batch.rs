@@ -3,6 +3,8 @@
 //! swa-models does not read data sets itself; a [`BatchSource`] adapts any loader (swa-data's CIFAR batches,
 //! or a user's own) to the training loop.
 
+use crate::error::TrainError;
+
 /// A batch of images and labels on the host.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostBatch {
@@ -26,10 +28,10 @@ impl HostBatch {
     }
 
     /// Checks that the values, shape and labels agree.
-    pub fn validate(&self) -> Result<(), crate::error::TrainError> {
+    pub fn validate(&self) -> Result<(), TrainError> {
         let expected: usize = self.shape.iter().product();
         if self.images.len() != expected || self.shape[0] != self.labels.len() {
-            return Err(crate::error::TrainError::BadBatch(format!(
+            return Err(TrainError::BadBatch(format!(
                 "{} values and {} labels for shape {:?} (expected {expected} values and {} labels)",
                 self.images.len(),
                 self.labels.len(),
@@ -41,15 +43,45 @@ impl HostBatch {
     }
 }
 
+/// One batch from a [`BatchSource`], or why the source could not make it (a corrupt or unreadable image,
+/// a file that vanished): the trainer stops the run with that error before the epoch's snapshot or
+/// checkpoint, so a short epoch never passes for a whole one.
+pub type BatchResult = Result<HostBatch, TrainError>;
+
 /// Where the trainer gets its batches.
 pub trait BatchSource {
     /// The training batches of `epoch` (0-based), shuffled and augmented as training wants; the same epoch
     /// must give the same batches, so that a resumed run equals an uninterrupted one.
-    fn train_epoch(&self, epoch: usize) -> Box<dyn Iterator<Item = HostBatch> + '_>;
+    fn train_epoch(&self, epoch: usize) -> Box<dyn Iterator<Item = BatchResult> + '_>;
     /// The number of training batches per epoch.
     fn train_batches_per_epoch(&self) -> usize;
     /// The test batches, in a fixed order, without augmentation.
-    fn test(&self) -> Box<dyn Iterator<Item = HostBatch> + '_>;
+    fn test(&self) -> Box<dyn Iterator<Item = BatchResult> + '_>;
     /// The number of test images.
     fn test_len(&self) -> usize;
+}
+
+/// Hands the batches of `batches` to `consume` as a plain iterator that ends at the first error, and
+/// returns that error instead of `consume`'s result when there was one: the functions that take any
+/// iterator of batches ([`crate::evaluate::evaluate`], [`crate::bn::update_bn`]) then work on a fallible
+/// source without knowing it.
+pub fn until_error<T>(
+    batches: impl Iterator<Item = BatchResult>,
+    consume: impl FnOnce(&mut dyn Iterator<Item = HostBatch>) -> Result<T, TrainError>,
+) -> Result<T, TrainError> {
+    let mut failure = None;
+    let outcome = {
+        let mut plain = batches.map_while(|batch| match batch {
+            Ok(batch) => Some(batch),
+            Err(error) => {
+                failure = Some(error);
+                None
+            }
+        });
+        consume(&mut plain)
+    };
+    match failure {
+        Some(error) => Err(error),
+        None => outcome,
+    }
 }

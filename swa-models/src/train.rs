@@ -28,7 +28,7 @@ use swa_core::schedule::{LrSchedule, Period, Schedule};
 use swa_core::seed::splitmix64_mix;
 use swa_core::swag::{SwagMoments, SwagState};
 
-use crate::batch::BatchSource;
+use crate::batch::{until_error, BatchSource};
 use crate::bn::update_bn;
 use crate::checkpoint::{load_module, save_module, write_atomically, StateDict};
 use crate::error::TrainError;
@@ -499,12 +499,10 @@ impl<B: Backend> Trainer<B> {
         };
         average.copy_into(&self.backend, self.eval_model.as_mut())?;
         let bn_epoch = self.epochs_done.saturating_sub(1);
-        update_bn(
-            &self.backend,
-            self.eval_model.as_mut(),
-            data.train_epoch(bn_epoch),
-            bn_seed(self.config.seed, bn_epoch),
-        )?;
+        let seed = bn_seed(self.config.seed, bn_epoch);
+        until_error(data.train_epoch(bn_epoch), |batches| {
+            update_bn(&self.backend, self.eval_model.as_mut(), batches, seed)
+        })?;
         Ok(Some(self.eval_model.as_mut()))
     }
 
@@ -534,6 +532,7 @@ impl<B: Backend> Trainer<B> {
         let mut iteration_tests = Vec::new();
         let mut test_seconds = 0.0;
         for (step, batch) in data.train_epoch(epoch).enumerate() {
+            let batch = batch?;
             let lr = self.lr(epoch, step, steps);
             if step == 0 {
                 lr_first = lr;
@@ -561,7 +560,7 @@ impl<B: Backend> Trainer<B> {
             let every = self.config.test_every_iterations;
             if every > 0 && iteration % every == 0 && step + 1 < steps {
                 let evaluating = Instant::now();
-                let test = evaluate(&self.backend, self.model.as_mut(), data.test())?;
+                let test = self.evaluate_current(data)?;
                 iteration_tests.push(IterationTest {
                     iteration,
                     lr,
@@ -588,11 +587,13 @@ impl<B: Backend> Trainer<B> {
         }
         self.epochs_done = epoch + 1;
 
-        let test = evaluate(&self.backend, self.model.as_mut(), data.test())?;
+        let test = self.evaluate_current(data)?;
         let swa_test = if self.average.is_some() && self.evaluate_swa_now() {
             let backend = self.backend.clone();
             match self.swa_model(data)? {
-                Some(model) => Some(evaluate(&backend, model, data.test())?),
+                Some(model) => Some(until_error(data.test(), |batches| {
+                    evaluate(&backend, model, batches)
+                })?),
                 None => None,
             }
         } else {
@@ -647,6 +648,13 @@ impl<B: Backend> Trainer<B> {
             || (every > 0 && done >= start && (done - start) % every == 0)
     }
 
+    /// The current weights' metrics on the test set.
+    fn evaluate_current(&mut self, data: &dyn BatchSource) -> Result<Metrics, TrainError> {
+        until_error(data.test(), |batches| {
+            evaluate(&self.backend, self.model.as_mut(), batches)
+        })
+    }
+
     fn take_snapshot(&mut self, data: &dyn BatchSource) -> Result<(), TrainError> {
         let Some(snapshots) = self.config.snapshots else {
             return Ok(());
@@ -679,7 +687,9 @@ impl<B: Backend> Trainer<B> {
             }
             SnapshotUse::EnsemblePredictions => {
                 let ensemble = self.ensemble.get_or_insert_with(Ensemble::new);
-                ensemble.add_member(&self.backend, self.model.as_mut(), data.test())?;
+                until_error(data.test(), |batches| {
+                    ensemble.add_member(&self.backend, self.model.as_mut(), batches)
+                })?;
             }
         }
         Ok(())

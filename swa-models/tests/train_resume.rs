@@ -8,6 +8,7 @@ use swa_core::schedule::{LrSchedule, Period, Schedule};
 use swa_core::swag::{SwagError, SwagMoments};
 use swa_core::Backend;
 use swa_core::CpuBackend;
+use swa_models::batch::BatchResult;
 use swa_models::optim::SgdConfig;
 use swa_models::train::{
     load_swag_moments, RunConfig, Silent, SnapshotUse, Snapshots, SwagCollection, Trainer,
@@ -44,19 +45,19 @@ impl Toy {
 }
 
 impl BatchSource for Toy {
-    fn train_epoch(&self, epoch: usize) -> Box<dyn Iterator<Item = HostBatch> + '_> {
+    fn train_epoch(&self, epoch: usize) -> Box<dyn Iterator<Item = BatchResult> + '_> {
         // The order depends on the epoch, as a shuffled loader's does.
         let mut batches = self.train.clone();
         if epoch % 2 == 1 {
             batches.reverse();
         }
-        Box::new(batches.into_iter())
+        Box::new(batches.into_iter().map(Ok))
     }
     fn train_batches_per_epoch(&self) -> usize {
         self.train.len()
     }
-    fn test(&self) -> Box<dyn Iterator<Item = HostBatch> + '_> {
-        Box::new(self.test.clone().into_iter())
+    fn test(&self) -> Box<dyn Iterator<Item = BatchResult> + '_> {
+        Box::new(self.test.clone().into_iter().map(Ok))
     }
     fn test_len(&self) -> usize {
         4
@@ -213,6 +214,86 @@ fn a_diverging_run_names_epoch_and_step_and_keeps_the_last_good_checkpoint() {
             .expect("last good checkpoint"),
         1
     );
+}
+
+/// A source whose batches fail (a corrupt image) at a given place: `train_fails_at` in epoch `epoch`
+/// (`None`: training never fails), or the test set's last batch.
+struct Failing {
+    toy: Toy,
+    epoch: usize,
+    train_fails_at: Option<usize>,
+    test_fails: bool,
+}
+
+impl BatchSource for Failing {
+    fn train_epoch(&self, epoch: usize) -> Box<dyn Iterator<Item = BatchResult> + '_> {
+        let fails_at = self.train_fails_at.filter(|_| epoch == self.epoch);
+        Box::new(self.toy.train_epoch(epoch).enumerate().map(move |(i, b)| {
+            if Some(i) == fails_at {
+                Err(TrainError::BadBatch(format!(
+                    "image 7 of batch {i}: truncated JPEG"
+                )))
+            } else {
+                b
+            }
+        }))
+    }
+    fn train_batches_per_epoch(&self) -> usize {
+        self.toy.train_batches_per_epoch()
+    }
+    fn test(&self) -> Box<dyn Iterator<Item = BatchResult> + '_> {
+        let fails = self.test_fails;
+        let last = self.toy.test.len() - 1;
+        Box::new(self.toy.test().enumerate().map(move |(i, b)| {
+            if fails && i == last {
+                Err(TrainError::BadBatch("test image 3: unreadable".into()))
+            } else {
+                b
+            }
+        }))
+    }
+    fn test_len(&self) -> usize {
+        self.toy.test_len()
+    }
+}
+
+/// A batch the source cannot make stops the run with the source's error, before the epoch's snapshot and
+/// checkpoint: a resumed run starts again from the last whole epoch, and a bad test image fails the
+/// evaluation rather than leaving it out of the metrics.
+#[test]
+fn a_batch_the_source_cannot_make_stops_the_run_before_its_checkpoint() {
+    let backend = CpuBackend::with_threads(1);
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let mut run = trainer(&backend, config(3, 0.05));
+    run.with_checkpoints(dir.path()).expect("empty folder");
+    let data = Failing {
+        toy: Toy::new(),
+        epoch: 1,
+        train_fails_at: Some(1),
+        test_fails: false,
+    };
+    run.run_epoch(&data, &mut Silent)
+        .expect("a good first epoch");
+    match run.run_epoch(&data, &mut Silent) {
+        Err(TrainError::BadBatch(message)) => {
+            assert!(message.contains("truncated JPEG"), "{message}")
+        }
+        other => panic!("expected the source's error, got {other:?}"),
+    }
+    assert_eq!(run.epochs_done(), 1, "the failed epoch is not counted");
+    let mut again = trainer(&backend, config(3, 0.05));
+    assert_eq!(again.with_checkpoints(dir.path()).expect("checkpoint"), 1);
+
+    let bad_test = Failing {
+        toy: Toy::new(),
+        epoch: 0,
+        train_fails_at: None,
+        test_fails: true,
+    };
+    match again.run_epoch(&bad_test, &mut Silent) {
+        Err(TrainError::BadBatch(message)) => assert!(message.contains("unreadable"), "{message}"),
+        other => panic!("expected the test set's error, got {other:?}"),
+    }
 }
 
 /// The SGD baseline of the original code over `budget` epochs.
@@ -626,14 +707,14 @@ fn wrn28x10_checkpoint_size() {
     };
     struct One(HostBatch);
     impl BatchSource for One {
-        fn train_epoch(&self, _: usize) -> Box<dyn Iterator<Item = HostBatch> + '_> {
-            Box::new(std::iter::once(self.0.clone()))
+        fn train_epoch(&self, _: usize) -> Box<dyn Iterator<Item = BatchResult> + '_> {
+            Box::new(std::iter::once(Ok(self.0.clone())))
         }
         fn train_batches_per_epoch(&self) -> usize {
             1
         }
-        fn test(&self) -> Box<dyn Iterator<Item = HostBatch> + '_> {
-            Box::new(std::iter::once(self.0.clone()))
+        fn test(&self) -> Box<dyn Iterator<Item = BatchResult> + '_> {
+            Box::new(std::iter::once(Ok(self.0.clone())))
         }
         fn test_len(&self) -> usize {
             1

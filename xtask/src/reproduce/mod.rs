@@ -398,7 +398,10 @@ fn estimate_epoch_seconds<B: Backend>(
     let mut optimizer = swa_models::optim::Sgd::<B>::new(swa_models::optim::SgdConfig::momentum(
         recipe.weight_decay,
     ));
-    let batches: Vec<_> = source.train_epoch(0).take(3).collect();
+    let batches = source
+        .train_epoch(0)
+        .take(3)
+        .collect::<Result<Vec<_>, _>>()?;
     let per_image =
         swa_models::step::seconds_per_image(backend, model.as_mut(), &mut optimizer, &batches)?;
     // Evaluation of the test set and BN recomputation cost about a third of a training step per image.

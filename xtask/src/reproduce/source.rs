@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use swa_data::{BatchConfig, Batches, Dataset};
-use swa_models::batch::{BatchSource, HostBatch};
+use swa_models::batch::{BatchResult, BatchSource, HostBatch};
 
 use super::presets::{normalization_of, Recipe};
 
@@ -78,16 +78,17 @@ fn host(batch: swa_data::Batch) -> HostBatch {
 }
 
 impl BatchSource for CifarSource {
-    fn train_epoch(&self, epoch: usize) -> Box<dyn Iterator<Item = HostBatch> + '_> {
-        Box::new(self.train.epoch(epoch as u64).map(host))
+    fn train_epoch(&self, epoch: usize) -> Box<dyn Iterator<Item = BatchResult> + '_> {
+        // CIFAR batches are cut from arrays already in memory and checked: they cannot fail.
+        Box::new(self.train.epoch(epoch as u64).map(host).map(Ok))
     }
 
     fn train_batches_per_epoch(&self) -> usize {
         self.train.batches_per_epoch()
     }
 
-    fn test(&self) -> Box<dyn Iterator<Item = HostBatch> + '_> {
-        Box::new(self.test.epoch(0).map(host))
+    fn test(&self) -> Box<dyn Iterator<Item = BatchResult> + '_> {
+        Box::new(self.test.epoch(0).map(host).map(Ok))
     }
 
     fn test_len(&self) -> usize {
