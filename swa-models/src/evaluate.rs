@@ -18,6 +18,11 @@ pub struct Metrics {
     pub loss: f64,
     /// Fraction of images whose most probable class is the true one, in percent.
     pub accuracy: f64,
+    /// Fraction of images whose true class is among the five most probable, in percent (ImageNet's
+    /// top-5); `None` with five classes or fewer, where it would be 100 by definition, and in records
+    /// written before it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top5_accuracy: Option<f64>,
     /// Number of images.
     pub count: usize,
 }
@@ -27,6 +32,8 @@ pub struct Metrics {
 pub struct MetricsAccumulator {
     loss_sum: f64,
     hits: usize,
+    top5_hits: usize,
+    classes: usize,
     count: usize,
 }
 
@@ -38,8 +45,10 @@ impl MetricsAccumulator {
             self.loss_sum -= row.get(label).copied().unwrap_or(f64::NEG_INFINITY);
             let predicted = argmax(row);
             self.hits += usize::from(predicted == label);
+            self.top5_hits += usize::from(rank_of(row, label) < TOP_K);
             self.count += 1;
         }
+        self.classes = self.classes.max(classes);
     }
 
     /// The metrics so far.
@@ -47,18 +56,33 @@ impl MetricsAccumulator {
         if self.count == 0 {
             return Metrics::default();
         }
+        let percent = |hits: usize| 100.0 * hits as f64 / self.count as f64;
         Metrics {
             loss: self.loss_sum / self.count as f64,
-            accuracy: 100.0 * self.hits as f64 / self.count as f64,
+            accuracy: percent(self.hits),
+            top5_accuracy: (self.classes > TOP_K).then(|| percent(self.top5_hits)),
             count: self.count,
         }
     }
 }
 
+/// The `k` of top-k accuracy that ImageNet results report besides top-1.
+const TOP_K: usize = 5;
+
+/// How many classes score strictly higher than `label` (0: the prediction); ties count for the label, and
+/// a missing label or a NaN score ranks last.
+fn rank_of(row: &[f64], label: usize) -> usize {
+    match row.get(label) {
+        Some(&score) if !score.is_nan() => row.iter().filter(|&&v| v > score).count(),
+        _ => row.len(),
+    }
+}
+
+/// The first index of the largest score; a NaN score never wins over a number.
 fn argmax(row: &[f64]) -> usize {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
+        if v > row[best] || (row[best].is_nan() && !v.is_nan()) {
             best = i;
         }
     }
@@ -313,5 +337,37 @@ impl Ensemble {
             acc.add_log_probs(&log_probs, self.classes, &self.labels);
         }
         acc.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_probs(rows: &[[f64; 7]]) -> Vec<f64> {
+        rows.iter().flatten().copied().collect()
+    }
+
+    #[test]
+    fn top5_counts_the_true_class_among_the_five_highest_scores() {
+        let mut acc = MetricsAccumulator::default();
+        // Label 0 ranks first, fifth (four higher) and sixth (five higher); a NaN score ranks last.
+        let rows = [
+            [0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [0.3, 0.4, 0.5, 0.6, 0.7, 0.1, 0.2],
+            [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.2],
+            [f64::NAN, 0.4, 0.5, 0.6, 0.7, 0.8, 0.2],
+        ];
+        acc.add_log_probs(&log_probs(&rows), 7, &[0, 0, 0, 0]);
+        let metrics = acc.finish();
+        assert_eq!(metrics.accuracy, 25.0);
+        assert_eq!(metrics.top5_accuracy, Some(50.0));
+    }
+
+    #[test]
+    fn top5_is_not_reported_with_five_classes_or_fewer() {
+        let mut acc = MetricsAccumulator::default();
+        acc.add_log_probs(&[0.1, 0.2, 0.3, 0.4, 0.5], 5, &[0]);
+        assert_eq!(acc.finish().top5_accuracy, None);
     }
 }

@@ -541,6 +541,7 @@ mod tests {
         let m = |accuracy| Metrics {
             loss: 1.0,
             accuracy,
+            top5_accuracy: None,
             count: 100,
         };
         EpochRecord {
@@ -675,6 +676,7 @@ mod tests {
             test: Metrics {
                 loss: 1.0,
                 accuracy: 55.0,
+                top5_accuracy: None,
                 count: 100,
             },
         }];
