@@ -14,6 +14,9 @@
 //! trains the most leading epochs identically ([`RunConfig::shared_epochs`]), and [`PlannedRun::start`]
 //! resumes or branches a [`Trainer`] accordingly. `cargo xtask reproduce` is these functions, a table of
 //! recipes and a report.
+//!
+//! [`PretrainedSwa`] is the paper's other protocol, on ImageNet: SWA for a few epochs from pretrained
+//! weights under one-epoch cycles.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -29,6 +32,9 @@ use crate::module::Module;
 use crate::nets::Architecture;
 use crate::optim::SgdConfig;
 use crate::train::{find_checkpoints, RunConfig, SnapshotUse, Snapshots, SwagCollection, Trainer};
+
+mod pretrained;
+pub use pretrained::PretrainedSwa;
 
 /// One network's training recipe, as the original code's command line sets it.
 #[derive(Clone, Debug, PartialEq)]

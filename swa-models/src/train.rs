@@ -506,6 +506,29 @@ impl<B: Backend> Trainer<B> {
         Ok(Some(self.eval_model.as_mut()))
     }
 
+    /// Starts the SWA average (and the SWAG moments) from the current weights, before any training: the
+    /// paper's Algorithm 1 sets `w_SWA ← ŵ` from the weights SWA starts from and averages the cycles'
+    /// end points into it, so a run from pretrained weights counts them as its first snapshot. Refused
+    /// after the first epoch, when an average exists already, and in runs that do not average weights.
+    pub fn average_current_weights(&mut self) -> Result<(), TrainError> {
+        let averages = matches!(
+            self.config.snapshots,
+            Some(Snapshots {
+                usage: SnapshotUse::AverageWeights { .. },
+                ..
+            })
+        );
+        if !averages || self.epochs_done > 0 || self.average.is_some() {
+            return Err(TrainError::InvalidConfig(format!(
+                "the average can start from the current weights only in a run that averages weights, \
+                 before its first epoch and first snapshot (epochs done: {}, snapshots: {})",
+                self.epochs_done,
+                self.average.as_ref().map_or(0, WeightAverage::count)
+            )));
+        }
+        self.take_snapshot_of_weights()
+    }
+
     /// Trains until the configured number of epochs, calling `observer` along the way.
     pub fn run(
         &mut self,
@@ -660,36 +683,48 @@ impl<B: Backend> Trainer<B> {
             return Ok(());
         };
         match snapshots.usage {
-            SnapshotUse::AverageWeights { buffers, rule } => {
-                match &mut self.average {
-                    Some(average) => average.update(&self.backend, self.model.as_ref())?,
-                    None => {
-                        self.average = Some(WeightAverage::new(
-                            &self.backend,
-                            self.model.as_ref(),
-                            rule,
-                            buffers,
-                        )?)
-                    }
-                }
-                if let Some(collection) = self.config.swag {
-                    match &mut self.swag {
-                        Some(moments) => moments.update(&self.backend, self.model.as_ref())?,
-                        None => {
-                            self.swag = Some(SwagMoments::new(
-                                &self.backend,
-                                self.model.as_ref(),
-                                collection.max_rank,
-                            )?)
-                        }
-                    }
-                }
-            }
+            SnapshotUse::AverageWeights { .. } => self.take_snapshot_of_weights()?,
             SnapshotUse::EnsemblePredictions => {
                 let ensemble = self.ensemble.get_or_insert_with(Ensemble::new);
                 until_error(data.test(), |batches| {
                     ensemble.add_member(&self.backend, self.model.as_mut(), batches)
                 })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Blends the current weights into the average and the SWAG moments, creating them at the first
+    /// snapshot.
+    fn take_snapshot_of_weights(&mut self) -> Result<(), TrainError> {
+        let Some(Snapshots {
+            usage: SnapshotUse::AverageWeights { buffers, rule },
+            ..
+        }) = self.config.snapshots
+        else {
+            return Ok(());
+        };
+        match &mut self.average {
+            Some(average) => average.update(&self.backend, self.model.as_ref())?,
+            None => {
+                self.average = Some(WeightAverage::new(
+                    &self.backend,
+                    self.model.as_ref(),
+                    rule,
+                    buffers,
+                )?)
+            }
+        }
+        if let Some(collection) = self.config.swag {
+            match &mut self.swag {
+                Some(moments) => moments.update(&self.backend, self.model.as_ref())?,
+                None => {
+                    self.swag = Some(SwagMoments::new(
+                        &self.backend,
+                        self.model.as_ref(),
+                        collection.max_rank,
+                    )?)
+                }
             }
         }
         Ok(())

@@ -10,6 +10,7 @@ use swa_core::Backend;
 use swa_core::CpuBackend;
 use swa_models::batch::BatchResult;
 use swa_models::optim::SgdConfig;
+use swa_models::protocol::PretrainedSwa;
 use swa_models::train::{
     load_swag_moments, RunConfig, Silent, SnapshotUse, Snapshots, SwagCollection, Trainer,
     SWAG_FILE,
@@ -943,5 +944,87 @@ fn a_swag_checkpoint_missing_a_key_or_with_a_wrong_shape_names_it() {
     assert!(
         message.contains(&key) && message.contains("[1]"),
         "{message}"
+    );
+}
+
+/// SWA from pretrained weights (the paper's ImageNet protocol): the average starts from the weights the
+/// run starts from, as Algorithm 1's `w_SWA ← ŵ` does, then takes the end of every one-epoch cycle,
+/// where the learning rate is α2; starting it later is refused.
+#[test]
+fn swa_from_pretrained_weights_averages_the_start_and_every_cycle_end() {
+    let backend = CpuBackend::with_threads(2);
+    let data = Toy::new();
+    let recipe = PretrainedSwa {
+        epochs: 2,
+        batch_size: 4,
+        report_epochs: vec![1],
+        // Large enough rates that one epoch moves the weights visibly.
+        alpha1: 0.05,
+        alpha2: 0.01,
+        ..PretrainedSwa::paper("wrn10x1".parse().expect("valid name"))
+    };
+    let config = recipe.run_config(3).expect("valid recipe");
+    let steps = data.train_batches_per_epoch();
+    assert_eq!(
+        config.schedule.lr(1, steps - 1, steps),
+        0.01,
+        "each epoch ends at α2"
+    );
+    let first = (1.0 - 1.0 / steps as f32) * 0.05 + 0.01 / steps as f32;
+    assert!(
+        (config.schedule.lr(1, 0, steps) - first).abs() < 1e-7,
+        "and starts one step below α1 (eq. 1)"
+    );
+    let mut run = trainer(&backend, config);
+    let start = weights(&mut run);
+    run.average_current_weights()
+        .expect("before the first epoch");
+    assert!(
+        run.average_current_weights().is_err(),
+        "the average already holds the start"
+    );
+    run.run_epoch(&data, &mut Silent).expect("epoch 1");
+    let first_cycle = weights(&mut run);
+    let average = run.average().expect("averaged");
+    assert_eq!(average.count(), 2, "the start and the first cycle's end");
+    // Parameters are averaged; BatchNorm statistics are recomputed for the average instead.
+    let mut compared = 0;
+    for (index, (name, _)) in start.iter().enumerate() {
+        let Some(tensor) = average.tensor(name) else {
+            continue;
+        };
+        compared += 1;
+        let averaged = backend.to_host(tensor).expect("values");
+        assert_ne!(start[index].1, first_cycle[index].1, "{name} did not move");
+        for (i, &value) in averaged.iter().enumerate() {
+            let (a, b) = (start[index].1[i], first_cycle[index].1[i]);
+            let mean = 0.5 * (a + b);
+            assert!(
+                (value - mean).abs() <= 1e-6 * (1.0 + mean.abs()),
+                "{name}[{i}]: {value} is not the mean of {a} and {b}"
+            );
+        }
+    }
+    assert!(compared > 0, "no parameter was averaged");
+    let evaluated: Vec<usize> = run
+        .history()
+        .iter()
+        .filter(|r| r.swa_test.is_some())
+        .map(|r| r.epoch)
+        .collect();
+    assert_eq!(evaluated, vec![1], "the average is reported after epoch 1");
+    run.run_epoch(&data, &mut Silent).expect("epoch 2");
+    assert_eq!(run.average().map(|a| a.count()), Some(3));
+    assert!(run.history().last().is_some_and(|r| r.swa_test.is_some()));
+
+    let late = PretrainedSwa {
+        report_epochs: vec![3],
+        ..recipe.clone()
+    };
+    assert!(late.run_config(3).is_err(), "a report after the last epoch");
+    let mut sgd = trainer(&backend, sgd_config(1, 0.05));
+    assert!(
+        sgd.average_current_weights().is_err(),
+        "an SGD run keeps no average"
     );
 }
