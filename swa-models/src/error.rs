@@ -41,6 +41,11 @@ pub enum TrainError {
     /// A batch whose shape does not fit the model or the data set.
     #[error("bad batch: {0}")]
     BadBatch(String),
+    /// The data source could not make a batch: a corrupt or unreadable image, a vanished file (the
+    /// source's error, which names the file; shown in this error's message, so not repeated as its
+    /// source).
+    #[error("reading data: {0}")]
+    Data(Box<dyn std::error::Error + Send + Sync>),
     /// A network could not be built for the run.
     #[error("building the network: {0}")]
     Model(#[from] crate::nets::ModelError),

@@ -12,13 +12,18 @@
 //! before the first epoch. Weight decay, momentum and batch size are not stated for this experiment;
 //! the recipe takes torchvision's ImageNet training values (weight decay 10⁻⁴, momentum 0.9, batch 256).
 
+use std::path::Path;
+
 use swa_core::averaging::{BufferPolicy, WeightRule};
+use swa_core::backend::Backend;
 use swa_core::schedule::{Period, Schedule};
 
+use crate::checkpoint::load_module;
 use crate::error::TrainError;
+use crate::module::Module;
 use crate::nets::Architecture;
 use crate::optim::SgdConfig;
-use crate::train::{RunConfig, SnapshotUse, Snapshots};
+use crate::train::{RunConfig, SnapshotUse, Snapshots, Trainer};
 
 /// SWA from pretrained weights: how long, how fast, and when the average is reported.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,5 +113,40 @@ impl PretrainedSwa {
             swag: None,
             holdout: 0,
         })
+    }
+
+    /// The network of this recipe for `classes` classes with the pretrained `weights` loaded
+    /// (safetensors, or PyTorch's `.pth` as torchvision ships them). A file of another network, or for
+    /// another number of classes, is refused with the missing, unexpected or mis-shaped tensors named.
+    pub fn pretrained_network<B: Backend>(
+        &self,
+        backend: &B,
+        weights: &Path,
+        classes: usize,
+    ) -> Result<Box<dyn Module<B>>, TrainError> {
+        let mut network = self.architecture.build(backend, classes, 0)?;
+        load_module(backend, network.as_mut(), weights)?;
+        Ok(network)
+    }
+
+    /// The SWA run from `weights`: a [`Trainer`] of [`PretrainedSwa::run_config`] writing its checkpoints
+    /// into `checkpoints`, resumed from the latest one there; a run that starts afresh starts its average
+    /// from the pretrained weights (Algorithm 1). Returns the trainer and the epochs already done.
+    pub fn trainer<B: Backend>(
+        &self,
+        backend: &B,
+        weights: &Path,
+        classes: usize,
+        seed: u64,
+        checkpoints: &Path,
+    ) -> Result<(Trainer<B>, usize), TrainError> {
+        let model = self.pretrained_network(backend, weights, classes)?;
+        let eval_model = self.architecture.build(backend, classes, 0)?;
+        let mut trainer = Trainer::new(backend.clone(), self.run_config(seed)?, model, eval_model)?;
+        let done = trainer.with_checkpoints(checkpoints)?;
+        if done == 0 {
+            trainer.average_current_weights()?;
+        }
+        Ok((trainer, done))
     }
 }

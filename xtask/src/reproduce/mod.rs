@@ -1,9 +1,11 @@
-//! `cargo xtask reproduce cifar100|cifar10`: SGD vs SWA vs FGE on the paper's protocol.
+//! `cargo xtask reproduce cifar100|cifar10`: SGD vs SWA vs FGE on the paper's protocol; `cargo xtask
+//! reproduce imagenet`: SWA from pretrained weights ([`imagenet`]).
 //!
 //! Every run writes its checkpoints under `OUT/<data>/<model>/seed-<s>/<run>/`; running the same command
 //! again continues each run from its last finished epoch. At the end the results of all runs found under
 //! `OUT/<data>` are gathered into `results.md`, `results.json` and SVG plots.
 
+mod imagenet;
 mod presets;
 mod report;
 mod source;
@@ -46,12 +48,23 @@ pub enum Method {
     Swag,
 }
 
+/// The experiments `cargo xtask reproduce` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Experiment {
+    /// CIFAR-10: SGD, SWA and FGE from scratch (Table 1).
+    Cifar10,
+    /// CIFAR-100: SGD, SWA and FGE from scratch (Table 1).
+    Cifar100,
+    /// ImageNet: SWA from pretrained weights (Table 2); needs --data DIR and --weights FILE.
+    Imagenet,
+}
+
 /// Arguments of `cargo xtask reproduce`.
 #[derive(Args, Debug)]
 pub struct ReproduceArgs {
-    /// The data set.
+    /// The experiment.
     #[arg(value_enum)]
-    pub data_set: DatasetArg,
+    pub experiment: Experiment,
     /// Networks to train (default: the preset's; the paper's are vgg16, preresnet164, wrn28x10).
     #[arg(long = "model", value_delimiter = ',')]
     pub models: Vec<String>,
@@ -97,11 +110,35 @@ pub struct ReproduceArgs {
     /// Stop after this many epochs of each run in this invocation (to split long runs; rerun to continue).
     #[arg(long, hide = true)]
     pub max_epochs_per_run: Option<usize>,
+    /// ImageNet: the pretrained weights SWA starts from (torchvision's `.pth`, or safetensors).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// ImageNet: images per batch (default: the preset's; 256 for the paper).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// ImageNet: leave unreadable or corrupt images out and list them in the results, rather than stop
+    /// at the first one with its path.
+    #[arg(long)]
+    pub skip_bad_images: bool,
 }
 
 /// Runs the reproduction.
 pub fn run(args: ReproduceArgs) -> Result<()> {
-    let kind: DatasetKind = args.data_set.into();
+    let data_set = match args.experiment {
+        Experiment::Cifar10 => DatasetArg::Cifar10,
+        Experiment::Cifar100 => DatasetArg::Cifar100,
+        Experiment::Imagenet => return imagenet::run(&args),
+    };
+    for (given, flag) in [
+        (args.weights.is_some(), "--weights"),
+        (args.batch_size.is_some(), "--batch-size"),
+        (args.skip_bad_images, "--skip-bad-images"),
+    ] {
+        if given {
+            bail!("{flag} applies to reproduce imagenet only");
+        }
+    }
+    let kind: DatasetKind = data_set.into();
     let models: Vec<String> = if args.models.is_empty() {
         presets::default_models(args.preset)
             .into_iter()
@@ -154,7 +191,7 @@ pub fn run(args: ReproduceArgs) -> Result<()> {
                 crate::calibrate::run(crate::calibrate::CalibrateArgs::for_seed(
                     run,
                     args.data.clone(),
-                    args.data_set,
+                    data_set,
                     args.device,
                     args.threads,
                     (recipe.train_limit, recipe.test_limit),
@@ -409,6 +446,16 @@ fn estimate_epoch_seconds<B: Backend>(
     Ok(per_image.map_or(0.0, |seconds| seconds * images))
 }
 
+/// A learning rate as the logs show it: four decimals, or three significant digits below 10⁻³ (the ImageNet
+/// cycles end at 10⁻⁵).
+fn learning_rate(lr: f32) -> String {
+    if lr != 0.0 && lr.abs() < 1e-3 {
+        format!("{lr:.2e}")
+    } else {
+        format!("{lr:.4}")
+    }
+}
+
 fn human_duration(seconds: f64) -> String {
     let s = seconds.max(0.0) as u64;
     match s {
@@ -420,13 +467,13 @@ fn human_duration(seconds: f64) -> String {
 }
 
 /// A progress bar over a run's steps, with a line per epoch.
-struct Progress {
+pub(crate) struct Progress {
     bar: ProgressBar,
     label: String,
 }
 
 impl Progress {
-    fn new(label: &str, epochs: usize, done: usize, steps: usize) -> Self {
+    pub(crate) fn new(label: &str, epochs: usize, done: usize, steps: usize) -> Self {
         let total = (epochs * steps) as u64;
         let bar = ProgressBar::new(total);
         bar.set_style(
@@ -444,7 +491,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self, seconds: f64) {
+    pub(crate) fn finish(&self, seconds: f64) {
         self.bar.finish_and_clear();
         println!("{}: done in {}", self.label, human_duration(seconds));
     }
@@ -466,8 +513,8 @@ impl TrainObserver for Progress {
             .map(|m| format!(" fge {:.2}% ({} members)", m.accuracy, r.snapshots))
             .unwrap_or_default();
         let line = format!(
-            "{} epoch {:>3}: lr {:.4} train loss {:.3} acc {:.2}% | test loss {:.3} acc {:.2}%{swa}{fge} | {:.0} s",
-            self.label, r.epoch, r.lr_last, r.train.loss, r.train.accuracy, r.test.loss, r.test.accuracy, r.epoch_seconds
+            "{} epoch {:>3}: lr {} train loss {:.3} acc {:.2}% | test loss {:.3} acc {:.2}%{swa}{fge} | {:.0} s",
+            self.label, r.epoch, learning_rate(r.lr_last), r.train.loss, r.train.accuracy, r.test.loss, r.test.accuracy, r.epoch_seconds
         );
         // A hidden bar (output not a terminal: logs, CI) prints nothing, not even its `println`s.
         if self.bar.is_hidden() {
