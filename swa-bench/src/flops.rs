@@ -83,7 +83,8 @@ impl<B: Backend> FlopCounter<B> {
     }
 }
 
-/// FLOPs of one image through the forward pass of `architecture` with `classes` outputs.
+/// FLOPs of one image (of the side the network is measured on, [`crate::workload::image_side`]) through
+/// the forward pass of `architecture` with `classes` outputs.
 ///
 /// Runs the network once at batch 1 on the CPU in evaluation mode (the layers' arithmetic does not
 /// depend on the mode). A training step costs about three times this: forward, input gradient and
@@ -94,7 +95,8 @@ pub fn forward_flops_per_image(
 ) -> Result<u64, BenchError> {
     let counter = FlopCounter::new(CpuBackend::with_threads(1));
     let mut network = architecture.build(&counter, classes, 0)?;
-    let image = counter.zeros(&[1, 3, 32, 32])?;
+    let side = crate::workload::image_side(architecture);
+    let image = counter.zeros(&[1, 3, side, side])?;
     counter.reset();
     network.forward(&counter, &image, ForwardMode::Eval)?;
     Ok(counter.flops())

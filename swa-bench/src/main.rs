@@ -13,7 +13,7 @@ use swa_bench::machine::{load_average, Machine};
 use swa_bench::memory::{probe_this_process, ProbeRequest, SelfProbe, PROBE_COMMAND};
 use swa_bench::report::{header, Report, Versions};
 use swa_bench::suites::{
-    averaging, data, epoch, evaluation, geometry, kernels, overhead, training,
+    averaging, data, epoch, evaluation, folder, geometry, kernels, overhead, training,
 };
 use swa_bench::torch::{default_script, TorchRunner};
 use swa_bench::{Recorder, Settings, BATCH};
@@ -42,12 +42,14 @@ enum Suite {
     Geometry,
     /// Augmented batches/s from swa-data.
     Data,
+    /// ImageNet's JPEG input pipeline (decode, RandomResizedCrop 224, flip) against torchvision's.
+    Folder,
     /// The averaging, kernel and training figures on the GPU backend.
     Gpu,
 }
 
 impl Suite {
-    const ALL: [Suite; 9] = [
+    const ALL: [Suite; 10] = [
         Suite::Averaging,
         Suite::Overhead,
         Suite::Kernels,
@@ -56,6 +58,7 @@ impl Suite {
         Suite::Eval,
         Suite::Geometry,
         Suite::Data,
+        Suite::Folder,
         Suite::Gpu,
     ];
 
@@ -69,6 +72,7 @@ impl Suite {
             Suite::Eval => "eval",
             Suite::Geometry => "geometry",
             Suite::Data => "data",
+            Suite::Folder => "folder",
             Suite::Gpu => "gpu",
         }
     }
@@ -597,6 +601,20 @@ fn run_suite(
         Suite::Data => {
             let batches = if settings.quick { 10 } else { 100 };
             data::run("data", batches, settings.runs(7), recorder)?;
+        }
+        Suite::Folder => {
+            let plan = folder::FolderPlan {
+                images: if settings.quick { 64 } else { 512 },
+                threads: settings.threads,
+                rounds: settings.runs(5),
+            };
+            folder::run(
+                "folder",
+                plan,
+                settings.torch.as_ref(),
+                &machine.cpu_model,
+                recorder,
+            )?;
         }
         Suite::Gpu => {
             #[cfg(feature = "gpu")]

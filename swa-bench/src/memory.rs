@@ -19,7 +19,7 @@ use std::process::Command;
 use swa_core::CpuBackend;
 use swa_models::Architecture;
 
-use crate::workload::{random_batch, TrainingStep};
+use crate::workload::{image_side, random_batch_of_side, TrainingStep};
 use crate::{BenchError, CLASSES};
 
 /// The hidden subcommand under which swa-bench measures its own training's peak memory in a child.
@@ -182,7 +182,7 @@ pub fn probe_this_process(request: &ProbeRequest) -> Result<PeakRss, BenchError>
     let start_kib = own_status_kib("VmRSS")?;
     let backend = CpuBackend::with_threads(request.threads.max(1));
     let mut trainer = TrainingStep::new(request.network.build(&backend, CLASSES, 0)?);
-    let batch = random_batch(request.batch, CLASSES, 11);
+    let batch = random_batch_of_side(request.batch, image_side(request.network), CLASSES, 11);
     for _ in 0..request.steps.max(1) {
         trainer.run(&backend, &batch)?;
     }

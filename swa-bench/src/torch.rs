@@ -131,6 +131,31 @@ impl TorchRunner {
         })
     }
 
+    /// Images per second of torchvision's ImageFolder training pipeline on the folder `data`
+    /// (`RandomResizedCrop(224)`, flip, `ToTensor`, `Normalize`) through a `DataLoader` of `workers`
+    /// persistent worker processes at `batch`, one epoch after an untimed one: `PYTHON script folder DATA
+    /// BATCH WORKERS`.
+    pub fn folder_images_per_second(
+        &self,
+        data: &Path,
+        batch: usize,
+        workers: usize,
+    ) -> Result<f64, TorchError> {
+        let (command, stdout) = self.run(
+            &self.script,
+            &[
+                "folder".into(),
+                data.display().to_string(),
+                batch.to_string(),
+                workers.to_string(),
+            ],
+        )?;
+        parse_images_per_second(&stdout).ok_or_else(|| TorchError::NoFigure {
+            command,
+            output: stdout.trim().to_string(),
+        })
+    }
+
     /// Evaluation and `update_bn` images per second of `model` on `batches` random batches of `batch`
     /// images, one figure per timed pass: `PYTHON torch/eval_probe.py SCRIPT MODEL BATCH BATCHES PASSES`,
     /// which imports the networks from this runner's script. `update_bn` is empty for a model without

@@ -6,7 +6,7 @@ use swa_core::backend::prelude::*;
 use swa_core::params::{NamedTensors, TensorRole};
 use swa_models::evaluate::MetricsAccumulator;
 use swa_models::optim::{Sgd, SgdConfig};
-use swa_models::{sgd_step, ForwardMode, HostBatch, Module};
+use swa_models::{sgd_step, Architecture, ForwardMode, HostBatch, Module};
 
 use crate::BenchError;
 
@@ -74,10 +74,25 @@ impl<B: Backend> NamedTensors<B> for ParameterBlock<B> {
 
 /// A batch of `batch` random 32×32 RGB images (values in `[-1, 1)`) with labels below `classes`.
 pub fn random_batch(batch: usize, classes: usize, seed: u32) -> HostBatch {
+    random_batch_of_side(batch, 32, classes, seed)
+}
+
+/// The side of the images a network is measured on: 224 for torchvision's ImageNet networks, as users
+/// train them, and CIFAR's 32 for the rest.
+pub fn image_side(architecture: Architecture) -> usize {
+    if architecture.is_imagenet() {
+        224
+    } else {
+        32
+    }
+}
+
+/// A batch of `batch` random `side`×`side` RGB images (values in `[-1, 1)`) with labels below `classes`.
+pub fn random_batch_of_side(batch: usize, side: usize, classes: usize, seed: u32) -> HostBatch {
     let classes = classes.max(1) as u32;
     HostBatch {
-        images: seeded_values(batch * 3 * 32 * 32, seed),
-        shape: [batch, 3, 32, 32],
+        images: seeded_values(batch * 3 * side * side, seed),
+        shape: [batch, 3, side, side],
         labels: (0..batch as u32)
             .map(|i| pcg_hash(i ^ seed.rotate_left(16)) % classes)
             .collect(),

@@ -8,6 +8,7 @@ pub mod averaging;
 pub mod data;
 pub mod epoch;
 pub mod evaluation;
+pub mod folder;
 pub mod geometry;
 #[cfg(feature = "gpu")]
 pub mod gpu;

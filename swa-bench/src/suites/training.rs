@@ -24,7 +24,7 @@ use crate::report::{Figure, Target};
 use crate::stats::{RoundRatios, Summary};
 use crate::timing::{wall, TimedBackend};
 use crate::torch::TorchRunner;
-use crate::workload::{random_batch, TrainingStep};
+use crate::workload::{image_side, random_batch_of_side, TrainingStep};
 use crate::{rates, BenchError, Recorder, BATCH, CLASSES};
 
 /// The networks of the training figures: the paper's smallest and deepest PreResNets, VGG-16, and a
@@ -129,7 +129,7 @@ pub fn run_network<B: TimedBackend>(
 ) -> Result<NetworkThroughput, BenchError> {
     let forward_flops = forward_flops_per_image(architecture, CLASSES)?;
     let mut trainer = TrainingStep::new(architecture.build(backend, CLASSES, 0)?);
-    let data = random_batch(batch, CLASSES, 11);
+    let data = random_batch_of_side(batch, image_side(architecture), CLASSES, 11);
     trainer.run(backend, &data)?;
     let name = architecture.to_string();
     let label = format!("{name} b{batch}");
