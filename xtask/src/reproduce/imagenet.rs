@@ -21,6 +21,7 @@ use swa_models::evaluate::{evaluate, Metrics};
 use swa_models::protocol::PretrainedSwa;
 use swa_models::{Architecture, TrainError};
 
+use super::report::{stat, Stat};
 use super::{choose_device, human_duration, Device, Preset, Progress, ReproduceArgs};
 
 /// The network when `--model` is not given.
@@ -490,21 +491,6 @@ fn percent(value: Option<f64>) -> String {
     value.map_or_else(|| "–".to_string(), |v| format!("{v:.2}%"))
 }
 
-/// Mean and standard deviation (over seeds) of a metric, as the paper's table gives them.
-fn mean_std(values: &[f64]) -> Option<(f64, f64)> {
-    if values.is_empty() {
-        return None;
-    }
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    let var = if values.len() > 1 {
-        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    Some((mean, var.sqrt()))
-}
-
 fn results_table(
     results: &ImageNetResults,
     recipe: &PretrainedSwa,
@@ -534,15 +520,15 @@ fn results_table(
             .iter()
             .filter_map(|seed| seed.iter().find(|(e, _)| *e == epoch).map(|(_, m)| *m))
             .collect();
-        let top1 = mean_std(&at.iter().map(|m| m.accuracy).collect::<Vec<_>>());
-        let top5 = mean_std(
+        let top1 = stat(&at.iter().map(|m| m.accuracy).collect::<Vec<_>>());
+        let top5 = stat(
             &at.iter()
                 .filter_map(|m| m.top5_accuracy)
                 .collect::<Vec<_>>(),
         );
-        let cell = |v: Option<(f64, f64)>| match v {
-            Some((mean, std)) if at.len() > 1 => format!("{mean:.2} ± {std:.2}"),
-            Some((mean, _)) => format!("{mean:.2}"),
+        let cell = |v: Option<Stat>| match v {
+            Some(s) if s.seeds > 1 => format!("{:.2} ± {:.2}", s.mean, s.std),
+            Some(s) => format!("{:.2}", s.mean),
             None => "–".into(),
         };
         // The paper reports SWA after 5 and 10 epochs; other report epochs have no published value.

@@ -50,7 +50,8 @@ pub struct Stat {
     pub seeds: usize,
 }
 
-fn stat(values: &[f64]) -> Option<Stat> {
+/// Mean and sample standard deviation of `values` (one per seed), as the paper's tables give them.
+pub(crate) fn stat(values: &[f64]) -> Option<Stat> {
     if values.is_empty() {
         return None;
     }
