@@ -82,6 +82,12 @@ impl ElementwiseOps<CpuTensor> for CopyCounter {
         relu(&self, x: &CpuTensor) -> BackendResult<CpuTensor>;
         relu_backward(&self, y: &CpuTensor, dy: &CpuTensor) -> BackendResult<CpuTensor>;
         dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<CpuTensor>;
+        narrow(&self, x: &CpuTensor, axis: usize, start: usize, len: usize)
+            -> BackendResult<CpuTensor>;
+        narrow_assign_(&self, dst: &mut CpuTensor, axis: usize, start: usize, src: &CpuTensor)
+            -> BackendResult<()>;
+        narrow_add_(&self, dst: &mut CpuTensor, axis: usize, start: usize, src: &CpuTensor)
+            -> BackendResult<()>;
     }
 }
 

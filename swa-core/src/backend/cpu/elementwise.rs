@@ -1,10 +1,12 @@
 //! Element-wise kernels: averaging, the fused SGD step, dropout masks.
 
-use ndarray::{ArrayD, IxDyn, Zip};
+use ndarray::{ArrayD, Axis, IxDyn, Slice, Zip};
 use rayon::prelude::*;
 
 use super::{same_shape, CpuBackend, CpuTensor};
-use crate::backend::{dropout_keeps, BackendError, BackendResult, ElementwiseOps, SgdStep};
+use crate::backend::{
+    dropout_keeps, AxisSlice, BackendError, BackendResult, ElementwiseOps, HasShape, SgdStep,
+};
 
 /// Elements per task of the in-place updates: 64 KiB of each operand, large enough to stream and small
 /// enough to balance the threads.
@@ -195,5 +197,47 @@ impl ElementwiseOps<CpuTensor> for CpuBackend {
             ArrayD::from_shape_vec(IxDyn(shape), values)
                 .expect("length equals the shape's product"),
         )
+    }
+
+    fn narrow(
+        &self,
+        x: &CpuTensor,
+        axis: usize,
+        start: usize,
+        len: usize,
+    ) -> BackendResult<CpuTensor> {
+        AxisSlice::new("narrow", x.dims(), axis, start, len)?;
+        let slice = Slice::from(start..start + len);
+        Ok(x.slice_axis(Axis(axis), slice)
+            .as_standard_layout()
+            .into_owned())
+    }
+
+    fn narrow_assign_(
+        &self,
+        dst: &mut CpuTensor,
+        axis: usize,
+        start: usize,
+        src: &CpuTensor,
+    ) -> BackendResult<()> {
+        let geometry = AxisSlice::filled_by("narrow_assign_", dst.dims(), axis, start, src.dims())?;
+        let slice = Slice::from(start..start + geometry.len);
+        dst.slice_axis_mut(Axis(axis), slice).assign(src);
+        Ok(())
+    }
+
+    fn narrow_add_(
+        &self,
+        dst: &mut CpuTensor,
+        axis: usize,
+        start: usize,
+        src: &CpuTensor,
+    ) -> BackendResult<()> {
+        let geometry = AxisSlice::filled_by("narrow_add_", dst.dims(), axis, start, src.dims())?;
+        let slice = Slice::from(start..start + geometry.len);
+        Zip::from(dst.slice_axis_mut(Axis(axis), slice))
+            .and(src)
+            .for_each(|d, &s| *d += s);
+        Ok(())
     }
 }
