@@ -1,6 +1,6 @@
 //! Element-wise kernels: averaging, the fused SGD step, dropout masks.
 
-use ndarray::{ArrayD, Axis, IxDyn, Slice, Zip};
+use ndarray::{ArrayD, IxDyn, Zip};
 use rayon::prelude::*;
 
 use super::{same_shape, CpuBackend, CpuTensor};
@@ -206,11 +206,16 @@ impl ElementwiseOps<CpuTensor> for CpuBackend {
         start: usize,
         len: usize,
     ) -> BackendResult<CpuTensor> {
-        AxisSlice::new("narrow", x.dims(), axis, start, len)?;
-        let slice = Slice::from(start..start + len);
-        Ok(x.slice_axis(Axis(axis), slice)
-            .as_standard_layout()
-            .into_owned())
+        let slice = AxisSlice::new("narrow", x.dims(), axis, start, len)?;
+        let mut dims = x.dims().to_vec();
+        dims[axis] = len;
+        let x = x.as_standard_layout();
+        let values = x.as_slice().expect("a standard-layout array is one slice");
+        let mut out = Vec::with_capacity(slice.numel());
+        for o in 0..slice.outer {
+            out.extend_from_slice(&values[slice_range(&slice, o)]);
+        }
+        Ok(ArrayD::from_shape_vec(IxDyn(&dims), out).expect("one value per element of the slice"))
     }
 
     fn narrow_assign_(
@@ -220,9 +225,8 @@ impl ElementwiseOps<CpuTensor> for CpuBackend {
         start: usize,
         src: &CpuTensor,
     ) -> BackendResult<()> {
-        let geometry = AxisSlice::filled_by("narrow_assign_", dst.dims(), axis, start, src.dims())?;
-        let slice = Slice::from(start..start + geometry.len);
-        dst.slice_axis_mut(Axis(axis), slice).assign(src);
+        let slice = AxisSlice::filled_by("narrow_assign_", dst.dims(), axis, start, src.dims())?;
+        write_slice(dst, src, &slice, |d, s| d.copy_from_slice(s));
         Ok(())
     }
 
@@ -233,11 +237,41 @@ impl ElementwiseOps<CpuTensor> for CpuBackend {
         start: usize,
         src: &CpuTensor,
     ) -> BackendResult<()> {
-        let geometry = AxisSlice::filled_by("narrow_add_", dst.dims(), axis, start, src.dims())?;
-        let slice = Slice::from(start..start + geometry.len);
-        Zip::from(dst.slice_axis_mut(Axis(axis), slice))
-            .and(src)
-            .for_each(|d, &s| *d += s);
+        let slice = AxisSlice::filled_by("narrow_add_", dst.dims(), axis, start, src.dims())?;
+        write_slice(dst, src, &slice, |d, s| {
+            d.iter_mut().zip(s).for_each(|(d, &s)| *d += s);
+        });
         Ok(())
+    }
+}
+
+/// The flat range of row `o` of `slice` in the standard layout of the tensor it slices: each of the
+/// `outer` rows holds the slice's `len · inner` elements contiguously.
+fn slice_range(slice: &AxisSlice, o: usize) -> std::ops::Range<usize> {
+    let begin = (o * slice.extent + slice.start) * slice.inner;
+    begin..begin + slice.len * slice.inner
+}
+
+/// Applies `write` to each row of the `slice` of `dst` and the matching row of `src` (which has exactly
+/// the slice's shape), one contiguous run at a time.
+fn write_slice(
+    dst: &mut CpuTensor,
+    src: &CpuTensor,
+    slice: &AxisSlice,
+    write: impl Fn(&mut [f32], &[f32]),
+) {
+    let src = src.as_standard_layout();
+    let src = src
+        .as_slice()
+        .expect("a standard-layout array is one slice");
+    let block = slice.len * slice.inner;
+    if !dst.is_standard_layout() {
+        *dst = dst.as_standard_layout().into_owned();
+    }
+    let dst = dst
+        .as_slice_mut()
+        .expect("a standard-layout array is one slice");
+    for o in 0..slice.outer {
+        write(&mut dst[slice_range(slice, o)], &src[o * block..][..block]);
     }
 }
