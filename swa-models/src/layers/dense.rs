@@ -151,6 +151,17 @@ impl<B: Backend> DenseLayer<B> {
     ) -> BackendResult<()> {
         let d_bottleneck = self.tail.backward(backend, dy)?;
         let kept = self.pieces.take("DenseBlock::backward")?;
+        if kept.len() != pieces.len() || piece_grads.len() != pieces.len() {
+            return Err(BackendError::InvalidArgument {
+                op: "DenseBlock::backward",
+                message: format!(
+                    "{} pieces with {} gradients, but the forward pass read {}",
+                    pieces.len(),
+                    piece_grads.len(),
+                    kept.len()
+                ),
+            });
+        }
         let mut start = 0;
         for ((piece, (activated, saved)), grad) in pieces.iter().zip(&kept).zip(piece_grads) {
             let d_activated =
