@@ -22,6 +22,10 @@ Called by make_golden.py (family `imagenet`). Writes:
       (largest difference over the largest float64 magnitude), which is large where the gradient is
       mostly cancelled (the stem's BatchNorm, whose output reaches the loss only through
       training-mode BatchNorms);
+  golden_densenet29-k8_legacy.pth
+      that network's state_dict as torchvision's published DenseNet weights hold theirs, which predate
+      both the current names and the BatchNorm batch counter: `denselayer<i>.norm.1.weight` for
+      `denselayer<i>.norm1.weight` (and so on for norm, conv, 1 and 2), no `num_batches_tracked`;
   imagenet_shapes.json
       for torchvision.models.resnet50, resnet152 and densenet161 (1000 classes, no weights downloaded):
       every state_dict key with its shape and dtype, and the parameter count.
@@ -93,6 +97,21 @@ def add_float32_errors(model, name, x, out):
     print(f'{name}: float32 gradients within {grads[worst].item():.2e} of float64 ({worst})')
 
 
+def legacy_densenet_state_dict(model):
+    """The state_dict under the names torchvision's published DenseNet weights use, without counters."""
+    legacy = {}
+    for k, v in model.state_dict().items():
+        if k.endswith('num_batches_tracked'):
+            continue
+        parts = k.split('.')
+        for i, part in enumerate(parts[:-2]):
+            if part.startswith('denselayer') and parts[i + 1][:-1] in ('norm', 'relu', 'conv'):
+                parts[i + 1:i + 2] = [parts[i + 1][:-1], parts[i + 1][-1]]
+                break
+        legacy['.'.join(parts)] = v.detach().clone()
+    return legacy
+
+
 def params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -121,6 +140,7 @@ def write(out, randomise_batch_norm, write_forward_fixtures, write_gradient_fixt
     model = DenseNet(num_classes=classes, **shape)
     gen = torch.Generator().manual_seed(9300)
     randomise_batch_norm(model, gen)
+    torch.save(legacy_densenet_state_dict(model), os.path.join(out, f'golden_{name}_legacy.pth'))
     x = write_forward_fixtures(model, name, gen, out, BATCH, SIZE)
     write_gradient_fixture(model, name, x, classes, gen, out)
     add_float32_errors(model, name, x, out)
