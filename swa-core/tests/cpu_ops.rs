@@ -1373,3 +1373,98 @@ fn results_are_bit_identical_for_a_fixed_thread_count() {
         "two 1-thread backends"
     );
 }
+
+// ------------------------------------------------------------------------------------ axis slices
+
+/// The flat index of `[o, c, k]` in a tensor seen as `[outer, extent, inner]`.
+fn flat(o: usize, c: usize, k: usize, extent: usize, inner: usize) -> usize {
+    (o * extent + c) * inner + k
+}
+
+#[test]
+fn narrow_copies_the_slice_along_any_axis() {
+    let b = CpuBackend::with_threads(1);
+    let shape = [2, 5, 3, 2];
+    let values: Vec<f32> = (0..60).map(|v| v as f32).collect();
+    let x = tensor(&b, &values, &shape);
+    for (axis, start, len) in [
+        (0, 1, 1),
+        (1, 1, 3),
+        (1, 0, 5),
+        (2, 2, 1),
+        (3, 0, 2),
+        (1, 4, 0),
+    ] {
+        let got = b.narrow(&x, axis, start, len).unwrap();
+        let outer: usize = shape[..axis].iter().product();
+        let inner: usize = shape[axis + 1..].iter().product();
+        let mut want_shape = shape.to_vec();
+        want_shape[axis] = len;
+        assert_eq!(got.shape(), want_shape.as_slice(), "axis {axis}");
+        let mut want = Vec::new();
+        for o in 0..outer {
+            for c in start..start + len {
+                for k in 0..inner {
+                    want.push(values[flat(o, c, k, shape[axis], inner)]);
+                }
+            }
+        }
+        assert_eq!(host(&b, &got), want, "axis {axis}, {start}..+{len}");
+    }
+    // A one-dimensional tensor: the channel slice of a BatchNorm parameter.
+    let gamma = tensor(&b, &[1.0, 2.0, 3.0, 4.0], &[4]);
+    assert_eq!(host(&b, &b.narrow(&gamma, 0, 1, 2).unwrap()), [2.0, 3.0]);
+}
+
+#[test]
+fn narrow_writes_replace_or_add_to_the_slice_only() {
+    let b = CpuBackend::with_threads(1);
+    let mut r = rng(41);
+    let dst_values = uniform(&mut r, 2 * 6 * 3);
+    let src_values = uniform(&mut r, 2 * 2 * 3);
+    let src = tensor(&b, &src_values, &[2, 2, 3]);
+    for accumulate in [false, true] {
+        let mut dst = tensor(&b, &dst_values, &[2, 6, 3]);
+        if accumulate {
+            b.narrow_add_(&mut dst, 1, 3, &src).unwrap();
+        } else {
+            b.narrow_assign_(&mut dst, 1, 3, &src).unwrap();
+        }
+        let mut want: Vec<f64> = dst_values.iter().map(|&v| f64::from(v)).collect();
+        for o in 0..2 {
+            for c in 0..2 {
+                for k in 0..3 {
+                    let d = flat(o, 3 + c, k, 6, 3);
+                    let s = f64::from(src_values[flat(o, c, k, 2, 3)]);
+                    want[d] = if accumulate { want[d] + s } else { s };
+                }
+            }
+        }
+        assert_close("narrow write", &host(&b, &dst), &want, 1e-7);
+    }
+}
+
+#[test]
+fn narrow_rejects_slices_outside_the_tensor() {
+    let b = CpuBackend::with_threads(1);
+    let x = b.zeros(&[2, 4, 3]).unwrap();
+    for (axis, start, len) in [(3, 0, 1), (1, 3, 2), (1, 5, 0), (0, usize::MAX, 2)] {
+        assert!(
+            matches!(
+                b.narrow(&x, axis, start, len),
+                Err(BackendError::InvalidArgument { op: "narrow", .. })
+            ),
+            "axis {axis}, {start}..+{len}"
+        );
+    }
+    let mut dst = b.zeros(&[2, 4, 3]).unwrap();
+    // Another extent on an axis other than the sliced one, another rank, a slice past the end.
+    for (src_shape, start) in [(&[2, 2, 2][..], 0), (&[2, 2][..], 0), (&[2, 2, 3][..], 3)] {
+        let src = b.zeros(src_shape).unwrap();
+        assert!(
+            b.narrow_assign_(&mut dst, 1, start, &src).is_err(),
+            "{src_shape:?} at {start}"
+        );
+        assert!(b.narrow_add_(&mut dst, 1, start, &src).is_err());
+    }
+}

@@ -26,6 +26,7 @@ pub(crate) struct Kernel {
 }
 
 const ELEMENTWISE: &str = include_str!("shaders/elementwise.wgsl");
+const NARROW: &str = include_str!("shaders/narrow.wgsl");
 const GEMM: &str = include_str!("shaders/gemm.wgsl");
 const BATCHNORM: &str = include_str!("shaders/batchnorm.wgsl");
 const POOL: &str = include_str!("shaders/pool.wgsl");
@@ -82,6 +83,9 @@ kernel!(
     "sum_rows",
     [W(1), R(2)]
 );
+
+// Slices along an axis: 1 = dst (rw), 2 = src.
+kernel!(COPY_SLICE, "narrow", NARROW, "copy_slice", [W(1), R(2)]);
 
 // GEMM: 1 = A source, 2 = B source, 3 = output, 4 = bias.
 kernel!(GEMM_KERNEL, "gemm", GEMM, "main", [R(1), R(2), W(3), R(4)]);

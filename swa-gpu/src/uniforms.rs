@@ -53,6 +53,22 @@ impl ElementwiseParams {
 }
 
 uniform! {
+    /// `Params` of `narrow.wgsl`: the slice's element count and length along the axis, the extent after
+    /// the axis, each side's extent along the axis and the slice's start in it, and whether the
+    /// destination accumulates (1) or is overwritten (0).
+    NarrowParams {
+        total: u32,
+        len: u32,
+        inner: u32,
+        src_extent: u32,
+        src_start: u32,
+        dst_extent: u32,
+        dst_start: u32,
+        accumulate: u32,
+    }
+}
+
+uniform! {
     /// `Params` of `batchnorm.wgsl`.
     BatchNormParams {
         batch: u32,
@@ -147,6 +163,7 @@ mod tests {
     #[test]
     fn the_structs_have_the_shaders_field_layout() {
         assert_eq!(std::mem::size_of::<ElementwiseParams>(), 9 * 4);
+        assert_eq!(std::mem::size_of::<NarrowParams>(), 8 * 4);
         assert_eq!(std::mem::size_of::<BatchNormParams>(), 6 * 4);
         assert_eq!(std::mem::size_of::<GemmParams>(), 19 * 4);
         assert_eq!(std::mem::size_of::<PoolParams>(), 9 * 4);
@@ -173,6 +190,7 @@ mod tests {
                 include_str!("shaders/elementwise.wgsl"),
                 ElementwiseParams::FIELDS,
             ),
+            (include_str!("shaders/narrow.wgsl"), NarrowParams::FIELDS),
             (
                 include_str!("shaders/batchnorm.wgsl"),
                 BatchNormParams::FIELDS,

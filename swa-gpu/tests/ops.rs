@@ -464,3 +464,49 @@ fn softmax_and_cross_entropy_match_cpu() {
     assert_close("cross-entropy grad", &g, &gx.grad, &cx.grad, t, t);
     assert!(g.softmax_cross_entropy(&gl, &[10; 13]).is_err());
 }
+
+/// Slices along every axis, the writes that replace and that add, on shapes whose slices are not
+/// multiples of a workgroup: the same copies as the CPU's, exactly.
+#[test]
+fn narrow_and_slice_writes_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let shape = [3, 7, 5, 9];
+    let (gx, cx) = random_pair(&g, 61, &shape);
+    for (axis, start, len) in [(0, 1, 2), (1, 2, 4), (1, 0, 7), (2, 4, 1), (3, 3, 6)] {
+        let got = g.narrow(&gx, axis, start, len).unwrap();
+        let want = c.narrow(&cx, axis, start, len).unwrap();
+        assert_close(&format!("narrow axis {axis}"), &g, &got, &want, 0.0, 0.0);
+
+        let (mut gd, mut cd) = random_pair(&g, 62, &shape);
+        g.narrow_assign_(&mut gd, axis, start, &got).unwrap();
+        c.narrow_assign_(&mut cd, axis, start, &want).unwrap();
+        assert_close(
+            &format!("narrow_assign_ axis {axis}"),
+            &g,
+            &gd,
+            &cd,
+            0.0,
+            0.0,
+        );
+        g.narrow_add_(&mut gd, axis, start, &got).unwrap();
+        c.narrow_add_(&mut cd, axis, start, &want).unwrap();
+        assert_close(&format!("narrow_add_ axis {axis}"), &g, &gd, &cd, 0.0, 0.0);
+    }
+    let (gp, cp) = random_pair(&g, 63, &[300]);
+    let got = g.narrow(&gp, 0, 17, 260).unwrap();
+    assert_close(
+        "narrow 1-D",
+        &g,
+        &got,
+        &c.narrow(&cp, 0, 17, 260).unwrap(),
+        0.0,
+        0.0,
+    );
+    assert!(matches!(
+        g.narrow(&gp, 0, 290, 20),
+        Err(swa_core::BackendError::InvalidArgument { op: "narrow", .. })
+    ));
+    let mut small = g.zeros(&[2, 3]).unwrap();
+    assert!(g.narrow_add_(&mut small, 1, 0, &gp).is_err());
+}

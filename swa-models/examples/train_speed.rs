@@ -1,9 +1,12 @@
-//! Measures CPU training throughput of PreResNet-20 at batch 128 on random CIFAR-sized data.
+//! Measures CPU training throughput of a network (PreResNet-20 at batch 128 on random CIFAR-sized data by
+//! default).
 //!
-//! `cargo run --release -p swa-models --example train_speed -- [steps] [threads]` runs two warm-up steps,
-//! then `steps` timed SGD steps (forward in training mode, softmax cross-entropy, backward, update), and
-//! prints images per second with the time of each phase, so that changes to the CPU kernels can be
-//! compared on the exact workload of a training run.
+//! `cargo run --release -p swa-models --example train_speed -- [steps] [threads] [network] [batch]
+//! [size]` runs two warm-up steps, then `steps` timed SGD steps (forward in training mode, softmax
+//! cross-entropy, backward, update), and prints images per second with the time of each phase, so that
+//! changes to the CPU kernels can be compared on the exact workload of a training run; then `steps`
+//! timed evaluation passes. The images are `size × size` (32 by default); ImageNet networks predict
+//! 1000 classes, the others 10. `-- 3 2 densenet161 2 224` times DenseNet-161 on two 224×224 images.
 
 use std::time::{Duration, Instant};
 
@@ -18,8 +21,6 @@ use swa_models::{Architecture, ForwardMode};
 #[global_allocator]
 static GLOBAL: swa_core::allocator::MiMalloc = swa_core::allocator::MiMalloc;
 
-const BATCH: usize = 128;
-const CLASSES: usize = 10;
 const WARM_UP_STEPS: usize = 2;
 
 /// Time spent in each phase of the timed steps.
@@ -36,19 +37,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let steps: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(10);
     let threads: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(2);
+    let architecture: Architecture = args
+        .next()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(Architecture::PreResNet { depth: 20 });
+    let batch: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(128);
+    let size: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(32);
+    let classes: usize = if architecture.is_imagenet() { 1000 } else { 10 };
 
     let backend = CpuBackend::with_threads(threads);
-    let mut model = Architecture::PreResNet { depth: 20 }.build(&backend, CLASSES, 0)?;
+    let mut model = architecture.build(&backend, classes, 0)?;
     let mut optimiser = Sgd::new(SgdConfig::momentum(3e-4));
 
     let mut rng = StdRng::seed_from_u64(1);
-    let images: Vec<f32> = (0..BATCH * 3 * 32 * 32)
+    let images: Vec<f32> = (0..batch * 3 * size * size)
         .map(|_| rng.random_range(-1.0..1.0))
         .collect();
-    let labels: Vec<u32> = (0..BATCH)
-        .map(|_| rng.random_range(0..CLASSES as u32))
+    let labels: Vec<u32> = (0..batch)
+        .map(|_| rng.random_range(0..classes as u32))
         .collect();
-    let x = backend.from_host(&images, &[BATCH, 3, 32, 32])?;
+    let x = backend.from_host(&images, &[batch, 3, size, size])?;
 
     let mut phases = Phases::default();
     let mut cpu_at_start = None;
@@ -81,10 +90,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let total = phases.forward + phases.loss + phases.backward + phases.update;
     let per_step = |d: Duration| d.as_secs_f64() * 1e3 / steps.max(1) as f64;
     println!(
-        "preresnet20 batch {BATCH}, {} threads, {steps} steps: {:.1} img/s ({:.1} ms/step; forward {:.1}, \
-         loss {:.2}, backward {:.1}, update {:.2} ms); final loss {last_loss:.4}",
+        "{architecture} batch {batch} at {size}x{size}, {} threads, {steps} steps: {:.1} img/s ({:.1} \
+         ms/step; forward {:.1}, loss {:.2}, backward {:.1}, update {:.2} ms); final loss {last_loss:.4}",
         backend.threads(),
-        (steps * BATCH) as f64 / total.as_secs_f64(),
+        (steps * batch) as f64 / total.as_secs_f64(),
         per_step(total),
         per_step(phases.forward),
         per_step(phases.loss),
@@ -95,6 +104,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(cpu) = cpu_per_step {
         println!("process CPU time: {cpu:.1} ms/step (user + system, all threads)");
     }
+
+    let start = Instant::now();
+    for _ in 0..steps {
+        let logits = model.forward(&backend, &x, ForwardMode::Eval)?;
+        backend.to_host(&logits)?;
+    }
+    let eval = start.elapsed();
+    println!(
+        "evaluation: {:.1} img/s ({:.1} ms/pass)",
+        (steps * batch) as f64 / eval.as_secs_f64(),
+        eval.as_secs_f64() * 1e3 / steps.max(1) as f64
+    );
     Ok(())
 }
 

@@ -4,7 +4,9 @@
 //! zip layout of PyTorch 1.6 and later and the older pickle and tar layouts, through the `pytorch-reader`
 //! crate), so torchvision's pretrained weights and the original SWA code's checkpoints load as users have
 //! them: a state dict nested under `state_dict` or `model` (training checkpoints) is found, and the
-//! `module.` prefix of `nn.DataParallel` is dropped. [`StateDict::save`] writes that format too when the
+//! `module.` prefix of `nn.DataParallel` is dropped, and torchvision's published DenseNet weights, older
+//! than both its current names (`denselayer1.norm.1` for `denselayer1.norm1`) and BatchNorm's batch
+//! counter, read under the current names with every counter at 0, as PyTorch loads them. [`StateDict::save`] writes that format too when the
 //! path ends in `.pth` or `.pt` (the layout `torch.save` writes, so `torch.load` and `load_state_dict` take
 //! it), and safetensors otherwise.
 //!
@@ -702,6 +704,10 @@ impl StateDict {
                 .map(|(k, t)| (k["module.".len()..].to_string(), t))
                 .collect();
         }
+        let tensors: Vec<_> = tensors
+            .into_iter()
+            .map(|(k, t)| (current_densenet_name(&k).unwrap_or(k), t))
+            .collect();
         let mut dict = StateDict {
             origin: origin.clone(),
             tensors: BTreeMap::new(),
@@ -752,7 +758,22 @@ impl StateDict {
             };
             dict.tensors.insert(name, stored);
         }
+        dict.count_batches_of_legacy_checkpoint();
         Ok(dict)
+    }
+
+    /// Gives every BatchNorm a batch counter of 0 when the file holds no counter at all: checkpoints
+    /// written before PyTorch 0.4.1 (torchvision's published DenseNet weights among them) have none, and
+    /// PyTorch loads them with every counter at 0. A file with some counters is left as it is, so that a
+    /// missing one is still reported.
+    fn count_batches_of_legacy_checkpoint(&mut self) {
+        if !self
+            .tensors
+            .keys()
+            .any(|k| k.ends_with(BATCH_COUNTER_SUFFIX))
+        {
+            self.add_missing_batch_counters();
+        }
     }
 
     /// Copies the stored tensors into `tensors`, after checking that the keys are exactly the model's
@@ -999,4 +1020,26 @@ pub fn load_tensors<B: Backend, M: NamedTensors<B> + ?Sized>(
     path: &Path,
 ) -> Result<(), CheckpointError> {
     StateDict::load(path)?.copy_into_tensors(backend, tensors)
+}
+
+/// The current name of a tensor of torchvision's published DenseNet weights, which name the children of
+/// a dense layer `norm.1`, `conv.1`, `norm.2`, `conv.2` where torchvision's modules now say `norm1`,
+/// `conv1`, …: `…denselayer<i>.norm.1.weight` becomes `…denselayer<i>.norm1.weight`, the renaming
+/// torchvision's own loader applies. `None` for every other name.
+fn current_densenet_name(name: &str) -> Option<String> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let [.., layer, child, index, tensor] = parts.as_slice() else {
+        return None;
+    };
+    let is_dense_layer = layer
+        .strip_prefix("denselayer")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    let legacy = is_dense_layer
+        && matches!(*child, "norm" | "relu" | "conv")
+        && matches!(*index, "1" | "2")
+        && matches!(*tensor, "weight" | "bias" | "running_mean" | "running_var");
+    legacy.then(|| {
+        let prefix = parts[..parts.len() - 3].join(".");
+        format!("{prefix}.{child}{index}.{tensor}")
+    })
 }

@@ -489,3 +489,38 @@ fn torchvision_resnet50_pth_in_both_directions() {
     assert!(error <= 1e-4, "logits differ by {error:.2e} relative");
     save_module(&b, &net, &dir.join("ours_resnet50.pth")).unwrap();
 }
+
+/// torchvision's published DenseNet weights name a dense layer's children `norm.1`, `conv.2`, … and hold
+/// no batch counters (they predate both): they read as the current names, with every counter at 0 as
+/// PyTorch loads them, and load into the network.
+#[test]
+fn torchvision_legacy_densenet_checkpoints_read_under_the_current_names() {
+    let legacy = StateDict::load(&fixture("golden_densenet29-k8_legacy.pth")).unwrap();
+    let current = StateDict::load(&fixture("golden_densenet29-k8.safetensors")).unwrap();
+    assert_eq!(legacy.len(), current.len());
+    for (name, tensor) in current.iter() {
+        match tensor {
+            StoredTensor::I64 { .. } => assert_eq!(
+                legacy.get(name),
+                Some(&StoredTensor::I64 {
+                    shape: vec![],
+                    values: vec![0]
+                }),
+                "{name}"
+            ),
+            _ => assert_eq!(legacy.get(name), Some(tensor), "{name}"),
+        }
+    }
+    let mut net = network("densenet29-k8", 10, 3);
+    load_module(
+        &backend(),
+        &mut net,
+        &fixture("golden_densenet29-k8_legacy.pth"),
+    )
+    .unwrap();
+    let mut counters = Vec::new();
+    net.visit_batch_counters(&mut |_, count| counters.push(count));
+    // norm0, two a dense layer, one a transition, norm5.
+    assert_eq!(counters.len(), 1 + 2 * 12 + 3 + 1);
+    assert!(counters.iter().all(|&c| c == 0), "{counters:?}");
+}

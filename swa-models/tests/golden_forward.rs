@@ -316,6 +316,19 @@ fn check_gradients_against_pytorch(name: &str) {
         scale = scale.max(largest(f32_tensor(&grads, &format!("grad.{n}")).1));
     });
     let negligible = 1e-5 * scale;
+    // A gradient that is mostly cancelled is only as accurate as float32 allows: where the fixture says
+    // how far PyTorch's own float32 gradient is from its float64 one, the bound is four times that
+    // distance when it exceeds the usual 1e-4 (DenseNet's stem BatchNorm: 2.6e-4).
+    let bound = |n: &str| match grads.get(&format!("f32_error.{n}")) {
+        Some(StoredTensor::F32 { values, .. }) => {
+            values.iter().fold(1e-4f32, |b, e| b.max(4.0 * e))
+        }
+        _ => 1e-4,
+    };
+    let float32_errors = grads
+        .iter()
+        .filter(|(n, _)| n.starts_with("f32_error."))
+        .count();
     let mut checked = 0;
     let mut worst = 0.0f32;
     net.visit_params_mut(&mut |n, p| {
@@ -334,12 +347,20 @@ fn check_gradients_against_pytorch(name: &str) {
         } else {
             let err = relative_error(&got, want);
             worst = worst.max(err);
-            assert!(err < 1e-4, "{name}: gradient of {n} differs by {err}");
+            let bound = bound(n);
+            assert!(
+                err < bound,
+                "{name}: gradient of {n} differs by {err} (bound {bound})"
+            );
         }
         checked += 1;
     });
     eprintln!("{name}: {checked} parameter gradients, largest relative error {worst:.2e}");
-    assert_eq!(checked + 2, grads.len(), "{name}: gradients compared");
+    assert_eq!(
+        checked + 2 + float32_errors,
+        grads.len(),
+        "{name}: gradients compared"
+    );
 }
 
 #[test]
@@ -354,6 +375,17 @@ fn shake_shake_14_2x4d_gradients_match_pytorch() {
 fn resnet_14_w8_matches_torchvision() {
     check_network("resnet14-w8");
     check_gradients_against_pytorch("resnet14-w8");
+}
+
+/// torchvision's own `DenseNet` class with three dense layers a block, growth 8 and a 16-wide stem, on two
+/// 64×64 images: dense layers reading their input piece by piece, transitions that halve odd channel
+/// counts, `norm5`, the final ReLU and global average pooling, forward (the running statistics of every
+/// `norm1`, updated slice by slice) and backward (every piece's gradient gathered over the layers that
+/// read it, `norm1` and `conv1` gradients assembled from slices).
+#[test]
+fn densenet_29_k8_matches_torchvision() {
+    check_network("densenet29-k8");
+    check_gradients_against_pytorch("densenet29-k8");
 }
 
 #[test]

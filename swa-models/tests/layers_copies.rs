@@ -12,15 +12,18 @@ use swa_core::backend::{
 };
 use swa_core::{Backend, BackendResult, CpuBackend, CpuTensor, HasShape};
 use swa_models::layers::{
-    AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, Dropout, Flatten, Linear, MaxPool2d, ReLU,
+    AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, DenseBlock, Dropout, Flatten, Linear, MaxPool2d,
+    ReLU,
 };
 use swa_models::{Architecture, ForwardMode, Module, Network, NetworkConfig};
 
-/// The CPU backend, counting the copies made by [`Backend::duplicate`] (shared by clones).
+/// The CPU backend, counting the copies made by [`Backend::duplicate`], and the elements of feature maps
+/// copied into or out of slices (shared by clones).
 #[derive(Clone, Debug)]
 struct CopyCounter {
     inner: CpuBackend,
     copies: Arc<AtomicUsize>,
+    sliced: Arc<AtomicUsize>,
 }
 
 impl CopyCounter {
@@ -28,6 +31,20 @@ impl CopyCounter {
         Self {
             inner: CpuBackend::with_threads(2),
             copies: Arc::new(AtomicUsize::new(0)),
+            sliced: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The elements of feature maps copied into or out of slices since the last call.
+    fn take_sliced(&self) -> usize {
+        self.sliced.swap(0, Ordering::Relaxed)
+    }
+
+    /// Counts a slice copy of `copied` when it moves a feature map's elements: a four-dimensional tensor
+    /// whose planes are wider than the 3×3 kernels of the tests' weights (which are sliced too).
+    fn count_slice(&self, copied: &CpuTensor) {
+        if copied.ndim() == 4 && copied.shape()[3] > 3 {
+            self.sliced.fetch_add(copied.len(), Ordering::Relaxed);
         }
     }
 
@@ -82,6 +99,40 @@ impl ElementwiseOps<CpuTensor> for CopyCounter {
         relu(&self, x: &CpuTensor) -> BackendResult<CpuTensor>;
         relu_backward(&self, y: &CpuTensor, dy: &CpuTensor) -> BackendResult<CpuTensor>;
         dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<CpuTensor>;
+    }
+
+    fn narrow(
+        &self,
+        x: &CpuTensor,
+        axis: usize,
+        start: usize,
+        len: usize,
+    ) -> BackendResult<CpuTensor> {
+        let out = self.inner.narrow(x, axis, start, len)?;
+        self.count_slice(&out);
+        Ok(out)
+    }
+
+    fn narrow_assign_(
+        &self,
+        dst: &mut CpuTensor,
+        axis: usize,
+        start: usize,
+        src: &CpuTensor,
+    ) -> BackendResult<()> {
+        self.count_slice(src);
+        self.inner.narrow_assign_(dst, axis, start, src)
+    }
+
+    fn narrow_add_(
+        &self,
+        dst: &mut CpuTensor,
+        axis: usize,
+        start: usize,
+        src: &CpuTensor,
+    ) -> BackendResult<()> {
+        self.count_slice(src);
+        self.inner.narrow_add_(dst, axis, start, src)
     }
 }
 
@@ -247,4 +298,35 @@ fn a_network_copies_only_the_batch_its_first_layer_keeps() {
         1 + 9,
         "copies in a PreResNet-20 training forward pass"
     );
+}
+
+/// A dense block copies feature maps once a pass, however deep it is: the forward pass writes each piece
+/// into the block's output, the backward pass cuts the output's gradient into the pieces' gradients, and
+/// no layer concatenates the pieces it reads (torchvision copies every layer's whole input, a number of
+/// elements quadratic in the depth). It keeps an owned input without copying it.
+#[test]
+fn a_dense_block_copies_its_feature_maps_once_a_pass() {
+    let b = CopyCounter::new();
+    let mut rng = StdRng::seed_from_u64(0);
+    for layers in [2, 6, 12] {
+        let mut block = DenseBlock::new(&b, layers, 4, 3, 2, &mut rng).unwrap();
+        let x = random_tensor(&b, 1, &[2, 4, 5, 5]);
+        b.take_copies();
+        b.take_sliced();
+        let y = block.forward_owned(&b, x, TRAIN).unwrap();
+        let output = y.len();
+        assert_eq!(output, 2 * (4 + 3 * layers) * 25);
+        assert_eq!(b.take_copies(), 0, "{layers} layers: copies of the input");
+        assert_eq!(b.take_sliced(), output, "{layers} layers: forward");
+        block.backward(&b, &random_tensor(&b, 2, y.dims())).unwrap();
+        assert_eq!(b.take_sliced(), output, "{layers} layers: backward");
+        block
+            .forward(
+                &b,
+                &y.slice_axis(ndarray::Axis(1), (0..4).into()).to_owned(),
+                ForwardMode::Eval,
+            )
+            .unwrap();
+        assert_eq!(b.take_sliced(), output, "{layers} layers: evaluation");
+    }
 }

@@ -10,8 +10,8 @@ use swa_core::backend::{Backend, Conv2dSpec, HasShape};
 use swa_core::CpuBackend;
 use swa_models::layers::gradcheck::{check_gradients, GradCheckConfig, GradCheckReport};
 use swa_models::layers::{
-    AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, ConvInit, Dropout, Flatten, Linear, MaxPool2d,
-    ReLU, Residual, Sequential,
+    AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, ConvInit, DenseBlock, Dropout, Flatten, Linear,
+    MaxPool2d, ReLU, Residual, Sequential,
 };
 use swa_models::{ForwardMode, Module};
 
@@ -180,6 +180,25 @@ fn residual_block_gradients() {
         &cfg,
         24 + n,
     );
+}
+
+/// A dense block of three layers: each layer reads the block's input and the layers before it piece by
+/// piece, so the input's gradient gathers the output's slice and what three layers send back, and
+/// `norm1` and `conv1` of the later layers get their gradients slice by slice (enough elements sampled
+/// to reach every piece's slice).
+#[test]
+fn dense_block_gradients() {
+    let b = backend();
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut block = DenseBlock::new(&b, 3, 3, 2, 2, &mut rng).unwrap();
+    assert_eq!(block.out_channels(), 9);
+    let cfg = GradCheckConfig {
+        param_samples: 12,
+        ..Default::default()
+    };
+    let mut n = 0;
+    block.visit_params_mut(&mut |_, p| n += p.value.numel().min(12));
+    check("dense block", &mut block, &[2, 3, 5, 5], &cfg, 24 + n);
 }
 
 #[test]

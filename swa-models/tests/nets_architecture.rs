@@ -25,7 +25,8 @@ fn known_names_parse_and_display_back() {
             "pyramidnet110a48",
             "pyramidnet272a200-bottleneck",
             "resnet50",
-            "resnet152"
+            "resnet152",
+            "densenet161"
         ]
     );
     for name in named.iter().map(String::as_str).chain([
@@ -36,6 +37,10 @@ fn known_names_parse_and_display_back() {
         "pyramidnet20a8-bottleneck",
         "resnet101",
         "resnet14-w8",
+        "densenet121",
+        "densenet201",
+        "densenet29-k8",
+        "densenet161-k32",
     ]) {
         let architecture: Architecture = name.parse().unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(architecture.to_string(), name);
@@ -76,7 +81,8 @@ fn unknown_names_list_the_valid_ones() {
     assert!(
         message.contains("resnext50")
             && message.contains("vgg16bn")
-            && message.contains("resnet152"),
+            && message.contains("resnet152")
+            && message.contains("densenet161"),
         "{message}"
     );
 }
@@ -96,6 +102,9 @@ fn impossible_configurations_are_rejected() {
         // 111 is not 6n+2; 12 is not 9n+2.
         "pyramidnet111a48",
         "pyramidnet12a48-bottleneck",
+        // 160 is neither torchvision's nor 8n+5; no channels grow with k = 0.
+        "densenet160",
+        "densenet21-k0",
     ] {
         assert!(
             matches!(

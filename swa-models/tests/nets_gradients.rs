@@ -143,3 +143,41 @@ fn pyramidnets_have_correct_gradients() {
         check_whole_network(name, name.parse().unwrap(), 33);
     }
 }
+
+/// A DenseNet takes any square input from 32 pixels on, as torchvision's does: sizes whose planes turn
+/// odd before a transition (45: 23, 12, 6, 3, 1) give the same logits shape, and the backward pass
+/// reaches the input with its shape. Too small an input is refused with an error, not a panic.
+#[test]
+fn a_densenet_takes_any_square_input_from_32_pixels() {
+    use swa_core::backend::{Backend, HasShape, LossOps};
+    use swa_models::ForwardMode;
+    let backend = CpuBackend::with_threads(2);
+    let config = NetworkConfig {
+        architecture: "densenet21-k4".parse().unwrap(),
+        classes: 4,
+    };
+    let mut net = Network::new(&backend, &config, 5).unwrap();
+    net.require_input_grad(true);
+    for size in [32, 45, 64] {
+        let shape = [2, 3, size, size];
+        let x = backend
+            .from_host(&random_input(3, 2 * 3 * size * size), &shape)
+            .unwrap();
+        let logits = net.forward(&backend, &x, ForwardMode::Eval).unwrap();
+        assert_eq!(logits.dims(), [2, 4], "{size}×{size}");
+        let logits = net
+            .forward(&backend, &x, ForwardMode::Train { seed: 0 })
+            .unwrap();
+        let loss = backend.softmax_cross_entropy(&logits, &[1, 3]).unwrap();
+        let dx = net.backward(&backend, &loss.grad).unwrap();
+        assert_eq!(dx.dims(), shape, "{size}×{size}");
+        let dx = backend.to_host(&dx).unwrap();
+        assert!(
+            dx.iter().all(|v| v.is_finite()) && dx.iter().any(|&v| v != 0.0),
+            "{size}×{size}"
+        );
+        net.zero_grads();
+    }
+    let x = backend.zeros(&[2, 3, 8, 8]).unwrap();
+    assert!(net.forward(&backend, &x, ForwardMode::Eval).is_err());
+}

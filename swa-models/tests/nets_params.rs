@@ -143,14 +143,19 @@ fn shake_shake_and_pyramidnet_equal_their_pytorch_definition() {
     }
 }
 
-/// torchvision's ResNet-50 and ResNet-152 for 1000 classes, from `tests/fixtures/imagenet_shapes.json`
-/// (written by `tools/golden_imagenet_networks.py` from torchvision's own constructors), whose parameter
-/// counts are torchvision's published 25,557,032 and 60,192,808.
+/// torchvision's ResNet-50, ResNet-152 and DenseNet-161 for 1000 classes, from
+/// `tests/fixtures/imagenet_shapes.json` (written by `tools/golden_imagenet_networks.py` from
+/// torchvision's own constructors), whose parameter counts are torchvision's published 25,557,032,
+/// 60,192,808 and 28,681,000.
 #[test]
-fn resnets_equal_torchvision() {
+fn imagenet_networks_equal_torchvision() {
     let table: BTreeMap<String, TorchStateDict> = read_fixture("imagenet_shapes.json");
-    assert_eq!(table.len(), 2, "networks in imagenet_shapes.json");
-    for (name, published) in [("resnet50", 25_557_032), ("resnet152", 60_192_808)] {
+    assert_eq!(table.len(), 3, "networks in imagenet_shapes.json");
+    for (name, published) in [
+        ("resnet50", 25_557_032),
+        ("resnet152", 60_192_808),
+        ("densenet161", 28_681_000),
+    ] {
         let torch = &table[name];
         assert_eq!(torch.parameters, published, "{name}: the fixture's count");
         let net = build(name, 1000);

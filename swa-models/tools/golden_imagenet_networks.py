@@ -13,20 +13,37 @@ Called by make_golden.py (family `imagenet`). Writes:
       a training checkpoint as the original SWA code saves one from nn.DataParallel: {'epoch': 3,
       'state_dict': {'module.fc.weight': …, 'module.fc.bias': …, 'module.bn.num_batches_tracked': …},
       'optimizer': …} with a 2×3 linear layer's values 0..5 and 0.5, 1.5 and a counter of 7;
+  golden_densenet29-k8.safetensors, golden_densenet29-k8_io.safetensors,
+  golden_densenet29-k8_grads.safetensors
+      the same, on two 64×64 images, for torchvision's own DenseNet class reduced to three dense layers
+      a block, growth 8, a 16-wide stem and bn_size 4 (odd channel counts after the second transition,
+      so the halving rounds down), BatchNorm randomised; its gradients file also holds, for every
+      parameter, "f32_error.<key>": how far PyTorch's own float32 gradient is from the float64 one
+      (largest difference over the largest float64 magnitude), which is large where the gradient is
+      mostly cancelled (the stem's BatchNorm, whose output reaches the loss only through
+      training-mode BatchNorms);
+  golden_densenet29-k8_legacy.pth
+      that network's state_dict as torchvision's published DenseNet weights hold theirs, which predate
+      both the current names and the BatchNorm batch counter: `denselayer<i>.norm.1.weight` for
+      `denselayer<i>.norm1.weight` (and so on for norm, conv, 1 and 2), no `num_batches_tracked`;
   imagenet_shapes.json
-      for torchvision.models.resnet50 and resnet152 (1000 classes, no weights downloaded): every
-      state_dict key with its shape and dtype, and the parameter count.
+      for torchvision.models.resnet50, resnet152 and densenet161 (1000 classes, no weights downloaded):
+      every state_dict key with its shape and dtype, and the parameter count.
 """
-import json, os
+import copy, json, os
 
 import torch
 from torch import nn
-from torchvision.models import resnet50, resnet152
+from torchvision.models import densenet161, resnet50, resnet152
+from torchvision.models.densenet import DenseNet
 from torchvision.models.resnet import Bottleneck, conv1x1
+from safetensors.torch import load_file, save_file
 
 BATCH = 2
 SIZE = 64
 SMALL = ('resnet14-w8', 10, 8)   # name, classes, width
+SMALL_DENSENET = ('densenet29-k8', 10, dict(growth_rate=8, block_config=(3, 3, 3, 3), num_init_features=16,
+                                            bn_size=4))
 
 
 class SmallResNet(nn.Module):
@@ -62,6 +79,39 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def add_float32_errors(model, name, x, out):
+    """Adds "f32_error.<key>" to `golden_<name>_grads.safetensors`: the relative distance between the
+    stored float32 gradient of each parameter and the same pass's gradient in float64."""
+    path = os.path.join(out, f'golden_{name}_grads.safetensors')
+    grads = load_file(path)
+    exact = copy.deepcopy(model).double()
+    exact.zero_grad()
+    loss = torch.nn.functional.cross_entropy(exact(x.double()), grads['labels'])
+    loss.backward()
+    for k, p in exact.named_parameters():
+        want = p.grad.detach()
+        error = (grads['grad.' + k].double() - want).abs().max() / want.abs().max()
+        grads['f32_error.' + k] = error.float().reshape(1)
+    save_file(grads, path)
+    worst = max(grads, key=lambda k: grads[k].item() if k.startswith('f32_error.') else -1)
+    print(f'{name}: float32 gradients within {grads[worst].item():.2e} of float64 ({worst})')
+
+
+def legacy_densenet_state_dict(model):
+    """The state_dict under the names torchvision's published DenseNet weights use, without counters."""
+    legacy = {}
+    for k, v in model.state_dict().items():
+        if k.endswith('num_batches_tracked'):
+            continue
+        parts = k.split('.')
+        for i, part in enumerate(parts[:-2]):
+            if part.startswith('denselayer') and parts[i + 1][:-1] in ('norm', 'relu', 'conv'):
+                parts[i + 1:i + 2] = [parts[i + 1][:-1], parts[i + 1][-1]]
+                break
+        legacy['.'.join(parts)] = v.detach().clone()
+    return legacy
+
+
 def params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -85,8 +135,17 @@ def write(out, randomise_batch_norm, write_forward_fixtures, write_gradient_fixt
         'optimizer': {'state': {}, 'param_groups': [{'lr': 0.1, 'momentum': 0.9}]},
     }
     torch.save(nested, os.path.join(out, 'golden_nested_checkpoint.pth'))
+    name, classes, shape = SMALL_DENSENET
+    torch.manual_seed(9200)
+    model = DenseNet(num_classes=classes, **shape)
+    gen = torch.Generator().manual_seed(9300)
+    randomise_batch_norm(model, gen)
+    torch.save(legacy_densenet_state_dict(model), os.path.join(out, f'golden_{name}_legacy.pth'))
+    x = write_forward_fixtures(model, name, gen, out, BATCH, SIZE)
+    write_gradient_fixture(model, name, x, classes, gen, out)
+    add_float32_errors(model, name, x, out)
     table = {}
-    for key, build in [('resnet50', resnet50), ('resnet152', resnet152)]:
+    for key, build in [('resnet50', resnet50), ('resnet152', resnet152), ('densenet161', densenet161)]:
         net = build(weights=None)
         table[key] = {
             'parameters': params(net),

@@ -127,6 +127,33 @@ impl<D: ForwardElementwise> ElementwiseOps<InnerTensor<D>> for D {
     fn dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<InnerTensor<D>> {
         self.inner().dropout_mask(shape, p, seed)
     }
+    fn narrow(
+        &self,
+        x: &InnerTensor<D>,
+        axis: usize,
+        start: usize,
+        len: usize,
+    ) -> BackendResult<InnerTensor<D>> {
+        self.inner().narrow(x, axis, start, len)
+    }
+    fn narrow_assign_(
+        &self,
+        dst: &mut InnerTensor<D>,
+        axis: usize,
+        start: usize,
+        src: &InnerTensor<D>,
+    ) -> BackendResult<()> {
+        self.inner().narrow_assign_(dst, axis, start, src)
+    }
+    fn narrow_add_(
+        &self,
+        dst: &mut InnerTensor<D>,
+        axis: usize,
+        start: usize,
+        src: &InnerTensor<D>,
+    ) -> BackendResult<()> {
+        self.inner().narrow_add_(dst, axis, start, src)
+    }
 }
 
 impl<D: ForwardDense> DenseOps<InnerTensor<D>> for D {

@@ -244,7 +244,95 @@ pub trait Backend:
     ) -> BackendResult<()>;
 }
 
-/// Element-wise operations of network layers on tensors `T`, producing new tensors.
+/// A slice along one axis of a tensor: the tensor seen as `[outer, extent, inner]` around the axis, and
+/// the indices `start..start + len` of `extent`. The geometry of [`ElementwiseOps::narrow`] and of the
+/// writes into a slice, checked once for every backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AxisSlice {
+    /// The product of the dimensions before the axis.
+    pub outer: usize,
+    /// The tensor's extent along the axis.
+    pub extent: usize,
+    /// The product of the dimensions after the axis.
+    pub inner: usize,
+    /// The first index of the slice along the axis.
+    pub start: usize,
+    /// The slice's extent along the axis.
+    pub len: usize,
+}
+
+impl AxisSlice {
+    /// The slice `start..start + len` along `axis` of a tensor of shape `dims`; an error naming `op`
+    /// when the axis or the range falls outside the shape.
+    pub fn new(
+        op: &'static str,
+        dims: &[usize],
+        axis: usize,
+        start: usize,
+        len: usize,
+    ) -> BackendResult<Self> {
+        let Some(&extent) = dims.get(axis) else {
+            return Err(BackendError::InvalidArgument {
+                op,
+                message: format!("axis {axis} of a tensor of shape {dims:?}"),
+            });
+        };
+        if start.checked_add(len).is_none_or(|end| end > extent) {
+            return Err(BackendError::InvalidArgument {
+                op,
+                message: format!(
+                    "indices {start}..{start}+{len} along axis {axis} of a tensor of shape {dims:?}"
+                ),
+            });
+        }
+        Ok(Self {
+            outer: dims[..axis].iter().product(),
+            extent,
+            inner: dims[axis + 1..].iter().product(),
+            start,
+            len,
+        })
+    }
+
+    /// The slice of a tensor of shape `dst` along `axis` from `start` that a tensor of shape `src`
+    /// fills: `src` must have `dst`'s shape except along the axis.
+    pub fn filled_by(
+        op: &'static str,
+        dst: &[usize],
+        axis: usize,
+        start: usize,
+        src: &[usize],
+    ) -> BackendResult<Self> {
+        let len = src.get(axis).copied().unwrap_or(0);
+        let fits = src.len() == dst.len()
+            && src
+                .iter()
+                .zip(dst)
+                .enumerate()
+                .all(|(i, (s, d))| i == axis || s == d);
+        if !fits {
+            let mut expected = dst.to_vec();
+            if let Some(extent) = expected.get_mut(axis) {
+                *extent = len;
+            }
+            return Err(BackendError::ShapeMismatch {
+                op,
+                expected: format!("{expected:?} (the destination's shape but along axis {axis})"),
+                got: src.to_vec(),
+            });
+        }
+        Self::new(op, dst, axis, start, len)
+    }
+
+    /// The number of elements in the slice.
+    pub fn numel(&self) -> usize {
+        self.outer * self.len * self.inner
+    }
+}
+
+/// Element-wise operations of network layers on tensors `T`, producing new tensors, and the copies of
+/// slices along one axis that let a layer read and write channel ranges of a concatenation (the dense
+/// blocks of DenseNet) and of the parameters acting on them.
 pub trait ElementwiseOps<T> {
     /// `a + b` (same shapes): residual connections.
     fn add(&self, a: &T, b: &T) -> BackendResult<T>;
@@ -257,6 +345,15 @@ pub trait ElementwiseOps<T> {
     /// A dropout mask of `shape`: each element is `1/(1−p)` when [`dropout_keeps`] keeps it, else 0.
     /// Counter-based, so every backend draws the same mask from the same seed.
     fn dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<T>;
+    /// A copy of the elements of `x` whose index along `axis` lies in `start..start + len` (PyTorch's
+    /// `x.narrow(axis, start, len).contiguous()`).
+    fn narrow(&self, x: &T, axis: usize, start: usize, len: usize) -> BackendResult<T>;
+    /// Writes `src` into the slice of `dst` along `axis` that starts at `start` and is as long as `src`
+    /// is along the axis (PyTorch's `dst.narrow(axis, start, len).copy_(src)`); `src` has `dst`'s shape
+    /// on every other axis.
+    fn narrow_assign_(&self, dst: &mut T, axis: usize, start: usize, src: &T) -> BackendResult<()>;
+    /// Adds `src` to that slice of `dst` instead (`dst.narrow(axis, start, len).add_(src)`).
+    fn narrow_add_(&self, dst: &mut T, axis: usize, start: usize, src: &T) -> BackendResult<()>;
 }
 
 /// Dense layers on tensors `T`.

@@ -124,4 +124,34 @@ impl ElementwiseOps<GpuTensor> for GpuBackend {
     fn relu_backward(&self, y: &GpuTensor, dy: &GpuTensor) -> BackendResult<GpuTensor> {
         self.binary("relu_backward", &kernels::RELU_BACKWARD, y, dy)
     }
+
+    fn narrow(
+        &self,
+        x: &GpuTensor,
+        axis: usize,
+        start: usize,
+        len: usize,
+    ) -> BackendResult<GpuTensor> {
+        self.narrow_into_new(x, axis, start, len)
+    }
+
+    fn narrow_assign_(
+        &self,
+        dst: &mut GpuTensor,
+        axis: usize,
+        start: usize,
+        src: &GpuTensor,
+    ) -> BackendResult<()> {
+        self.write_slice("narrow_assign_", dst, axis, start, src, false)
+    }
+
+    fn narrow_add_(
+        &self,
+        dst: &mut GpuTensor,
+        axis: usize,
+        start: usize,
+        src: &GpuTensor,
+    ) -> BackendResult<()> {
+        self.write_slice("narrow_add_", dst, axis, start, src, true)
+    }
 }

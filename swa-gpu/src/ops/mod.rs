@@ -3,5 +3,6 @@
 mod elementwise;
 mod gemm;
 mod loss;
+mod narrow;
 mod norm;
 mod pool;

@@ -111,6 +111,11 @@ impl<B: Backend> Conv2d<B> {
                 let weight = normal(rng, numel, std);
                 (weight, bias.then(|| vec![0.0; out_channels]))
             }
+            ConvInit::HeNormalFanIn => {
+                let std = (2.0 / (k * k * in_channels) as f32).sqrt();
+                let weight = normal(rng, numel, std);
+                (weight, bias.then(|| vec![0.0; out_channels]))
+            }
             ConvInit::TorchDefault => {
                 let bound = torch_default_bound(in_channels * k * k);
                 let weight = uniform(rng, numel, bound);
@@ -231,6 +236,57 @@ impl<B: Backend> Conv2d<B> {
             self.bias.as_ref().map(|b| &b.value),
             self.spec,
         )
+    }
+}
+
+impl<B: Backend> Conv2d<B> {
+    /// The convolution of `x`, which holds the input channels `start..start + c` of this layer's input,
+    /// with the weights of those channels: one term of the layer applied to a concatenation, which is
+    /// the sum of these terms over its pieces. The bias, which belongs to no piece, is refused.
+    pub(super) fn convolve_channels(
+        &self,
+        backend: &B,
+        x: &B::Tensor,
+        start: usize,
+    ) -> BackendResult<B::Tensor> {
+        let weight = self.weight_of_channels(backend, x, start)?;
+        backend.conv2d(x, &weight, None, self.spec)
+    }
+
+    /// The backward pass of [`Conv2d::convolve_channels`] for the piece `x` from channel `start`:
+    /// accumulates the gradient of those channels' weights and returns the piece's input gradient.
+    pub(super) fn backward_channels(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        start: usize,
+        dy: &B::Tensor,
+    ) -> BackendResult<B::Tensor> {
+        let weight = self.weight_of_channels(backend, x, start)?;
+        let grads = backend.conv2d_backward(x, &weight, dy, self.spec, true, false)?;
+        super::norm::accumulate_grad_slice(backend, &mut self.weight, 1, start, &grads.weight)?;
+        grads.input.ok_or_else(|| {
+            BackendError::Device(
+                "conv2d_backward returned no input gradient where one was asked for".into(),
+            )
+        })
+    }
+
+    /// The weights `[out, c, k, k]` of the input channels of `x` from `start`.
+    fn weight_of_channels(
+        &self,
+        backend: &B,
+        x: &B::Tensor,
+        start: usize,
+    ) -> BackendResult<B::Tensor> {
+        if self.bias.is_some() {
+            return Err(BackendError::InvalidArgument {
+                op: "Conv2d::convolve_channels",
+                message: "a convolution with a bias cannot be applied piece by piece".into(),
+            });
+        }
+        let channels = x.dims().get(1).copied().unwrap_or(0);
+        backend.narrow(&self.weight.value, 1, start, channels)
     }
 }
 

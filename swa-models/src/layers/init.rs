@@ -10,6 +10,9 @@ pub enum ConvInit {
     /// The original SWA code's `_conv_init` for VGG and PreResNet: weights from
     /// `N(0, sqrt(2 / (k·k·out_channels)))`, bias zero.
     HeNormalFanOut,
+    /// PyTorch's `kaiming_normal_` with its defaults, which torchvision's DenseNets use: weights from
+    /// `N(0, sqrt(2 / (k·k·in_channels)))`, bias zero.
+    HeNormalFanIn,
     /// PyTorch's default `Conv2d` initialisation, `kaiming_uniform_(a = √5)`, which the WideResNet code keeps:
     /// weights and bias from `U(−1/√fan_in, 1/√fan_in)` with `fan_in = in_channels·k·k`.
     TorchDefault,

@@ -8,6 +8,7 @@
 mod activation;
 mod channel_pad;
 mod conv;
+mod dense;
 pub mod gradcheck;
 mod init;
 mod linear;
@@ -20,6 +21,7 @@ mod shake;
 pub use activation::{Dropout, ReLU};
 pub use channel_pad::ZeroPadChannels;
 pub use conv::{Conv2d, Conv2dConfig};
+pub use dense::DenseBlock;
 pub use init::ConvInit;
 pub use linear::Linear;
 pub use norm::BatchNorm2d;

@@ -1,6 +1,6 @@
 //! Batch normalisation over `N, H, W` per channel.
 
-use swa_core::backend::{Backend, BackendError, BackendResult, BatchNormSaved};
+use swa_core::backend::{Backend, BackendError, BackendResult, BatchNormSaved, HasShape};
 use swa_core::params::{NamedTensors, TensorRole};
 
 use super::ForwardCache;
@@ -132,7 +132,7 @@ impl<B: Backend> NamedTensors<B> for BatchNorm2d<B> {
 }
 
 /// A batch norm's output and, when computed from the batch, the batch statistics its backward pass needs.
-type Normalised<B> = (
+pub(super) type Normalised<B> = (
     <B as Backend>::Tensor,
     Option<BatchNormSaved<<B as Backend>::Tensor>>,
 );
@@ -171,6 +171,94 @@ impl<B: Backend> BatchNorm2d<B> {
         )?;
         self.num_batches_tracked += 1;
         Ok((y, Some(saved)))
+    }
+}
+
+/// Adds `g` to the slice of a parameter's gradient along `axis` from `start`, starting from zeros of
+/// the parameter's shape when it has no gradient yet.
+pub(super) fn accumulate_grad_slice<B: Backend>(
+    backend: &B,
+    param: &mut Param<B>,
+    axis: usize,
+    start: usize,
+    g: &B::Tensor,
+) -> BackendResult<()> {
+    let grad = match &mut param.grad {
+        Some(grad) => grad,
+        None => param.grad.insert(backend.zeros(param.value.dims())?),
+    };
+    backend.narrow_add_(grad, axis, start, g)
+}
+
+/// The parameters or statistics of the channels `start..start + len`.
+fn channel_slice<B: Backend>(
+    backend: &B,
+    tensor: &B::Tensor,
+    start: usize,
+    len: usize,
+) -> BackendResult<B::Tensor> {
+    backend.narrow(tensor, 0, start, len)
+}
+
+impl<B: Backend> BatchNorm2d<B> {
+    /// Normalises `x`, which holds the channels `start..start + c` of this layer's input (`c` = `x`'s
+    /// channel count), with those channels' scale, shift and statistics: the layer applied to a
+    /// concatenation, one piece at a time (each channel's normalisation depends on that channel
+    /// alone). In the modes with batch statistics the running statistics of those channels move as a
+    /// whole pass would move them; the batch counter does not (the caller counts the pass once, with
+    /// [`BatchNorm2d::count_batch`]). Returns the batch statistics of the piece in those modes.
+    pub(super) fn normalise_channels(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        start: usize,
+        mode: ForwardMode,
+    ) -> BackendResult<Normalised<B>> {
+        let channels = x.dims().get(1).copied().unwrap_or(0);
+        let gamma = channel_slice(backend, &self.weight.value, start, channels)?;
+        let beta = channel_slice(backend, &self.bias.value, start, channels)?;
+        let mut mean = channel_slice(backend, &self.running_mean, start, channels)?;
+        let mut var = channel_slice(backend, &self.running_var, start, channels)?;
+        let momentum = match mode {
+            ForwardMode::Eval => {
+                let y = backend.batch_norm_eval(x, &gamma, &beta, &mean, &var, self.eps)?;
+                return Ok((y, None));
+            }
+            ForwardMode::Train { .. } => self.momentum,
+            ForwardMode::RecomputeBatchNorm { momentum, .. } => momentum,
+        };
+        let (y, saved) =
+            backend.batch_norm_train(x, &gamma, &beta, &mut mean, &mut var, momentum, self.eps)?;
+        backend.narrow_assign_(&mut self.running_mean, 0, start, &mean)?;
+        backend.narrow_assign_(&mut self.running_var, 0, start, &var)?;
+        Ok((y, Some(saved)))
+    }
+
+    /// Counts one pass with batch statistics in `num_batches_tracked`, after a pass made of
+    /// [`BatchNorm2d::normalise_channels`] calls.
+    pub(super) fn count_batch(&mut self, mode: ForwardMode) {
+        if mode != ForwardMode::Eval {
+            self.num_batches_tracked += 1;
+        }
+    }
+
+    /// The backward pass of [`BatchNorm2d::normalise_channels`] for the piece `x` from channel `start`
+    /// with its batch statistics `saved`: accumulates the gradients of those channels' scale and shift
+    /// and returns the piece's input gradient.
+    pub(super) fn backward_channels(
+        &mut self,
+        backend: &B,
+        x: &B::Tensor,
+        start: usize,
+        saved: &BatchNormSaved<B::Tensor>,
+        dy: &B::Tensor,
+    ) -> BackendResult<B::Tensor> {
+        let channels = x.dims().get(1).copied().unwrap_or(0);
+        let gamma = channel_slice(backend, &self.weight.value, start, channels)?;
+        let grads = backend.batch_norm_backward(x, &gamma, saved, dy)?;
+        accumulate_grad_slice(backend, &mut self.weight, 0, start, &grads.gamma)?;
+        accumulate_grad_slice(backend, &mut self.bias, 0, start, &grads.beta)?;
+        Ok(grads.input)
     }
 }
 

@@ -15,7 +15,8 @@ const GENERAL_NAMES: &str = "preresnet<depth> (depth = 6n+2 below 44, 9n+2 from 
      wrn<depth>x<k> (depth = 6n+4), shakeshake<depth>-2x<width>d (depth = 6n+2, width even), \
      pyramidnet<depth>a<alpha> (basic blocks, depth = 6n+2) and pyramidnet<depth>a<alpha>-bottleneck \
      (depth = 9n+2), resnet<depth> (50, 101, 152, or 12n+2 with n blocks a stage) with an optional \
-     -w<width> (the first stage's width, 64 by default)";
+     -w<width> (the first stage's width, 64 by default), densenet<depth> (121, 161, 169, 201, or 8n+5 \
+     with n layers a block) with an optional -k<growth> (the growth rate, 48 for 161 and 32 otherwise)";
 
 /// Errors building a network.
 #[derive(Debug, thiserror::Error)]
@@ -93,14 +94,25 @@ pub enum Architecture {
         /// 2, 4 and 8 times as wide, and blocks put out four times their width.
         width: usize,
     },
+    /// torchvision's DenseNet-BC, for ImageNet-sized inputs (any square input of at least 32 pixels): a
+    /// 7×7 strided stem and max pooling, four dense blocks with transitions between them, global
+    /// average pooling.
+    DenseNet {
+        /// 121, 161, 169 or 201 (torchvision's block sizes), or 8n+5 for n layers in every block.
+        depth: usize,
+        /// Channels each dense layer adds (torchvision: 48 for DenseNet-161, 32 for the others); the
+        /// stem is twice as wide and each layer's bottleneck four times.
+        growth: usize,
+    },
 }
 
 impl Architecture {
     /// The paper's networks (VGG-16, PreResNet-164, WRN-28-10), the variants the original code also
     /// names, the CPU-sized members of the residual families, Shake-Shake 26 2×64d with its CPU-sized
     /// 2×32d, PyramidNet-272 (α = 200, bottleneck) with its CPU-sized PyramidNet-110 (α = 48), and the
-    /// paper's ImageNet ResNets: the one list that command lines, help texts and listings use.
-    pub const NAMED: [Architecture; 14] = [
+    /// paper's ImageNet ResNets and DenseNet-161: the one list that command lines, help texts and
+    /// listings use.
+    pub const NAMED: [Architecture; 15] = [
         Architecture::Vgg16,
         Architecture::Vgg16Bn,
         Architecture::PreResNet { depth: 20 },
@@ -137,6 +149,7 @@ impl Architecture {
         },
         Architecture::RESNET50,
         Architecture::RESNET152,
+        Architecture::DENSENET161,
     ];
 
     /// torchvision's ResNet-50.
@@ -151,10 +164,19 @@ impl Architecture {
         width: 64,
     };
 
+    /// torchvision's DenseNet-161.
+    pub const DENSENET161: Architecture = Architecture::DenseNet {
+        depth: 161,
+        growth: 48,
+    };
+
     /// Whether the network is built for ImageNet (1000 classes, images of 224 pixels and more, any square
     /// size from 32 on) rather than for 32×32 CIFAR images.
     pub fn is_imagenet(&self) -> bool {
-        matches!(self, Architecture::ResNet { .. })
+        matches!(
+            self,
+            Architecture::ResNet { .. } | Architecture::DenseNet { .. }
+        )
     }
 
     /// The names [`Architecture::from_str`] accepts, for error messages and help texts: the named
@@ -237,6 +259,17 @@ impl Architecture {
                     Ok(())
                 }
             }
+            Architecture::DenseNet { depth, growth } => {
+                if super::densenet::blocks_per_depth(depth).is_none() {
+                    Err(invalid(format!(
+                        "depth {depth} must be 121, 161, 169, 201 or 8n+5 with n ≥ 1"
+                    )))
+                } else if growth == 0 {
+                    Err(invalid("the growth rate must be positive".into()))
+                } else {
+                    Ok(())
+                }
+            }
         }
     }
 
@@ -288,6 +321,13 @@ impl fmt::Display for Architecture {
                 write!(f, "resnet{depth}")?;
                 if *width != 64 {
                     write!(f, "-w{width}")?;
+                }
+                Ok(())
+            }
+            Architecture::DenseNet { depth, growth } => {
+                write!(f, "densenet{depth}")?;
+                if *growth != super::densenet::default_growth(*depth) {
+                    write!(f, "-k{growth}")?;
                 }
                 Ok(())
             }
@@ -351,6 +391,17 @@ impl FromStr for Architecture {
             Architecture::ResNet {
                 depth: depth.parse().map_err(|_| unknown())?,
                 width,
+            }
+        } else if let Some(rest) = lower.strip_prefix("densenet") {
+            // densenet<depth>, optionally -k<growth>.
+            let (depth, growth) = match rest.split_once("-k") {
+                Some((depth, growth)) => (depth, Some(growth.parse().map_err(|_| unknown())?)),
+                None => (rest, None),
+            };
+            let depth = depth.parse().map_err(|_| unknown())?;
+            Architecture::DenseNet {
+                depth,
+                growth: growth.unwrap_or_else(|| super::densenet::default_growth(depth)),
             }
         } else {
             return Err(unknown());

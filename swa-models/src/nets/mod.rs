@@ -9,12 +9,16 @@
 //! - PyramidNet-`depth` with growth `alpha` (`pyramidnet110a48`, `pyramidnet272a200-bottleneck`), defined
 //!   in PyTorch in the same file;
 //! - for ImageNet, torchvision's ResNet-`depth` with bottleneck blocks (`resnet50`, `resnet152`), with
-//!   torchvision's tensor names, so that its checkpoints load as they are.
+//!   torchvision's tensor names, so that its checkpoints load as they are;
+//! - for ImageNet, torchvision's DenseNet-BC-`depth` (`densenet161`; also 121, 169, 201), with its tensor
+//!   names, and dense blocks that read their growing input piece by piece instead of concatenating it
+//!   for every layer ([`DenseBlock`](crate::layers::DenseBlock)).
 //!
 //! Every network is a [`Network`], a [`Module`] whose first convolution skips its input gradient (call
 //! [`Module::require_input_grad`] with `true` to get it back).
 
 mod architecture;
+mod densenet;
 mod preresnet;
 mod pyramidnet;
 mod resnet;
@@ -99,6 +103,19 @@ impl<B: Backend> Network<B> {
                         message: format!("no stage sizes for depth {depth}"),
                     })?;
                 resnet::build(backend, classes, blocks, width, &mut rng)?
+            }
+            Architecture::DenseNet { depth, growth } => {
+                let blocks =
+                    densenet::blocks_per_depth(depth).ok_or_else(|| ModelError::InvalidConfig {
+                        architecture: config.architecture.to_string(),
+                        message: format!("no block sizes for depth {depth}"),
+                    })?;
+                let shape = densenet::DenseNetShape {
+                    blocks,
+                    growth,
+                    init_features: 2 * growth,
+                };
+                densenet::build(backend, classes, shape, &mut rng)?
             }
         };
         body.require_input_grad(false);

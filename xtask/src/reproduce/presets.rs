@@ -99,7 +99,8 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             Preset::Paper,
             Architecture::ShakeShake { .. }
             | Architecture::PyramidNet { .. }
-            | Architecture::ResNet { .. },
+            | Architecture::ResNet { .. }
+            | Architecture::DenseNet { .. },
         ) => {
             anyhow::bail!(
                 "the paper preset has no CIFAR recipe for {architecture}: use --preset quick or smoke"

@@ -4,7 +4,9 @@ use ndarray::{ArrayD, IxDyn, Zip};
 use rayon::prelude::*;
 
 use super::{same_shape, CpuBackend, CpuTensor};
-use crate::backend::{dropout_keeps, BackendError, BackendResult, ElementwiseOps, SgdStep};
+use crate::backend::{
+    dropout_keeps, AxisSlice, BackendError, BackendResult, ElementwiseOps, HasShape, SgdStep,
+};
 
 /// Elements per task of the in-place updates: 64 KiB of each operand, large enough to stream and small
 /// enough to balance the threads.
@@ -195,5 +197,81 @@ impl ElementwiseOps<CpuTensor> for CpuBackend {
             ArrayD::from_shape_vec(IxDyn(shape), values)
                 .expect("length equals the shape's product"),
         )
+    }
+
+    fn narrow(
+        &self,
+        x: &CpuTensor,
+        axis: usize,
+        start: usize,
+        len: usize,
+    ) -> BackendResult<CpuTensor> {
+        let slice = AxisSlice::new("narrow", x.dims(), axis, start, len)?;
+        let mut dims = x.dims().to_vec();
+        dims[axis] = len;
+        let x = x.as_standard_layout();
+        let values = x.as_slice().expect("a standard-layout array is one slice");
+        let mut out = Vec::with_capacity(slice.numel());
+        for o in 0..slice.outer {
+            out.extend_from_slice(&values[slice_range(&slice, o)]);
+        }
+        Ok(ArrayD::from_shape_vec(IxDyn(&dims), out).expect("one value per element of the slice"))
+    }
+
+    fn narrow_assign_(
+        &self,
+        dst: &mut CpuTensor,
+        axis: usize,
+        start: usize,
+        src: &CpuTensor,
+    ) -> BackendResult<()> {
+        let slice = AxisSlice::filled_by("narrow_assign_", dst.dims(), axis, start, src.dims())?;
+        write_slice(dst, src, &slice, |d, s| d.copy_from_slice(s));
+        Ok(())
+    }
+
+    fn narrow_add_(
+        &self,
+        dst: &mut CpuTensor,
+        axis: usize,
+        start: usize,
+        src: &CpuTensor,
+    ) -> BackendResult<()> {
+        let slice = AxisSlice::filled_by("narrow_add_", dst.dims(), axis, start, src.dims())?;
+        write_slice(dst, src, &slice, |d, s| {
+            d.iter_mut().zip(s).for_each(|(d, &s)| *d += s);
+        });
+        Ok(())
+    }
+}
+
+/// The flat range of row `o` of `slice` in the standard layout of the tensor it slices: each of the
+/// `outer` rows holds the slice's `len · inner` elements contiguously.
+fn slice_range(slice: &AxisSlice, o: usize) -> std::ops::Range<usize> {
+    let begin = (o * slice.extent + slice.start) * slice.inner;
+    begin..begin + slice.len * slice.inner
+}
+
+/// Applies `write` to each row of the `slice` of `dst` and the matching row of `src` (which has exactly
+/// the slice's shape), one contiguous run at a time.
+fn write_slice(
+    dst: &mut CpuTensor,
+    src: &CpuTensor,
+    slice: &AxisSlice,
+    write: impl Fn(&mut [f32], &[f32]),
+) {
+    let src = src.as_standard_layout();
+    let src = src
+        .as_slice()
+        .expect("a standard-layout array is one slice");
+    let block = slice.len * slice.inner;
+    if !dst.is_standard_layout() {
+        *dst = dst.as_standard_layout().into_owned();
+    }
+    let dst = dst
+        .as_slice_mut()
+        .expect("a standard-layout array is one slice");
+    for o in 0..slice.outer {
+        write(&mut dst[slice_range(slice, o)], &src[o * block..][..block]);
     }
 }
