@@ -1,0 +1,517 @@
+//! Data-parallel training over MPI, run as two ranks under `mpirun` and checked against one process:
+//! two ranks end with the weights one process reaches on the same global batches (up to the order of
+//! floating-point additions), bit-identical from run to run and on both ranks; BatchNorm recomputed over
+//! the ranks' shards equals one process's over all of them; an SWA run keeps the same average on both
+//! ranks and resumes from rank 0's checkpoint to the uninterrupted result; a rank that is killed or
+//! stalls ends the run with a message within a bounded time.
+//!
+//! Each test starts `mpirun -np 2 --oversubscribe` on this test binary itself, running only
+//! [`mpi_rank`], which reads its scenario from [`SCENARIO`]. `mpirun` must be on the PATH (Debian's
+//! `openmpi-bin`); without it the tests fail and say so.
+
+#![cfg(feature = "mpi")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use swa_core::averaging::{BufferPolicy, WeightRule};
+use swa_core::schedule::{Period, Schedule};
+use swa_core::CpuBackend;
+use swa_models::batch::BatchResult;
+use swa_models::checkpoint::{save_module, StateDict, StoredTensor};
+use swa_models::distributed::mpi::{MpiCommunicator, STALLED_EXIT_CODE};
+use swa_models::distributed::{shard, update_bn_across_ranks, Communicator, ShardedBatches};
+use swa_models::layers::{
+    AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, Flatten, Linear, ReLU, Sequential,
+};
+use swa_models::optim::SgdConfig;
+use swa_models::train::{RunConfig, Silent, SnapshotUse, Snapshots, TrainObserver, Trainer};
+use swa_models::{update_bn, BatchSource, HostBatch, Module};
+
+/// The environment variable that names a rank's scenario.
+const SCENARIO: &str = "SWA_MPI_SCENARIO";
+/// The environment variable that names the folder where ranks write their results.
+const OUT: &str = "SWA_MPI_OUT";
+/// The number of ranks every test starts.
+const RANKS: usize = 2;
+/// Images per global batch, split 4 + 4.
+const GLOBAL_BATCH: usize = 8;
+const STEPS_PER_EPOCH: usize = 3;
+const CLASSES: usize = 3;
+const SIDE: usize = 8;
+/// The collectives' timeout in the stalled-rank scenario.
+const STALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long any one `mpirun` may take before the test fails instead of waiting.
+const RUN_LIMIT: Duration = Duration::from_secs(120);
+
+/// Deterministic images whose class shows in their mean, different at every (epoch, step).
+struct Synthetic;
+
+fn synthetic_batch(epoch: usize, step: usize) -> HostBatch {
+    let pixels = 3 * SIDE * SIDE;
+    let labels: Vec<u32> = (0..GLOBAL_BATCH)
+        .map(|i| ((i + step + epoch) % CLASSES) as u32)
+        .collect();
+    let images = labels
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &label)| {
+            (0..pixels).map(move |p| {
+                let noise = ((p * 7919 + i * 104_729 + step * 31 + epoch * 17) % 23) as f32 / 23.0;
+                label as f32 * 0.4 - 0.4 + (noise - 0.5) * 0.6
+            })
+        })
+        .collect();
+    HostBatch {
+        images,
+        shape: [GLOBAL_BATCH, 3, SIDE, SIDE],
+        labels,
+    }
+}
+
+impl BatchSource for Synthetic {
+    fn train_epoch(&self, epoch: usize) -> Box<dyn Iterator<Item = BatchResult> + '_> {
+        Box::new((0..STEPS_PER_EPOCH).map(move |step| Ok(synthetic_batch(epoch, step))))
+    }
+    fn train_batches_per_epoch(&self) -> usize {
+        STEPS_PER_EPOCH
+    }
+    fn test(&self) -> Box<dyn Iterator<Item = BatchResult> + '_> {
+        Box::new(std::iter::once(Ok(synthetic_batch(99, 0))))
+    }
+    fn test_len(&self) -> usize {
+        GLOBAL_BATCH
+    }
+}
+
+/// A small network; with `batch_norm`, a BatchNorm after the convolution.
+fn network(backend: &CpuBackend, batch_norm: bool) -> Box<dyn Module<CpuBackend>> {
+    let mut rng = StdRng::seed_from_u64(7);
+    let conv = Conv2d::new(backend, Conv2dConfig::new(3, 6, 3).padding(1), &mut rng).expect("conv");
+    let mut net = Sequential::new().with(conv);
+    if batch_norm {
+        net.push(BatchNorm2d::new(backend, 6).expect("batch norm"));
+    }
+    let net = net
+        .with(ReLU::new())
+        .with(AvgPool2d::new(SIDE).expect("pool"))
+        .with(Flatten::new())
+        .with(Linear::new(backend, 6, CLASSES, &mut rng).expect("linear"));
+    Box::new(net)
+}
+
+fn run_config(epochs: usize, swa: bool) -> RunConfig {
+    RunConfig {
+        epochs,
+        schedule: Schedule::constant(0.1).expect("schedule"),
+        snapshots: swa.then_some(Snapshots {
+            start_epoch: 1,
+            every: Period::Epochs(1),
+            usage: SnapshotUse::AverageWeights {
+                buffers: BufferPolicy::RecomputeLater,
+                rule: WeightRule::Equal,
+            },
+        }),
+        sgd: SgdConfig::momentum(5e-4),
+        seed: 3,
+        swa_eval_epochs: Vec::new(),
+        swa_eval_every: 0,
+        test_every_iterations: 0,
+        swag: None,
+        holdout: 0,
+    }
+}
+
+fn trainer(backend: &CpuBackend, config: RunConfig, batch_norm: bool) -> Trainer<CpuBackend> {
+    Trainer::new(
+        backend.clone(),
+        config,
+        network(backend, batch_norm),
+        network(backend, batch_norm),
+    )
+    .expect("trainer")
+}
+
+/// A rank of the tests below, started by them through `mpirun`; it does what [`SCENARIO`] says and writes
+/// its results into [`OUT`].
+#[test]
+#[ignore = "one rank of the MPI tests, which start it through mpirun"]
+fn mpi_rank() {
+    let scenario = std::env::var(SCENARIO).unwrap_or_else(|_| {
+        panic!("{SCENARIO} is not set: this test is a rank that the MPI tests start")
+    });
+    let out = PathBuf::from(std::env::var(OUT).expect("the folder for results"));
+    let timeout = if scenario == "stall" {
+        STALL_TIMEOUT
+    } else {
+        RUN_LIMIT
+    };
+    let communicator = Arc::new(MpiCommunicator::initialize(timeout).expect("MPI"));
+    let rank = communicator.rank();
+    assert_eq!(communicator.size(), RANKS, "started with -np {RANKS}");
+    let backend = CpuBackend::with_threads(1);
+    let data = ShardedBatches::new(Synthetic, communicator.as_ref());
+    let save = |model: &dyn Module<CpuBackend>, name: &str| {
+        save_module(
+            &backend,
+            model,
+            &out.join(format!("{name}-rank{rank}.safetensors")),
+        )
+        .expect("writing the rank's weights");
+    };
+    match scenario.as_str() {
+        "sgd" => {
+            let mut trainer = trainer(&backend, run_config(2, false), false);
+            trainer
+                .with_communicator(communicator.clone())
+                .expect("communicator");
+            trainer.run(&data, &mut Silent).expect("training");
+            save(trainer.model(), "sgd");
+        }
+        "update_bn" => {
+            let mut model = network(&backend, true);
+            let batches: Vec<HostBatch> = (0..STEPS_PER_EPOCH)
+                .map(|step| shard(&synthetic_batch(5, step), rank, RANKS).expect("shard"))
+                .collect();
+            let seen =
+                update_bn_across_ranks(communicator.as_ref(), &backend, model.as_mut(), batches, 0)
+                    .expect("update_bn");
+            assert_eq!(seen, STEPS_PER_EPOCH * GLOBAL_BATCH, "images of all ranks");
+            save(model.as_ref(), "update_bn");
+        }
+        "swa" | "swa_interrupted" => {
+            let mut trainer = trainer(&backend, run_config(3, true), true);
+            trainer
+                .with_communicator(communicator.clone())
+                .expect("communicator");
+            trainer
+                .with_checkpoints(out.join("checkpoints"))
+                .expect("checkpoints");
+            let epochs = if scenario == "swa" { 3 } else { 2 };
+            while trainer.epochs_done() < epochs {
+                trainer.run_epoch(&data, &mut Silent).expect("an epoch");
+            }
+            save(trainer.model(), &scenario);
+            if scenario == "swa" {
+                let swa = trainer
+                    .swa_model(&data)
+                    .expect("BatchNorm")
+                    .expect("an average");
+                save(swa, "swa_average");
+            }
+        }
+        "kill" | "stall" => {
+            /// Rank 1 dies (or stalls) in the second step; rank 0 goes on into that step's all-reduce.
+            struct Failing {
+                rank: usize,
+                stall: bool,
+            }
+            impl TrainObserver for Failing {
+                fn on_step(&mut self, _: usize, step: usize, _: usize, _: f32) {
+                    if self.rank == 1 && step == 0 {
+                        if self.stall {
+                            std::thread::sleep(RUN_LIMIT);
+                        } else {
+                            let pid = std::process::id().to_string();
+                            let _ = Command::new("kill").args(["-9", &pid]).status();
+                        }
+                    }
+                }
+            }
+            let mut trainer = trainer(&backend, run_config(2, false), false);
+            trainer
+                .with_communicator(communicator.clone())
+                .expect("communicator");
+            let mut failing = Failing {
+                rank,
+                stall: scenario == "stall",
+            };
+            trainer.run(&data, &mut failing).expect("training");
+            panic!("rank {rank} finished a run that a rank should have ended");
+        }
+        other => panic!("unknown scenario {other}"),
+    }
+}
+
+/// What one `mpirun` did.
+struct Launch {
+    success: bool,
+    code: Option<i32>,
+    output: String,
+    elapsed: Duration,
+}
+
+/// Runs [`mpi_rank`] as [`RANKS`] ranks on `scenario`, results in `out`.
+fn launch(scenario: &str, out: &Path) -> Launch {
+    let exe = std::env::current_exe().expect("the test binary");
+    let log = out.join(format!("{scenario}.log"));
+    let file = std::fs::File::create(&log).expect("log file");
+    let started = Instant::now();
+    let spawned = Command::new("mpirun")
+        .args(["-np", &RANKS.to_string(), "--oversubscribe"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "mpi_rank",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(SCENARIO, scenario)
+        .env(OUT, out)
+        // CI runs as root, which OpenMPI refuses without these.
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log file"))
+        .stderr(file)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => panic!(
+            "cannot start mpirun ({e}): these tests need OpenMPI (Debian: apt-get install openmpi-bin \
+             libopenmpi-dev)"
+        ),
+    };
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for mpirun") {
+            break status;
+        }
+        if started.elapsed() > RUN_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "mpirun {scenario} ran longer than {RUN_LIMIT:?}:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Launch {
+        success: status.success(),
+        code: status.code(),
+        output: std::fs::read_to_string(&log).unwrap_or_default(),
+        elapsed: started.elapsed(),
+    }
+}
+
+fn launch_ok(scenario: &str, out: &Path) {
+    let run = launch(scenario, out);
+    assert!(
+        run.success,
+        "mpirun {scenario} failed ({:?}):\n{}",
+        run.code, run.output
+    );
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let dict = StateDict::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    dict.iter()
+        .filter_map(|(name, tensor)| match tensor {
+            StoredTensor::F32 { values, .. } => Some((name.to_owned(), values.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn model_tensors(backend: &CpuBackend, model: &dyn Module<CpuBackend>) -> Vec<(String, Vec<f32>)> {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let path = dir.path().join("model.safetensors");
+    save_module(backend, model, &path).expect("saving");
+    tensors(&path)
+}
+
+fn counters(path: &Path) -> Vec<(String, Vec<i64>)> {
+    let dict = StateDict::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    dict.iter()
+        .filter_map(|(name, tensor)| match tensor {
+            StoredTensor::I64 { values, .. } => Some((name.to_owned(), values.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The largest difference between two sets of tensors relative to max(1, |expected|), after checking
+/// that they have the same names and sizes.
+fn largest_difference(found: &[(String, Vec<f32>)], expected: &[(String, Vec<f32>)]) -> f32 {
+    assert_eq!(
+        found.iter().map(|(n, v)| (n, v.len())).collect::<Vec<_>>(),
+        expected
+            .iter()
+            .map(|(n, v)| (n, v.len()))
+            .collect::<Vec<_>>(),
+        "the same tensors"
+    );
+    found
+        .iter()
+        .zip(expected)
+        .flat_map(|((_, a), (_, b))| a.iter().zip(b))
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+        .fold(0.0, f32::max)
+}
+
+fn rank_file(out: &Path, name: &str, rank: usize) -> PathBuf {
+    out.join(format!("{name}-rank{rank}.safetensors"))
+}
+
+#[test]
+fn two_ranks_train_as_one_process_on_the_global_batch() {
+    let first = tempfile::tempdir().expect("temporary folder");
+    let second = tempfile::tempdir().expect("temporary folder");
+    launch_ok("sgd", first.path());
+    launch_ok("sgd", second.path());
+    let rank0 = tensors(&rank_file(first.path(), "sgd", 0));
+    assert_eq!(
+        rank0,
+        tensors(&rank_file(first.path(), "sgd", 1)),
+        "both ranks hold the same weights"
+    );
+    assert_eq!(
+        rank0,
+        tensors(&rank_file(second.path(), "sgd", 0)),
+        "a second run repeats the first bit for bit"
+    );
+
+    let backend = CpuBackend::with_threads(1);
+    let mut alone = trainer(&backend, run_config(2, false), false);
+    alone.run(&Synthetic, &mut Silent).expect("training");
+    let expected = model_tensors(&backend, alone.model());
+    let initial = model_tensors(&backend, network(&backend, false).as_ref());
+    assert!(
+        largest_difference(&expected, &initial) > 1e-2,
+        "the steps moved the weights"
+    );
+    // Six SGD steps on the sum of two half-batch gradients rather than one full-batch gradient: only the
+    // order of additions differs, a few units of f32 rounding per step.
+    let difference = largest_difference(&rank0, &expected);
+    assert!(
+        difference < 1e-6,
+        "2 ranks differ from 1 process by {difference}"
+    );
+}
+
+#[test]
+fn batch_norm_recomputed_over_ranks_equals_one_process_over_all_shards() {
+    let out = tempfile::tempdir().expect("temporary folder");
+    launch_ok("update_bn", out.path());
+    let rank0 = rank_file(out.path(), "update_bn", 0);
+    let found = tensors(&rank0);
+    assert_eq!(
+        found,
+        tensors(&rank_file(out.path(), "update_bn", 1)),
+        "both ranks hold the same statistics"
+    );
+
+    let backend = CpuBackend::with_threads(1);
+    let mut model = network(&backend, true);
+    let all_shards: Vec<HostBatch> = (0..RANKS)
+        .flat_map(|rank| {
+            (0..STEPS_PER_EPOCH)
+                .map(move |step| shard(&synthetic_batch(5, step), rank, RANKS).expect("shard"))
+        })
+        .collect();
+    let seen = update_bn(&backend, model.as_mut(), all_shards, 0).expect("update_bn");
+    assert_eq!(seen, STEPS_PER_EPOCH * GLOBAL_BATCH);
+    let expected = model_tensors(&backend, model.as_ref());
+    let running_mean = expected
+        .iter()
+        .find(|(name, _)| name.ends_with("running_mean"))
+        .expect("a BatchNorm");
+    assert!(
+        running_mean.1.iter().any(|m| m.abs() > 1e-3),
+        "statistics were computed"
+    );
+    let difference = largest_difference(&found, &expected);
+    assert!(
+        difference < 1e-6,
+        "distributed update_bn differs by {difference}"
+    );
+    let batch_counts = counters(&rank0);
+    assert_eq!(
+        batch_counts
+            .iter()
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>(),
+        vec![vec![(RANKS * STEPS_PER_EPOCH) as i64]],
+        "the batch counter counts every rank's batches"
+    );
+}
+
+#[test]
+fn swa_over_ranks_keeps_one_average_and_resumes_from_rank_zeros_checkpoint() {
+    let whole = tempfile::tempdir().expect("temporary folder");
+    launch_ok("swa", whole.path());
+    for name in ["swa", "swa_average"] {
+        assert_eq!(
+            tensors(&rank_file(whole.path(), name, 0)),
+            tensors(&rank_file(whole.path(), name, 1)),
+            "{name}: both ranks hold the same tensors"
+        );
+    }
+    let checkpoints: Vec<_> = std::fs::read_dir(whole.path().join("checkpoints"))
+        .expect("the checkpoint folder")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        checkpoints,
+        ["epoch-0003"],
+        "rank 0 wrote the checkpoints, the last one kept"
+    );
+
+    let resumed = tempfile::tempdir().expect("temporary folder");
+    launch_ok("swa_interrupted", resumed.path());
+    launch_ok("swa", resumed.path());
+    for name in ["swa", "swa_average"] {
+        assert_eq!(
+            tensors(&rank_file(resumed.path(), name, 0)),
+            tensors(&rank_file(whole.path(), name, 0)),
+            "{name}: the resumed run ends as the uninterrupted one"
+        );
+    }
+}
+
+#[test]
+fn a_killed_rank_ends_the_run_within_bounded_time() {
+    let out = tempfile::tempdir().expect("temporary folder");
+    let run = launch("kill", out.path());
+    assert!(!run.success, "the run failed:\n{}", run.output);
+    assert!(
+        run.elapsed < Duration::from_secs(60),
+        "ended after {:?}",
+        run.elapsed
+    );
+    assert!(
+        run.output.contains("rank 1") && run.output.contains("signal 9"),
+        "the launcher names the killed rank:\n{}",
+        run.output
+    );
+}
+
+#[test]
+fn a_stalled_rank_ends_the_run_with_the_watchdogs_message() {
+    let out = tempfile::tempdir().expect("temporary folder");
+    let run = launch("stall", out.path());
+    assert!(!run.success, "the run failed:\n{}", run.output);
+    assert!(
+        run.elapsed < STALL_TIMEOUT + Duration::from_secs(30),
+        "ended after {:?}",
+        run.elapsed
+    );
+    assert!(
+        run.output
+            .contains("rank 0 of 2: the loss all-reduce waited")
+            && run.output.contains("a rank has died or stalled"),
+        "rank 0's watchdog says what it waited in:\n{}",
+        run.output
+    );
+    assert_eq!(
+        run.code,
+        Some(STALLED_EXIT_CODE),
+        "the watchdog's exit status:\n{}",
+        run.output
+    );
+}
