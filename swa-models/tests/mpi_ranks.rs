@@ -18,13 +18,15 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use swa_core::averaging::{BufferPolicy, WeightRule};
+use swa_core::averaging::{BufferPolicy, WeightAverage, WeightAveraging, WeightRule};
 use swa_core::schedule::{Period, Schedule};
 use swa_core::CpuBackend;
 use swa_models::batch::BatchResult;
 use swa_models::checkpoint::{save_module, StateDict, StoredTensor};
 use swa_models::distributed::mpi::{MpiCommunicator, STALLED_EXIT_CODE};
-use swa_models::distributed::{shard, update_bn_across_ranks, Communicator, ShardedBatches};
+use swa_models::distributed::{
+    merge_averages_across_ranks, shard, update_bn_across_ranks, Communicator, ShardedBatches,
+};
 use swa_models::layers::{
     AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, Flatten, Linear, ReLU, Sequential,
 };
@@ -86,6 +88,40 @@ impl BatchSource for Synthetic {
     fn test_len(&self) -> usize {
         GLOBAL_BATCH
     }
+}
+
+/// The batches of one rank in phase 2 of SWAP: its own, different from every other rank's.
+struct RankData {
+    rank: usize,
+}
+
+impl BatchSource for RankData {
+    fn train_epoch(&self, epoch: usize) -> Box<dyn Iterator<Item = BatchResult> + '_> {
+        Synthetic.train_epoch(epoch + 100 * (self.rank + 1))
+    }
+    fn train_batches_per_epoch(&self) -> usize {
+        STEPS_PER_EPOCH
+    }
+    fn test(&self) -> Box<dyn Iterator<Item = BatchResult> + '_> {
+        Synthetic.test()
+    }
+    fn test_len(&self) -> usize {
+        GLOBAL_BATCH
+    }
+}
+
+/// Rank `rank`'s shards of the batches BatchNorm is recomputed on.
+fn update_bn_shards(rank: usize) -> Vec<HostBatch> {
+    (0..STEPS_PER_EPOCH)
+        .map(|step| shard(&synthetic_batch(5, step), rank, RANKS).expect("shard"))
+        .collect()
+}
+
+/// What one process computes with `update_bn` over every rank's shards, one rank after the other.
+fn update_bn_alone(backend: &CpuBackend, model: &mut dyn Module<CpuBackend>) {
+    let all_shards: Vec<HostBatch> = (0..RANKS).flat_map(update_bn_shards).collect();
+    let seen = update_bn(backend, model, all_shards, 0).expect("update_bn");
+    assert_eq!(seen, STEPS_PER_EPOCH * GLOBAL_BATCH);
 }
 
 /// A small network; with `batch_norm`, a BatchNorm after the convolution.
@@ -174,12 +210,14 @@ fn mpi_rank() {
         }
         "update_bn" => {
             let mut model = network(&backend, true);
-            let batches: Vec<HostBatch> = (0..STEPS_PER_EPOCH)
-                .map(|step| shard(&synthetic_batch(5, step), rank, RANKS).expect("shard"))
-                .collect();
-            let seen =
-                update_bn_across_ranks(communicator.as_ref(), &backend, model.as_mut(), batches, 0)
-                    .expect("update_bn");
+            let seen = update_bn_across_ranks(
+                communicator.as_ref(),
+                &backend,
+                model.as_mut(),
+                update_bn_shards(rank),
+                0,
+            )
+            .expect("update_bn");
             assert_eq!(seen, STEPS_PER_EPOCH * GLOBAL_BATCH, "images of all ranks");
             save(model.as_ref(), "update_bn");
         }
@@ -203,6 +241,44 @@ fn mpi_rank() {
                     .expect("an average");
                 save(swa, "swa_average");
             }
+        }
+        "swap" => {
+            // Phase 1: synchronous training on the global batches.
+            let mut synchronous = trainer(&backend, run_config(1, false), true);
+            synchronous
+                .with_communicator(communicator.clone())
+                .expect("communicator");
+            synchronous.run(&data, &mut Silent).expect("phase 1");
+            // Phase 2: each rank alone, from the same weights, on batches of its own.
+            let mut independent = trainer(&backend, run_config(1, false), true);
+            StateDict::from_module(&backend, synchronous.model())
+                .expect("phase 1 weights")
+                .copy_into_module(&backend, independent.model())
+                .expect("starting phase 2 from them");
+            independent
+                .run(&RankData { rank }, &mut Silent)
+                .expect("phase 2");
+            save(independent.model(), "swap_local");
+            // Phase 3: the ranks' weights averaged, BatchNorm recomputed over all ranks' shards.
+            let mut average =
+                WeightAverage::swa(&backend, independent.model(), BufferPolicy::RecomputeLater)
+                    .expect("average");
+            merge_averages_across_ranks(communicator.as_ref(), &backend, &mut average)
+                .expect("merge");
+            assert_eq!(average.count(), RANKS as u64, "one snapshot per rank");
+            let mut merged = network(&backend, true);
+            average
+                .copy_into(&backend, merged.as_mut())
+                .expect("merged weights");
+            update_bn_across_ranks(
+                communicator.as_ref(),
+                &backend,
+                merged.as_mut(),
+                update_bn_shards(rank),
+                0,
+            )
+            .expect("update_bn");
+            save(merged.as_ref(), "swap_merged");
         }
         "kill" | "stall" => {
             /// Rank 1 dies (or stalls) in the second step; rank 0 goes on into that step's all-reduce.
@@ -408,14 +484,7 @@ fn batch_norm_recomputed_over_ranks_equals_one_process_over_all_shards() {
 
     let backend = CpuBackend::with_threads(1);
     let mut model = network(&backend, true);
-    let all_shards: Vec<HostBatch> = (0..RANKS)
-        .flat_map(|rank| {
-            (0..STEPS_PER_EPOCH)
-                .map(move |step| shard(&synthetic_batch(5, step), rank, RANKS).expect("shard"))
-        })
-        .collect();
-    let seen = update_bn(&backend, model.as_mut(), all_shards, 0).expect("update_bn");
-    assert_eq!(seen, STEPS_PER_EPOCH * GLOBAL_BATCH);
+    update_bn_alone(&backend, model.as_mut());
     let expected = model_tensors(&backend, model.as_ref());
     let running_mean = expected
         .iter()
@@ -472,6 +541,58 @@ fn swa_over_ranks_keeps_one_average_and_resumes_from_rank_zeros_checkpoint() {
             "{name}: the resumed run ends as the uninterrupted one"
         );
     }
+}
+
+#[test]
+fn swap_merges_the_ranks_weights_into_their_mean_with_batch_norm_over_all_shards() {
+    let out = tempfile::tempdir().expect("temporary folder");
+    launch_ok("swap", out.path());
+    let local: Vec<_> = (0..RANKS)
+        .map(|rank| tensors(&rank_file(out.path(), "swap_local", rank)))
+        .collect();
+    let parameters = |set: &[(String, Vec<f32>)]| -> Vec<(String, Vec<f32>)> {
+        set.iter()
+            .filter(|(name, _)| !name.contains("running_"))
+            .cloned()
+            .collect()
+    };
+    let (local0, local1) = (parameters(&local[0]), parameters(&local[1]));
+    assert!(
+        largest_difference(&local0, &local1) > 1e-3,
+        "the ranks trained apart in phase 2"
+    );
+    let merged = tensors(&rank_file(out.path(), "swap_merged", 0));
+    assert_eq!(
+        merged,
+        tensors(&rank_file(out.path(), "swap_merged", 1)),
+        "both ranks hold the merged weights"
+    );
+    let mean: Vec<(String, Vec<f32>)> = local0
+        .iter()
+        .zip(&local1)
+        .map(|((name, a), (_, b))| {
+            let values = a.iter().zip(b).map(|(a, b)| (a + b) / 2.0).collect();
+            (name.clone(), values)
+        })
+        .collect();
+    let difference = largest_difference(&parameters(&merged), &mean);
+    assert!(
+        difference < 1e-6,
+        "the merge differs from the mean by {difference}"
+    );
+
+    // BatchNorm of the merged weights: what one process computes over all ranks' shards.
+    let backend = CpuBackend::with_threads(1);
+    let mut alone = network(&backend, true);
+    swa_models::checkpoint::load_module(
+        &backend,
+        alone.as_mut(),
+        &rank_file(out.path(), "swap_merged", 0),
+    )
+    .expect("the merged weights");
+    update_bn_alone(&backend, alone.as_mut());
+    let difference = largest_difference(&merged, &model_tensors(&backend, alone.as_ref()));
+    assert!(difference < 1e-6, "BatchNorm differs by {difference}");
 }
 
 #[test]

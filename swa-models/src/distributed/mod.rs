@@ -28,6 +28,7 @@ pub mod mpi;
 use std::borrow::Borrow;
 use std::time::Duration;
 
+use swa_core::averaging::{AverageState, WeightAverage, WeightAveraging};
 use swa_core::backend::{Backend, HasShape};
 use swa_core::params::TensorRole;
 use swa_core::seed::splitmix64_mix;
@@ -105,6 +106,14 @@ pub trait Communicator: Send + Sync {
         values: &mut [f64],
     ) -> Result<(), DistributedError>;
 
+    /// Rank 0 receives every rank's `values`, one after the other in rank order (`Some`); the other ranks
+    /// receive nothing (`None`). Every rank must pass the same number of values.
+    fn gather_f32(
+        &self,
+        operation: &str,
+        values: &[f32],
+    ) -> Result<Option<Vec<f32>>, DistributedError>;
+
     /// Replaces `values` on every rank by rank 0's.
     fn broadcast_f32(&self, operation: &str, values: &mut [f32]) -> Result<(), DistributedError>;
 
@@ -134,6 +143,10 @@ impl Communicator for SingleProcess {
 
     fn all_reduce_sum_f64(&self, _: &str, _: &mut [f64]) -> Result<(), DistributedError> {
         Ok(())
+    }
+
+    fn gather_f32(&self, _: &str, values: &[f32]) -> Result<Option<Vec<f32>>, DistributedError> {
+        Ok(Some(values.to_vec()))
     }
 
     fn broadcast_f32(&self, _: &str, _: &mut [f32]) -> Result<(), DistributedError> {
@@ -329,6 +342,86 @@ where
         }
     });
     Ok(total as usize)
+}
+
+/// Merges the ranks' weight averages into one, the same on every rank: the last phase of SWAP (Gupta et al.,
+/// *Stochastic Weight Averaging in Parallel*, 2020), where ranks that trained independently from the same
+/// weights average what they reached. Each rank passes its `average` (of its own final weights, count 1,
+/// or of its own snapshots); rank 0 merges the others' into its own in rank order with
+/// [`WeightAverage::merge`] (weighted by their counts) and every rank receives the result, whose count is
+/// the sum of the ranks'. Recompute BatchNorm for it next ([`update_bn_across_ranks`]).
+///
+/// Fails on every rank with [`DistributedError::Mismatch`] when the ranks' averages hold different numbers
+/// of values, and with [`TrainError::Averaging`] for averages that do not merge by count (EMA).
+pub fn merge_averages_across_ranks<B: Backend>(
+    communicator: &dyn Communicator,
+    backend: &B,
+    average: &mut WeightAverage<B>,
+) -> Result<(), TrainError> {
+    let (rank, ranks) = (communicator.rank(), communicator.size());
+    if ranks == 1 {
+        return Ok(());
+    }
+    let mut state = average.to_state(backend)?;
+    let values: Vec<f32> = state
+        .tensors
+        .iter()
+        .filter_map(|tensor| tensor.values.as_deref())
+        .flatten()
+        .copied()
+        .collect();
+    // Every rank's count in its own slot, and the sum of the value counts to check that they agree.
+    let mut counts = vec![0.0f64; ranks + 1];
+    counts[rank] = state.n_averaged as f64;
+    counts[ranks] = values.len() as f64;
+    communicator.all_reduce_sum_f64("the averages' counts all-reduce", &mut counts)?;
+    if counts[ranks] != (values.len() * ranks) as f64 {
+        return Err(DistributedError::Mismatch {
+            rank,
+            ranks,
+            operation: "merging the ranks' averages".into(),
+            detail: format!(
+                "this rank's average holds {} values, the ranks' {} together",
+                values.len(),
+                counts[ranks]
+            ),
+        }
+        .into());
+    }
+    let gathered = communicator.gather_f32("the averages' gather", &values)?;
+    let mut merged_values = vec![0.0; values.len()];
+    if let Some(all) = gathered {
+        for (other_rank, other_values) in all.chunks_exact(values.len().max(1)).enumerate().skip(1)
+        {
+            let mut other = state.clone();
+            set_average_values(&mut other, other_values);
+            other.n_averaged = counts[other_rank] as u64;
+            average.merge(backend, &WeightAverage::from_state(backend, &other)?)?;
+        }
+        merged_values = average
+            .to_state(backend)?
+            .tensors
+            .iter()
+            .filter_map(|tensor| tensor.values.as_deref())
+            .flatten()
+            .copied()
+            .collect();
+    }
+    communicator.broadcast_f32("the merged average's broadcast", &mut merged_values)?;
+    set_average_values(&mut state, &merged_values);
+    state.n_averaged = counts[..ranks].iter().sum::<f64>() as u64;
+    *average = WeightAverage::from_state(backend, &state)?;
+    Ok(())
+}
+
+/// Replaces the held values of an average's state by `values`, laid out tensor after tensor.
+fn set_average_values(state: &mut AverageState, values: &[f32]) {
+    let mut offset = 0;
+    for held in state.tensors.iter_mut().filter_map(|t| t.values.as_mut()) {
+        let len = held.len();
+        held.copy_from_slice(&values[offset..offset + len]);
+        offset += len;
+    }
 }
 
 /// Adds the other ranks' images to `metrics`, so that every rank holds the metrics of the global batches.

@@ -125,6 +125,36 @@ impl MpiCommunicator {
         Ok(())
     }
 
+    /// Every rank's `values` on rank 0, in rank order.
+    fn gather<T>(&self, operation: &str, values: &[T]) -> Result<Option<Vec<T>>, DistributedError>
+    where
+        T: Equivalence + Copy + Default,
+    {
+        if self.size == 1 {
+            return Ok(Some(values.to_vec()));
+        }
+        let _watch = self.watchdog.watch(operation);
+        let world = SimpleCommunicator::world();
+        let root = world.process_at_rank(0);
+        let mut all = (self.rank == 0).then(|| vec![T::default(); values.len() * self.size]);
+        let mut gathered = Vec::new();
+        for (index, chunk) in values.chunks(CHUNK).enumerate() {
+            match &mut all {
+                Some(all) => {
+                    gathered.clear();
+                    gathered.resize(chunk.len() * self.size, T::default());
+                    root.gather_into_root(chunk, &mut gathered[..]);
+                    for (rank, part) in gathered.chunks_exact(chunk.len()).enumerate() {
+                        let start = rank * values.len() + index * CHUNK;
+                        all[start..start + chunk.len()].copy_from_slice(part);
+                    }
+                }
+                None => root.gather_into(chunk),
+            }
+        }
+        Ok(all)
+    }
+
     fn broadcast<T: Equivalence>(
         &self,
         operation: &str,
@@ -166,6 +196,14 @@ impl Communicator for MpiCommunicator {
         values: &mut [f64],
     ) -> Result<(), DistributedError> {
         self.all_reduce_sum(operation, values)
+    }
+
+    fn gather_f32(
+        &self,
+        operation: &str,
+        values: &[f32],
+    ) -> Result<Option<Vec<f32>>, DistributedError> {
+        self.gather(operation, values)
     }
 
     fn broadcast_f32(&self, operation: &str, values: &mut [f32]) -> Result<(), DistributedError> {
