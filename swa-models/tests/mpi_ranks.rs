@@ -23,7 +23,7 @@ use swa_core::schedule::{Period, Schedule};
 use swa_core::CpuBackend;
 use swa_models::batch::BatchResult;
 use swa_models::checkpoint::{save_module, StateDict, StoredTensor};
-use swa_models::distributed::mpi::{MpiCommunicator, STALLED_EXIT_CODE};
+use swa_models::distributed::mpi::{MpiCommunicator, PANIC_EXIT_CODE, STALLED_EXIT_CODE};
 use swa_models::distributed::{
     merge_averages_across_ranks, shard, update_bn_across_ranks, Communicator, ShardedBatches,
 };
@@ -280,20 +280,23 @@ fn mpi_rank() {
             .expect("update_bn");
             save(merged.as_ref(), "swap_merged");
         }
-        "kill" | "stall" => {
-            /// Rank 1 dies (or stalls) in the second step; rank 0 goes on into that step's all-reduce.
-            struct Failing {
+        "kill" | "stall" | "panic" => {
+            /// Rank 1 dies, stalls or panics after the first step; rank 0 goes on into the second step's
+            /// all-reduce.
+            struct Failing<'a> {
                 rank: usize,
-                stall: bool,
+                how: &'a str,
             }
-            impl TrainObserver for Failing {
+            impl TrainObserver for Failing<'_> {
                 fn on_step(&mut self, _: usize, step: usize, _: usize, _: f32) {
                     if self.rank == 1 && step == 0 {
-                        if self.stall {
-                            std::thread::sleep(RUN_LIMIT);
-                        } else {
-                            let pid = std::process::id().to_string();
-                            let _ = Command::new("kill").args(["-9", &pid]).status();
+                        match self.how {
+                            "stall" => std::thread::sleep(RUN_LIMIT),
+                            "panic" => panic!("rank 1 fails on purpose"),
+                            _ => {
+                                let pid = std::process::id().to_string();
+                                let _ = Command::new("kill").args(["-9", &pid]).status();
+                            }
                         }
                     }
                 }
@@ -304,7 +307,7 @@ fn mpi_rank() {
                 .expect("communicator");
             let mut failing = Failing {
                 rank,
-                stall: scenario == "stall",
+                how: &scenario,
             };
             trainer.run(&data, &mut failing).expect("training");
             panic!("rank {rank} finished a run that a rank should have ended");
@@ -608,6 +611,31 @@ fn a_killed_rank_ends_the_run_within_bounded_time() {
     assert!(
         run.output.contains("rank 1") && run.output.contains("signal 9"),
         "the launcher names the killed rank:\n{}",
+        run.output
+    );
+}
+
+#[test]
+fn a_panicking_rank_ends_the_run_at_once() {
+    let out = tempfile::tempdir().expect("temporary folder");
+    let run = launch("panic", out.path());
+    assert!(!run.success, "the run failed:\n{}", run.output);
+    // Well before the collectives' timeout (RUN_LIMIT), which would otherwise end it.
+    assert!(
+        run.elapsed < Duration::from_secs(60),
+        "ended after {:?}",
+        run.elapsed
+    );
+    assert!(
+        run.output
+            .contains("rank 1 of 2: a panic ended this rank, and with it the run"),
+        "the panicking rank says so:\n{}",
+        run.output
+    );
+    assert_eq!(
+        run.code,
+        Some(PANIC_EXIT_CODE),
+        "the exit status:\n{}",
         run.output
     );
 }

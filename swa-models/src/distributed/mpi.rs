@@ -13,7 +13,9 @@
 //! A rank that dies, or stops calling collectives, leaves the others blocked inside MPI. `mpirun` ends a
 //! job whose process died; for a rank that stalls instead, a watchdog thread of every rank aborts the
 //! whole run (`MPI_Abort`) once a collective has waited longer than the timeout, after printing which rank
-//! waited in what ([`DistributedError::Stalled`]).
+//! waited in what ([`DistributedError::Stalled`]). A rank that panics aborts the run as the communicator
+//! is dropped. A rank whose training returns an error must end the run itself with
+//! [`MpiCommunicator::abort`]: finalising MPI instead would wait for the other ranks, which wait for it.
 
 use std::ops::AddAssign;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +33,9 @@ use super::{Communicator, DistributedError};
 
 /// The exit status of a run that a watchdog aborted.
 pub const STALLED_EXIT_CODE: i32 = 75;
+
+/// The exit status of a run that a rank's panic aborted.
+pub const PANIC_EXIT_CODE: i32 = 101;
 
 /// The values of one gather and broadcast: bounds the memory rank 0 needs to ranks × this.
 const CHUNK: usize = 1 << 20;
@@ -85,7 +90,7 @@ impl MpiCommunicator {
         })
     }
 
-    /// Prints `message` as rank's error and ends every rank of the run (`MPI_Abort`) with `code`: what a
+    /// Prints `message` as this rank's error and ends every rank of the run (`MPI_Abort`) with `code`: what a
     /// rank whose training failed does, so that the others do not wait for it until the timeout.
     pub fn abort(&self, message: &str, code: i32) -> ! {
         eprintln!("rank {} of {}: {message}", self.rank, self.size);
@@ -170,6 +175,19 @@ impl MpiCommunicator {
             root.broadcast_into(chunk);
         }
         Ok(())
+    }
+}
+
+impl Drop for MpiCommunicator {
+    /// Ends every rank when this one is unwinding from a panic: the others would otherwise wait in their
+    /// next collective until the timeout.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.abort(
+                "a panic ended this rank, and with it the run",
+                PANIC_EXIT_CODE,
+            );
+        }
     }
 }
 
