@@ -18,21 +18,22 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use swa_core::averaging::{BufferPolicy, WeightAverage, WeightAveraging, WeightRule};
+use swa_core::averaging::{BufferPolicy, WeightRule};
 use swa_core::schedule::{Period, Schedule};
 use swa_core::CpuBackend;
 use swa_models::batch::BatchResult;
 use swa_models::checkpoint::{save_module, StateDict, StoredTensor};
 use swa_models::distributed::mpi::{MpiCommunicator, PANIC_EXIT_CODE, STALLED_EXIT_CODE};
-use swa_models::distributed::{
-    merge_averages_across_ranks, shard, update_bn_across_ranks, Communicator, ShardedBatches,
-};
+use swa_models::distributed::{shard, update_bn_across_ranks, Communicator, ShardedBatches};
 use swa_models::layers::{
     AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, Flatten, Linear, ReLU, Sequential,
 };
 use swa_models::optim::SgdConfig;
-use swa_models::train::{RunConfig, Silent, SnapshotUse, Snapshots, TrainObserver, Trainer};
-use swa_models::{update_bn, BatchSource, HostBatch, Module};
+use swa_models::protocol::{independent_dir, run_swap, Recipe, SwapData};
+use swa_models::train::{
+    RunConfig, Silent, SnapshotUse, Snapshots, TrainObserver, Trainer, MODEL_FILE,
+};
+use swa_models::{update_bn, Architecture, BatchSource, HostBatch, Module};
 
 /// The environment variable that names a rank's scenario.
 const SCENARIO: &str = "SWA_MPI_SCENARIO";
@@ -110,16 +111,19 @@ impl BatchSource for RankData {
     }
 }
 
-/// Rank `rank`'s shards of the batches BatchNorm is recomputed on.
-fn update_bn_shards(rank: usize) -> Vec<HostBatch> {
+/// Rank `rank`'s shards of an epoch's batches, on which BatchNorm is recomputed.
+fn update_bn_shards(epoch: usize, rank: usize) -> Vec<HostBatch> {
     (0..STEPS_PER_EPOCH)
-        .map(|step| shard(&synthetic_batch(5, step), rank, RANKS).expect("shard"))
+        .map(|step| shard(&synthetic_batch(epoch, step), rank, RANKS).expect("shard"))
         .collect()
 }
 
-/// What one process computes with `update_bn` over every rank's shards, one rank after the other.
-fn update_bn_alone(backend: &CpuBackend, model: &mut dyn Module<CpuBackend>) {
-    let all_shards: Vec<HostBatch> = (0..RANKS).flat_map(update_bn_shards).collect();
+/// What one process computes with `update_bn` over every rank's shards of `epoch`, one rank after the
+/// other.
+fn update_bn_alone(backend: &CpuBackend, model: &mut dyn Module<CpuBackend>, epoch: usize) {
+    let all_shards: Vec<HostBatch> = (0..RANKS)
+        .flat_map(|rank| update_bn_shards(epoch, rank))
+        .collect();
     let seen = update_bn(backend, model, all_shards, 0).expect("update_bn");
     assert_eq!(seen, STEPS_PER_EPOCH * GLOBAL_BATCH);
 }
@@ -214,7 +218,7 @@ fn mpi_rank() {
                 communicator.as_ref(),
                 &backend,
                 model.as_mut(),
-                update_bn_shards(rank),
+                update_bn_shards(5, rank),
                 0,
             )
             .expect("update_bn");
@@ -243,41 +247,41 @@ fn mpi_rank() {
             }
         }
         "swap" => {
-            // Phase 1: synchronous training on the global batches.
-            let mut synchronous = trainer(&backend, run_config(1, false), true);
-            synchronous
-                .with_communicator(communicator.clone())
-                .expect("communicator");
-            synchronous.run(&data, &mut Silent).expect("phase 1");
-            // Phase 2: each rank alone, from the same weights, on batches of its own.
-            let mut independent = trainer(&backend, run_config(1, false), true);
-            StateDict::from_module(&backend, synchronous.model())
-                .expect("phase 1 weights")
-                .copy_into_module(&backend, independent.model())
-                .expect("starting phase 2 from them");
-            independent
-                .run(&RankData { rank }, &mut Silent)
-                .expect("phase 2");
-            save(independent.model(), "swap_local");
-            // Phase 3: the ranks' weights averaged, BatchNorm recomputed over all ranks' shards.
-            let mut average =
-                WeightAverage::swa(&backend, independent.model(), BufferPolicy::RecomputeLater)
-                    .expect("average");
-            merge_averages_across_ranks(communicator.as_ref(), &backend, &mut average)
-                .expect("merge");
-            assert_eq!(average.count(), RANKS as u64, "one snapshot per rank");
+            let recipe = Recipe {
+                architecture: Architecture::PreResNet { depth: 20 },
+                budget: 2,
+                swa_epochs: 3,
+                lr_init: 0.1,
+                swa_start: 1,
+                swa_lr: 0.05,
+                weight_decay: 5e-4,
+                batch_size: GLOBAL_BATCH,
+                fge_cycle: 2,
+                fge_test_every: 0,
+                swa_eval_every: 1,
+                train_limit: None,
+                test_limit: None,
+                swag_max_rank: None,
+                holdout: 0,
+            };
+            let config = recipe.swap_config(3).expect("SWAP's phases");
+            let build = || Ok(network(&backend, true));
             let mut merged = network(&backend, true);
-            average
-                .copy_into(&backend, merged.as_mut())
-                .expect("merged weights");
-            update_bn_across_ranks(
-                communicator.as_ref(),
+            let outcome = run_swap(
+                communicator.clone(),
                 &backend,
+                &config,
+                &build,
+                SwapData {
+                    synchronous: &data,
+                    independent: &RankData { rank },
+                },
+                &out.join("swap"),
+                &mut Silent,
                 merged.as_mut(),
-                update_bn_shards(rank),
-                0,
             )
-            .expect("update_bn");
+            .expect("SWAP");
+            assert!(outcome.swap_test.loss.is_finite(), "{outcome:?}");
             save(merged.as_ref(), "swap_merged");
         }
         "kill" | "stall" | "panic" => {
@@ -487,7 +491,7 @@ fn batch_norm_recomputed_over_ranks_equals_one_process_over_all_shards() {
 
     let backend = CpuBackend::with_threads(1);
     let mut model = network(&backend, true);
-    update_bn_alone(&backend, model.as_mut());
+    update_bn_alone(&backend, model.as_mut(), 5);
     let expected = model_tensors(&backend, model.as_ref());
     let running_mean = expected
         .iter()
@@ -550,19 +554,34 @@ fn swa_over_ranks_keeps_one_average_and_resumes_from_rank_zeros_checkpoint() {
 fn swap_merges_the_ranks_weights_into_their_mean_with_batch_norm_over_all_shards() {
     let out = tempfile::tempdir().expect("temporary folder");
     launch_ok("swap", out.path());
-    let local: Vec<_> = (0..RANKS)
-        .map(|rank| tensors(&rank_file(out.path(), "swap_local", rank)))
+    let swap = out.path().join("swap");
+    let synchronous: Vec<_> = std::fs::read_dir(swap.join("synchronous"))
+        .expect("the synchronous phase's checkpoints")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
-    let parameters = |set: &[(String, Vec<f32>)]| -> Vec<(String, Vec<f32>)> {
-        set.iter()
+    assert_eq!(
+        synchronous,
+        ["epoch-0001"],
+        "rank 0 wrote the synchronous phase"
+    );
+    let parameters = |set: Vec<(String, Vec<f32>)>| -> Vec<(String, Vec<f32>)> {
+        set.into_iter()
             .filter(|(name, _)| !name.contains("running_"))
-            .cloned()
             .collect()
     };
-    let (local0, local1) = (parameters(&local[0]), parameters(&local[1]));
+    // Each rank's own weights after the independent phase, from its last checkpoint.
+    let local: Vec<_> = (0..RANKS)
+        .map(|rank| {
+            parameters(tensors(
+                &independent_dir(&swap, rank)
+                    .join("epoch-0002")
+                    .join(MODEL_FILE),
+            ))
+        })
+        .collect();
     assert!(
-        largest_difference(&local0, &local1) > 1e-3,
-        "the ranks trained apart in phase 2"
+        largest_difference(&local[0], &local[1]) > 1e-3,
+        "the ranks trained apart in the independent phase"
     );
     let merged = tensors(&rank_file(out.path(), "swap_merged", 0));
     assert_eq!(
@@ -570,21 +589,22 @@ fn swap_merges_the_ranks_weights_into_their_mean_with_batch_norm_over_all_shards
         tensors(&rank_file(out.path(), "swap_merged", 1)),
         "both ranks hold the merged weights"
     );
-    let mean: Vec<(String, Vec<f32>)> = local0
+    let mean: Vec<(String, Vec<f32>)> = local[0]
         .iter()
-        .zip(&local1)
+        .zip(&local[1])
         .map(|((name, a), (_, b))| {
             let values = a.iter().zip(b).map(|(a, b)| (a + b) / 2.0).collect();
             (name.clone(), values)
         })
         .collect();
-    let difference = largest_difference(&parameters(&merged), &mean);
+    let difference = largest_difference(&parameters(merged.clone()), &mean);
     assert!(
         difference < 1e-6,
         "the merge differs from the mean by {difference}"
     );
 
-    // BatchNorm of the merged weights: what one process computes over all ranks' shards.
+    // BatchNorm of the merged weights: what one process computes over all ranks' shards of the
+    // synchronous phase's last epoch.
     let backend = CpuBackend::with_threads(1);
     let mut alone = network(&backend, true);
     swa_models::checkpoint::load_module(
@@ -593,7 +613,7 @@ fn swap_merges_the_ranks_weights_into_their_mean_with_batch_norm_over_all_shards
         &rank_file(out.path(), "swap_merged", 0),
     )
     .expect("the merged weights");
-    update_bn_alone(&backend, alone.as_mut());
+    update_bn_alone(&backend, alone.as_mut(), 0);
     let difference = largest_difference(&merged, &model_tensors(&backend, alone.as_ref()));
     assert!(difference < 1e-6, "BatchNorm differs by {difference}");
 }

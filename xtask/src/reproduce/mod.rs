@@ -7,6 +7,7 @@
 mod presets;
 mod report;
 mod source;
+mod swap;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,6 +45,10 @@ pub enum DeviceChoice {
 pub enum Method {
     /// SWA-Gaussian: moments from the SWA run, Bayesian model averaging, and the calibration table.
     Swag,
+    /// SWAP over the ranks of `mpirun` (xtask built with `--features mpi`): synchronous data-parallel
+    /// training until swa_start, the ranks apart at the SWA learning rate, their weights averaged. It
+    /// replaces the SGD, SWA and FGE runs.
+    Swap,
 }
 
 /// Arguments of `cargo xtask reproduce`.
@@ -94,6 +99,10 @@ pub struct ReproduceArgs {
     /// authors hold out 5000. Without them the temperature is cross-fitted on halves of the test set.
     #[arg(long)]
     pub holdout: Option<usize>,
+    /// With `--method swap`: seconds a collective between ranks may wait before the run is aborted as
+    /// stalled (it must exceed rank 0's checkpoint writes and evaluations).
+    #[arg(long, default_value_t = 600)]
+    pub collective_timeout: u64,
     /// Stop after this many epochs of each run in this invocation (to split long runs; rerun to continue).
     #[arg(long, hide = true)]
     pub max_epochs_per_run: Option<usize>,
@@ -139,6 +148,9 @@ pub fn run(args: ReproduceArgs) -> Result<()> {
     let classes = train.num_classes();
     let data_dir = args.out.join(kind.cli_name());
 
+    if args.methods.contains(&Method::Swap) {
+        return swap::run(&args, &recipes, &train, &test, classes, &data_dir);
+    }
     match choose_device(args.device, args.threads)? {
         Device::Cpu(backend) => run_all(
             backend, &args, kind, &recipes, &runs, &train, &test, classes, &data_dir,
