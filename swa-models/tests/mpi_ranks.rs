@@ -2,8 +2,9 @@
 //! two ranks end with the weights one process reaches on the same global batches (up to the order of
 //! floating-point additions), bit-identical from run to run and on both ranks; BatchNorm recomputed over
 //! the ranks' shards equals one process's over all of them; an SWA run keeps the same average on both
-//! ranks and resumes from rank 0's checkpoint to the uninterrupted result; a rank that is killed or
-//! stalls ends the run with a message within a bounded time.
+//! ranks and resumes from rank 0's checkpoint to the uninterrupted result; SWAP's averaged weights are the
+//! mean of the ranks' independently trained ones, with BatchNorm as one process computes it over all
+//! shards; a rank that is killed, panics or stalls ends the run with a message within a bounded time.
 //!
 //! Each test starts `mpirun -np 2 --oversubscribe` on this test binary itself, running only
 //! [`mpi_rank`], which reads its scenario from [`SCENARIO`]. `mpirun` must be on the PATH (Debian's
@@ -618,69 +619,57 @@ fn swap_merges_the_ranks_weights_into_their_mean_with_batch_norm_over_all_shards
     assert!(difference < 1e-6, "BatchNorm differs by {difference}");
 }
 
+/// Runs `scenario`, in which a rank fails, and checks that the run failed within `within`, with an output
+/// that holds every one of `says` and, when given, the exit status `code`.
+fn assert_ends(scenario: &str, within: Duration, says: &[&str], code: Option<i32>) {
+    let out = tempfile::tempdir().expect("temporary folder");
+    let run = launch(scenario, out.path());
+    assert!(!run.success, "the run failed:\n{}", run.output);
+    assert!(run.elapsed < within, "ended after {:?}", run.elapsed);
+    for said in says {
+        assert!(
+            run.output.contains(said),
+            "the output says {said:?}:\n{}",
+            run.output
+        );
+    }
+    if code.is_some() {
+        assert_eq!(run.code, code, "the exit status:\n{}", run.output);
+    }
+}
+
 #[test]
 fn a_killed_rank_ends_the_run_within_bounded_time() {
-    let out = tempfile::tempdir().expect("temporary folder");
-    let run = launch("kill", out.path());
-    assert!(!run.success, "the run failed:\n{}", run.output);
-    assert!(
-        run.elapsed < Duration::from_secs(60),
-        "ended after {:?}",
-        run.elapsed
-    );
-    assert!(
-        run.output.contains("rank 1") && run.output.contains("signal 9"),
-        "the launcher names the killed rank:\n{}",
-        run.output
+    // mpirun names the rank that died.
+    assert_ends(
+        "kill",
+        Duration::from_secs(60),
+        &["rank 1", "signal 9"],
+        None,
     );
 }
 
 #[test]
 fn a_panicking_rank_ends_the_run_at_once() {
-    let out = tempfile::tempdir().expect("temporary folder");
-    let run = launch("panic", out.path());
-    assert!(!run.success, "the run failed:\n{}", run.output);
     // Well before the collectives' timeout (RUN_LIMIT), which would otherwise end it.
-    assert!(
-        run.elapsed < Duration::from_secs(60),
-        "ended after {:?}",
-        run.elapsed
-    );
-    assert!(
-        run.output
-            .contains("rank 1 of 2: a panic ended this rank, and with it the run"),
-        "the panicking rank says so:\n{}",
-        run.output
-    );
-    assert_eq!(
-        run.code,
+    assert_ends(
+        "panic",
+        Duration::from_secs(60),
+        &["rank 1 of 2: a panic ended this rank, and with it the run"],
         Some(PANIC_EXIT_CODE),
-        "the exit status:\n{}",
-        run.output
     );
 }
 
 #[test]
 fn a_stalled_rank_ends_the_run_with_the_watchdogs_message() {
-    let out = tempfile::tempdir().expect("temporary folder");
-    let run = launch("stall", out.path());
-    assert!(!run.success, "the run failed:\n{}", run.output);
-    assert!(
-        run.elapsed < STALL_TIMEOUT + Duration::from_secs(30),
-        "ended after {:?}",
-        run.elapsed
-    );
-    assert!(
-        run.output
-            .contains("rank 0 of 2: the loss all-reduce waited")
-            && run.output.contains("a rank has died or stalled"),
-        "rank 0's watchdog says what it waited in:\n{}",
-        run.output
-    );
-    assert_eq!(
-        run.code,
+    // Rank 0's watchdog says what it waited in.
+    assert_ends(
+        "stall",
+        STALL_TIMEOUT + Duration::from_secs(30),
+        &[
+            "rank 0 of 2: the loss all-reduce waited",
+            "a rank has died or stalled",
+        ],
         Some(STALLED_EXIT_CODE),
-        "the watchdog's exit status:\n{}",
-        run.output
     );
 }
