@@ -18,6 +18,9 @@
 //! ranks' statistics combined by their image counts: the result is what one process passing all the
 //! ranks' batches would compute.
 //!
+//! [`merge_averages_across_ranks`] averages the ranks' weights (or their own averages) by count into one
+//! held by every rank: the last phase of SWAP ([`crate::protocol::run_swap`]).
+//!
 //! [`SingleProcess`] is the communicator of one process; behind the feature `mpi`,
 //! `distributed::mpi::MpiCommunicator` is one over MPI (OpenMPI through the `mpi` crate), for runs started
 //! with `mpirun`.
