@@ -17,58 +17,56 @@ use anyhow::Result;
 use swa_data::Dataset;
 
 use super::presets::Recipe;
+use super::ranks::Ranks;
 use super::ReproduceArgs;
 
 /// Trains SWAP for every recipe and seed over the ranks of this MPI job.
 #[cfg(feature = "mpi")]
 pub fn run(
     args: &ReproduceArgs,
+    ranks: &Ranks,
     recipes: &[Recipe],
     train: &Arc<Dataset>,
     test: &Arc<Dataset>,
     classes: usize,
     data_dir: &Path,
 ) -> Result<()> {
-    use swa_models::distributed::mpi::MpiCommunicator;
-    use swa_models::distributed::Communicator;
-
-    let timeout = std::time::Duration::from_secs(args.collective_timeout);
-    let communicator = Arc::new(MpiCommunicator::initialize(timeout)?);
-    let trained = match super::choose_device(args.device, args.threads)? {
-        super::Device::Cpu(backend) => ranks::run_all(
-            &backend,
-            &communicator,
-            args,
-            recipes,
-            train,
-            test,
-            classes,
-            data_dir,
-        ),
-        super::Device::Gpu(backend) => ranks::run_all(
-            &backend,
-            &communicator,
-            args,
-            recipes,
-            train,
-            test,
-            classes,
-            data_dir,
-        ),
-    };
-    // The other ranks would wait for this one in their next collective until the timeout.
-    if let Err(error) = &trained {
-        if communicator.size() > 1 {
-            communicator.abort(&format!("{error:#}"), 1);
-        }
+    let communicator = ranks.communicator();
+    if communicator.size() < 2 {
+        anyhow::bail!(
+            "--method swap averages the weights of ranks that trained apart: start it with \
+             mpirun -np N (N ≥ 2)"
+        );
     }
-    trained
+    match super::choose_device(args.device, args.threads)? {
+        super::Device::Cpu(backend) => swap_ranks::run_all(
+            &backend,
+            communicator,
+            args,
+            recipes,
+            train,
+            test,
+            classes,
+            data_dir,
+        ),
+        super::Device::Gpu(backend) => swap_ranks::run_all(
+            &backend,
+            communicator,
+            args,
+            recipes,
+            train,
+            test,
+            classes,
+            data_dir,
+        ),
+    }
 }
 
 /// Without MPI there are no ranks to average over.
 #[cfg(not(feature = "mpi"))]
 pub fn run(
     _args: &ReproduceArgs,
+    _ranks: &Ranks,
     _recipes: &[Recipe],
     _train: &Arc<Dataset>,
     _test: &Arc<Dataset>,
@@ -83,7 +81,7 @@ pub fn run(
 }
 
 #[cfg(feature = "mpi")]
-mod ranks {
+mod swap_ranks {
     use super::*;
 
     use anyhow::Context;
@@ -102,7 +100,7 @@ mod ranks {
     #[allow(clippy::too_many_arguments)]
     pub fn run_all<B: Backend>(
         backend: &B,
-        communicator: &Arc<swa_models::distributed::mpi::MpiCommunicator>,
+        communicator: &Arc<dyn Communicator>,
         args: &ReproduceArgs,
         recipes: &[Recipe],
         train: &Arc<Dataset>,
@@ -154,7 +152,7 @@ mod ranks {
                 };
                 let mut model = build()?;
                 let outcome = run_swap(
-                    Arc::clone(communicator) as Arc<dyn Communicator>,
+                    Arc::clone(communicator),
                     backend,
                     &config,
                     &build,
