@@ -76,6 +76,9 @@ pub enum TrainError {
         #[source]
         source: serde_json::Error,
     },
+    /// A collective operation between the ranks of a data-parallel run failed.
+    #[error(transparent)]
+    Distributed(#[from] crate::distributed::DistributedError),
     /// A checkpoint written in a layout this version does not read.
     #[error(
         "{path}: the checkpoint is in {}, which this version does not read; it reads format \

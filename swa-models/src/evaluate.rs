@@ -51,6 +51,25 @@ impl MetricsAccumulator {
         self.classes = self.classes.max(classes);
     }
 
+    /// The loss sum, hits, top-5 hits and image count, for adding up over the ranks of a data-parallel run
+    /// ([`crate::distributed::combine_metrics`]).
+    pub(crate) fn sums(&self) -> [f64; 4] {
+        [
+            self.loss_sum,
+            self.hits as f64,
+            self.top5_hits as f64,
+            self.count as f64,
+        ]
+    }
+
+    /// Replaces the sums by `sums`, laid out as [`MetricsAccumulator::sums`] gives them.
+    pub(crate) fn set_sums(&mut self, [loss_sum, hits, top5_hits, count]: [f64; 4]) {
+        self.loss_sum = loss_sum;
+        self.hits = hits as usize;
+        self.top5_hits = top5_hits as usize;
+        self.count = count as usize;
+    }
+
     /// The metrics so far.
     pub fn finish(&self) -> Metrics {
         if self.count == 0 {

@@ -15,6 +15,9 @@
 //! - [`swag`] and [`calibration`]: Bayesian model averaging over networks drawn from the SWAG posterior of
 //!   an SWA run (moments collected by the trainer), and the accuracy, NLL, calibration error, reliability
 //!   diagrams and temperature scaling that compare it with SGD, SWA and FGE;
+//! - [`distributed`]: data-parallel training over several processes (MPI behind the feature `mpi`): the
+//!   ranks' shards of each batch, gradients all-reduced in the one training step, BatchNorm recomputed
+//!   over all ranks' data;
 //! - [`geometry`]: the loss surface around trained weights (random rays, the SGD–SWA line, planes through
 //!   three points), the paper's flatness figures as numbers.
 //!
@@ -35,6 +38,7 @@ pub mod batch;
 pub mod bn;
 pub mod calibration;
 pub mod checkpoint;
+pub mod distributed;
 pub mod error;
 pub mod evaluate;
 pub mod geometry;
@@ -52,7 +56,7 @@ pub use bn::update_bn;
 pub use error::TrainError;
 pub use module::{ForwardMode, Module, Param};
 pub use nets::{Architecture, ModelError, Network, NetworkConfig};
-pub use step::sgd_step;
+pub use step::{sgd_step, sgd_step_synchronized, LocalStep, StepSync};
 pub use train::{IterationTest, RunConfig, SnapshotUse, Snapshots, SwagCollection, Trainer};
 
 /// The README's example, compiled and run as a doc test.

@@ -4,9 +4,10 @@
 //! pass, and `backward` accumulates its parameters' gradients and returns the gradient of its input. This is
 //! all the paper's feed-forward networks need, and it keeps a training step free of graph bookkeeping.
 
-use swa_core::backend::{Backend, BackendResult};
+use swa_core::backend::{Backend, BackendResult, HasShape};
 use swa_core::params::{NamedTensors, TensorRole};
 
+use crate::error::TrainError;
 use crate::layers::{BatchNorm2d, Conv2d};
 
 /// How a forward pass runs.
@@ -178,7 +179,6 @@ pub fn child_name(prefix: &str, name: &str) -> String {
 
 /// The number of trainable scalars of a module (PyTorch's `sum(p.numel() for p in model.parameters())`).
 pub fn parameter_count<B: Backend, M: NamedTensors<B> + ?Sized>(module: &M) -> usize {
-    use swa_core::backend::HasShape;
     let mut total = 0;
     module.visit_tensors(&mut |_, role, t| {
         if role == TensorRole::Parameter {
@@ -186,4 +186,71 @@ pub fn parameter_count<B: Backend, M: NamedTensors<B> + ?Sized>(module: &M) -> u
         }
     });
     total
+}
+
+/// The values of `model`'s tensors of `role`, in visiting order, one after the other.
+pub(crate) fn read_tensors<B: Backend>(
+    backend: &B,
+    model: &dyn Module<B>,
+    role: TensorRole,
+) -> Result<Vec<f32>, TrainError> {
+    let mut values = Vec::new();
+    let mut failure = None;
+    model.visit_tensors(&mut |name, tensor_role, tensor| {
+        if tensor_role != role || failure.is_some() {
+            return;
+        }
+        match backend.to_host(tensor) {
+            Ok(v) => values.extend_from_slice(&v),
+            Err(source) => {
+                failure = Some(TrainError::Backend {
+                    context: format!("reading `{name}`"),
+                    source,
+                })
+            }
+        }
+    });
+    failure.map_or(Ok(values), Err)
+}
+
+/// Sets `model`'s tensors of `role` from `values`, laid out as [`read_tensors`] reads them.
+pub(crate) fn write_tensors<B: Backend>(
+    backend: &B,
+    model: &mut dyn Module<B>,
+    role: TensorRole,
+    values: &[f32],
+) -> Result<(), TrainError> {
+    let mut offset = 0;
+    let mut failure = None;
+    model.visit_tensors_mut(&mut |name, tensor_role, tensor| {
+        if tensor_role != role || failure.is_some() {
+            return;
+        }
+        let len = tensor.numel();
+        let Some(slice) = values.get(offset..offset + len) else {
+            failure = Some(TrainError::StateMismatch(format!(
+                "{} values for the {role:?} tensors, which end past `{name}`",
+                values.len()
+            )));
+            return;
+        };
+        offset += len;
+        match backend.from_host(slice, tensor.dims()) {
+            Ok(t) => *tensor = t,
+            Err(source) => {
+                failure = Some(TrainError::Backend {
+                    context: format!("setting `{name}`"),
+                    source,
+                })
+            }
+        }
+    });
+    match failure {
+        Some(failure) => Err(failure),
+        None if offset != values.len() => Err(TrainError::StateMismatch(format!(
+            "{} values for {offset} values of {role:?} tensors",
+            values.len()
+        ))),
+        None => Ok(()),
+    }
 }

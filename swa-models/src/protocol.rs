@@ -17,6 +17,10 @@
 //!
 //! [`PretrainedSwa`] is the paper's other protocol, on ImageNet: SWA for a few epochs from pretrained
 //! weights under one-epoch cycles.
+//!
+//! [`run_swap`] is SWAP (Gupta et al., 2020) over the ranks of a data-parallel run: synchronous training
+//! until `swa_start`, the ranks independent at the SWA learning rate, their weights averaged
+//! ([`Recipe::swap_config`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -34,7 +38,9 @@ use crate::optim::SgdConfig;
 use crate::train::{find_checkpoints, RunConfig, SnapshotUse, Snapshots, SwagCollection, Trainer};
 
 mod pretrained;
+mod swap;
 pub use pretrained::PretrainedSwa;
+pub use swap::{independent_dir, run_swap, SwapConfig, SwapData, SwapOutcome};
 
 /// One network's training recipe, as the original code's command line sets it.
 #[derive(Clone, Debug, PartialEq)]

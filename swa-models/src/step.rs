@@ -4,6 +4,11 @@
 //! [`sgd_step`], so that a benchmark or an estimate measures the step training actually takes: the batch
 //! upload, the training forward pass, the loss read back (to stop on a non-finite loss), the logits read
 //! back (for the epoch's training accuracy), the backward pass and the SGD update.
+//!
+//! Data-parallel training takes the same step: [`sgd_step_synchronized`] is that step with a [`StepSync`]
+//! between the ranks, which agrees on the global batch's loss before the backward pass and replaces this
+//! process's gradients with the global batch's before the update ([`crate::distributed::DataParallel`]).
+//! [`sgd_step`] is it with [`LocalStep`], which does nothing, so one process trains exactly as it did.
 
 use swa_core::backend::Backend;
 
@@ -12,6 +17,42 @@ use crate::error::TrainError;
 use crate::evaluate::{log_softmax_rows, MetricsAccumulator};
 use crate::module::{ForwardMode, Module};
 use crate::optim::Sgd;
+
+/// What the processes of a data-parallel run share in a training step, each holding a part of the global
+/// batch: the loss, before the backward pass (so that every rank stops on a non-finite loss together), and
+/// the gradients, after it.
+pub trait StepSync<B: Backend> {
+    /// The mean loss of the global batch, given this process's mean `loss` over its `images` images.
+    fn reduce_loss(&mut self, loss: f32, images: usize) -> Result<f32, TrainError>;
+
+    /// Replaces the gradients `model` accumulated over this process's `images` images with the global
+    /// batch's, and shares whatever else the ranks must agree on after the forward pass.
+    fn reduce_gradients(
+        &mut self,
+        backend: &B,
+        model: &mut dyn Module<B>,
+        images: usize,
+    ) -> Result<(), TrainError>;
+}
+
+/// The [`StepSync`] of a single process: its batch is the global batch, so nothing is exchanged.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalStep;
+
+impl<B: Backend> StepSync<B> for LocalStep {
+    fn reduce_loss(&mut self, loss: f32, _images: usize) -> Result<f32, TrainError> {
+        Ok(loss)
+    }
+
+    fn reduce_gradients(
+        &mut self,
+        _backend: &B,
+        _model: &mut dyn Module<B>,
+        _images: usize,
+    ) -> Result<(), TrainError> {
+        Ok(())
+    }
+}
 
 /// Trains `model` on `batch` with one step of `optimizer` at learning rate `lr`; `seed` draws the step's
 /// dropout masks. The batch's loss and accuracy are added to `metrics`.
@@ -28,6 +69,32 @@ pub fn sgd_step<B: Backend>(
     seed: u64,
     metrics: &mut MetricsAccumulator,
 ) -> Result<f32, TrainError> {
+    sgd_step_synchronized(
+        backend,
+        model,
+        optimizer,
+        batch,
+        lr,
+        seed,
+        metrics,
+        &mut LocalStep,
+    )
+}
+
+/// [`sgd_step`] on this process's part of a global batch, with `sync` sharing the loss and gradients
+/// between the processes. Returns the global batch's mean loss; when it is not finite on one rank it is
+/// on all, and none back-propagates. `metrics` counts this process's images only.
+#[allow(clippy::too_many_arguments)]
+pub fn sgd_step_synchronized<B: Backend>(
+    backend: &B,
+    model: &mut dyn Module<B>,
+    optimizer: &mut Sgd<B>,
+    batch: &HostBatch,
+    lr: f32,
+    seed: u64,
+    metrics: &mut MetricsAccumulator,
+    sync: &mut dyn StepSync<B>,
+) -> Result<f32, TrainError> {
     batch.validate()?;
     let x = backend
         .from_host(&batch.images, &batch.shape)
@@ -38,12 +105,13 @@ pub fn sgd_step<B: Backend>(
     let ce = backend
         .softmax_cross_entropy(&logits, &batch.labels)
         .map_err(TrainError::backend("loss"))?;
-    let loss = backend
+    let local_loss = backend
         .to_host(&ce.loss)
         .map_err(TrainError::backend("reading the loss"))?
         .first()
         .copied()
         .unwrap_or(f32::NAN);
+    let loss = sync.reduce_loss(local_loss, batch.len())?;
     if !loss.is_finite() {
         return Ok(loss);
     }
@@ -59,6 +127,7 @@ pub fn sgd_step<B: Backend>(
     model
         .backward(backend, &ce.grad)
         .map_err(TrainError::backend("backward pass"))?;
+    sync.reduce_gradients(backend, model, batch.len())?;
     optimizer.step(backend, model, lr)?;
     Ok(loss)
 }

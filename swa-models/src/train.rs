@@ -16,26 +16,36 @@
 //! ([`RunConfig::shared_epochs`]: the SGD and SWA runs before their schedules' first decay) need not train
 //! them twice: [`Trainer::branch_from`] starts one from the other's checkpoint, kept with
 //! [`Trainer::keep_checkpoints`].
+//!
+//! With a [`Communicator`] of several ranks ([`Trainer::with_communicator`]), the same loop trains data
+//! parallel: each rank steps on its shard of every batch ([`crate::distributed::ShardedBatches`]) with the
+//! gradients all-reduced, recomputes BatchNorm over all ranks' shards, keeps the same weights and average
+//! as every other rank, and only rank 0 writes checkpoints; every rank resumes from the one rank 0 finds.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use swa_core::averaging::{AverageState, BufferPolicy, WeightAverage, WeightAveraging, WeightRule};
 use swa_core::backend::Backend;
+use swa_core::params::TensorRole;
 use swa_core::policy::SwaPolicy;
 use swa_core::schedule::{LrSchedule, Period, Schedule};
 use swa_core::seed::splitmix64_mix;
 use swa_core::swag::{SwagMoments, SwagState};
 
 use crate::batch::{until_error, BatchSource};
-use crate::bn::update_bn;
 use crate::checkpoint::{load_module, save_module, write_atomically, StateDict};
+use crate::distributed::{
+    broadcast_tensors, combine_metrics, rank_seed, update_bn_across_ranks, Communicator,
+    DataParallel, DistributedError, SingleProcess,
+};
 use crate::error::TrainError;
 use crate::evaluate::{evaluate, Ensemble, Metrics, MetricsAccumulator};
 use crate::module::{parameter_count, Module};
 use crate::optim::{Sgd, SgdConfig, SgdState};
-use crate::step::sgd_step;
+use crate::step::sgd_step_synchronized;
 
 /// What a run does with the snapshots its policy takes.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -273,6 +283,8 @@ pub struct Trainer<B: Backend> {
     checkpoint_dir: Option<PathBuf>,
     /// Epoch counts whose checkpoints survive newer ones, for other runs to branch from.
     kept_checkpoints: Vec<usize>,
+    /// The ranks of a data-parallel run ([`SingleProcess`] by default).
+    communicator: Arc<dyn Communicator>,
 }
 
 impl<B: Backend> std::fmt::Debug for Trainer<B> {
@@ -366,7 +378,41 @@ impl<B: Backend> Trainer<B> {
             history: Vec::new(),
             checkpoint_dir: None,
             kept_checkpoints: Vec::new(),
+            communicator: Arc::new(SingleProcess),
         })
+    }
+
+    /// Trains data parallel over `communicator`'s ranks: every rank must run the same configuration on
+    /// its shard of the same batches ([`crate::distributed::ShardedBatches`]). The weights and BatchNorm
+    /// statistics are set to rank 0's now, as PyTorch's DDP does, so that the ranks start alike.
+    ///
+    /// Call it before [`Trainer::with_checkpoints`] and before training; refused afterwards with
+    /// [`TrainError::InvalidConfig`].
+    pub fn with_communicator(
+        &mut self,
+        communicator: Arc<dyn Communicator>,
+    ) -> Result<(), TrainError> {
+        if self.checkpoint_dir.is_some() || self.epochs_done > 0 || self.average.is_some() {
+            return Err(TrainError::InvalidConfig(
+                "the communicator is set before checkpoints are turned on and before training"
+                    .into(),
+            ));
+        }
+        for role in [TensorRole::Parameter, TensorRole::BatchNormStatistic] {
+            broadcast_tensors(
+                communicator.as_ref(),
+                &self.backend,
+                self.model.as_mut(),
+                role,
+            )?;
+        }
+        self.communicator = communicator;
+        Ok(())
+    }
+
+    /// The communicator of the run's ranks.
+    pub fn communicator(&self) -> &dyn Communicator {
+        self.communicator.as_ref()
     }
 
     /// Writes a checkpoint into `dir` after every epoch, and resumes from the latest one found there.
@@ -395,11 +441,43 @@ impl<B: Backend> Trainer<B> {
             path: dir.clone(),
             source,
         })?;
-        if let Some(latest) = latest_checkpoint(&dir)? {
+        if let Some(latest) = self.checkpoint_to_resume(&dir)? {
             self.restore(&latest)?;
         }
         self.checkpoint_dir = Some(dir);
         Ok(self.epochs_done)
+    }
+
+    /// The latest checkpoint in `dir`, as rank 0 finds it: every rank resumes from the same epoch, even one
+    /// that a rank saw being written. A rank that cannot see that checkpoint fails with
+    /// [`DistributedError::Mismatch`].
+    fn checkpoint_to_resume(&self, dir: &Path) -> Result<Option<PathBuf>, TrainError> {
+        let communicator = self.communicator.as_ref();
+        let latest = find_checkpoints(dir)?.pop();
+        if communicator.size() == 1 {
+            return Ok(latest.map(|(_, path)| path));
+        }
+        // u64::MAX: rank 0 found none.
+        let mut chosen = [latest.as_ref().map_or(u64::MAX, |(epoch, _)| *epoch as u64)];
+        communicator.broadcast_u64("choosing the checkpoint to resume from", &mut chosen)?;
+        if chosen[0] == u64::MAX {
+            return Ok(None);
+        }
+        let path = dir.join(checkpoint_name(chosen[0] as usize));
+        if !path.join(STATE_FILE).is_file() {
+            return Err(DistributedError::Mismatch {
+                rank: communicator.rank(),
+                ranks: communicator.size(),
+                operation: "resuming".into(),
+                detail: format!(
+                    "rank 0 resumes from {}, which this rank cannot read; the ranks must share the \
+                     checkpoint folder",
+                    path.display()
+                ),
+            }
+            .into());
+        }
+        Ok(Some(path))
     }
 
     /// Keeps the checkpoints written after these epoch counts when newer ones are written (by default only
@@ -501,7 +579,13 @@ impl<B: Backend> Trainer<B> {
         let bn_epoch = self.epochs_done.saturating_sub(1);
         let seed = bn_seed(self.config.seed, bn_epoch);
         until_error(data.train_epoch(bn_epoch), |batches| {
-            update_bn(&self.backend, self.eval_model.as_mut(), batches, seed)
+            update_bn_across_ranks(
+                self.communicator.as_ref(),
+                &self.backend,
+                self.eval_model.as_mut(),
+                batches,
+                seed,
+            )
         })?;
         Ok(Some(self.eval_model.as_mut()))
     }
@@ -554,6 +638,8 @@ impl<B: Backend> Trainer<B> {
         let (mut lr_first, mut lr_last) = (f32::NAN, f32::NAN);
         let mut iteration_tests = Vec::new();
         let mut test_seconds = 0.0;
+        let communicator = Arc::clone(&self.communicator);
+        let mut data_parallel = DataParallel::new(communicator.as_ref());
         for (step, batch) in data.train_epoch(epoch).enumerate() {
             let batch = batch?;
             let lr = self.lr(epoch, step, steps);
@@ -561,14 +647,18 @@ impl<B: Backend> Trainer<B> {
                 lr_first = lr;
             }
             lr_last = lr;
-            let loss = sgd_step(
+            let loss = sgd_step_synchronized(
                 &self.backend,
                 self.model.as_mut(),
                 &mut self.optimizer,
                 &batch,
                 lr,
-                step_seed(self.config.seed, epoch, step),
+                rank_seed(
+                    step_seed(self.config.seed, epoch, step),
+                    communicator.rank(),
+                ),
                 &mut train,
+                &mut data_parallel,
             )?;
             if !loss.is_finite() {
                 return Err(TrainError::NonFiniteLoss {
@@ -601,6 +691,7 @@ impl<B: Backend> Trainer<B> {
         }
         // The epoch's training time, without the evaluations within it.
         let train_seconds = started.elapsed().as_secs_f64() - test_seconds;
+        combine_metrics(communicator.as_ref(), &mut train)?;
         if self
             .policy
             .as_ref()
@@ -732,8 +823,12 @@ impl<B: Backend> Trainer<B> {
 
     /// Writes the checkpoint of the epochs done so far into `dir/epoch-NNNN`, atomically, and removes older
     /// ones.
+    /// Only rank 0 of a data-parallel run writes: every rank holds the same state.
     fn save_checkpoint(&self, dir: &Path) -> Result<(), TrainError> {
-        let name = format!("epoch-{:04}", self.epochs_done);
+        if self.communicator.rank() != 0 {
+            return Ok(());
+        }
+        let name = checkpoint_name(self.epochs_done);
         let staging = dir.join(format!(".{name}.partial"));
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -971,8 +1066,9 @@ pub fn find_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>, TrainError>
     Ok(found)
 }
 
-fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>, TrainError> {
-    Ok(find_checkpoints(dir)?.pop().map(|(_, path)| path))
+/// The folder of the checkpoint after `epochs_done` epochs.
+fn checkpoint_name(epochs_done: usize) -> String {
+    format!("epoch-{epochs_done:04}")
 }
 
 fn step_seed(seed: u64, epoch: usize, step: usize) -> u64 {

@@ -18,7 +18,7 @@ use swa_core::params::TensorRole;
 use crate::checkpoint::{StateDict, StoredTensor};
 use crate::error::TrainError;
 use crate::geometry::GeometryError;
-use crate::module::Module;
+use crate::module::{read_tensors, write_tensors, Module};
 
 /// The parameters of a network in visit order: their names, shapes and places in a [`WeightVector`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,26 +149,11 @@ impl ParameterLayout {
         model: &dyn Module<B>,
     ) -> Result<WeightVector, TrainError> {
         self.check_model(model)?;
-        let mut values = Vec::with_capacity(self.len);
-        let mut failure = None;
-        model.visit_tensors(&mut |name, role, tensor| {
-            if role != TensorRole::Parameter || failure.is_some() {
-                return;
-            }
-            match backend.to_host(tensor) {
-                Ok(v) => values.extend_from_slice(&v),
-                Err(source) => {
-                    failure = Some(TrainError::Backend {
-                        context: format!("reading `{name}`"),
-                        source,
-                    })
-                }
-            }
-        });
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(WeightVector(values)),
-        }
+        Ok(WeightVector(read_tensors(
+            backend,
+            model,
+            TensorRole::Parameter,
+        )?))
     }
 
     /// Sets `model`'s parameters to `point`. BatchNorm statistics are left as they are: a survey
@@ -187,28 +172,7 @@ impl ParameterLayout {
                 self.len
             )));
         }
-        let mut entries = self.entries.iter();
-        let mut failure = None;
-        model.visit_tensors_mut(&mut |name, role, tensor| {
-            if role != TensorRole::Parameter || failure.is_some() {
-                return;
-            }
-            let Some(entry) = entries.next() else { return };
-            let values = &point.0[entry.offset..entry.offset + entry.len];
-            match backend.from_host(values, &entry.shape) {
-                Ok(t) => *tensor = t,
-                Err(source) => {
-                    failure = Some(TrainError::Backend {
-                        context: format!("setting `{name}`"),
-                        source,
-                    })
-                }
-            }
-        });
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        write_tensors(backend, model, TensorRole::Parameter, &point.0)
     }
 
     /// Whether `model` has exactly this layout's parameters, in order.

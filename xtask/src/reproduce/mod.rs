@@ -4,15 +4,20 @@
 //! Every run writes its checkpoints under `OUT/<data>/<model>/seed-<s>/<run>/`; running the same command
 //! again continues each run from its last finished epoch. At the end the results of all runs found under
 //! `OUT/<data>` are gathered into `results.md`, `results.json` and SVG plots.
+//!
+//! Started under `mpirun` (xtask built with the feature `mpi`), every run trains data parallel over the
+//! ranks, each on its shard of every batch ([`ranks`]); `--method swap` trains SWAP instead ([`swap`]).
 
 mod imagenet;
 mod presets;
+mod ranks;
 mod report;
 mod source;
+mod swap;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::data::DatasetArg;
 use anyhow::{bail, Context, Result};
@@ -22,11 +27,13 @@ use swa_core::backend::{Backend, BackendError};
 use swa_core::CpuBackend;
 use swa_data::DatasetKind;
 use swa_gpu::{GpuBackend, GpuOptions};
+use swa_models::distributed::ShardedBatches;
 use swa_models::protocol::{plan_seed, PlannedRun, RunStart, FINAL_WEIGHTS_FILE, SWA_WEIGHTS_FILE};
-use swa_models::train::{EpochRecord, TrainObserver, Trainer};
+use swa_models::train::{EpochRecord, Silent, TrainObserver, Trainer};
 use swa_models::{module::parameter_count, Module};
 
 pub use presets::{normalization_of, Preset, RunKind};
+use ranks::Ranks;
 pub use report::write_reports;
 use source::CifarSource;
 
@@ -46,6 +53,10 @@ pub enum DeviceChoice {
 pub enum Method {
     /// SWA-Gaussian: moments from the SWA run, Bayesian model averaging, and the calibration table.
     Swag,
+    /// SWAP over the ranks of `mpirun` (xtask built with `--features mpi`): synchronous data-parallel
+    /// training until swa_start, the ranks apart at the SWA learning rate, their weights averaged. It
+    /// replaces the SGD, SWA and FGE runs.
+    Swap,
 }
 
 /// The experiments `cargo xtask reproduce` runs.
@@ -107,6 +118,10 @@ pub struct ReproduceArgs {
     /// authors hold out 5000. Without them the temperature is cross-fitted on halves of the test set.
     #[arg(long)]
     pub holdout: Option<usize>,
+    /// Under mpirun: seconds a collective between ranks may wait before the run is aborted as stalled (it
+    /// must exceed rank 0's checkpoint writes).
+    #[arg(long, default_value_t = 600)]
+    pub collective_timeout: u64,
     /// Stop after this many epochs of each run in this invocation (to split long runs; rerun to continue).
     #[arg(long, hide = true)]
     pub max_epochs_per_run: Option<usize>,
@@ -176,13 +191,23 @@ pub fn run(args: ReproduceArgs) -> Result<()> {
     let classes = train.num_classes();
     let data_dir = args.out.join(kind.cli_name());
 
-    match choose_device(args.device, args.threads)? {
-        Device::Cpu(backend) => run_all(
-            backend, &args, kind, &recipes, &runs, &train, &test, classes, &data_dir,
-        )?,
-        Device::Gpu(backend) => run_all(
-            backend, &args, kind, &recipes, &runs, &train, &test, classes, &data_dir,
-        )?,
+    let ranks = Ranks::join(Duration::from_secs(args.collective_timeout))?;
+    let trained = if args.methods.contains(&Method::Swap) {
+        swap::run(&args, &ranks, &recipes, &train, &test, classes, &data_dir)
+    } else {
+        match choose_device(args.device, args.threads)? {
+            Device::Cpu(backend) => run_all(
+                backend, &args, &ranks, kind, &recipes, &runs, &train, &test, classes, &data_dir,
+            ),
+            Device::Gpu(backend) => run_all(
+                backend, &args, &ranks, kind, &recipes, &runs, &train, &test, classes, &data_dir,
+            ),
+        }
+    };
+    ranks.end_all_on_error(trained)?;
+    // What follows reads the runs' files, and is done once.
+    if !ranks.writes() || args.methods.contains(&Method::Swap) {
+        return Ok(());
     }
     if args.methods.contains(&Method::Swag) {
         for (model, recipe) in models.iter().zip(&recipes) {
@@ -244,6 +269,7 @@ pub fn choose_device(choice: DeviceChoice, threads: Option<usize>) -> Result<Dev
 fn run_all<B: Backend>(
     backend: B,
     args: &ReproduceArgs,
+    ranks: &Ranks,
     kind: DatasetKind,
     recipes: &[presets::Recipe],
     runs: &[RunKind],
@@ -254,7 +280,12 @@ fn run_all<B: Backend>(
 ) -> Result<()> {
     // The plan, with a time estimate from the throughput of a few measured training steps.
     let trained = train.len().saturating_sub(recipes[0].holdout);
-    println!(
+    let say = |line: String| {
+        if ranks.writes() {
+            println!("{line}");
+        }
+    };
+    say(format!(
         "reproduce {} ({} preset) on {}: {} train{} / {} test images, {} classes",
         kind.display_name(),
         args.preset,
@@ -268,7 +299,14 @@ fn run_all<B: Backend>(
             .test_limit
             .map_or(test.len(), |l| l.min(test.len())),
         classes
-    );
+    ));
+    let communicator = ranks.communicator();
+    if communicator.size() > 1 {
+        say(format!(
+            "  data parallel over {} ranks: each trains on its shard of every batch",
+            communicator.size()
+        ));
+    }
     // Every seed's runs, each with the earlier run it starts from (`plans[recipe][seed - 1]`).
     let plans = recipes
         .iter()
@@ -304,7 +342,7 @@ fn run_all<B: Backend>(
         let per_epoch = estimate_epoch_seconds(&backend, recipe, classes, &source)?;
         let seconds = per_epoch * left as f64;
         total_seconds += seconds;
-        println!(
+        say(format!(
             "  {:<14} runs {:<12} {:>4} epochs a seed ({} more shared between runs) x {} seed(s), {} to train, ~{:.0} s/epoch: ~{}",
             recipe.architecture.to_string(),
             runs.iter()
@@ -317,19 +355,23 @@ fn run_all<B: Backend>(
             left,
             per_epoch,
             human_duration(seconds)
-        );
+        ));
     }
-    println!(
+    say(format!(
         "  estimated total: {} (epochs already in checkpoints are not counted)",
         human_duration(total_seconds)
-    );
+    ));
 
     for (recipe, seeds) in recipes.iter().zip(&plans) {
         for (seed, plans) in (1..).zip(seeds) {
-            let source = CifarSource::new(train, test, recipe, seed)?;
+            let source = ShardedBatches::new(
+                CifarSource::new(train, test, recipe, seed)?,
+                communicator.as_ref(),
+            );
             for plan in plans {
                 train_one(
                     &backend,
+                    ranks,
                     recipe,
                     plan,
                     seed,
@@ -343,18 +385,27 @@ fn run_all<B: Backend>(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn train_one<B: Backend>(
     backend: &B,
+    ranks: &Ranks,
     recipe: &presets::Recipe,
     plan: &PlannedRun,
     seed: u64,
     classes: usize,
-    source: &CifarSource,
+    sharded: &ShardedBatches<CifarSource>,
     max_epochs: Option<usize>,
 ) -> Result<()> {
     let (run, config, dir) = (plan.kind, &plan.config, plan.dir.as_path());
+    let source = sharded.inner();
     let mut trainer = plan.trainer(backend, recipe.architecture, classes, seed)?;
+    trainer.with_communicator(Arc::clone(ranks.communicator()))?;
     let label = format!("{} seed {seed} {run}", recipe.architecture);
+    let say = |line: String| {
+        if ranks.writes() {
+            println!("{line}");
+        }
+    };
     let start = plan
         .start(&mut trainer, source.steps_per_epoch())
         .with_context(|| format!("{label}: resuming {}", dir.display()))?;
@@ -364,43 +415,72 @@ fn train_one<B: Backend>(
             from,
             epochs,
             checkpoint,
-        } => println!(
+        } => say(format!(
             "{label}: epochs 1-{epochs} are the {from} run's (trained identically), taken from {}",
             checkpoint.display()
-        ),
+        )),
         RunStart::Resumed { epochs } if *epochs < config.epochs => {
-            println!("{label}: resuming after epoch {epochs}")
+            say(format!("{label}: resuming after epoch {epochs}"))
         }
         RunStart::Resumed { .. } | RunStart::Fresh => {}
     }
     if done >= config.epochs {
-        println!("{label}: finished earlier ({done} epochs)");
+        say(format!("{label}: finished earlier ({done} epochs)"));
     } else {
-        let mut observer = Progress::new(&label, config.epochs, done, source.steps_per_epoch());
+        let mut progress = ranks
+            .writes()
+            .then(|| Progress::new(&label, config.epochs, done, source.steps_per_epoch()));
+        let mut silent = Silent;
+        let observer: &mut dyn TrainObserver = match &mut progress {
+            Some(progress) => progress,
+            None => &mut silent,
+        };
         let started = Instant::now();
         let stop_at = max_epochs.map_or(config.epochs, |m| (done + m).min(config.epochs));
         while trainer.epochs_done() < stop_at {
-            trainer.run_epoch(source, &mut observer).with_context(|| {
+            trainer.run_epoch(sharded, observer).with_context(|| {
                 format!(
                     "{label} (checkpoints in {})",
                     plan.checkpoint_dir().display()
                 )
             })?;
         }
-        observer.finish(started.elapsed().as_secs_f64());
+        if let Some(progress) = &progress {
+            progress.finish(started.elapsed().as_secs_f64());
+        }
     }
-    write_run_files(&mut trainer, source, recipe, run, seed, dir)
+    write_run_files(&mut trainer, ranks, sharded, recipe, run, seed, dir)
 }
 
-/// Writes the run's history and final weights for the report (and for users: PyTorch-loadable weights).
+/// Writes the run's history and final weights for the report (and for users: PyTorch-loadable weights),
+/// on rank 0; every rank takes part in recomputing the average's BatchNorm statistics.
 fn write_run_files<B: Backend>(
     trainer: &mut Trainer<B>,
-    source: &CifarSource,
+    ranks: &Ranks,
+    source: &ShardedBatches<CifarSource>,
     recipe: &presets::Recipe,
     run: RunKind,
     seed: u64,
     dir: &Path,
 ) -> Result<()> {
+    if trainer.epochs_done() == trainer.config().epochs {
+        let backend = trainer.backend().clone();
+        if ranks.writes() {
+            swa_models::train::save_weights(
+                &backend,
+                trainer.model(),
+                &dir.join(FINAL_WEIGHTS_FILE),
+            )?;
+        }
+        if let Some(swa) = trainer.swa_model(source)? {
+            if ranks.writes() {
+                swa_models::train::save_weights(&backend, swa, &dir.join(SWA_WEIGHTS_FILE))?;
+            }
+        }
+    }
+    if !ranks.writes() {
+        return Ok(());
+    }
     let history = trainer.history().to_vec();
     let summary = report::RunSummary {
         model: recipe.architecture.to_string(),
@@ -414,13 +494,6 @@ fn write_run_files<B: Backend>(
     };
     let json = serde_json::to_vec_pretty(&summary)?;
     swa_models::checkpoint::write_atomically(&dir.join("history.json"), &json)?;
-    if trainer.epochs_done() == trainer.config().epochs {
-        let backend = trainer.backend().clone();
-        swa_models::train::save_weights(&backend, trainer.model(), &dir.join(FINAL_WEIGHTS_FILE))?;
-        if let Some(swa) = trainer.swa_model(source)? {
-            swa_models::train::save_weights(&backend, swa, &dir.join(SWA_WEIGHTS_FILE))?;
-        }
-    }
     Ok(())
 }
 
