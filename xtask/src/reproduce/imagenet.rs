@@ -22,7 +22,10 @@ use swa_models::protocol::PretrainedSwa;
 use swa_models::{Architecture, TrainError};
 
 use super::report::{stat, Stat};
-use super::{choose_device, human_duration, Device, Preset, Progress, ReproduceArgs};
+use super::{
+    choose_device, human_duration, seconds_per_training_image, Device, Preset, Progress,
+    ReproduceArgs,
+};
 
 /// The network when `--model` is not given.
 const DEFAULT_MODEL: &str = "resnet50";
@@ -327,18 +330,8 @@ fn run_on<B: Backend>(
         "  SWA for {} epochs, one cycle per epoch from {} to {}, batch {}, weight decay {}, average reported after epochs {:?}, {} seed(s)",
         recipe.epochs, recipe.alpha1, recipe.alpha2, recipe.batch_size, recipe.weight_decay, recipe.report_epochs, args.seeds
     );
-    let seconds_per_image = {
-        let batches = source
-            .train_epoch(0)
-            .take(3)
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut model = architecture.build(backend, classes, 0)?;
-        let mut optimizer = swa_models::optim::Sgd::<B>::new(
-            swa_models::optim::SgdConfig::momentum(recipe.weight_decay),
-        );
-        swa_models::step::seconds_per_image(backend, model.as_mut(), &mut optimizer, &batches)?
-            .unwrap_or(0.0)
-    };
+    let seconds_per_image =
+        seconds_per_training_image(backend, architecture, classes, recipe.weight_decay, &source)?;
     let mut epochs_left = 0;
     for seed in 1..=args.seeds {
         let done = swa_models::train::find_checkpoints(&checkpoints(out, seed))?

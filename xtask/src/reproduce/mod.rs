@@ -504,19 +504,37 @@ fn estimate_epoch_seconds<B: Backend>(
     source: &CifarSource,
 ) -> Result<f64> {
     use swa_models::batch::BatchSource;
-    let mut model = recipe.architecture.build(backend, classes, 0)?;
-    let mut optimizer = swa_models::optim::Sgd::<B>::new(swa_models::optim::SgdConfig::momentum(
+    let per_image = seconds_per_training_image(
+        backend,
+        recipe.architecture,
+        classes,
         recipe.weight_decay,
-    ));
+        source,
+    )?;
+    // Evaluation of the test set and BN recomputation cost about a third of a training step per image.
+    let images = source.train_images() as f64 + source.test_len() as f64 / 3.0;
+    Ok(per_image * images)
+}
+
+/// Seconds per image of the trainer's step on the first training batches of `source`, for a plan's time
+/// estimate (0 when the source has fewer than two batches to time).
+fn seconds_per_training_image<B: Backend>(
+    backend: &B,
+    architecture: swa_models::Architecture,
+    classes: usize,
+    weight_decay: f32,
+    source: &dyn swa_models::batch::BatchSource,
+) -> Result<f64> {
+    let mut model = architecture.build(backend, classes, 0)?;
+    let mut optimizer =
+        swa_models::optim::Sgd::<B>::new(swa_models::optim::SgdConfig::momentum(weight_decay));
     let batches = source
         .train_epoch(0)
         .take(3)
         .collect::<Result<Vec<_>, _>>()?;
     let per_image =
         swa_models::step::seconds_per_image(backend, model.as_mut(), &mut optimizer, &batches)?;
-    // Evaluation of the test set and BN recomputation cost about a third of a training step per image.
-    let images = source.train_images() as f64 + source.test_len() as f64 / 3.0;
-    Ok(per_image.map_or(0.0, |seconds| seconds * images))
+    Ok(per_image.unwrap_or(0.0))
 }
 
 /// A learning rate as the logs show it: four decimals, or three significant digits below 10⁻³ (the ImageNet
