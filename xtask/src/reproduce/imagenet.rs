@@ -16,12 +16,13 @@ use swa_data::{
     BadImages, DataError, FolderBatchConfig, FolderBatches, FolderEpoch, FolderTransform,
     ImageFolder,
 };
-use swa_models::batch::{until_error, BatchResult, BatchSource, HostBatch};
+use swa_models::batch::{until_error, BatchResult, BatchSource};
 use swa_models::evaluate::{evaluate, Metrics};
 use swa_models::protocol::PretrainedSwa;
 use swa_models::{Architecture, TrainError};
 
 use super::report::{stat, Stat};
+use super::source::host;
 use super::{
     choose_device, human_duration, seconds_per_training_image, Device, Preset, Progress,
     ReproduceArgs,
@@ -197,14 +198,7 @@ impl Iterator for Reported<'_> {
             );
         }
         Some(match next? {
-            Ok(batch) => {
-                let shape = batch.shape();
-                Ok(HostBatch {
-                    images: batch.images,
-                    shape,
-                    labels: batch.labels,
-                })
-            }
+            Ok(batch) => Ok(host(batch)),
             Err(error) => Err(data_error(error)),
         })
     }

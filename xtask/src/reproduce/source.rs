@@ -68,7 +68,8 @@ fn limit(dataset: &Arc<Dataset>, limit: Option<usize>) -> Arc<Dataset> {
     }
 }
 
-fn host(batch: swa_data::Batch) -> HostBatch {
+/// swa-data's batch as the trainer's, moving its values.
+pub(super) fn host(batch: swa_data::Batch) -> HostBatch {
     let shape = batch.shape();
     HostBatch {
         images: batch.images,
