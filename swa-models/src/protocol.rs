@@ -43,9 +43,13 @@ pub use pretrained::PretrainedSwa;
 pub use swap::{independent_dir, run_swap, SwapConfig, SwapData, SwapOutcome};
 
 /// One network's training recipe, as the original code's command line sets it.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// Serialises to JSON (the network by its name), so that a run's folder can record the recipe it was
+/// trained with and a reference implementation elsewhere can follow the same one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Recipe {
     /// The network.
+    #[serde(with = "architecture_name")]
     pub architecture: Architecture,
     /// SGD epochs of one budget.
     pub budget: usize,
@@ -139,7 +143,104 @@ fn schedule_error(what: &'static str) -> impl Fn(ScheduleError) -> TrainError {
     move |e| TrainError::InvalidConfig(format!("{what}: {e}"))
 }
 
+/// Serialises an [`Architecture`] as the name it parses from.
+mod architecture_name {
+    use super::Architecture;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(architecture: &Architecture, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(architecture)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Architecture, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl Recipe {
+    /// The recipe over a budget of `budget` epochs instead: the SWA run and `swa_start` keep their
+    /// proportions to the budget (the paper's 1.5 budgets; `swa_start` rounded, at least 1), as the
+    /// original code's `--epochs` and `--swa_start` would be set together for a shorter run.
+    pub fn with_budget(&self, budget: usize) -> Result<Recipe, TrainError> {
+        if budget == 0 {
+            return Err(TrainError::InvalidConfig(
+                "a budget of 0 epochs trains nothing".into(),
+            ));
+        }
+        let scaled = |epochs: usize| -> usize {
+            ((epochs as f64) * (budget as f64) / (self.budget as f64)).round() as usize
+        };
+        let recipe = Recipe {
+            budget,
+            swa_epochs: scaled(self.swa_epochs).max(budget),
+            swa_start: scaled(self.swa_start).clamp(1, budget),
+            ..self.clone()
+        };
+        recipe.validate()?;
+        Ok(recipe)
+    }
+
+    /// The settings in which `self` and `other` would train different weights, as `name: ours vs theirs`
+    /// (empty when a run of one can be resumed as a run of the other). Evaluation-only settings (test
+    /// limit, how often the average or the FGE run is evaluated) may differ.
+    pub fn training_differences(&self, other: &Recipe) -> Vec<String> {
+        let mut differences = Vec::new();
+        let mut compare = |name: &str, ours: String, theirs: String| {
+            if ours != theirs {
+                differences.push(format!("{name}: {ours} vs {theirs}"));
+            }
+        };
+        compare(
+            "architecture",
+            self.architecture.to_string(),
+            other.architecture.to_string(),
+        );
+        compare("budget", self.budget.to_string(), other.budget.to_string());
+        compare(
+            "swa_epochs",
+            self.swa_epochs.to_string(),
+            other.swa_epochs.to_string(),
+        );
+        compare(
+            "lr_init",
+            self.lr_init.to_string(),
+            other.lr_init.to_string(),
+        );
+        compare(
+            "swa_start",
+            self.swa_start.to_string(),
+            other.swa_start.to_string(),
+        );
+        compare("swa_lr", self.swa_lr.to_string(), other.swa_lr.to_string());
+        compare(
+            "weight_decay",
+            self.weight_decay.to_string(),
+            other.weight_decay.to_string(),
+        );
+        compare(
+            "batch_size",
+            self.batch_size.to_string(),
+            other.batch_size.to_string(),
+        );
+        compare(
+            "fge_cycle",
+            self.fge_cycle.to_string(),
+            other.fge_cycle.to_string(),
+        );
+        compare(
+            "train_limit",
+            format!("{:?}", self.train_limit),
+            format!("{:?}", other.train_limit),
+        );
+        compare(
+            "holdout",
+            self.holdout.to_string(),
+            other.holdout.to_string(),
+        );
+        differences
+    }
+
     /// Checks what the runs need of the recipe: `swa_start` within the budget, the SWA run at least one
     /// budget long, a batch size and a budget above zero.
     pub fn validate(&self) -> Result<(), TrainError> {

@@ -56,6 +56,23 @@ fn known_names_parse_and_display_back() {
             width: 64
         }
     );
+    // The SWA paper's "PyramidNet-272" is Han et al.'s α = 200 bottleneck network.
+    assert_eq!(
+        "pyramidnet272".parse::<Architecture>().unwrap(),
+        Architecture::PyramidNet {
+            depth: 272,
+            alpha: 200,
+            bottleneck: true
+        }
+    );
+    assert_eq!(
+        "pyramidnet110".parse::<Architecture>().unwrap(),
+        Architecture::PyramidNet {
+            depth: 110,
+            alpha: 48,
+            bottleneck: false
+        }
+    );
     assert_eq!(
         "wrn28x10".parse::<Architecture>().unwrap(),
         Architecture::WideResNet {
@@ -68,7 +85,15 @@ fn known_names_parse_and_display_back() {
 
 #[test]
 fn unknown_names_list_the_valid_ones() {
-    for name in ["resnext50", "vgg19", "wrn28", "preresnetX", ""] {
+    for name in [
+        "resnext50",
+        "vgg19",
+        "wrn28",
+        "preresnetX",
+        "",
+        "pyramidnet164",
+        "pyramidnet272-bottleneck",
+    ] {
         match name.parse::<Architecture>() {
             Err(ModelError::UnknownArchitecture { name: got, valid }) => {
                 assert_eq!(got, name);

@@ -208,3 +208,71 @@ fn run_kinds_parse_from_their_names_and_nothing_else() {
         .unwrap_or_default();
     assert!(message.contains("sgd, swa, fge"), "{message}");
 }
+
+#[test]
+fn a_shorter_budget_keeps_the_protocols_proportions() -> Result<(), Box<dyn std::error::Error>> {
+    // The quick preset: 16 epochs, SWA from 11, 24 epochs of SWA.
+    let quick = Recipe {
+        swa_epochs: 24,
+        ..recipe(0.1, 0.01, 16, 11)
+    };
+    let short = quick.with_budget(8)?;
+    assert_eq!(
+        (short.budget, short.swa_start, short.swa_epochs),
+        (8, 6, 12)
+    );
+    assert_eq!(
+        (short.lr_init, short.swa_lr, short.batch_size),
+        (0.1, 0.01, 128)
+    );
+    // The paper's PreResNet recipe at a tenth of its budget: 126/150 and 225/150 kept.
+    let paper = Recipe {
+        swa_epochs: 225,
+        ..recipe(0.1, 0.05, 150, 126)
+    };
+    let tenth = paper.with_budget(15)?;
+    assert_eq!((tenth.swa_start, tenth.swa_epochs), (13, 23));
+    // swa_start stays at least one epoch and within the budget.
+    let one = quick.with_budget(1)?;
+    assert_eq!((one.budget, one.swa_start, one.swa_epochs), (1, 1, 2));
+    assert!(quick.with_budget(0).is_err());
+    Ok(())
+}
+
+#[test]
+fn recipes_round_trip_through_json_and_name_what_would_train_differently(
+) -> Result<(), Box<dyn std::error::Error>> {
+    let ours = Recipe {
+        architecture: "shakeshake26-2x32d".parse()?,
+        train_limit: Some(2500),
+        ..recipe(0.2, 0.02, 6, 4)
+    };
+    let json = serde_json::to_string(&ours)?;
+    assert!(
+        json.contains("\"architecture\":\"shakeshake26-2x32d\""),
+        "{json}"
+    );
+    let back: Recipe = serde_json::from_str(&json)?;
+    assert_eq!(back, ours);
+    assert!(ours.training_differences(&back).is_empty());
+    // Evaluation settings may change between invocations; training settings may not.
+    let evaluated_differently = Recipe {
+        test_limit: Some(100),
+        swa_eval_every: 3,
+        fge_test_every: 50,
+        ..ours.clone()
+    };
+    assert!(ours.training_differences(&evaluated_differently).is_empty());
+    let trained_differently = Recipe {
+        swa_lr: 0.05,
+        train_limit: None,
+        ..ours.clone()
+    };
+    assert_eq!(
+        ours.training_differences(&trained_differently),
+        ["swa_lr: 0.02 vs 0.05", "train_limit: Some(2500) vs None"]
+    );
+    let unknown = json.replace("shakeshake26-2x32d", "resnext50");
+    assert!(serde_json::from_str::<Recipe>(&unknown).is_err());
+    Ok(())
+}

@@ -8,6 +8,10 @@ use std::process::Command;
 use swa_data::{synthetic, DatasetKind, Layout, Packaging};
 
 fn reproduce(data_set: &str, data: &Path, out: &Path) -> std::process::Output {
+    reproduce_with(data_set, data, out, &[])
+}
+
+fn reproduce_with(data_set: &str, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args([
             "reproduce",
@@ -23,6 +27,7 @@ fn reproduce(data_set: &str, data: &Path, out: &Path) -> std::process::Output {
         .arg(data)
         .arg("--out")
         .arg(out)
+        .args(extra)
         .output()
         .expect("the xtask binary runs")
 }
@@ -116,6 +121,22 @@ fn smoke(kind: DatasetKind, layout: Layout, packaging: Packaging, name: &str) {
     assert_eq!(
         std::fs::read_to_string(out.join(name).join("results.md")).expect("table"),
         table
+    );
+
+    // The same folder under another budget would mix two protocols in one run: refused, naming the
+    // recorded recipe and the setting that differs, and the runs there are left as they were.
+    let recipe_file = out.join(name).join("preresnet8/recipe.json");
+    let recorded = std::fs::read_to_string(&recipe_file).expect("recipe.json is written");
+    let other = reproduce_with(name, &data, &out, &["--budget", "2"]);
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("recipe.json") && stderr.contains("budget: 2 vs 4"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&recipe_file).expect("recipe.json"),
+        recorded
     );
 }
 

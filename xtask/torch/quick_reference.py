@@ -1,23 +1,26 @@
-"""The `quick` preset of `cargo xtask reproduce cifar10` in PyTorch, for a side-by-side check of accuracy.
+"""A recipe of `cargo xtask reproduce` (SGD and SWA) in PyTorch, for a side-by-side check of accuracy.
 
-    python xtask/torch/quick_reference.py --data DIR [--seed N] [--threads N] [--out FILE]
+    python xtask/torch/quick_reference.py --data DIR [--recipe FILE] [--seed N] [--threads N] [--out FILE]
 
-DIR holds the official CIFAR-10 binary files (data_batch_1..5.bin, test_batch.bin). The protocol is the
-preset's, with PyTorch's own tools: PreResNet-20 from swa-bench/torch/torch_ref.py (the original
-SWA code's network), batch 128, SGD with momentum 0.9 and weight decay 3e-4 on every parameter, random
-crops of the zero-padded image (4 pixels) and horizontal flips, then the CIFAR mean/std normalisation;
-the original code's learning-rate schedule (lr 0.1, constant to half the horizon, linear to the final
-ratio by 90%, then constant):
+DIR holds the official CIFAR-10 binary files (data_batch_1..5.bin, test_batch.bin). FILE is the
+`recipe.json` that `cargo xtask reproduce` writes beside a network's seed folders
+(`out/reproduce/cifar10/<model>/recipe.json`); without it, the `quick` preset's PreResNet-20 recipe. The
+protocol is the recipe's, with PyTorch's own tools: the network from swa-bench/torch/torch_ref.py (the
+original SWA code's networks, and the project's Shake-Shake and PyramidNet from cifar_networks.py), SGD
+with momentum 0.9 and the recipe's weight decay on every parameter, random crops of the zero-padded image
+(4 pixels) and horizontal flips, then the CIFAR mean/std normalisation (ImageNet's for VGG), the first
+`train_limit` training and `test_limit` test images; the original code's learning-rate schedule (constant
+to half the horizon, linear to the final ratio by 90%, then constant):
 
-  - SGD: 16 epochs (one budget), decaying to 1% of lr 0.1;
-  - SWA: 24 epochs (1.5 budgets) with horizon swa_start = 13 and final lr 0.01;
-    torch.optim.swa_utils.AveragedModel takes the weights after every epoch from epoch 13 on, and the
-    average is evaluated after epochs 16, 20 and 24, its BatchNorm statistics recomputed first with
+  - SGD: one budget, decaying to 1% of lr_init;
+  - SWA: swa_epochs (1.5 budgets) with horizon swa_start and final rate swa_lr;
+    torch.optim.swa_utils.AveragedModel takes the weights after every epoch from swa_start on, and the
+    average is evaluated after 1, 1.25 and 1.5 budgets, its BatchNorm statistics recomputed first with
     swa_utils.update_bn over the augmented training set.
 
-The two runs train identically for their first 7 epochs (same seed, same learning rate), so the SGD run
-starts from the SWA run's state after epoch 7, as xtask does. Prints and writes (as JSON) the test
-accuracy of SGD after 16 epochs and of SWA after 16, 20 and 24.
+The two runs train identically until their learning rates first differ (same seed, same rate), so the
+SGD run starts from the SWA run's state at that epoch, as xtask does. Prints and writes (as JSON) the
+test accuracy of SGD after one budget and of SWA at the three report points.
 """
 import argparse, copy, json, os, sys, time
 
@@ -29,11 +32,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, '..', '..', 'swa-bench', 'torch'))
 import torch_ref  # noqa: E402
 
-BUDGET, SWA_EPOCHS, SWA_START = 16, 24, 13
-LR_INIT, SWA_LR, WEIGHT_DECAY, MOMENTUM, BATCH = 0.1, 0.01, 3e-4, 0.9, 128
-SWA_EVAL = (16, 20, 24)
-MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32).reshape(1, 3, 1, 1)
-STD = np.array([0.2023, 0.1994, 0.2010], dtype=np.float32).reshape(1, 3, 1, 1)
+MOMENTUM = 0.9
+# The `quick` preset's recipe (xtask/src/reproduce/presets.rs), used without --recipe.
+QUICK = {'architecture': 'preresnet20', 'budget': 16, 'swa_epochs': 24, 'lr_init': 0.1, 'swa_start': 11,
+         'swa_lr': 0.01, 'weight_decay': 3e-4, 'batch_size': 128, 'train_limit': None, 'test_limit': None,
+         'holdout': 0}
+CIFAR_STATS = ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
+IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+MEAN = STD = None
+BATCH = QUICK['batch_size']
+
+
+def report_points(budget, swa_epochs):
+    """1 and 1.25 budgets and the end of the run (protocol::report_points)."""
+    return sorted({budget, -(-budget * 5 // 4), swa_epochs})
 
 
 def read_split(data, names):
@@ -64,7 +76,7 @@ def augmented_batches(images, labels, rng):
         yield normalise(batch), torch.from_numpy(labels[index])
 
 
-def schedule(epoch, horizon, final_ratio):
+def schedule(lr_init, epoch, horizon, final_ratio):
     """The original SWA code's schedule, per epoch."""
     t = epoch / horizon
     if t <= 0.5:
@@ -73,7 +85,7 @@ def schedule(epoch, horizon, final_ratio):
         factor = 1.0 - (1.0 - final_ratio) * (t - 0.5) / 0.4
     else:
         factor = final_ratio
-    return LR_INIT * factor
+    return lr_init * factor
 
 
 def accuracy(model, test_images, test_labels):
@@ -97,59 +109,83 @@ def train_epoch(model, optimizer, lr, train, rng):
 
 
 def main():
+    global MEAN, STD, BATCH
     parser = argparse.ArgumentParser()
     parser.add_argument('--data', required=True)
+    parser.add_argument('--recipe', help='recipe.json written by cargo xtask reproduce')
     parser.add_argument('--seed', type=int, default=1)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--epochs-scale', type=float, default=1.0,
                         help='fraction of each epoch to train (below 1 only to try the script)')
     parser.add_argument('--out')
     args = parser.parse_args()
+    recipe = dict(QUICK)
+    if args.recipe:
+        with open(args.recipe) as f:
+            recipe.update(json.load(f))
+    name = recipe['architecture']
+    budget, swa_epochs, swa_start = recipe['budget'], recipe['swa_epochs'], recipe['swa_start']
+    lr_init, swa_lr = recipe['lr_init'], recipe['swa_lr']
+    BATCH = recipe['batch_size']
+    if recipe.get('holdout'):
+        sys.exit('recipes with held-out images are not reproduced here')
+    mean, std = IMAGENET_STATS if name.startswith('vgg') else CIFAR_STATS
+    MEAN = np.array(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    STD = np.array(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    swa_eval = report_points(budget, swa_epochs)
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     train = read_split(args.data, [f'data_batch_{i}.bin' for i in range(1, 6)])
     test = read_split(args.data, ['test_batch.bin'])
+    keep = recipe['train_limit'] or len(train[0])
     if args.epochs_scale < 1.0:
-        keep = int(len(train[0]) * args.epochs_scale)
-        train = (train[0][:keep], train[1][:keep])
+        keep = int(keep * args.epochs_scale)
+    train = (train[0][:keep], train[1][:keep])
+    if recipe['test_limit']:
+        test = (test[0][:recipe['test_limit']], test[1][:recipe['test_limit']])
+    print(f'{name}: {len(train[0])} train / {len(test[0])} test images, budget {budget}, SWA {swa_epochs} '
+          f'epochs from {swa_start}, lr {lr_init} -> {swa_lr}, batch {BATCH}', flush=True)
     started = time.time()
 
-    model = torch_ref.PreResNet(10, 20)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR_INIT, momentum=MOMENTUM,
-                                weight_decay=WEIGHT_DECAY)
+    model = torch_ref.build_model(name, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr_init, momentum=MOMENTUM,
+                                weight_decay=recipe['weight_decay'])
     shared = None
     swa_model = torch.optim.swa_utils.AveragedModel(model)
-    results = {'seed': args.seed}
+    results = {'seed': args.seed, 'recipe': recipe}
     shared_epochs = 0
-    for epoch in range(SWA_EPOCHS):
-        sgd_lr = schedule(epoch, BUDGET, 0.01)
-        swa_lr = schedule(epoch, SWA_START, SWA_LR / LR_INIT)
-        if shared is None and sgd_lr != swa_lr:
+    for epoch in range(swa_epochs):
+        sgd_lr = schedule(lr_init, epoch, budget, 0.01)
+        run_lr = schedule(lr_init, epoch, swa_start, swa_lr / lr_init)
+        if shared is None and sgd_lr != run_lr:
             # From here the SGD run's learning rate differs: keep its starting point.
             shared = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
                       copy.deepcopy(rng.bit_generator.state), epoch)
             shared_epochs = epoch
-        train_epoch(model, optimizer, swa_lr, train, rng)
+        train_epoch(model, optimizer, run_lr, train, rng)
         done = epoch + 1
-        if done >= SWA_START:
+        if done >= swa_start:
             swa_model.update_parameters(model)
-        if done in SWA_EVAL:
+        if done in swa_eval:
             bn_rng = np.random.default_rng(10_000 + done)
             torch.optim.swa_utils.update_bn(
                 (x for x, _ in augmented_batches(*train, bn_rng)), swa_model)
             results[f'swa@{done}'] = accuracy(swa_model, *test)
-        print(f'swa run: epoch {done} lr {swa_lr:.4f} ({time.time() - started:.0f} s)'
+        print(f'swa run: epoch {done} lr {run_lr:.4f} ({time.time() - started:.0f} s)'
               + (f', SWA accuracy {results[f"swa@{done}"]:.2f}' if f'swa@{done}' in results else ''),
               flush=True)
 
+    if shared is None:
+        shared = (model.state_dict(), optimizer.state_dict(), rng.bit_generator.state, budget)
     model.load_state_dict(shared[0])
     optimizer.load_state_dict(shared[1])
     rng.bit_generator.state = shared[2]
-    for epoch in range(shared[3], BUDGET):
-        train_epoch(model, optimizer, schedule(epoch, BUDGET, 0.01), train, rng)
+    for epoch in range(shared[3], budget):
+        train_epoch(model, optimizer, schedule(lr_init, epoch, budget, 0.01), train, rng)
         print(f'sgd run: epoch {epoch + 1} ({time.time() - started:.0f} s)', flush=True)
-    results['sgd@16'] = accuracy(model, *test)
+    results[f'sgd@{budget}'] = accuracy(model, *test)
     results['shared_epochs'] = shared_epochs
     results['seconds'] = round(time.time() - started)
     print(json.dumps(results))

@@ -14,7 +14,8 @@ use crate::module::Module;
 const GENERAL_NAMES: &str = "preresnet<depth> (depth = 6n+2 below 44, 9n+2 from 44), \
      wrn<depth>x<k> (depth = 6n+4), shakeshake<depth>-2x<width>d (depth = 6n+2, width even), \
      pyramidnet<depth>a<alpha> (basic blocks, depth = 6n+2) and pyramidnet<depth>a<alpha>-bottleneck \
-     (depth = 9n+2), resnet<depth> (50, 101, 152, or 12n+2 with n blocks a stage) with an optional \
+     (depth = 9n+2) (pyramidnet110 and pyramidnet272: the published α = 48 and α = 200 bottleneck \
+     networks), resnet<depth> (50, 101, 152, or 12n+2 with n blocks a stage) with an optional \
      -w<width> (the first stage's width, 64 by default), densenet<depth> (121, 161, 169, 201, or 8n+5 \
      with n layers a block) with an optional -k<growth> (the growth rate, 48 for 161 and 32 otherwise)";
 
@@ -48,7 +49,8 @@ pub enum ModelError {
 /// `preresnet<depth>`, `wrn<depth>x<k>` (WideResNet without dropout; set
 /// [`Architecture::WideResNet::dropout_rate`] to use it), and the Shake-Shake paper's
 /// `shakeshake<depth>-2x<width>d` (also accepted without the `-2`: `shakeshake26x64d`), and PyramidNet's
-/// `pyramidnet<depth>a<alpha>` (basic blocks) and `pyramidnet<depth>a<alpha>-bottleneck`.
+/// `pyramidnet<depth>a<alpha>` (basic blocks) and `pyramidnet<depth>a<alpha>-bottleneck`; `pyramidnet110` and
+/// `pyramidnet272` name the published α = 48 basic and α = 200 bottleneck networks.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Architecture {
     /// VGG-16 without BatchNorm.
@@ -376,11 +378,28 @@ impl FromStr for Architecture {
                 Some(rest) => (rest, true),
                 None => (rest, false),
             };
-            let (depth, alpha) = rest.split_once('a').ok_or_else(unknown)?;
-            Architecture::PyramidNet {
-                depth: depth.parse().map_err(|_| unknown())?,
-                alpha: alpha.parse().map_err(|_| unknown())?,
-                bottleneck,
+            match rest.split_once('a') {
+                Some((depth, alpha)) => Architecture::PyramidNet {
+                    depth: depth.parse().map_err(|_| unknown())?,
+                    alpha: alpha.parse().map_err(|_| unknown())?,
+                    bottleneck,
+                },
+                // The depth alone names the configuration Han et al. published for it, as the SWA paper
+                // names "PyramidNet-272".
+                None if !bottleneck => match rest {
+                    "110" => Architecture::PyramidNet {
+                        depth: 110,
+                        alpha: 48,
+                        bottleneck: false,
+                    },
+                    "272" => Architecture::PyramidNet {
+                        depth: 272,
+                        alpha: 200,
+                        bottleneck: true,
+                    },
+                    _ => return Err(unknown()),
+                },
+                None => return Err(unknown()),
             }
         } else if let Some(rest) = lower.strip_prefix("resnet") {
             // resnet<depth>, optionally -w<width>.

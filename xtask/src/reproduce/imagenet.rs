@@ -249,6 +249,18 @@ struct ImageNetResults {
 
 /// Runs `cargo xtask reproduce imagenet`.
 pub fn run(args: &ReproduceArgs) -> Result<()> {
+    for (given, flag) in [
+        (args.budget.is_some(), "--budget"),
+        (args.swa_start.is_some(), "--swa-start"),
+        (args.lr.is_some(), "--lr"),
+        (args.swa_lr.is_some(), "--swa-lr"),
+        (args.train_limit.is_some(), "--train-limit"),
+        (args.test_limit.is_some(), "--test-limit"),
+    ] {
+        if given {
+            bail!("{flag} applies to reproduce cifar10 and cifar100 only");
+        }
+    }
     let Some(weights) = args.weights.as_deref() else {
         bail!(
             "reproduce imagenet starts from pretrained weights: give --weights FILE (torchvision's .pth, \

@@ -128,9 +128,28 @@ pub struct ReproduceArgs {
     /// ImageNet: the pretrained weights SWA starts from (torchvision's `.pth`, or safetensors).
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// ImageNet: images per batch (default: the preset's; 256 for the paper).
+    /// Images per batch (default: the preset's recipe; 256 for the paper's ImageNet protocol).
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// CIFAR: train for a budget of this many epochs instead of the preset's; the SWA run (1.5 budgets)
+    /// and `swa_start` keep their proportions to it unless `--swa-start` is given.
+    #[arg(long)]
+    pub budget: Option<usize>,
+    /// CIFAR: epochs before the first average (the original code's `--swa_start`).
+    #[arg(long)]
+    pub swa_start: Option<usize>,
+    /// CIFAR: the initial learning rate (the original code's `--lr_init`).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// CIFAR: the SWA learning rate (the original code's `--swa_lr`).
+    #[arg(long)]
+    pub swa_lr: Option<f32>,
+    /// CIFAR: train on the first this many training images only.
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// CIFAR: evaluate on the first this many test images only.
+    #[arg(long)]
+    pub test_limit: Option<usize>,
     /// ImageNet: leave unreadable or corrupt images out and list them in the results, rather than stop
     /// at the first one with its path.
     #[arg(long)]
@@ -146,7 +165,6 @@ pub fn run(args: ReproduceArgs) -> Result<()> {
     };
     for (given, flag) in [
         (args.weights.is_some(), "--weights"),
-        (args.batch_size.is_some(), "--batch-size"),
         (args.skip_bad_images, "--skip-bad-images"),
     ] {
         if given {
@@ -171,6 +189,15 @@ pub fn run(args: ReproduceArgs) -> Result<()> {
         .iter()
         .map(|m| {
             let mut recipe = presets::recipe(args.preset, m, kind)?;
+            if let Some(budget) = args.budget {
+                recipe = recipe.with_budget(budget)?;
+            }
+            recipe.swa_start = args.swa_start.unwrap_or(recipe.swa_start);
+            recipe.lr_init = args.lr.unwrap_or(recipe.lr_init);
+            recipe.swa_lr = args.swa_lr.unwrap_or(recipe.swa_lr);
+            recipe.batch_size = args.batch_size.unwrap_or(recipe.batch_size);
+            recipe.train_limit = args.train_limit.or(recipe.train_limit);
+            recipe.test_limit = args.test_limit.or(recipe.test_limit);
             recipe.fge_test_every = args.fge_test_every;
             if let Some(holdout) = args.holdout {
                 recipe.holdout = holdout;
@@ -178,6 +205,7 @@ pub fn run(args: ReproduceArgs) -> Result<()> {
             if args.methods.contains(&Method::Swag) && recipe.swag_max_rank.is_none() {
                 recipe.swag_max_rank = Some(swa_core::swag::DEFAULT_MAX_RANK);
             }
+            recipe.validate()?;
             Ok(recipe)
         })
         .collect::<Result<Vec<_>>>()?;
@@ -192,6 +220,12 @@ pub fn run(args: ReproduceArgs) -> Result<()> {
     let data_dir = args.out.join(kind.cli_name());
 
     let ranks = Ranks::join(Duration::from_secs(args.collective_timeout))?;
+    if ranks.writes() {
+        let recorded = recipes
+            .iter()
+            .try_for_each(|recipe| record_recipe(&data_dir, recipe));
+        ranks.end_all_on_error(recorded)?;
+    }
     let trained = if args.methods.contains(&Method::Swap) {
         swap::run(&args, &ranks, &recipes, &train, &test, classes, &data_dir)
     } else {
@@ -228,6 +262,42 @@ pub fn run(args: ReproduceArgs) -> Result<()> {
     for path in written {
         println!("wrote {}", path.display());
     }
+    Ok(())
+}
+
+/// The file in a network's output folder with the recipe its runs are trained with.
+pub const RECIPE_FILE: &str = "recipe.json";
+
+/// Writes `recipe` to its network's folder under `data_dir`, after checking that the runs already there
+/// were trained with the same one: resuming them under another budget, learning rate or data limit would
+/// mix two protocols in one run without a word.
+fn record_recipe(data_dir: &Path, recipe: &presets::Recipe) -> Result<()> {
+    let dir = data_dir.join(recipe.architecture.to_string());
+    let path = dir.join(RECIPE_FILE);
+    if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let recorded: presets::Recipe = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a recipe this version reads: move it away to train anew there",
+                path.display()
+            )
+        })?;
+        let differences = recipe.training_differences(&recorded);
+        if !differences.is_empty() {
+            bail!(
+                "the runs in {} were trained with another recipe ({}, now vs recorded in {}): give                  another --out, or the settings they were started with",
+                dir.display(),
+                differences.join("; "),
+                path.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let partial = dir.join(format!("{RECIPE_FILE}.partial"));
+    std::fs::write(&partial, serde_json::to_string_pretty(recipe)?)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, &path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

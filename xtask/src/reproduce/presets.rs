@@ -13,7 +13,9 @@ use swa_models::Architecture;
 pub enum Preset {
     /// The original code's hyper-parameters per model, exactly (days of GPU time for the three networks).
     Paper,
-    /// PreResNet-20 with a budget of 16 epochs: about 80 minutes on a 2-core CPU for one seed.
+    /// A budget of 16 epochs: about 80 minutes on a 2-core CPU for one seed of PreResNet-20, the default;
+    /// the CPU-sized Shake-Shake and PyramidNet (`shakeshake26-2x32d`, `pyramidnet110a48`) take about 11
+    /// and 13 hours (with `--budget` and `--train-limit` for a shorter comparison).
     Quick,
     /// A few minutes on a subset of the data, to try the command.
     Smoke,
@@ -95,13 +97,48 @@ pub fn recipe(preset: Preset, model: &str, data: DatasetKind) -> Result<Recipe> 
             swag_max_rank: None,
             holdout: 0,
         },
-        (
-            Preset::Paper,
-            Architecture::ShakeShake { .. }
-            | Architecture::PyramidNet { .. }
-            | Architecture::ResNet { .. }
-            | Architecture::DenseNet { .. },
-        ) => {
+        // Shake-Shake and PyramidNet have no command line in the original code. Their recipes keep the
+        // protocol of the others (the original code's schedule shape, SWA after 80% of the budget
+        // for 1.5 budgets, the SWA rate a tenth of the initial one on CIFAR-10 and half of it on
+        // CIFAR-100) with each network's own training budget, initial rate, weight decay and batch from
+        // its paper: Gastaldi (2017) trains Shake-Shake for 1800 epochs from 0.2 with weight decay 1e-4;
+        // Han et al. (2017) train PyramidNet for 300 epochs from 0.1 (CIFAR-10) or 0.5 (CIFAR-100) with
+        // weight decay 1e-4; both at batch 128.
+        (Preset::Paper, Architecture::ShakeShake { .. }) => Recipe {
+            architecture,
+            budget: 1800,
+            swa_epochs: 2700,
+            lr_init: 0.2,
+            swa_start: 1441,
+            swa_lr: if cifar100 { 0.1 } else { 0.02 },
+            weight_decay: 1e-4,
+            batch_size: 128,
+            fge_cycle: 4,
+            fge_test_every: 0,
+            swa_eval_every: 25,
+            train_limit: None,
+            test_limit: None,
+            swag_max_rank: None,
+            holdout: 0,
+        },
+        (Preset::Paper, Architecture::PyramidNet { .. }) => Recipe {
+            architecture,
+            budget: 300,
+            swa_epochs: 450,
+            lr_init: if cifar100 { 0.5 } else { 0.1 },
+            swa_start: 241,
+            swa_lr: if cifar100 { 0.25 } else { 0.01 },
+            weight_decay: 1e-4,
+            batch_size: 128,
+            fge_cycle: 4,
+            fge_test_every: 0,
+            swa_eval_every: 5,
+            train_limit: None,
+            test_limit: None,
+            swag_max_rank: None,
+            holdout: 0,
+        },
+        (Preset::Paper, Architecture::ResNet { .. } | Architecture::DenseNet { .. }) => {
             anyhow::bail!(
                 "the paper preset has no CIFAR recipe for {architecture}: use --preset quick or smoke"
             )
@@ -175,14 +212,32 @@ pub struct Published {
 }
 
 /// The paper's test accuracies (Izmailov et al., UAI 2018, Table 1), in the order SGD, FGE (1 budget),
-/// SWA at 1, 1.25 and 1.5 budgets.
-pub fn published(data: DatasetKind, architecture: Architecture) -> Option<[Published; 5]> {
-    let p = |mean, std| Published {
-        mean,
-        std: Some(std),
+/// SWA at 1, 1.25 and 1.5 budgets; `None` where the table has no figure for us to show.
+pub fn published(data: DatasetKind, architecture: Architecture) -> Option<[Option<Published>; 5]> {
+    let p = |mean, std| {
+        Some(Published {
+            mean,
+            std: Some(std),
+        })
     };
-    let one = |mean| Published { mean, std: None };
+    let one = |mean| Some(Published { mean, std: None });
     let row = match (data, architecture) {
+        // The abstract's Shake-Shake and PyramidNet results: SWA's accuracy at the end of its run.
+        (
+            DatasetKind::Cifar10,
+            Architecture::ShakeShake {
+                depth: 26,
+                width: 64,
+            },
+        ) => [None, None, None, None, one(97.12)],
+        (
+            DatasetKind::Cifar100,
+            Architecture::PyramidNet {
+                depth: 272,
+                alpha: 200,
+                bottleneck: true,
+            },
+        ) => [None, None, None, None, one(84.16)],
         (DatasetKind::Cifar100, Architecture::Vgg16) => [
             p(72.55, 0.10),
             one(74.26),
@@ -314,6 +369,40 @@ mod tests {
         let quick = recipe(Preset::Quick, "preresnet20", DatasetKind::Cifar10)?;
         let config = quick.run_config(RunKind::Fge, 1)?;
         assert_eq!(config.snapshot_epochs(), vec![11, 13, 15]);
+        Ok(())
+    }
+
+    #[test]
+    fn shake_shake_and_pyramidnet_train_on_their_papers_budgets() -> Result<()> {
+        let shake = recipe(Preset::Paper, "shakeshake26-2x64d", DatasetKind::Cifar10)?;
+        assert_eq!(
+            (shake.budget, shake.swa_epochs, shake.lr_init, shake.swa_lr),
+            (1800, 2700, 0.2, 0.02)
+        );
+        assert_eq!((shake.weight_decay, shake.batch_size), (1e-4, 128));
+        let pyramid = recipe(Preset::Paper, "pyramidnet272", DatasetKind::Cifar100)?;
+        assert_eq!(
+            (
+                pyramid.budget,
+                pyramid.swa_epochs,
+                pyramid.lr_init,
+                pyramid.swa_lr
+            ),
+            (300, 450, 0.5, 0.25)
+        );
+        // SWA starts after 80% of the budget, as for the original code's VGG and WideResNet (161 of 200).
+        for r in [&shake, &pyramid] {
+            assert_eq!(5 * (r.swa_start - 1), 4 * r.budget, "{}", r.architecture);
+        }
+        let paper = |data, model: &str| -> Result<Option<f64>> {
+            Ok(published(data, model.parse()?).and_then(|row| row[4].map(|p| p.mean)))
+        };
+        assert_eq!(
+            paper(DatasetKind::Cifar10, "shakeshake26-2x64d")?,
+            Some(97.12)
+        );
+        assert_eq!(paper(DatasetKind::Cifar100, "pyramidnet272")?, Some(84.16));
+        assert_eq!(paper(DatasetKind::Cifar100, "shakeshake26-2x64d")?, None);
         Ok(())
     }
 

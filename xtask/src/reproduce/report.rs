@@ -83,7 +83,7 @@ pub struct Row {
     /// SWA at 1, 1.25 and 1.5 budgets (epochs, accuracy).
     pub swa: Vec<(usize, Option<Stat>)>,
     /// The paper's numbers, when it reports this network.
-    pub paper: Option<[Published; 5]>,
+    pub paper: Option<[Option<Published>; 5]>,
     /// Total wall time of the runs, in seconds.
     pub wall_seconds: f64,
 }
@@ -99,7 +99,12 @@ fn seed_dirs(data_dir: &Path) -> Vec<(String, PathBuf)> {
             continue;
         };
         let name = model.file_name().to_string_lossy().to_string();
-        found.extend(seeds.flatten().map(|seed| (name.clone(), seed.path())));
+        found.extend(
+            seeds
+                .flatten()
+                .map(|seed| (name.clone(), seed.path()))
+                .filter(|(_, path)| path.is_dir()),
+        );
     }
     found.sort();
     found
@@ -221,7 +226,7 @@ fn markdown(rows: &[Row], kind: DatasetKind) -> String {
     let _ = writeln!(md, "| model | budget | SGD (1 budget) | FGE (1 budget) | SWA (1 budget) | SWA (1.25 budgets) | SWA (1.5 budgets) | wall time |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     for row in rows {
-        let paper = |i: usize| row.paper.map(|p| p[i]);
+        let paper = |i: usize| row.paper.and_then(|p| p[i]);
         let swa = |i: usize| row.swa.get(i).and_then(|(_, s)| *s);
         let _ = writeln!(
             md,
