@@ -4,7 +4,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use swa_core::backend::prelude::*;
-use swa_core::backend::{BackendError, Conv2dSpec, SgdStep};
+use swa_core::backend::{BackendError, BatchNormSaved, Conv2dSpec, SgdStep};
 use swa_core::{CpuBackend, CpuTensor};
 
 // ------------------------------------------------------------------------------------------ helpers
@@ -833,6 +833,83 @@ fn batch_norm_backward_matches_reference_and_finite_differences() {
         check_finite_differences(&format!("bn dbeta {what}"), &beta, &gb, 1e-2, 2e-3, |v| {
             loss(&x, &gamma, v)
         });
+    }
+}
+
+#[test]
+fn batch_norm_relu_is_batch_norm_then_relu_bit_for_bit() {
+    let b = CpuBackend::with_threads(2);
+    let mut r = rng(16);
+    for shape in [[5usize, 6, 7, 9], [3, 4, 1, 33]] {
+        let channels = shape[1];
+        let n: usize = shape.iter().product();
+        let x = tensor(&b, &uniform(&mut r, n), &shape);
+        let gamma = tensor(&b, &uniform(&mut r, channels), &[channels]);
+        // Shifts of both signs, so that the ReLU keeps part of every channel.
+        let beta = tensor(&b, &uniform(&mut r, channels), &[channels]);
+        let statistics = |b: &CpuBackend| {
+            (
+                b.zeros(&[channels]).expect("zeros"),
+                tensor(b, &vec![1.0; channels], &[channels]),
+            )
+        };
+        let (mut rm, mut rv) = statistics(&b);
+        let (y, saved) = b
+            .batch_norm_train(&x, &gamma, &beta, &mut rm, &mut rv, 0.1, 1e-5)
+            .expect("batch_norm_train");
+        let z = b.relu(&y).expect("relu");
+        let (mut fused_rm, mut fused_rv) = statistics(&b);
+        let (fused_z, fused_saved) = b
+            .batch_norm_relu_train(&x, &gamma, &beta, &mut fused_rm, &mut fused_rv, 0.1, 1e-5)
+            .expect("batch_norm_relu_train");
+        let bits = |t: &CpuTensor| {
+            host(&b, t)
+                .into_iter()
+                .map(f32::to_bits)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&fused_z), bits(&z), "{shape:?}: output");
+        let zeros = host(&b, &z).iter().filter(|&&v| v == 0.0).count();
+        assert!(
+            zeros > n / 10 && zeros < n - n / 10,
+            "{shape:?}: {zeros} of {n} cut"
+        );
+        for (fused, separate) in [
+            (&fused_rm, &rm),
+            (&fused_rv, &rv),
+            (&fused_saved.mean, &saved.mean),
+            (&fused_saved.inv_std, &saved.inv_std),
+        ] {
+            assert_eq!(bits(fused), bits(separate), "{shape:?}: statistics");
+        }
+
+        let dz = tensor(&b, &uniform(&mut r, n), &shape);
+        let dy = b.relu_backward(&y, &dz).expect("relu_backward");
+        let separate = b
+            .batch_norm_backward(&x, &gamma, &saved, &dy)
+            .expect("batch_norm_backward");
+        let fused = b
+            .batch_norm_relu_backward(&x, &gamma, &beta, &saved, &dz)
+            .expect("batch_norm_relu_backward");
+        assert_eq!(bits(&fused.input), bits(&separate.input), "{shape:?}: dx");
+        assert_eq!(bits(&fused.gamma), bits(&separate.gamma), "{shape:?}: dγ");
+        assert_eq!(bits(&fused.beta), bits(&separate.beta), "{shape:?}: dβ");
+        // Without the mask the gradients differ: the test sees the ReLU.
+        let unmasked = b
+            .batch_norm_backward(&x, &gamma, &saved, &dz)
+            .expect("batch_norm_backward");
+        assert_ne!(bits(&unmasked.beta), bits(&fused.beta), "{shape:?}");
+    }
+    let x = tensor(&b, &[0.0; 8], &[2, 4]);
+    let ok = tensor(&b, &[1.0; 4], &[4]);
+    let wrong = tensor(&b, &[1.0; 3], &[3]);
+    let saved = BatchNormSaved {
+        mean: ok.clone(),
+        inv_std: ok.clone(),
+    };
+    match b.batch_norm_relu_backward(&x, &ok, &wrong, &saved, &x) {
+        Err(BackendError::ShapeMismatch { op, .. }) => assert_eq!(op, "batch_norm_relu_backward"),
+        other => panic!("a shift of the wrong size: {other:?}"),
     }
 }
 

@@ -113,6 +113,27 @@ kernel!(
     [R(1), R(11), W(10)]
 );
 kernel!(
+    BN_APPLY_RELU,
+    "batchnorm",
+    BATCHNORM,
+    "apply_relu",
+    [R(1), R(11), W(10)]
+);
+kernel!(
+    BN_BACKWARD_REDUCE_RELU,
+    "batchnorm",
+    BATCHNORM,
+    "backward_reduce_relu",
+    [R(1), R(2), R(3), R(4), R(12), R(13), W(14), W(15)]
+);
+kernel!(
+    BN_BACKWARD_APPLY_RELU,
+    "batchnorm",
+    BATCHNORM,
+    "backward_apply_relu",
+    [R(1), R(2), R(3), R(4), R(12), R(13), W(14), W(15), W(10)]
+);
+kernel!(
     BN_BACKWARD_REDUCE,
     "batchnorm",
     BATCHNORM,

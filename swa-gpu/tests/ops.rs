@@ -383,6 +383,46 @@ fn batch_norm_matches_cpu() {
 }
 
 #[test]
+fn batch_norm_relu_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for shape in [&[4usize, 3, 5, 6][..], &[9, 7][..]] {
+        let ch = shape[1];
+        let (gx, cx) = random_pair(&g, 90, shape);
+        let (ggamma, cgamma) = random_pair(&g, 91, &[ch]);
+        let (gbeta, cbeta) = random_pair(&g, 92, &[ch]);
+        let (mut grm, mut crm) = random_pair(&g, 93, &[ch]);
+        let ones = vec![1.0; ch];
+        let (mut grv, mut crv) = pair(&g, &ones, &[ch]);
+        let (gz, gsaved) = g
+            .batch_norm_relu_train(&gx, &ggamma, &gbeta, &mut grm, &mut grv, 0.1, 1e-5)
+            .unwrap();
+        let (cz, csaved) = c
+            .batch_norm_relu_train(&cx, &cgamma, &cbeta, &mut crm, &mut crv, 0.1, 1e-5)
+            .unwrap();
+        let t = TRANSCENDENTAL_TOL;
+        assert_close("bn+relu train z", &g, &gz, &cz, t, t);
+        assert!(
+            cz.iter().any(|&v| v == 0.0) && cz.iter().any(|&v| v > 0.0),
+            "the ReLU cuts part of the output"
+        );
+        assert_close("bn+relu running mean", &g, &grm, &crm, t, t);
+        assert_close("bn+relu running var", &g, &grv, &crv, t, t);
+
+        let (gdz, cdz) = random_pair(&g, 94, shape);
+        let gg = g
+            .batch_norm_relu_backward(&gx, &ggamma, &gbeta, &gsaved, &gdz)
+            .unwrap();
+        let cg = c
+            .batch_norm_relu_backward(&cx, &cgamma, &cbeta, &csaved, &cdz)
+            .unwrap();
+        assert_close("bn+relu dx", &g, &gg.input, &cg.input, t, t);
+        assert_close("bn+relu dgamma", &g, &gg.gamma, &cg.gamma, t, t);
+        assert_close("bn+relu dbeta", &g, &gg.beta, &cg.beta, t, t);
+    }
+}
+
+#[test]
 fn pooling_matches_cpu() {
     let Some(g) = gpu() else { return };
     let c = cpu();

@@ -166,6 +166,17 @@ pub trait Module<B: Backend>: NamedTensors<B> + Send {
     fn as_batch_norm(&self) -> Option<&BatchNorm2d<B>> {
         None
     }
+
+    /// This module as a BatchNorm to run, so that a container can fuse the ReLU directly after it into
+    /// its pass in training ([`BatchNorm2d::forward_relu`]); `None` for every other module.
+    fn as_batch_norm_mut(&mut self) -> Option<&mut BatchNorm2d<B>> {
+        None
+    }
+
+    /// Whether this module is a plain ReLU, which a container may fuse into the BatchNorm before it.
+    fn is_relu(&self) -> bool {
+        false
+    }
 }
 
 /// Prefixes a child's names with `prefix.`, as PyTorch's `state_dict` does.

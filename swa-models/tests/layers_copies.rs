@@ -164,6 +164,12 @@ impl NormOps<CpuTensor> for CopyCounter {
         batch_norm_backward(&self, x: &CpuTensor, gamma: &CpuTensor,
             saved: &BatchNormSaved<CpuTensor>, dy: &CpuTensor)
             -> BackendResult<BatchNormGrads<CpuTensor>>;
+        batch_norm_relu_train(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor,
+            running_mean: &mut CpuTensor, running_var: &mut CpuTensor, momentum: f32, eps: f32)
+            -> BackendResult<(CpuTensor, BatchNormSaved<CpuTensor>)>;
+        batch_norm_relu_backward(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor,
+            saved: &BatchNormSaved<CpuTensor>, dz: &CpuTensor)
+            -> BackendResult<BatchNormGrads<CpuTensor>>;
     }
 }
 

@@ -233,6 +233,30 @@ impl<D: ForwardNorm> NormOps<InnerTensor<D>> for D {
     ) -> BackendResult<BatchNormGrads<InnerTensor<D>>> {
         self.inner().batch_norm_backward(x, gamma, saved, dy)
     }
+    fn batch_norm_relu_train(
+        &self,
+        x: &InnerTensor<D>,
+        gamma: &InnerTensor<D>,
+        beta: &InnerTensor<D>,
+        running_mean: &mut InnerTensor<D>,
+        running_var: &mut InnerTensor<D>,
+        momentum: f32,
+        eps: f32,
+    ) -> BackendResult<(InnerTensor<D>, BatchNormSaved<InnerTensor<D>>)> {
+        self.inner()
+            .batch_norm_relu_train(x, gamma, beta, running_mean, running_var, momentum, eps)
+    }
+    fn batch_norm_relu_backward(
+        &self,
+        x: &InnerTensor<D>,
+        gamma: &InnerTensor<D>,
+        beta: &InnerTensor<D>,
+        saved: &BatchNormSaved<InnerTensor<D>>,
+        dz: &InnerTensor<D>,
+    ) -> BackendResult<BatchNormGrads<InnerTensor<D>>> {
+        self.inner()
+            .batch_norm_relu_backward(x, gamma, beta, saved, dz)
+    }
 }
 
 impl<D: ForwardPool> PoolOps<InnerTensor<D>> for D {

@@ -417,6 +417,31 @@ pub trait NormOps<T> {
         saved: &BatchNormSaved<T>,
         dy: &T,
     ) -> BackendResult<BatchNormGrads<T>>;
+    /// [`NormOps::batch_norm_train`] followed by a ReLU, `max(bn(x), 0)`, in one pass over the batch:
+    /// the same values as the two ops bit for bit, without writing and reading back the intermediate.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_relu_train(
+        &self,
+        x: &T,
+        gamma: &T,
+        beta: &T,
+        running_mean: &mut T,
+        running_var: &mut T,
+        momentum: f32,
+        eps: f32,
+    ) -> BackendResult<(T, BatchNormSaved<T>)>;
+    /// Gradients of [`NormOps::batch_norm_relu_train`] from the gradient `dz` of its output. The ReLU's
+    /// mask is recomputed from the BatchNorm's input, scale, shift and batch statistics, exactly as the
+    /// forward pass computed it, so a layer keeps only that input for both: one activation fewer than a
+    /// BatchNorm and a ReLU each keeping their own, and the same gradients bit for bit.
+    fn batch_norm_relu_backward(
+        &self,
+        x: &T,
+        gamma: &T,
+        beta: &T,
+        saved: &BatchNormSaved<T>,
+        dz: &T,
+    ) -> BackendResult<BatchNormGrads<T>>;
 }
 
 /// Pooling on tensors `T`.

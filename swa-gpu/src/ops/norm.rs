@@ -65,10 +65,12 @@ impl GpuBackend {
         Ok([c as u32, 1, 1])
     }
 
-    /// `out = (x − centre[c])·scale[c] + shift[c]` from coefficients `[centre | scale | shift]`.
+    /// `out = (x − centre[c])·scale[c] + shift[c]` from coefficients `[centre | scale | shift]`, through
+    /// `kernel` (`BN_APPLY`, or `BN_APPLY_RELU` for the same followed by a ReLU).
     fn bn_apply(
         &self,
         op: &'static str,
+        kernel: &'static kernels::Kernel,
         x: &GpuTensor,
         coeff: &GpuTensor,
         dims: (usize, usize, usize),
@@ -78,7 +80,7 @@ impl GpuBackend {
         if n > 0 {
             let params = self.bn_params(op, dims, 0.0, 0.0)?;
             self.ctx.encode(&[Dispatch::new(
-                &kernels::BN_APPLY,
+                kernel,
                 params,
                 vec![x, coeff, &out],
                 self.ctx.grid_1d(n),
@@ -110,9 +112,12 @@ impl GpuBackend {
     }
 }
 
-impl NormOps<GpuTensor> for GpuBackend {
-    fn batch_norm_train(
+impl GpuBackend {
+    #[allow(clippy::too_many_arguments)]
+    fn bn_train(
         &self,
+        op: &'static str,
+        apply: &'static kernels::Kernel,
         x: &GpuTensor,
         gamma: &GpuTensor,
         beta: &GpuTensor,
@@ -123,7 +128,6 @@ impl NormOps<GpuTensor> for GpuBackend {
     ) -> BackendResult<(GpuTensor, BatchNormSaved<GpuTensor>)> {
         // The kernels write the running statistics through their bindings.
         let (running_mean, running_var) = (&*running_mean, &*running_var);
-        let op = "batch_norm_train";
         let dims = layout(op, x)?;
         let (n, c, hw) = dims;
         for (what, t) in [
@@ -162,8 +166,157 @@ impl NormOps<GpuTensor> for GpuBackend {
             ],
             self.channel_groups(op, c)?,
         )])?;
-        let out = self.bn_apply(op, x, &coeff, dims)?;
+        let out = self.bn_apply(op, apply, x, &coeff, dims)?;
         Ok((out, BatchNormSaved { mean, inv_std }))
+    }
+
+    /// Batch norm's gradients from the gradient `dy` of its output, or with `relu_beta` from the gradient
+    /// of `max(bn(x), 0)`, the ReLU's mask recomputed from `x` and the shift β.
+    fn bn_backward(
+        &self,
+        op: &'static str,
+        x: &GpuTensor,
+        gamma: &GpuTensor,
+        relu_beta: Option<&GpuTensor>,
+        saved: &BatchNormSaved<GpuTensor>,
+        dy: &GpuTensor,
+    ) -> BackendResult<BatchNormGrads<GpuTensor>> {
+        let dims = layout(op, x)?;
+        let c = dims.1;
+        per_channel(op, "gamma", gamma, c)?;
+        if let Some(beta) = relu_beta {
+            per_channel(op, "beta", beta, c)?;
+        }
+        per_channel(op, "saved mean", &saved.mean, c)?;
+        per_channel(op, "saved inverse std", &saved.inv_std, c)?;
+        if dy.dims() != x.dims() {
+            return Err(BackendError::ShapeMismatch {
+                op,
+                expected: format!("an output gradient of the input's shape {:?}", x.dims()),
+                got: dy.dims().to_vec(),
+            });
+        }
+        let dgamma = self.ctx.alloc(op, &[c])?;
+        let dbeta = self.ctx.alloc(op, &[c])?;
+        let dx = self.ctx.alloc(op, x.dims())?;
+        if c > 0 {
+            let params = self.bn_params(op, dims, 0.0, 0.0)?;
+            let groups = self.channel_groups(op, c)?;
+            let reduce = match relu_beta {
+                None => Dispatch::new(
+                    &kernels::BN_BACKWARD_REDUCE,
+                    params.clone(),
+                    vec![x, dy, &saved.mean, &saved.inv_std, &dgamma, &dbeta],
+                    groups,
+                ),
+                Some(beta) => Dispatch::new(
+                    &kernels::BN_BACKWARD_REDUCE_RELU,
+                    params.clone(),
+                    vec![
+                        x,
+                        dy,
+                        gamma,
+                        beta,
+                        &saved.mean,
+                        &saved.inv_std,
+                        &dgamma,
+                        &dbeta,
+                    ],
+                    groups,
+                ),
+            };
+            let mut dispatches = vec![reduce];
+            if x.numel() > 0 {
+                let grid = self.ctx.grid_1d(x.numel());
+                dispatches.push(match relu_beta {
+                    None => Dispatch::new(
+                        &kernels::BN_BACKWARD_APPLY,
+                        params,
+                        vec![
+                            x,
+                            dy,
+                            gamma,
+                            &saved.mean,
+                            &saved.inv_std,
+                            &dgamma,
+                            &dbeta,
+                            &dx,
+                        ],
+                        grid,
+                    ),
+                    Some(beta) => Dispatch::new(
+                        &kernels::BN_BACKWARD_APPLY_RELU,
+                        params,
+                        vec![
+                            x,
+                            dy,
+                            gamma,
+                            beta,
+                            &saved.mean,
+                            &saved.inv_std,
+                            &dgamma,
+                            &dbeta,
+                            &dx,
+                        ],
+                        grid,
+                    ),
+                });
+            }
+            self.ctx.encode(&dispatches)?;
+        }
+        Ok(BatchNormGrads {
+            input: dx,
+            gamma: dgamma,
+            beta: dbeta,
+        })
+    }
+}
+
+impl NormOps<GpuTensor> for GpuBackend {
+    fn batch_norm_train(
+        &self,
+        x: &GpuTensor,
+        gamma: &GpuTensor,
+        beta: &GpuTensor,
+        running_mean: &mut GpuTensor,
+        running_var: &mut GpuTensor,
+        momentum: f32,
+        eps: f32,
+    ) -> BackendResult<(GpuTensor, BatchNormSaved<GpuTensor>)> {
+        self.bn_train(
+            "batch_norm_train",
+            &kernels::BN_APPLY,
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+        )
+    }
+
+    fn batch_norm_relu_train(
+        &self,
+        x: &GpuTensor,
+        gamma: &GpuTensor,
+        beta: &GpuTensor,
+        running_mean: &mut GpuTensor,
+        running_var: &mut GpuTensor,
+        momentum: f32,
+        eps: f32,
+    ) -> BackendResult<(GpuTensor, BatchNormSaved<GpuTensor>)> {
+        self.bn_train(
+            "batch_norm_relu_train",
+            &kernels::BN_APPLY_RELU,
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+        )
     }
 
     fn batch_norm_eval(
@@ -196,7 +349,7 @@ impl NormOps<GpuTensor> for GpuBackend {
                 [c.div_ceil(64) as u32, 1, 1],
             )])?;
         }
-        self.bn_apply(op, x, &coeff, dims)
+        self.bn_apply(op, &kernels::BN_APPLY, x, &coeff, dims)
     }
 
     fn batch_norm_backward(
@@ -206,54 +359,17 @@ impl NormOps<GpuTensor> for GpuBackend {
         saved: &BatchNormSaved<GpuTensor>,
         dy: &GpuTensor,
     ) -> BackendResult<BatchNormGrads<GpuTensor>> {
-        let op = "batch_norm_backward";
-        let dims = layout(op, x)?;
-        let c = dims.1;
-        per_channel(op, "gamma", gamma, c)?;
-        per_channel(op, "saved mean", &saved.mean, c)?;
-        per_channel(op, "saved inverse std", &saved.inv_std, c)?;
-        if dy.dims() != x.dims() {
-            return Err(BackendError::ShapeMismatch {
-                op,
-                expected: format!("an output gradient of the input's shape {:?}", x.dims()),
-                got: dy.dims().to_vec(),
-            });
-        }
-        let dgamma = self.ctx.alloc(op, &[c])?;
-        let dbeta = self.ctx.alloc(op, &[c])?;
-        let dx = self.ctx.alloc(op, x.dims())?;
-        if c > 0 {
-            let params = self.bn_params(op, dims, 0.0, 0.0)?;
-            let reduce = Dispatch::new(
-                &kernels::BN_BACKWARD_REDUCE,
-                params.clone(),
-                vec![x, dy, &saved.mean, &saved.inv_std, &dgamma, &dbeta],
-                self.channel_groups(op, c)?,
-            );
-            let mut dispatches = vec![reduce];
-            if x.numel() > 0 {
-                dispatches.push(Dispatch::new(
-                    &kernels::BN_BACKWARD_APPLY,
-                    params,
-                    vec![
-                        x,
-                        dy,
-                        gamma,
-                        &saved.mean,
-                        &saved.inv_std,
-                        &dgamma,
-                        &dbeta,
-                        &dx,
-                    ],
-                    self.ctx.grid_1d(x.numel()),
-                ));
-            }
-            self.ctx.encode(&dispatches)?;
-        }
-        Ok(BatchNormGrads {
-            input: dx,
-            gamma: dgamma,
-            beta: dbeta,
-        })
+        self.bn_backward("batch_norm_backward", x, gamma, None, saved, dy)
+    }
+
+    fn batch_norm_relu_backward(
+        &self,
+        x: &GpuTensor,
+        gamma: &GpuTensor,
+        beta: &GpuTensor,
+        saved: &BatchNormSaved<GpuTensor>,
+        dz: &GpuTensor,
+    ) -> BackendResult<BatchNormGrads<GpuTensor>> {
+        self.bn_backward("batch_norm_relu_backward", x, gamma, Some(beta), saved, dz)
     }
 }

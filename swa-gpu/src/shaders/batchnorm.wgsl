@@ -107,6 +107,22 @@ fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     out[i] = (x[i] - coeff[c]) * coeff[p.channels + c] + coeff[2u * p.channels + c];
 }
 
+// apply followed by a ReLU.
+@compute @workgroup_size(256)
+fn apply_relu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.y * nwg.x * WG + gid.x;
+    if (i >= p.total) { return; }
+    let c = (i / p.hw) % p.channels;
+    out[i] = max((x[i] - coeff[c]) * coeff[p.channels + c] + coeff[2u * p.channels + c], 0.0);
+}
+
+// The gradient reaching the batch norm through a ReLU after it: the ReLU's input is recomputed from x,
+// γ, β and the batch statistics, as `stats` and `apply_relu` computed it.
+fn relu_dy(i: u32, c: u32) -> f32 {
+    let y = (x[i] - mean_in[c]) * (gamma[c] * inv_std_in[c]) + beta[c];
+    return select(dy[i], 0.0, y <= 0.0);
+}
+
 // dgamma = Σ dy·x̂, dbeta = Σ dy.
 @compute @workgroup_size(256)
 fn backward_reduce(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -142,6 +158,43 @@ fn backward_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let inv_std = inv_std_in[c];
     let xhat = (x[i] - mean_in[c]) * inv_std;
     out[i] = gamma[c] * inv_std / m * (m * dy[i] - dbeta[c] - xhat * dgamma[c]);
+}
+
+// backward_reduce with the ReLU's mask applied to dy.
+@compute @workgroup_size(256)
+fn backward_reduce_relu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let c = wid.x;
+    let t = lid.x;
+    let count = p.batch * p.hw;
+    let mean = mean_in[c];
+    let inv_std = inv_std_in[c];
+    var sum_dy = 0.0;
+    var sum_dy_xhat = 0.0;
+    for (var e = t; e < count; e = e + WG) {
+        let i = element(c, e);
+        let g = relu_dy(i, c);
+        sum_dy = sum_dy + g;
+        sum_dy_xhat = sum_dy_xhat + g * (x[i] - mean) * inv_std;
+    }
+    partial_a[t] = sum_dy;
+    partial_b[t] = sum_dy_xhat;
+    reduce_pair(t);
+    if (t == 0u) {
+        dbeta[c] = partial_a[0];
+        dgamma[c] = partial_b[0];
+    }
+}
+
+// backward_apply with the ReLU's mask applied to dy.
+@compute @workgroup_size(256)
+fn backward_apply_relu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.y * nwg.x * WG + gid.x;
+    if (i >= p.total) { return; }
+    let c = (i / p.hw) % p.channels;
+    let m = f32(p.batch * p.hw);
+    let inv_std = inv_std_in[c];
+    let xhat = (x[i] - mean_in[c]) * inv_std;
+    out[i] = gamma[c] * inv_std / m * (m * relu_dy(i, c) - dbeta[c] - xhat * dgamma[c]);
 }
 
 // dbeta[c] = Σ dy over (N, H, W): the bias gradient of a convolution.

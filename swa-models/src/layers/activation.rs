@@ -65,6 +65,10 @@ impl<B: Backend> Module<B> for ReLU<B> {
     fn zero_grads(&mut self) {
         self.input.clear();
     }
+
+    fn is_relu(&self) -> bool {
+        true
+    }
 }
 
 /// Inverted dropout, PyTorch's `nn.Dropout(p)`: in training and BatchNorm recomputation each element is

@@ -21,8 +21,9 @@ pub struct BatchNorm2d<B: Backend> {
     num_batches_tracked: u64,
     momentum: f32,
     eps: f32,
-    /// The input and its batch statistics.
-    cache: ForwardCache<(B::Tensor, BatchNormSaved<B::Tensor>)>,
+    /// The input, its batch statistics, and whether a ReLU fused into the pass followed the
+    /// normalisation ([`BatchNorm2d::forward_relu`]).
+    cache: ForwardCache<(B::Tensor, BatchNormSaved<B::Tensor>, bool)>,
 }
 
 impl<B: Backend> BatchNorm2d<B> {
@@ -174,6 +175,43 @@ impl<B: Backend> BatchNorm2d<B> {
     }
 }
 
+impl<B: Backend> BatchNorm2d<B> {
+    /// The layer followed by a ReLU, `max(bn(x), 0)`: what a container runs for a BatchNorm directly
+    /// followed by a ReLU. With batch statistics it is one pass over the activations
+    /// ([`NormOps::batch_norm_relu_train`](swa_core::backend::NormOps::batch_norm_relu_train)), and in
+    /// training the ReLU keeps nothing: this layer's [`Module::backward`], given the gradient of the
+    /// ReLU's output, recomputes the ReLU's mask from the input it keeps anyway. Outputs, statistics and
+    /// gradients are those of the two layers run one after the other, bit for bit.
+    pub fn forward_relu(
+        &mut self,
+        backend: &B,
+        x: ForwardInput<'_, B>,
+        mode: ForwardMode,
+    ) -> BackendResult<B::Tensor> {
+        let momentum = match mode {
+            ForwardMode::Eval => {
+                let y = self.forward_input(backend, x, mode)?;
+                return backend.relu(&y);
+            }
+            ForwardMode::Train { .. } => self.momentum,
+            ForwardMode::RecomputeBatchNorm { momentum, .. } => momentum,
+        };
+        let (z, saved) = backend.batch_norm_relu_train(
+            x.tensor(),
+            &self.weight.value,
+            &self.bias.value,
+            &mut self.running_mean,
+            &mut self.running_var,
+            momentum,
+            self.eps,
+        )?;
+        self.num_batches_tracked += 1;
+        self.cache
+            .try_keep_with(mode, || Ok((x.into_owned(backend)?, saved, true)))?;
+        Ok(z)
+    }
+}
+
 /// Adds `g` to the slice of a parameter's gradient along `axis` from `start`, starting from zeros of
 /// the parameter's shape when it has no gradient yet.
 pub(super) fn accumulate_grad_slice<B: Backend>(
@@ -272,14 +310,26 @@ impl<B: Backend> Module<B> for BatchNorm2d<B> {
         let (y, batch_statistics) = self.normalise(backend, x.tensor(), mode)?;
         if let Some(saved) = batch_statistics {
             self.cache
-                .try_keep_with(mode, || Ok((x.into_owned(backend)?, saved)))?;
+                .try_keep_with(mode, || Ok((x.into_owned(backend)?, saved, false)))?;
         }
         Ok(y)
     }
 
+    /// Back-propagates the gradient of this layer's output, or after [`BatchNorm2d::forward_relu`] of
+    /// the ReLU's output.
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
-        let (x, saved) = self.cache.take("BatchNorm2d::backward")?;
-        let grads = backend.batch_norm_backward(&x, &self.weight.value, &saved, dy)?;
+        let (x, saved, relu) = self.cache.take("BatchNorm2d::backward")?;
+        let grads = if relu {
+            backend.batch_norm_relu_backward(
+                &x,
+                &self.weight.value,
+                &self.bias.value,
+                &saved,
+                dy,
+            )?
+        } else {
+            backend.batch_norm_backward(&x, &self.weight.value, &saved, dy)?
+        };
         self.weight.accumulate_grad(backend, grads.gamma)?;
         self.bias.accumulate_grad(backend, grads.beta)?;
         Ok(grads.input)
@@ -305,6 +355,10 @@ impl<B: Backend> Module<B> for BatchNorm2d<B> {
     }
 
     fn as_batch_norm(&self) -> Option<&BatchNorm2d<B>> {
+        Some(self)
+    }
+
+    fn as_batch_norm_mut(&mut self) -> Option<&mut BatchNorm2d<B>> {
         Some(self)
     }
 }

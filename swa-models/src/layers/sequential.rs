@@ -11,6 +11,11 @@ use crate::module::{child_name, ForwardInput, ForwardMode, Module, Param};
 /// (`features.0.weight`), as in PyTorch; [`Sequential::push_named`] gives a child a name of its own
 /// (`layer1`, `fc`), which is how networks name their top-level parts.
 ///
+/// In training and BatchNorm recomputation, a [`BatchNorm2d`](super::BatchNorm2d) directly followed by
+/// a [`ReLU`](super::ReLU) runs as one pass that keeps one activation for the backward pass instead of
+/// two ([`BatchNorm2d::forward_relu`](super::BatchNorm2d::forward_relu)), with the same results bit for
+/// bit.
+///
 /// In [`ForwardMode::Eval`], a [`Conv2d`] directly followed by a [`BatchNorm2d`](super::BatchNorm2d)
 /// runs as one convolution with the BatchNorm folded into its weights ([`Conv2d::fold_batch_norm`]),
 /// which saves the BatchNorm's pass over the activations. The folded convolutions are made on the first evaluation pass and kept
@@ -93,6 +98,16 @@ impl<B: Backend> Sequential<B> {
 }
 
 impl<B: Backend> Sequential<B> {
+    /// Whether the child at `index` is a BatchNorm directly followed by a ReLU, which training runs as
+    /// one fused pass ([`BatchNorm2d::forward_relu`](super::BatchNorm2d::forward_relu)).
+    fn relu_fused_after(&self, index: usize) -> bool {
+        self.children[index].1.as_batch_norm().is_some()
+            && self
+                .children
+                .get(index + 1)
+                .is_some_and(|(_, next)| next.is_relu())
+    }
+
     /// Each convolution directly followed by a BatchNorm, folded, with the convolution's index.
     fn fold(&self, backend: &B) -> BackendResult<Vec<(usize, Conv2d<B>)>> {
         let mut folded = Vec::new();
@@ -179,28 +194,50 @@ impl<B: Backend> Module<B> for Sequential<B> {
         }
         // Training changes the weights next, recomputation the running statistics now.
         self.folded = None;
-        let mut children = self.children.iter_mut();
-        let Some((_, first)) = children.next() else {
+        let steps = self.children.len();
+        if steps == 0 {
             return x.into_owned(backend);
-        };
-        let mut y = first.forward_input(backend, x, mode)?;
-        for (_, child) in children {
-            y = child.forward_owned(backend, y, mode)?;
         }
-        Ok(y)
+        let mut index = 0;
+        let mut input = x;
+        loop {
+            let fused = self.relu_fused_after(index);
+            let child = &mut self.children[index].1;
+            let y = match child.as_batch_norm_mut() {
+                Some(norm) if fused => norm.forward_relu(backend, input, mode)?,
+                _ => child.forward_input(backend, input, mode)?,
+            };
+            index += if fused { 2 } else { 1 };
+            if index >= steps {
+                return Ok(y);
+            }
+            input = ForwardInput::Owned(y);
+        }
     }
 
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
         self.folded = None;
-        let mut children = self.children.iter_mut().rev();
-        let Some((_, last)) = children.next() else {
+        let Some(mut index) = self.children.len().checked_sub(1) else {
             return backend.duplicate(dy);
         };
-        let mut d = last.backward(backend, dy)?;
-        for (_, child) in children {
-            d = child.backward(backend, &d)?;
+        let mut d: Option<B::Tensor> = None;
+        loop {
+            // A ReLU fused into the BatchNorm before it ran in that BatchNorm's pass, whose backward
+            // takes the ReLU's output gradient.
+            if index > 0 && self.relu_fused_after(index - 1) {
+                index -= 1;
+            }
+            let gradient = d.as_ref().unwrap_or(dy);
+            d = Some(self.children[index].1.backward(backend, gradient)?);
+            match index.checked_sub(1) {
+                Some(previous) => index = previous,
+                None => break,
+            }
         }
-        Ok(d)
+        match d {
+            Some(d) => Ok(d),
+            None => backend.duplicate(dy),
+        }
     }
 
     fn visit_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Param<B>)) {
@@ -256,6 +293,8 @@ mod tests {
     struct NormLog {
         inner: CpuBackend,
         eval_inputs: Arc<Mutex<Vec<Vec<usize>>>>,
+        /// Calls of the fused BatchNorm + ReLU ops, forward and backward.
+        fused_passes: Arc<Mutex<usize>>,
     }
 
     impl NormLog {
@@ -263,6 +302,7 @@ mod tests {
             Self {
                 inner: CpuBackend::with_threads(2),
                 eval_inputs: Arc::default(),
+                fused_passes: Arc::default(),
             }
         }
 
@@ -339,6 +379,45 @@ mod tests {
             dy: &CpuTensor,
         ) -> BackendResult<BatchNormGrads<CpuTensor>> {
             self.inner.batch_norm_backward(x, gamma, saved, dy)
+        }
+
+        fn batch_norm_relu_train(
+            &self,
+            x: &CpuTensor,
+            gamma: &CpuTensor,
+            beta: &CpuTensor,
+            running_mean: &mut CpuTensor,
+            running_var: &mut CpuTensor,
+            momentum: f32,
+            eps: f32,
+        ) -> BackendResult<(CpuTensor, BatchNormSaved<CpuTensor>)> {
+            if let Ok(mut fused) = self.fused_passes.lock() {
+                *fused += 1;
+            }
+            self.inner.batch_norm_relu_train(
+                x,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                momentum,
+                eps,
+            )
+        }
+
+        fn batch_norm_relu_backward(
+            &self,
+            x: &CpuTensor,
+            gamma: &CpuTensor,
+            beta: &CpuTensor,
+            saved: &BatchNormSaved<CpuTensor>,
+            dz: &CpuTensor,
+        ) -> BackendResult<BatchNormGrads<CpuTensor>> {
+            if let Ok(mut fused) = self.fused_passes.lock() {
+                *fused += 1;
+            }
+            self.inner
+                .batch_norm_relu_backward(x, gamma, beta, saved, dz)
         }
     }
 
@@ -494,5 +573,71 @@ mod tests {
             &folded(&backend, &mut sequential, &x),
             &want,
         );
+    }
+
+    /// A ReLU a container cannot recognise, so that it runs as its own layer.
+    struct SeparateReLU(ReLU<NormLog>);
+
+    impl NamedTensors<NormLog> for SeparateReLU {
+        fn visit_tensors(&self, _f: &mut dyn FnMut(&str, TensorRole, &CpuTensor)) {}
+        fn visit_tensors_mut(&mut self, _f: &mut dyn FnMut(&str, TensorRole, &mut CpuTensor)) {}
+    }
+
+    impl Module<NormLog> for SeparateReLU {
+        fn forward_input(
+            &mut self,
+            backend: &NormLog,
+            x: ForwardInput<'_, NormLog>,
+            mode: ForwardMode,
+        ) -> BackendResult<CpuTensor> {
+            self.0.forward_input(backend, x, mode)
+        }
+
+        fn backward(&mut self, backend: &NormLog, dy: &CpuTensor) -> BackendResult<CpuTensor> {
+            self.0.backward(backend, dy)
+        }
+
+        fn visit_params_mut(&mut self, _f: &mut dyn FnMut(&str, &mut Param<NormLog>)) {}
+    }
+
+    /// One training step's output, input gradient, parameter gradients and running statistics, as bits.
+    fn training_step(backend: &NormLog, sequential: &mut Sequential<NormLog>) -> Vec<u32> {
+        let x = input(backend);
+        let mode = ForwardMode::Train { seed: 1 };
+        let y = sequential
+            .forward(backend, &x, mode)
+            .expect("a training pass");
+        let dy = y.mapv(|v| (v * 3.0).sin());
+        let dx = sequential.backward(backend, &dy).expect("a backward pass");
+        let mut bits: Vec<u32> = y.iter().chain(dx.iter()).map(|v| v.to_bits()).collect();
+        sequential.visit_params_mut(&mut |_, param| {
+            let grad = param.grad.as_ref().expect("a gradient");
+            bits.extend(grad.iter().map(|v| v.to_bits()));
+        });
+        sequential
+            .visit_tensors(&mut |_, _, tensor| bits.extend(tensor.iter().map(|v| v.to_bits())));
+        bits
+    }
+
+    #[test]
+    fn training_fuses_each_relu_into_the_batch_norm_before_it_bit_for_bit() {
+        let backend = NormLog::new();
+        let mut fused = network(&backend);
+        let mut separate = Sequential::new();
+        for (index, layer) in layers(&backend, 3).into_iter().enumerate() {
+            if layer.is_relu() {
+                separate.push_boxed(index.to_string(), Box::new(SeparateReLU(ReLU::new())));
+            } else {
+                separate.push_boxed(index.to_string(), layer);
+            }
+        }
+        perturb(&backend, &mut separate, 4);
+
+        let want = training_step(&backend, &mut separate);
+        let calls = |backend: &NormLog| backend.fused_passes.lock().map(|n| *n).unwrap_or(0);
+        assert_eq!(calls(&backend), 0, "a ReLU of its own is not fused");
+        assert_eq!(training_step(&backend, &mut fused), want);
+        // The BatchNorm → ReLU pair ran as one op forward and one backward; the last BatchNorm alone.
+        assert_eq!(calls(&backend), 2);
     }
 }

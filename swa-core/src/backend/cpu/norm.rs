@@ -149,11 +149,14 @@ fn moments(layout: &Layout, x: &[f32], c: usize) -> Moments {
     }
 }
 
-/// Writes `y = x · scale[c] + shift[c]` channel by channel.
+/// Writes `y = x · scale[c] + shift[c]` channel by channel, or `max(x · scale[c] + shift[c], 0)` with
+/// `relu`, in the expression the ReLU op and [`relu_mask`] use, so that the fused and separate ops agree
+/// bit for bit.
 fn affine(
     layout: &Layout,
     x: &[f32],
     y: &mut [f32],
+    relu: bool,
     coefficients: impl Fn(usize) -> (f32, f32) + Sync,
 ) -> BackendResult<()> {
     let mut y3 = layout.view_mut(y)?;
@@ -163,17 +166,41 @@ fn affine(
         .for_each(|(c, mut y_channel)| {
             let (scale, shift) = coefficients(c);
             for (n, y_row) in y_channel.outer_iter_mut().enumerate() {
-                Zip::from(y_row)
-                    .and(layout.row(x, n, c))
-                    .for_each(|y, &x| *y = x * scale + shift);
+                let row = Zip::from(y_row).and(layout.row(x, n, c));
+                if relu {
+                    row.for_each(|y, &x| *y = (x * scale + shift).max(0.0));
+                } else {
+                    row.for_each(|y, &x| *y = x * scale + shift);
+                }
             }
         });
     Ok(())
 }
 
-impl NormOps<CpuTensor> for CpuBackend {
-    fn batch_norm_train(
+/// The gradient a ReLU passes back given its input `y` and output gradient `dz`, as the ReLU backward op
+/// computes it: nothing where `y ≤ 0`.
+#[inline(always)]
+fn relu_mask(y: f32, dz: f32) -> f32 {
+    if y <= 0.0 {
+        0.0
+    } else {
+        dz
+    }
+}
+
+/// The scale and shift that normalise channel `c` with batch statistics: `x̂·γ + β = x·scale + shift`.
+#[inline(always)]
+fn batch_coefficients(gamma: f32, beta: f32, mean: f32, inv_std: f32) -> (f32, f32) {
+    let scale = gamma * inv_std;
+    (scale, beta - mean * scale)
+}
+
+impl CpuBackend {
+    /// Training-mode batch norm, followed by a ReLU when `relu`.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_train_with(
         &self,
+        op: &'static str,
         x: &CpuTensor,
         gamma: &CpuTensor,
         beta: &CpuTensor,
@@ -181,17 +208,17 @@ impl NormOps<CpuTensor> for CpuBackend {
         running_var: &mut CpuTensor,
         momentum: f32,
         eps: f32,
+        relu: bool,
     ) -> BackendResult<(CpuTensor, BatchNormSaved<CpuTensor>)> {
         self.install(|| {
-            const OP: &str = "batch_norm_train";
-            let layout = Layout::of(OP, x)?;
-            check_per_channel(OP, "gamma", gamma, &layout)?;
-            check_per_channel(OP, "beta", beta, &layout)?;
-            check_per_channel(OP, "running_mean", running_mean, &layout)?;
-            check_per_channel(OP, "running_var", running_var, &layout)?;
+            let layout = Layout::of(op, x)?;
+            check_per_channel(op, "gamma", gamma, &layout)?;
+            check_per_channel(op, "beta", beta, &layout)?;
+            check_per_channel(op, "running_mean", running_mean, &layout)?;
+            check_per_channel(op, "running_var", running_var, &layout)?;
             if layout.count() < 2 {
                 return Err(BackendError::InvalidArgument {
-                    op: OP,
+                    op,
                     message: format!(
                         "training needs more than one value per channel, got input {:?}",
                         x.shape()
@@ -200,7 +227,7 @@ impl NormOps<CpuTensor> for CpuBackend {
             }
             if eps.is_nan() || eps < 0.0 {
                 return Err(BackendError::InvalidArgument {
-                    op: OP,
+                    op,
                     message: format!("eps {eps} must be non-negative"),
                 });
             }
@@ -219,9 +246,8 @@ impl NormOps<CpuTensor> for CpuBackend {
             let mean: Vec<f32> = stats.iter().map(|m| m.mean as f32).collect();
 
             let mut y = zeroed(xs.len());
-            affine(&layout, &xs, &mut y, |c| {
-                let scale = gamma[c] * inv_std[c];
-                (scale, beta[c] - mean[c] * scale)
+            affine(&layout, &xs, &mut y, relu, |c| {
+                batch_coefficients(gamma[c], beta[c], mean[c], inv_std[c])
             })?;
 
             let unbias = layout.count() as f64 / (layout.count() - 1) as f64;
@@ -237,13 +263,164 @@ impl NormOps<CpuTensor> for CpuBackend {
 
             let c = layout.channels;
             Ok((
-                into_tensor(OP, x.shape(), y)?,
+                into_tensor(op, x.shape(), y)?,
                 BatchNormSaved {
-                    mean: into_tensor(OP, &[c], mean)?,
-                    inv_std: into_tensor(OP, &[c], inv_std)?,
+                    mean: into_tensor(op, &[c], mean)?,
+                    inv_std: into_tensor(op, &[c], inv_std)?,
                 },
             ))
         })
+    }
+
+    /// Gradients of training-mode batch norm from the gradient `dy` of its output, or with `relu_beta`
+    /// from the gradient of `max(bn(x), 0)`, the ReLU's mask recomputed from `x` and the shift β.
+    fn batch_norm_backward_with(
+        &self,
+        op: &'static str,
+        x: &CpuTensor,
+        gamma: &CpuTensor,
+        relu_beta: Option<&CpuTensor>,
+        saved: &BatchNormSaved<CpuTensor>,
+        dy: &CpuTensor,
+    ) -> BackendResult<BatchNormGrads<CpuTensor>> {
+        self.install(|| {
+            let layout = Layout::of(op, x)?;
+            check_per_channel(op, "gamma", gamma, &layout)?;
+            if let Some(beta) = relu_beta {
+                check_per_channel(op, "beta", beta, &layout)?;
+            }
+            check_per_channel(op, "saved mean", &saved.mean, &layout)?;
+            check_per_channel(op, "saved inv_std", &saved.inv_std, &layout)?;
+            if dy.shape() != x.shape() {
+                return Err(BackendError::ShapeMismatch {
+                    op,
+                    expected: format!("an output gradient of the input's shape {:?}", x.shape()),
+                    got: dy.shape().to_vec(),
+                });
+            }
+            let xs = contiguous(x);
+            let dys = contiguous(dy);
+            let gamma = contiguous(gamma);
+            let beta = relu_beta.map(contiguous);
+            let mean = contiguous(&saved.mean);
+            let inv_std = contiguous(&saved.inv_std);
+            let count = layout.count() as f64;
+
+            let mut dx = zeroed(xs.len());
+            let mut dx3 = layout.view_mut(&mut dx)?;
+            let sums: Vec<(f32, f32)> = dx3
+                .axis_iter_mut(Axis(1))
+                .into_par_iter()
+                .enumerate()
+                .map(|(c, mut dx_channel)| {
+                    let mu = mean[c];
+                    // The ReLU's input is the forward pass's `x·scale + shift`, recomputed.
+                    let (scale_y, shift_y) = match &beta {
+                        Some(beta) => batch_coefficients(gamma[c], beta[c], mu, inv_std[c]),
+                        None => (0.0, 0.0),
+                    };
+                    let masked = beta.is_some();
+                    // One row of the ReLU's input gradient at a time, in cache for the pass reading it.
+                    let mut masked_row = Vec::new();
+                    let row_dy = |buffer: &mut Vec<f32>, n: usize| {
+                        buffer.clear();
+                        buffer.extend(
+                            layout
+                                .row(&dys, n, c)
+                                .iter()
+                                .zip(layout.row(&xs, n, c))
+                                .map(|(&dz, &x)| relu_mask(x * scale_y + shift_y, dz)),
+                        );
+                    };
+                    let (mut dbeta, mut dot) = (0.0f64, 0.0f64);
+                    for n in 0..layout.batch {
+                        let dy_row = if masked {
+                            row_dy(&mut masked_row, n);
+                            &masked_row[..]
+                        } else {
+                            layout.row(&dys, n, c)
+                        };
+                        let (s, p) = gradient_sums(dy_row, layout.row(&xs, n, c), mu);
+                        dbeta += f64::from(s);
+                        dot += f64::from(p);
+                    }
+                    let dgamma = dot * f64::from(inv_std[c]);
+                    // dx = γ·σ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂)), with x̂ = (x − μ)·σ⁻¹.
+                    let scale = gamma[c] * inv_std[c];
+                    let mean_dy = (dbeta / count) as f32;
+                    let slope = (dgamma / count) as f32 * inv_std[c];
+                    for (n, dx_row) in dx_channel.outer_iter_mut().enumerate() {
+                        let dy_row = if masked {
+                            row_dy(&mut masked_row, n);
+                            &masked_row[..]
+                        } else {
+                            layout.row(&dys, n, c)
+                        };
+                        Zip::from(dx_row)
+                            .and(dy_row)
+                            .and(layout.row(&xs, n, c))
+                            .for_each(|dx, &dy, &x| {
+                                *dx = scale * (dy - mean_dy - (x - mu) * slope)
+                            });
+                    }
+                    (dgamma as f32, dbeta as f32)
+                })
+                .collect();
+            let c = layout.channels;
+            Ok(BatchNormGrads {
+                input: into_tensor(op, x.shape(), dx)?,
+                gamma: into_tensor(op, &[c], sums.iter().map(|s| s.0).collect())?,
+                beta: into_tensor(op, &[c], sums.iter().map(|s| s.1).collect())?,
+            })
+        })
+    }
+}
+
+impl NormOps<CpuTensor> for CpuBackend {
+    fn batch_norm_train(
+        &self,
+        x: &CpuTensor,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        running_mean: &mut CpuTensor,
+        running_var: &mut CpuTensor,
+        momentum: f32,
+        eps: f32,
+    ) -> BackendResult<(CpuTensor, BatchNormSaved<CpuTensor>)> {
+        self.batch_norm_train_with(
+            "batch_norm_train",
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            false,
+        )
+    }
+
+    fn batch_norm_relu_train(
+        &self,
+        x: &CpuTensor,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        running_mean: &mut CpuTensor,
+        running_var: &mut CpuTensor,
+        momentum: f32,
+        eps: f32,
+    ) -> BackendResult<(CpuTensor, BatchNormSaved<CpuTensor>)> {
+        self.batch_norm_train_with(
+            "batch_norm_relu_train",
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            true,
+        )
     }
 
     fn batch_norm_eval(
@@ -266,7 +443,7 @@ impl NormOps<CpuTensor> for CpuBackend {
             let (gamma, beta) = (contiguous(gamma), contiguous(beta));
             let (mean, var) = (contiguous(running_mean), contiguous(running_var));
             let mut y = zeroed(xs.len());
-            affine(&layout, &xs, &mut y, |c| {
+            affine(&layout, &xs, &mut y, false, |c| {
                 let scale = gamma[c] / (var[c] + eps).sqrt();
                 (scale, beta[c] - mean[c] * scale)
             })?;
@@ -281,63 +458,17 @@ impl NormOps<CpuTensor> for CpuBackend {
         saved: &BatchNormSaved<CpuTensor>,
         dy: &CpuTensor,
     ) -> BackendResult<BatchNormGrads<CpuTensor>> {
-        self.install(|| {
-            const OP: &str = "batch_norm_backward";
-            let layout = Layout::of(OP, x)?;
-            check_per_channel(OP, "gamma", gamma, &layout)?;
-            check_per_channel(OP, "saved mean", &saved.mean, &layout)?;
-            check_per_channel(OP, "saved inv_std", &saved.inv_std, &layout)?;
-            if dy.shape() != x.shape() {
-                return Err(BackendError::ShapeMismatch {
-                    op: OP,
-                    expected: format!("an output gradient of the input's shape {:?}", x.shape()),
-                    got: dy.shape().to_vec(),
-                });
-            }
-            let xs = contiguous(x);
-            let dys = contiguous(dy);
-            let gamma = contiguous(gamma);
-            let mean = contiguous(&saved.mean);
-            let inv_std = contiguous(&saved.inv_std);
-            let count = layout.count() as f64;
+        self.batch_norm_backward_with("batch_norm_backward", x, gamma, None, saved, dy)
+    }
 
-            let mut dx = zeroed(xs.len());
-            let mut dx3 = layout.view_mut(&mut dx)?;
-            let sums: Vec<(f32, f32)> = dx3
-                .axis_iter_mut(Axis(1))
-                .into_par_iter()
-                .enumerate()
-                .map(|(c, mut dx_channel)| {
-                    let (mut dbeta, mut dot) = (0.0f64, 0.0f64);
-                    for n in 0..layout.batch {
-                        let (s, p) =
-                            gradient_sums(layout.row(&dys, n, c), layout.row(&xs, n, c), mean[c]);
-                        dbeta += f64::from(s);
-                        dot += f64::from(p);
-                    }
-                    let dgamma = dot * f64::from(inv_std[c]);
-                    // dx = γ·σ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂)), with x̂ = (x − μ)·σ⁻¹.
-                    let scale = gamma[c] * inv_std[c];
-                    let mean_dy = (dbeta / count) as f32;
-                    let slope = (dgamma / count) as f32 * inv_std[c];
-                    let mu = mean[c];
-                    for (n, dx_row) in dx_channel.outer_iter_mut().enumerate() {
-                        Zip::from(dx_row)
-                            .and(layout.row(&dys, n, c))
-                            .and(layout.row(&xs, n, c))
-                            .for_each(|dx, &dy, &x| {
-                                *dx = scale * (dy - mean_dy - (x - mu) * slope)
-                            });
-                    }
-                    (dgamma as f32, dbeta as f32)
-                })
-                .collect();
-            let c = layout.channels;
-            Ok(BatchNormGrads {
-                input: into_tensor(OP, x.shape(), dx)?,
-                gamma: into_tensor(OP, &[c], sums.iter().map(|s| s.0).collect())?,
-                beta: into_tensor(OP, &[c], sums.iter().map(|s| s.1).collect())?,
-            })
-        })
+    fn batch_norm_relu_backward(
+        &self,
+        x: &CpuTensor,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        saved: &BatchNormSaved<CpuTensor>,
+        dz: &CpuTensor,
+    ) -> BackendResult<BatchNormGrads<CpuTensor>> {
+        self.batch_norm_backward_with("batch_norm_relu_backward", x, gamma, Some(beta), saved, dz)
     }
 }
