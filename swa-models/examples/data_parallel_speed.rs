@@ -53,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect(),
     };
     let batch = shard(&global, communicator.rank(), communicator.size())?;
-    let mut sync = DataParallel::new(communicator.as_ref());
+    let mut sync = DataParallel::new(communicator.clone());
     let mut metrics = MetricsAccumulator::default();
     let mut started = Instant::now();
     let mut last_loss = f32::NAN;

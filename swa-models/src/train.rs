@@ -38,8 +38,8 @@ use swa_core::swag::{SwagMoments, SwagState};
 use crate::batch::{until_error, BatchSource};
 use crate::checkpoint::{load_module, save_module, write_atomically, StateDict};
 use crate::distributed::{
-    broadcast_tensors, combine_metrics, rank_seed, update_bn_across_ranks, Communicator,
-    DataParallel, DistributedError, SingleProcess,
+    broadcast_tensors, combine_metrics, rank_seed, update_bn_across_ranks, BatchNormMode,
+    Communicator, DataParallel, DistributedError, SingleProcess,
 };
 use crate::error::TrainError;
 use crate::evaluate::{evaluate, Ensemble, Metrics, MetricsAccumulator};
@@ -285,6 +285,8 @@ pub struct Trainer<B: Backend> {
     kept_checkpoints: Vec<usize>,
     /// The ranks of a data-parallel run ([`SingleProcess`] by default).
     communicator: Arc<dyn Communicator>,
+    /// How BatchNorm normalises the training batches of a data-parallel run.
+    batch_norm: BatchNormMode,
 }
 
 impl<B: Backend> std::fmt::Debug for Trainer<B> {
@@ -379,6 +381,7 @@ impl<B: Backend> Trainer<B> {
             checkpoint_dir: None,
             kept_checkpoints: Vec::new(),
             communicator: Arc::new(SingleProcess),
+            batch_norm: BatchNormMode::PerRank,
         })
     }
 
@@ -408,6 +411,18 @@ impl<B: Backend> Trainer<B> {
         }
         self.communicator = communicator;
         Ok(())
+    }
+
+    /// Normalises the training batches of a data-parallel run as `mode` says (by default
+    /// [`BatchNormMode::PerRank`]); one process trains the same either way. Every rank must set the same
+    /// mode, and a resumed run should keep the mode it started with.
+    pub fn with_batch_norm_mode(&mut self, mode: BatchNormMode) {
+        self.batch_norm = mode;
+    }
+
+    /// How BatchNorm normalises the training batches of a data-parallel run.
+    pub fn batch_norm_mode(&self) -> BatchNormMode {
+        self.batch_norm
     }
 
     /// The communicator of the run's ranks.
@@ -639,7 +654,8 @@ impl<B: Backend> Trainer<B> {
         let mut iteration_tests = Vec::new();
         let mut test_seconds = 0.0;
         let communicator = Arc::clone(&self.communicator);
-        let mut data_parallel = DataParallel::new(communicator.as_ref());
+        let mut data_parallel =
+            DataParallel::new(Arc::clone(&communicator)).with_batch_norm(self.batch_norm);
         for (step, batch) in data.train_epoch(epoch).enumerate() {
             let batch = batch?;
             let lr = self.lr(epoch, step, steps);

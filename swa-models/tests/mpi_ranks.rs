@@ -25,7 +25,9 @@ use swa_core::CpuBackend;
 use swa_models::batch::BatchResult;
 use swa_models::checkpoint::{save_module, StateDict, StoredTensor};
 use swa_models::distributed::mpi::{MpiCommunicator, PANIC_EXIT_CODE, STALLED_EXIT_CODE};
-use swa_models::distributed::{shard, update_bn_across_ranks, Communicator, ShardedBatches};
+use swa_models::distributed::{
+    shard, update_bn_across_ranks, BatchNormMode, Communicator, ShardedBatches,
+};
 use swa_models::layers::{
     AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, Flatten, Linear, ReLU, Sequential,
 };
@@ -40,9 +42,11 @@ use swa_models::{update_bn, Architecture, BatchSource, HostBatch, Module};
 const SCENARIO: &str = "SWA_MPI_SCENARIO";
 /// The environment variable that names the folder where ranks write their results.
 const OUT: &str = "SWA_MPI_OUT";
-/// The number of ranks every test starts.
+/// The environment variable that holds the number of ranks `mpirun` started.
+const RANKS_STARTED: &str = "SWA_MPI_RANKS";
+/// The number of ranks most tests start.
 const RANKS: usize = 2;
-/// Images per global batch, split 4 + 4.
+/// Images per global batch, split 4 + 4 over two ranks and 2 + 3 + 3 over three.
 const GLOBAL_BATCH: usize = 8;
 const STEPS_PER_EPOCH: usize = 3;
 const CLASSES: usize = 3;
@@ -112,18 +116,23 @@ impl BatchSource for RankData {
     }
 }
 
-/// Rank `rank`'s shards of an epoch's batches, on which BatchNorm is recomputed.
-fn update_bn_shards(epoch: usize, rank: usize) -> Vec<HostBatch> {
+/// Rank `rank` of `ranks`'s shards of an epoch's batches, on which BatchNorm is recomputed.
+fn update_bn_shards(epoch: usize, rank: usize, ranks: usize) -> Vec<HostBatch> {
     (0..STEPS_PER_EPOCH)
-        .map(|step| shard(&synthetic_batch(epoch, step), rank, RANKS).expect("shard"))
+        .map(|step| shard(&synthetic_batch(epoch, step), rank, ranks).expect("shard"))
         .collect()
 }
 
-/// What one process computes with `update_bn` over every rank's shards of `epoch`, one rank after the
-/// other.
-fn update_bn_alone(backend: &CpuBackend, model: &mut dyn Module<CpuBackend>, epoch: usize) {
-    let all_shards: Vec<HostBatch> = (0..RANKS)
-        .flat_map(|rank| update_bn_shards(epoch, rank))
+/// What one process computes with `update_bn` over every one of `ranks` ranks' shards of `epoch`, one
+/// rank after the other.
+fn update_bn_alone(
+    backend: &CpuBackend,
+    model: &mut dyn Module<CpuBackend>,
+    epoch: usize,
+    ranks: usize,
+) {
+    let all_shards: Vec<HostBatch> = (0..ranks)
+        .flat_map(|rank| update_bn_shards(epoch, rank, ranks))
         .collect();
     let seen = update_bn(backend, model, all_shards, 0).expect("update_bn");
     assert_eq!(seen, STEPS_PER_EPOCH * GLOBAL_BATCH);
@@ -193,7 +202,11 @@ fn mpi_rank() {
     };
     let communicator = Arc::new(MpiCommunicator::initialize(timeout).expect("MPI"));
     let rank = communicator.rank();
-    assert_eq!(communicator.size(), RANKS, "started with -np {RANKS}");
+    let ranks: usize = std::env::var(RANKS_STARTED)
+        .expect("the number of ranks")
+        .parse()
+        .expect("a number of ranks");
+    assert_eq!(communicator.size(), ranks, "started with -np {ranks}");
     let backend = CpuBackend::with_threads(1);
     let data = ShardedBatches::new(Synthetic, communicator.as_ref());
     let save = |model: &dyn Module<CpuBackend>, name: &str| {
@@ -219,11 +232,50 @@ fn mpi_rank() {
                 communicator.as_ref(),
                 &backend,
                 model.as_mut(),
-                update_bn_shards(5, rank),
+                update_bn_shards(5, rank, ranks),
                 0,
             )
             .expect("update_bn");
             assert_eq!(seen, STEPS_PER_EPOCH * GLOBAL_BATCH, "images of all ranks");
+            save(model.as_ref(), "update_bn");
+        }
+        "batch_norm_modes" => {
+            for (mode, name) in [
+                (BatchNormMode::Synchronized, "sync_bn"),
+                (BatchNormMode::PerRank, "per_rank_bn"),
+            ] {
+                let mut trainer = trainer(&backend, run_config(2, false), true);
+                trainer
+                    .with_communicator(communicator.clone())
+                    .expect("communicator");
+                trainer.with_batch_norm_mode(mode);
+                trainer.run(&data, &mut Silent).expect("training");
+                save(trainer.model(), name);
+            }
+        }
+        "three_ranks" => {
+            let mut plain = trainer(&backend, run_config(2, false), false);
+            plain
+                .with_communicator(communicator.clone())
+                .expect("communicator");
+            plain.run(&data, &mut Silent).expect("training");
+            save(plain.model(), "sgd");
+            let mut synchronized = trainer(&backend, run_config(2, false), true);
+            synchronized
+                .with_communicator(communicator.clone())
+                .expect("communicator");
+            synchronized.with_batch_norm_mode(BatchNormMode::Synchronized);
+            synchronized.run(&data, &mut Silent).expect("training");
+            save(synchronized.model(), "sync_bn");
+            let mut model = network(&backend, true);
+            update_bn_across_ranks(
+                communicator.as_ref(),
+                &backend,
+                model.as_mut(),
+                update_bn_shards(5, rank, ranks),
+                0,
+            )
+            .expect("update_bn");
             save(model.as_ref(), "update_bn");
         }
         "swa" | "swa_interrupted" => {
@@ -331,12 +383,17 @@ struct Launch {
 
 /// Runs [`mpi_rank`] as [`RANKS`] ranks on `scenario`, results in `out`.
 fn launch(scenario: &str, out: &Path) -> Launch {
+    launch_ranks(scenario, out, RANKS)
+}
+
+/// Runs [`mpi_rank`] as `ranks` ranks on `scenario`, results in `out`.
+fn launch_ranks(scenario: &str, out: &Path, ranks: usize) -> Launch {
     let exe = std::env::current_exe().expect("the test binary");
     let log = out.join(format!("{scenario}.log"));
     let file = std::fs::File::create(&log).expect("log file");
     let started = Instant::now();
     let spawned = Command::new("mpirun")
-        .args(["-np", &RANKS.to_string(), "--oversubscribe"])
+        .args(["-np", &ranks.to_string(), "--oversubscribe"])
         .arg(&exe)
         .args([
             "--exact",
@@ -347,6 +404,7 @@ fn launch(scenario: &str, out: &Path) -> Launch {
         ])
         .env(SCENARIO, scenario)
         .env(OUT, out)
+        .env(RANKS_STARTED, ranks.to_string())
         // CI runs as root, which OpenMPI refuses without these.
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -384,7 +442,11 @@ fn launch(scenario: &str, out: &Path) -> Launch {
 }
 
 fn launch_ok(scenario: &str, out: &Path) {
-    let run = launch(scenario, out);
+    launch_ranks_ok(scenario, out, RANKS);
+}
+
+fn launch_ranks_ok(scenario: &str, out: &Path, ranks: usize) {
+    let run = launch_ranks(scenario, out, ranks);
     assert!(
         run.success,
         "mpirun {scenario} failed ({:?}):\n{}",
@@ -478,6 +540,97 @@ fn two_ranks_train_as_one_process_on_the_global_batch() {
     );
 }
 
+/// The weights and statistics one process reaches in [`run_config`]`(2, false)` on the global batches.
+fn trained_alone(backend: &CpuBackend, batch_norm: bool) -> Vec<(String, Vec<f32>)> {
+    let mut alone = trainer(backend, run_config(2, false), batch_norm);
+    alone.run(&Synthetic, &mut Silent).expect("training");
+    model_tensors(backend, alone.model())
+}
+
+#[test]
+fn synchronized_batch_norm_trains_two_ranks_as_one_process_on_the_global_batch() {
+    let out = tempfile::tempdir().expect("temporary folder");
+    launch_ok("batch_norm_modes", out.path());
+    let synchronized = tensors(&rank_file(out.path(), "sync_bn", 0));
+    assert_eq!(
+        synchronized,
+        tensors(&rank_file(out.path(), "sync_bn", 1)),
+        "both ranks hold the same weights and statistics"
+    );
+    let per_rank = tensors(&rank_file(out.path(), "per_rank_bn", 0));
+
+    let backend = CpuBackend::with_threads(1);
+    let expected = trained_alone(&backend, true);
+    let initial = model_tensors(&backend, network(&backend, true).as_ref());
+    assert!(
+        largest_difference(&expected, &initial) > 1e-2,
+        "the steps moved the weights"
+    );
+    // Six steps through a BatchNorm whose statistics are combined from the ranks' f32 means and
+    // variances in f64: a few units of f32 rounding per step, as without BatchNorm (measured 1.1e-7).
+    let difference = largest_difference(&synchronized, &expected);
+    eprintln!("synchronised BatchNorm over 2 ranks differs from 1 process by {difference:e}");
+    assert!(
+        difference < 1e-6,
+        "synchronised BatchNorm over 2 ranks differs from 1 process by {difference}"
+    );
+    // Normalising each half-batch on its own trains another network (measured 2e-2): the bound above
+    // tells the two apart.
+    let per_rank_difference = largest_difference(&per_rank, &expected);
+    eprintln!("BatchNorm per rank differs from 1 process by {per_rank_difference:e}");
+    assert!(
+        per_rank_difference > 1e-3,
+        "BatchNorm per rank differs from 1 process by only {per_rank_difference}"
+    );
+}
+
+#[test]
+fn three_ranks_with_uneven_shards_train_and_recompute_batch_norm_as_one_process() {
+    let out = tempfile::tempdir().expect("temporary folder");
+    // 8 images a batch: shards of 2, 3 and 3.
+    launch_ranks_ok("three_ranks", out.path(), 3);
+    let backend = CpuBackend::with_threads(1);
+    for name in ["sgd", "sync_bn", "update_bn"] {
+        let rank0 = tensors(&rank_file(out.path(), name, 0));
+        for rank in 1..3 {
+            assert_eq!(
+                rank0,
+                tensors(&rank_file(out.path(), name, rank)),
+                "{name}: rank {rank} holds rank 0's tensors"
+            );
+        }
+    }
+    let difference = largest_difference(
+        &tensors(&rank_file(out.path(), "sgd", 0)),
+        &trained_alone(&backend, false),
+    );
+    eprintln!("3 ranks without BatchNorm differ from 1 process by {difference:e}");
+    assert!(
+        difference < 1e-6,
+        "3 ranks differ from 1 process by {difference}"
+    );
+    let difference = largest_difference(
+        &tensors(&rank_file(out.path(), "sync_bn", 0)),
+        &trained_alone(&backend, true),
+    );
+    eprintln!("3 ranks with synchronised BatchNorm differ from 1 process by {difference:e}");
+    assert!(
+        difference < 1e-6,
+        "3 ranks with synchronised BatchNorm differ from 1 process by {difference}"
+    );
+    let mut model = network(&backend, true);
+    update_bn_alone(&backend, model.as_mut(), 5, 3);
+    let difference = largest_difference(
+        &tensors(&rank_file(out.path(), "update_bn", 0)),
+        &model_tensors(&backend, model.as_ref()),
+    );
+    eprintln!("update_bn over 3 ranks differs from 1 process by {difference:e}");
+    assert!(
+        difference < 1e-6,
+        "update_bn over 3 ranks differs by {difference}"
+    );
+}
+
 #[test]
 fn batch_norm_recomputed_over_ranks_equals_one_process_over_all_shards() {
     let out = tempfile::tempdir().expect("temporary folder");
@@ -492,7 +645,7 @@ fn batch_norm_recomputed_over_ranks_equals_one_process_over_all_shards() {
 
     let backend = CpuBackend::with_threads(1);
     let mut model = network(&backend, true);
-    update_bn_alone(&backend, model.as_mut(), 5);
+    update_bn_alone(&backend, model.as_mut(), 5, RANKS);
     let expected = model_tensors(&backend, model.as_ref());
     let running_mean = expected
         .iter()
@@ -614,7 +767,7 @@ fn swap_merges_the_ranks_weights_into_their_mean_with_batch_norm_over_all_shards
         &rank_file(out.path(), "swap_merged", 0),
     )
     .expect("the merged weights");
-    update_bn_alone(&backend, alone.as_mut(), 0);
+    update_bn_alone(&backend, alone.as_mut(), 0, RANKS);
     let difference = largest_difference(&merged, &model_tensors(&backend, alone.as_ref()));
     assert!(difference < 1e-6, "BatchNorm differs by {difference}");
 }

@@ -7,7 +7,9 @@
 //! all-reduces the gradients weighted by each rank's share of the batch, and broadcasts rank 0's
 //! BatchNorm running statistics; every rank then applies the same update to the same weights, so the
 //! weights, the SWA average and the evaluations stay identical on every rank without being exchanged.
-//! BatchNorm normalises each rank's shard with that shard's statistics, as in PyTorch's DDP.
+//! BatchNorm normalises each rank's shard with that shard's statistics, as in PyTorch's DDP, or, with
+//! [`BatchNormMode::Synchronized`] (PyTorch's `SyncBatchNorm`, [`crate::layers::BatchNormSync`]), with the
+//! statistics of the global batch, so that networks with BatchNorm too train as one process would.
 //!
 //! Sums over ranks are taken in rank order ([`Communicator::all_reduce_sum_f32`]), so a run gives the
 //! same result every time for a given number of ranks, and on every rank. Compared with one process
@@ -29,6 +31,7 @@
 pub mod mpi;
 
 use std::borrow::Borrow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use swa_core::averaging::{AverageState, WeightAverage, WeightAveraging};
@@ -40,6 +43,7 @@ use crate::batch::{BatchResult, BatchSource, HostBatch};
 use crate::bn::{has_batch_norm, update_bn};
 use crate::error::TrainError;
 use crate::evaluate::MetricsAccumulator;
+use crate::layers::BatchNormSync;
 use crate::module::{read_tensors, write_tensors, Module};
 use crate::step::StepSync;
 
@@ -175,29 +179,63 @@ pub fn rank_seed(seed: u64, rank: usize) -> u64 {
     }
 }
 
+/// How the BatchNorm layers of a data-parallel run normalise a training batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BatchNormMode {
+    /// Each rank normalises its shard with the shard's statistics, and after each step every rank takes
+    /// rank 0's running statistics: PyTorch's `DistributedDataParallel` with `nn.BatchNorm2d`. The result
+    /// depends on how the global batch is split.
+    #[default]
+    PerRank,
+    /// Every rank normalises with the statistics of the global batch, and the backward pass is that of
+    /// one process normalising the global batch ([`crate::layers::BatchNormSync`], PyTorch's
+    /// `SyncBatchNorm`): the ranks train as one process on the global batch, at the cost of two small
+    /// all-reduces per BatchNorm layer and step.
+    Synchronized,
+}
+
 /// The [`StepSync`] of data-parallel training over `communicator`: the global loss, the gradients
-/// averaged over the global batch, and rank 0's BatchNorm running statistics on every rank. With one rank
-/// it exchanges nothing and changes nothing.
-pub struct DataParallel<'a> {
-    communicator: &'a dyn Communicator,
+/// averaged over the global batch, and BatchNorm as [`BatchNormMode`] says (by default rank 0's running
+/// statistics on every rank). With one rank it exchanges nothing and changes nothing.
+pub struct DataParallel {
+    communicator: Arc<dyn Communicator>,
+    batch_norm: BatchNormMode,
     /// The images of the global batch, known from [`StepSync::reduce_loss`].
     global_images: usize,
     /// The gradients of the step, flattened for the all-reduce (kept to reuse its allocation).
     buffer: Vec<f32>,
 }
 
-impl<'a> DataParallel<'a> {
-    /// Steps synchronised over `communicator`.
-    pub fn new(communicator: &'a dyn Communicator) -> Self {
+impl DataParallel {
+    /// Steps synchronised over `communicator`, BatchNorm per rank.
+    pub fn new(communicator: Arc<dyn Communicator>) -> Self {
         Self {
             communicator,
+            batch_norm: BatchNormMode::PerRank,
             global_images: 0,
             buffer: Vec::new(),
         }
     }
+
+    /// The same steps with BatchNorm as `mode` says.
+    pub fn with_batch_norm(mut self, mode: BatchNormMode) -> Self {
+        self.batch_norm = mode;
+        self
+    }
+
+    /// The same steps with synchronised BatchNorm ([`BatchNormMode::Synchronized`]).
+    pub fn with_synchronized_batch_norm(self) -> Self {
+        self.with_batch_norm(BatchNormMode::Synchronized)
+    }
 }
 
-impl<B: Backend> StepSync<B> for DataParallel<'_> {
+impl<B: Backend> StepSync<B> for DataParallel {
+    fn batch_norm_sync(&self) -> Option<BatchNormSync> {
+        // One rank's batch is the global batch: its own statistics are the global ones.
+        (self.batch_norm == BatchNormMode::Synchronized && self.communicator.size() > 1)
+            .then(|| BatchNormSync::new(Arc::clone(&self.communicator)))
+    }
+
     fn reduce_loss(&mut self, loss: f32, images: usize) -> Result<f32, TrainError> {
         if self.communicator.size() == 1 {
             self.global_images = images;
@@ -266,10 +304,14 @@ impl<B: Backend> StepSync<B> for DataParallel<'_> {
         if let Some(failure) = failure {
             return Err(failure);
         }
+        if self.batch_norm == BatchNormMode::Synchronized {
+            // Every rank moved its running statistics by the same global ones: they agree already.
+            return Ok(());
+        }
         // PyTorch's DDP gives every rank rank 0's buffers; they only serve evaluation and checkpoints, but
         // those must not depend on the rank.
         broadcast_tensors(
-            self.communicator,
+            self.communicator.as_ref(),
             backend,
             model,
             TensorRole::BatchNormStatistic,

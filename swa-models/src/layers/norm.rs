@@ -1,8 +1,11 @@
 //! Batch normalisation over `N, H, W` per channel.
 
-use swa_core::backend::{Backend, BackendError, BackendResult, BatchNormSaved, HasShape};
+use swa_core::backend::{
+    Backend, BackendError, BackendResult, BatchNormGrads, BatchNormSaved, HasShape,
+};
 use swa_core::params::{NamedTensors, TensorRole};
 
+use super::norm_sync::BatchNormSync;
 use super::ForwardCache;
 use crate::module::{ForwardInput, ForwardMode, Module, Param};
 
@@ -11,7 +14,9 @@ use crate::module::{ForwardInput, ForwardMode, Module, Param};
 /// counter, visited through [`Module::visit_batch_counters`].
 ///
 /// Training uses the batch statistics and moves the running ones by `momentum` (PyTorch's convention: the
-/// weight of the new batch, 0.1 by default); evaluation uses the running statistics.
+/// weight of the new batch, 0.1 by default); evaluation uses the running statistics. A layer given a
+/// [`BatchNormSync`] ([`BatchNorm2d::set_synchronization`]) takes the statistics of its training passes
+/// over all ranks' batches of a data-parallel run, as PyTorch's `SyncBatchNorm`.
 #[derive(Debug)]
 pub struct BatchNorm2d<B: Backend> {
     weight: Param<B>,
@@ -23,6 +28,8 @@ pub struct BatchNorm2d<B: Backend> {
     eps: f32,
     /// The input and its batch statistics.
     cache: ForwardCache<(B::Tensor, BatchNormSaved<B::Tensor>)>,
+    /// The ranks whose batches a training pass normalises over; `None` normalises this process's batch.
+    synchronization: Option<BatchNormSync>,
 }
 
 impl<B: Backend> BatchNorm2d<B> {
@@ -48,6 +55,7 @@ impl<B: Backend> BatchNorm2d<B> {
             momentum: Self::DEFAULT_MOMENTUM,
             eps: Self::DEFAULT_EPS,
             cache: ForwardCache::new(),
+            synchronization: None,
         })
     }
 
@@ -96,6 +104,33 @@ impl<B: Backend> BatchNorm2d<B> {
     /// How many batches have updated the running statistics (PyTorch's `num_batches_tracked`).
     pub fn num_batches_tracked(&self) -> u64 {
         self.num_batches_tracked
+    }
+
+    /// Makes training passes ([`ForwardMode::Train`] and their backward passes) normalise over the
+    /// batches of `synchronization`'s ranks, or, with `None`, over this process's batch again.
+    /// Evaluation and BatchNorm recomputation are not affected.
+    pub fn set_synchronization(&mut self, synchronization: Option<BatchNormSync>) {
+        self.synchronization = synchronization;
+    }
+
+    /// Whether training passes normalise over several ranks' batches.
+    pub fn is_synchronized(&self) -> bool {
+        self.synchronization.is_some()
+    }
+
+    /// The backward pass of [`batch_norm_train`] in [`ForwardMode::Train`].
+    fn batch_norm_backward(
+        &self,
+        backend: &B,
+        x: &B::Tensor,
+        gamma: &B::Tensor,
+        saved: &BatchNormSaved<B::Tensor>,
+        dy: &B::Tensor,
+    ) -> BackendResult<BatchNormGrads<B::Tensor>> {
+        match &self.synchronization {
+            Some(sync) => sync.backward(backend, x, gamma, saved, dy),
+            None => backend.batch_norm_backward(x, gamma, saved, dy),
+        }
     }
 }
 
@@ -160,7 +195,9 @@ impl<B: Backend> BatchNorm2d<B> {
             ForwardMode::Train { .. } => self.momentum,
             ForwardMode::RecomputeBatchNorm { momentum, .. } => momentum,
         };
-        let (y, saved) = backend.batch_norm_train(
+        let (y, saved) = batch_norm_train(
+            self.synchronization.as_ref(),
+            backend,
             x,
             &self.weight.value,
             &self.bias.value,
@@ -168,9 +205,40 @@ impl<B: Backend> BatchNorm2d<B> {
             &mut self.running_var,
             momentum,
             self.eps,
+            mode,
         )?;
         self.num_batches_tracked += 1;
         Ok((y, Some(saved)))
+    }
+}
+
+/// Training-mode batch norm, over the ranks' batches when `synchronization` is given and `mode` is
+/// [`ForwardMode::Train`]; otherwise the backend's, unchanged.
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_train<B: Backend>(
+    synchronization: Option<&BatchNormSync>,
+    backend: &B,
+    x: &B::Tensor,
+    gamma: &B::Tensor,
+    beta: &B::Tensor,
+    running_mean: &mut B::Tensor,
+    running_var: &mut B::Tensor,
+    momentum: f32,
+    eps: f32,
+    mode: ForwardMode,
+) -> BackendResult<(B::Tensor, BatchNormSaved<B::Tensor>)> {
+    match (synchronization, mode) {
+        (Some(sync), ForwardMode::Train { .. }) => sync.train(
+            backend,
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+        ),
+        _ => backend.batch_norm_train(x, gamma, beta, running_mean, running_var, momentum, eps),
     }
 }
 
@@ -227,8 +295,18 @@ impl<B: Backend> BatchNorm2d<B> {
             ForwardMode::Train { .. } => self.momentum,
             ForwardMode::RecomputeBatchNorm { momentum, .. } => momentum,
         };
-        let (y, saved) =
-            backend.batch_norm_train(x, &gamma, &beta, &mut mean, &mut var, momentum, self.eps)?;
+        let (y, saved) = batch_norm_train(
+            self.synchronization.as_ref(),
+            backend,
+            x,
+            &gamma,
+            &beta,
+            &mut mean,
+            &mut var,
+            momentum,
+            self.eps,
+            mode,
+        )?;
         backend.narrow_assign_(&mut self.running_mean, 0, start, &mean)?;
         backend.narrow_assign_(&mut self.running_var, 0, start, &var)?;
         Ok((y, Some(saved)))
@@ -255,7 +333,7 @@ impl<B: Backend> BatchNorm2d<B> {
     ) -> BackendResult<B::Tensor> {
         let channels = x.dims().get(1).copied().unwrap_or(0);
         let gamma = channel_slice(backend, &self.weight.value, start, channels)?;
-        let grads = backend.batch_norm_backward(x, &gamma, saved, dy)?;
+        let grads = self.batch_norm_backward(backend, x, &gamma, saved, dy)?;
         accumulate_grad_slice(backend, &mut self.weight, 0, start, &grads.gamma)?;
         accumulate_grad_slice(backend, &mut self.bias, 0, start, &grads.beta)?;
         Ok(grads.input)
@@ -279,7 +357,7 @@ impl<B: Backend> Module<B> for BatchNorm2d<B> {
 
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
         let (x, saved) = self.cache.take("BatchNorm2d::backward")?;
-        let grads = backend.batch_norm_backward(&x, &self.weight.value, &saved, dy)?;
+        let grads = self.batch_norm_backward(backend, &x, &self.weight.value, &saved, dy)?;
         self.weight.accumulate_grad(backend, grads.gamma)?;
         self.bias.accumulate_grad(backend, grads.beta)?;
         Ok(grads.input)
@@ -306,5 +384,9 @@ impl<B: Backend> Module<B> for BatchNorm2d<B> {
 
     fn as_batch_norm(&self) -> Option<&BatchNorm2d<B>> {
         Some(self)
+    }
+
+    fn visit_batch_norms_mut(&mut self, f: &mut dyn FnMut(&mut BatchNorm2d<B>)) {
+        f(self);
     }
 }
