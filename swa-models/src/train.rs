@@ -38,11 +38,12 @@ use swa_core::swag::{SwagMoments, SwagState};
 use crate::batch::{until_error, BatchSource};
 use crate::checkpoint::{load_module, save_module, write_atomically, StateDict};
 use crate::distributed::{
-    broadcast_tensors, combine_metrics, rank_seed, update_bn_across_ranks, BatchNormMode,
-    Communicator, DataParallel, DistributedError, SingleProcess,
+    add_ensemble_member_across_ranks, broadcast_tensors, combine_metrics, evaluate_across_ranks,
+    rank_seed, update_bn_across_ranks, BatchNormMode, Communicator, DataParallel, DistributedError,
+    SingleProcess,
 };
 use crate::error::TrainError;
-use crate::evaluate::{evaluate, Ensemble, Metrics, MetricsAccumulator};
+use crate::evaluate::{Ensemble, Metrics, MetricsAccumulator};
 use crate::module::{parameter_count, Module};
 use crate::optim::{Sgd, SgdConfig, SgdState};
 use crate::step::sgd_step_synchronized;
@@ -722,7 +723,7 @@ impl<B: Backend> Trainer<B> {
             let backend = self.backend.clone();
             match self.swa_model(data)? {
                 Some(model) => Some(until_error(data.test(), |batches| {
-                    evaluate(&backend, model, batches)
+                    evaluate_across_ranks(communicator.as_ref(), &backend, model, batches)
                 })?),
                 None => None,
             }
@@ -781,7 +782,12 @@ impl<B: Backend> Trainer<B> {
     /// The current weights' metrics on the test set.
     fn evaluate_current(&mut self, data: &dyn BatchSource) -> Result<Metrics, TrainError> {
         until_error(data.test(), |batches| {
-            evaluate(&self.backend, self.model.as_mut(), batches)
+            evaluate_across_ranks(
+                self.communicator.as_ref(),
+                &self.backend,
+                self.model.as_mut(),
+                batches,
+            )
         })
     }
 
@@ -794,7 +800,13 @@ impl<B: Backend> Trainer<B> {
             SnapshotUse::EnsemblePredictions => {
                 let ensemble = self.ensemble.get_or_insert_with(Ensemble::new);
                 until_error(data.test(), |batches| {
-                    ensemble.add_member(&self.backend, self.model.as_mut(), batches)
+                    add_ensemble_member_across_ranks(
+                        self.communicator.as_ref(),
+                        ensemble,
+                        &self.backend,
+                        self.model.as_mut(),
+                        batches,
+                    )
                 })?;
             }
         }

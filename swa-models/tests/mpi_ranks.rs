@@ -4,9 +4,12 @@
 //! the ranks' shards equals one process's over all of them; an SWA run keeps the same average on both
 //! ranks and resumes from rank 0's checkpoint to the uninterrupted result; SWAP's averaged weights are the
 //! mean of the ranks' independently trained ones, with BatchNorm as one process computes it over all
-//! shards; a rank that is killed, panics or stalls ends the run with a message within a bounded time.
+//! shards; synchronised BatchNorm trains as one process on the global batch; evaluation, ensembles and
+//! survey points shared between the ranks equal one process's; three ranks with uneven shards train and
+//! recompute BatchNorm as one process; a rank that is killed, panics or stalls ends the run with a message
+//! within a bounded time.
 //!
-//! Each test starts `mpirun -np 2 --oversubscribe` on this test binary itself, running only
+//! Each test starts `mpirun -np 2 --oversubscribe` (one test `-np 3`) on this test binary itself, running only
 //! [`mpi_rank`], which reads its scenario from [`SCENARIO`]. `mpirun` must be on the PATH (Debian's
 //! `openmpi-bin`); without it the tests fail and say so.
 
@@ -26,7 +29,13 @@ use swa_models::batch::BatchResult;
 use swa_models::checkpoint::{save_module, StateDict, StoredTensor};
 use swa_models::distributed::mpi::{MpiCommunicator, PANIC_EXIT_CODE, STALLED_EXIT_CODE};
 use swa_models::distributed::{
-    shard, update_bn_across_ranks, BatchNormMode, Communicator, ShardedBatches,
+    add_ensemble_member_across_ranks, evaluate_across_ranks, shard, update_bn_across_ranks,
+    BatchNormMode, Communicator, ShardedBatches, SingleProcess,
+};
+use swa_models::evaluate::{Ensemble, Metrics};
+use swa_models::geometry::{
+    line, run_survey, run_survey_across_ranks, PointCache, PointMetrics, SurfaceData, SurfaceProbe,
+    WeightVector,
 };
 use swa_models::layers::{
     AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, Flatten, Linear, ReLU, Sequential,
@@ -239,6 +248,16 @@ fn mpi_rank() {
             assert_eq!(seen, STEPS_PER_EPOCH * GLOBAL_BATCH, "images of all ranks");
             save(model.as_ref(), "update_bn");
         }
+        "evaluation" => {
+            let shared = shared_evaluation(
+                communicator.as_ref(),
+                &backend,
+                Some(&out.join("survey.jsonl")),
+            );
+            let json = serde_json::to_string(&shared).expect("JSON");
+            std::fs::write(out.join(format!("evaluation-rank{rank}.json")), json)
+                .expect("writing the rank's results");
+        }
         "batch_norm_modes" => {
             for (mode, name) in [
                 (BatchNormMode::Synchronized, "sync_bn"),
@@ -370,6 +389,94 @@ fn mpi_rank() {
             panic!("rank {rank} finished a run that a rank should have ended");
         }
         other => panic!("unknown scenario {other}"),
+    }
+}
+
+/// The test set of the evaluation tests: five batches (three for rank 0 of two, two for rank 1), the
+/// last one smaller.
+fn evaluation_batches() -> Vec<HostBatch> {
+    let mut batches: Vec<HostBatch> = (0..4).map(|i| synthetic_batch(50 + i, 0)).collect();
+    batches.push(shard(&synthetic_batch(60, 0), 0, 2).expect("half a batch"));
+    batches
+}
+
+/// What [`shared_evaluation`] computes.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct SharedEvaluation {
+    /// A network's test metrics.
+    metrics: Metrics,
+    /// Each ensemble member's own metrics, then the ensemble's.
+    ensemble_metrics: Vec<Metrics>,
+    /// The ensemble's mean probabilities.
+    probabilities: Vec<f64>,
+    /// The metrics of a survey's points.
+    survey: Vec<PointMetrics>,
+}
+
+/// A test evaluation, an ensemble of two members and a survey of five points along a line, over
+/// `communicator`'s ranks (with [`SingleProcess`], as one process computes them); rank 0 caches the
+/// survey's points in `cache`.
+fn shared_evaluation(
+    communicator: &dyn Communicator,
+    backend: &CpuBackend,
+    cache: Option<&Path>,
+) -> SharedEvaluation {
+    let test = evaluation_batches();
+    let mut model = network(backend, true);
+    update_bn(backend, model.as_mut(), update_bn_shards(3, 0, 1), 0).expect("update_bn");
+    let metrics =
+        evaluate_across_ranks(communicator, backend, model.as_mut(), &test).expect("evaluation");
+
+    let mut ensemble = Ensemble::new();
+    let mut ensemble_metrics = Vec::new();
+    for epoch in [1, 2] {
+        update_bn(backend, model.as_mut(), update_bn_shards(epoch, 0, 1), 0).expect("update_bn");
+        ensemble_metrics.push(
+            add_ensemble_member_across_ranks(
+                communicator,
+                &mut ensemble,
+                backend,
+                model.as_mut(),
+                &test,
+            )
+            .expect("an ensemble member"),
+        );
+    }
+    ensemble_metrics.push(ensemble.metrics());
+
+    let probe = SurfaceProbe::new(backend.clone(), network(backend, true), 5e-4);
+    let start = probe
+        .layout()
+        .vector_from(backend, network(backend, true).as_ref())
+        .expect("weights");
+    let end = WeightVector(start.0.iter().map(|w| 0.5 * w + 0.01).collect());
+    let survey = line(&start, &end, &[-0.5, 0.0, 0.5, 1.0, 1.5]).expect("a line");
+    let train = update_bn_shards(4, 0, 1);
+    let data = SurfaceData {
+        train: &train[..2],
+        test: &test[..2],
+    };
+    let fingerprint = survey.fingerprint(&[]);
+    let mut cache = cache.map(|path| PointCache::open(path, &survey, fingerprint).expect("cache"));
+    let survey = if communicator.size() == 1 {
+        let mut cache = cache.expect("a cache for one process");
+        run_survey(&survey, data, vec![probe], &mut cache, |_, _| {})
+    } else {
+        run_survey_across_ranks(
+            communicator,
+            &survey,
+            data,
+            vec![probe],
+            cache.as_mut().filter(|_| communicator.rank() == 0),
+            |_, _| {},
+        )
+    }
+    .expect("the survey");
+    SharedEvaluation {
+        metrics,
+        ensemble_metrics,
+        probabilities: ensemble.probabilities().to_vec(),
+        survey,
     }
 }
 
@@ -629,6 +736,40 @@ fn three_ranks_with_uneven_shards_train_and_recompute_batch_norm_as_one_process(
         difference < 1e-6,
         "update_bn over 3 ranks differs by {difference}"
     );
+}
+
+#[test]
+fn evaluation_ensembles_and_surveys_shared_between_ranks_equal_one_process() {
+    let out = tempfile::tempdir().expect("temporary folder");
+    launch_ok("evaluation", out.path());
+    let read = |rank: usize| -> SharedEvaluation {
+        let path = out.path().join(format!("evaluation-rank{rank}.json"));
+        let text = std::fs::read_to_string(&path).expect("a rank's results");
+        serde_json::from_str(&text).expect("a rank's results")
+    };
+    let shared = read(0);
+    assert_eq!(shared, read(1), "both ranks hold the same results");
+
+    let backend = CpuBackend::with_threads(1);
+    let alone_dir = tempfile::tempdir().expect("temporary folder");
+    let alone = shared_evaluation(
+        &SingleProcess,
+        &backend,
+        Some(&alone_dir.path().join("survey.jsonl")),
+    );
+    assert_eq!(alone.metrics.count, 36, "every test image counted once");
+    assert_eq!(alone.survey.len(), 5);
+    assert!(
+        alone.ensemble_metrics[0] != alone.ensemble_metrics[1],
+        "the members predict differently"
+    );
+    // Exact: every image is evaluated by one rank, and the exchange adds zeros to its outcomes. JSON
+    // keeps f64 to the bit (serde_json's float_roundtrip).
+    assert_eq!(shared, alone, "2 ranks compute what one process computes");
+
+    // Rank 0 cached every point of the survey.
+    let cached = std::fs::read_to_string(out.path().join("survey.jsonl")).expect("rank 0's cache");
+    assert_eq!(cached.lines().count(), 1 + 5, "a header and five points");
 }
 
 #[test]

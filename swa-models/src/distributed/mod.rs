@@ -20,6 +20,11 @@
 //! ranks' statistics combined by their image counts: the result is what one process passing all the
 //! ranks' batches would compute.
 //!
+//! [`evaluate_across_ranks`] and [`add_ensemble_member_across_ranks`] (Fast Geometric Ensembling) share
+//! the test set between the ranks, batch by batch, and give every rank the metrics and ensemble
+//! probabilities one process computes, to the bit; the trainer evaluates through them.
+//! [`crate::geometry::run_survey_across_ranks`] shares a loss-surface survey's points.
+//!
 //! [`merge_averages_across_ranks`] averages the ranks' weights (or their own averages) by count into one
 //! held by every rank: the last phase of SWAP ([`crate::protocol::run_swap`]).
 //!
@@ -27,6 +32,7 @@
 //! `distributed::mpi::MpiCommunicator` is one over MPI (OpenMPI through the `mpi` crate), for runs started
 //! with `mpirun`.
 
+mod evaluation;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 
@@ -46,6 +52,8 @@ use crate::evaluate::MetricsAccumulator;
 use crate::layers::BatchNormSync;
 use crate::module::{read_tensors, write_tensors, Module};
 use crate::step::StepSync;
+
+pub use evaluation::{add_ensemble_member_across_ranks, evaluate_across_ranks};
 
 /// Why a collective operation between the ranks failed. Each names the rank that saw it and what it was
 /// doing.
@@ -485,7 +493,8 @@ pub fn combine_metrics(
 
 /// A [`BatchSource`] that gives each rank its shard of every training batch of `inner`: all ranks draw the
 /// same batches (the same seed, the same order) and rank `r` of `n` keeps the images from `r·b/n` to
-/// `(r+1)·b/n` of a batch of `b`. Test batches are not sharded: every rank evaluates the whole test set.
+/// `(r+1)·b/n` of a batch of `b`. Test batches are not sharded: every rank passes the whole test set,
+/// which [`evaluate_across_ranks`] and [`add_ensemble_member_across_ranks`] share out themselves.
 ///
 /// A training batch with fewer images than ranks is an error ([`TrainError::BadBatch`]) on every rank at
 /// once, rather than a rank without images.
