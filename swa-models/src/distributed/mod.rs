@@ -35,6 +35,7 @@
 mod evaluation;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod scaling;
 
 use std::borrow::Borrow;
 use std::sync::Arc;
