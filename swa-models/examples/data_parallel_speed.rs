@@ -6,10 +6,11 @@
 //! cargo build --release -p swa-models --features mpi --example data_parallel_speed
 //! mpirun -np 2 target/release/examples/data_parallel_speed 20 1   # 2 ranks × 1 thread
 //! mpirun -np 1 target/release/examples/data_parallel_speed 20 2   # 1 process × 2 threads
+//! mpirun -np 2 target/release/examples/data_parallel_speed 20 1 sync-bn   # synchronised BatchNorm
 //! ```
 //!
-//! The arguments are the timed steps (after two warm-up steps) and each rank's threads; rank 0 prints the
-//! images of all ranks per second.
+//! The arguments are the timed steps (after two warm-up steps), each rank's threads and, optionally,
+//! `sync-bn` for synchronised BatchNorm; rank 0 prints the images of all ranks per second.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use swa_core::CpuBackend;
 use swa_models::distributed::mpi::MpiCommunicator;
-use swa_models::distributed::{shard, Communicator, DataParallel};
+use swa_models::distributed::{shard, BatchNormMode, Communicator, DataParallel};
 use swa_models::evaluate::MetricsAccumulator;
 use swa_models::optim::{Sgd, SgdConfig};
 use swa_models::{sgd_step_synchronized, Architecture, HostBatch};
@@ -36,6 +37,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let steps: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(10);
     let threads: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
+    let batch_norm = match args.next().as_deref() {
+        None => BatchNormMode::PerRank,
+        Some("sync-bn") => BatchNormMode::Synchronized,
+        Some(other) => return Err(format!("unknown option {other:?}; expected sync-bn").into()),
+    };
 
     let communicator = Arc::new(MpiCommunicator::initialize(Duration::from_secs(300))?);
     let backend = CpuBackend::with_threads(threads);
@@ -53,7 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect(),
     };
     let batch = shard(&global, communicator.rank(), communicator.size())?;
-    let mut sync = DataParallel::new(communicator.as_ref());
+    let mut sync = DataParallel::new(communicator.clone()).with_batch_norm(batch_norm);
     let mut metrics = MetricsAccumulator::default();
     let mut started = Instant::now();
     let mut last_loss = f32::NAN;
@@ -77,8 +83,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let elapsed = started.elapsed().as_secs_f64();
     if communicator.rank() == 0 {
         println!(
-            "preresnet20 global batch {GLOBAL_BATCH}, {} ranks × {threads} threads, {steps} steps: \
-             {:.1} img/s ({:.1} ms/step); final loss {last_loss:.4}",
+            "preresnet20 global batch {GLOBAL_BATCH}, {} ranks × {threads} threads, BatchNorm \
+             {batch_norm:?}, {steps} steps: {:.1} img/s ({:.1} ms/step); final loss {last_loss:.4}",
             communicator.size(),
             (steps * GLOBAL_BATCH) as f64 / elapsed,
             elapsed * 1e3 / steps.max(1) as f64,

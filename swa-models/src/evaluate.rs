@@ -41,13 +41,22 @@ impl MetricsAccumulator {
     /// Adds a batch of log-probabilities `[n, classes]` (row-major) with its labels.
     pub fn add_log_probs(&mut self, log_probs: &[f64], classes: usize, labels: &[u32]) {
         for (row, &label) in log_probs.chunks_exact(classes).zip(labels) {
-            let label = label as usize;
-            self.loss_sum -= row.get(label).copied().unwrap_or(f64::NEG_INFINITY);
-            let predicted = argmax(row);
-            self.hits += usize::from(predicted == label);
-            self.top5_hits += usize::from(rank_of(row, label) < TOP_K);
-            self.count += 1;
+            self.add_outcome(image_outcome(row, label));
         }
+        self.note_classes(classes);
+    }
+
+    /// Adds one image's [`image_outcome`].
+    pub(crate) fn add_outcome(&mut self, [nll, hit, top5_hit]: [f64; 3]) {
+        // `+ nll` with `nll = −log p` is `− log p` to the bit.
+        self.loss_sum += nll;
+        self.hits += usize::from(hit > 0.0);
+        self.top5_hits += usize::from(top5_hit > 0.0);
+        self.count += 1;
+    }
+
+    /// Records that the images added come from `classes` classes (top-5 accuracy needs more than five).
+    pub(crate) fn note_classes(&mut self, classes: usize) {
         self.classes = self.classes.max(classes);
     }
 
@@ -83,6 +92,17 @@ impl MetricsAccumulator {
             count: self.count,
         }
     }
+}
+
+/// What one image adds to [`MetricsAccumulator`]: its negative log-likelihood, 1 when its most probable
+/// class is `label` (else 0), and 1 when `label` is among its five most probable classes; `row` holds its
+/// log-probabilities.
+pub(crate) fn image_outcome(row: &[f64], label: u32) -> [f64; 3] {
+    let label = label as usize;
+    let nll = -row.get(label).copied().unwrap_or(f64::NEG_INFINITY);
+    let hit = argmax(row) == label;
+    let top5_hit = rank_of(row, label) < TOP_K;
+    [nll, f64::from(u8::from(hit)), f64::from(u8::from(top5_hit))]
 }
 
 /// The `k` of top-k accuracy that ImageNet results report besides top-1.
@@ -230,19 +250,32 @@ impl Ensemble {
         I: IntoIterator,
         I::Item: Borrow<HostBatch>,
     {
-        let mut probs = Vec::new();
+        let mut log_probs = Vec::new();
         let mut labels = Vec::new();
         let mut classes = 0;
-        let mut own = MetricsAccumulator::default();
         for batch in batches {
             let batch = batch.borrow();
             let (logits, c) = predict_logits(backend, model, batch)?;
             classes = c;
-            let log_probs = log_softmax_rows(&logits, c);
-            own.add_log_probs(&log_probs, c, &batch.labels);
-            probs.extend(log_probs.iter().map(|v| v.exp()));
+            log_probs.extend(log_softmax_rows(&logits, c));
             labels.extend_from_slice(&batch.labels);
         }
+        self.add_member_log_probs(&log_probs, classes, labels)
+    }
+
+    /// Adds a member from its log-probabilities `[images, classes]` on the evaluation set, whose labels
+    /// are `labels`, and returns that member's own metrics.
+    pub(crate) fn add_member_log_probs(
+        &mut self,
+        log_probs: &[f64],
+        classes: usize,
+        labels: Vec<u32>,
+    ) -> Result<Metrics, TrainError> {
+        let mut own = MetricsAccumulator::default();
+        if classes > 0 {
+            own.add_log_probs(log_probs, classes, &labels);
+        }
+        let probs: Vec<f64> = log_probs.iter().map(|v| v.exp()).collect();
         if self.members == 0 {
             self.mean_probs = probs;
             self.images = labels.len();

@@ -16,8 +16,9 @@
 //!   an SWA run (moments collected by the trainer), and the accuracy, NLL, calibration error, reliability
 //!   diagrams and temperature scaling that compare it with SGD, SWA and FGE;
 //! - [`distributed`]: data-parallel training over several processes (MPI behind the feature `mpi`): the
-//!   ranks' shards of each batch, gradients all-reduced in the one training step, BatchNorm recomputed
-//!   over all ranks' data;
+//!   ranks' shards of each batch, gradients all-reduced in the one training step, BatchNorm per rank or
+//!   synchronised over the ranks, BatchNorm recomputed, evaluation and ensembles over all ranks' data,
+//!   and the scaling model;
 //! - [`geometry`]: the loss surface around trained weights (random rays, the SGD–SWA line, planes through
 //!   three points), the paper's flatness figures as numbers.
 //!

@@ -155,6 +155,10 @@ pub trait Module<B: Backend>: NamedTensors<B> + Send {
     /// Visits the BatchNorm batch counters mutably (to restore them from a checkpoint).
     fn visit_batch_counters_mut(&mut self, _f: &mut dyn FnMut(&str, &mut u64)) {}
 
+    /// Visits every BatchNorm layer, to configure it (as [`BatchNorm2d::set_synchronization`] does).
+    /// Containers pass the visit on to their children; a layer without BatchNorm has nothing to visit.
+    fn visit_batch_norms_mut(&mut self, _f: &mut dyn FnMut(&mut BatchNorm2d<B>)) {}
+
     /// This module as a convolution, so that a container can fold the BatchNorm that follows it into
     /// its weights for evaluation ([`Conv2d::fold_batch_norm`]); `None` for every other module.
     fn as_conv2d(&self) -> Option<&Conv2d<B>> {

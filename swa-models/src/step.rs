@@ -15,6 +15,7 @@ use swa_core::backend::Backend;
 use crate::batch::HostBatch;
 use crate::error::TrainError;
 use crate::evaluate::{log_softmax_rows, MetricsAccumulator};
+use crate::layers::BatchNormSync;
 use crate::module::{ForwardMode, Module};
 use crate::optim::Sgd;
 
@@ -33,6 +34,13 @@ pub trait StepSync<B: Backend> {
         model: &mut dyn Module<B>,
         images: usize,
     ) -> Result<(), TrainError>;
+
+    /// The ranks whose batches the step's BatchNorm layers normalise over, during its forward and backward
+    /// passes (synchronised BatchNorm, [`crate::layers::BatchNormSync`]); `None`, the default, normalises
+    /// each process's batch with its own statistics.
+    fn batch_norm_sync(&self) -> Option<BatchNormSync> {
+        None
+    }
 }
 
 /// The [`StepSync`] of a single process: its batch is the global batch, so nothing is exchanged.
@@ -86,6 +94,34 @@ pub fn sgd_step<B: Backend>(
 /// on all, and none back-propagates. `metrics` counts this process's images only.
 #[allow(clippy::too_many_arguments)]
 pub fn sgd_step_synchronized<B: Backend>(
+    backend: &B,
+    model: &mut dyn Module<B>,
+    optimizer: &mut Sgd<B>,
+    batch: &HostBatch,
+    lr: f32,
+    seed: u64,
+    metrics: &mut MetricsAccumulator,
+    sync: &mut dyn StepSync<B>,
+) -> Result<f32, TrainError> {
+    let Some(batch_norm_sync) = sync.batch_norm_sync() else {
+        return train_step(backend, model, optimizer, batch, lr, seed, metrics, sync);
+    };
+    // The layers are synchronised for this step only, so that evaluation and BatchNorm recomputation
+    // between steps, and any step taken without `sync`, see them as they were.
+    set_batch_norm_sync(model, Some(&batch_norm_sync));
+    let result = train_step(backend, model, optimizer, batch, lr, seed, metrics, sync);
+    set_batch_norm_sync(model, None);
+    result
+}
+
+/// Gives every BatchNorm layer of `model` `sync`, or takes it away with `None`.
+pub fn set_batch_norm_sync<B: Backend>(model: &mut dyn Module<B>, sync: Option<&BatchNormSync>) {
+    model.visit_batch_norms_mut(&mut |layer| layer.set_synchronization(sync.cloned()));
+}
+
+/// The body of [`sgd_step_synchronized`], with the model's BatchNorm layers as they are set.
+#[allow(clippy::too_many_arguments)]
+fn train_step<B: Backend>(
     backend: &B,
     model: &mut dyn Module<B>,
     optimizer: &mut Sgd<B>,

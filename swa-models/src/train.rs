@@ -38,11 +38,12 @@ use swa_core::swag::{SwagMoments, SwagState};
 use crate::batch::{until_error, BatchSource};
 use crate::checkpoint::{load_module, save_module, write_atomically, StateDict};
 use crate::distributed::{
-    broadcast_tensors, combine_metrics, rank_seed, update_bn_across_ranks, Communicator,
-    DataParallel, DistributedError, SingleProcess,
+    add_ensemble_member_across_ranks, broadcast_tensors, combine_metrics, evaluate_across_ranks,
+    rank_seed, update_bn_across_ranks, BatchNormMode, Communicator, DataParallel, DistributedError,
+    SingleProcess,
 };
 use crate::error::TrainError;
-use crate::evaluate::{evaluate, Ensemble, Metrics, MetricsAccumulator};
+use crate::evaluate::{Ensemble, Metrics, MetricsAccumulator};
 use crate::module::{parameter_count, Module};
 use crate::optim::{Sgd, SgdConfig, SgdState};
 use crate::step::sgd_step_synchronized;
@@ -285,6 +286,8 @@ pub struct Trainer<B: Backend> {
     kept_checkpoints: Vec<usize>,
     /// The ranks of a data-parallel run ([`SingleProcess`] by default).
     communicator: Arc<dyn Communicator>,
+    /// How BatchNorm normalises the training batches of a data-parallel run.
+    batch_norm: BatchNormMode,
 }
 
 impl<B: Backend> std::fmt::Debug for Trainer<B> {
@@ -379,6 +382,7 @@ impl<B: Backend> Trainer<B> {
             checkpoint_dir: None,
             kept_checkpoints: Vec::new(),
             communicator: Arc::new(SingleProcess),
+            batch_norm: BatchNormMode::PerRank,
         })
     }
 
@@ -408,6 +412,18 @@ impl<B: Backend> Trainer<B> {
         }
         self.communicator = communicator;
         Ok(())
+    }
+
+    /// Normalises the training batches of a data-parallel run as `mode` says (by default
+    /// [`BatchNormMode::PerRank`]); one process trains the same either way. Every rank must set the same
+    /// mode, and a resumed run should keep the mode it started with.
+    pub fn with_batch_norm_mode(&mut self, mode: BatchNormMode) {
+        self.batch_norm = mode;
+    }
+
+    /// How BatchNorm normalises the training batches of a data-parallel run.
+    pub fn batch_norm_mode(&self) -> BatchNormMode {
+        self.batch_norm
     }
 
     /// The communicator of the run's ranks.
@@ -639,7 +655,8 @@ impl<B: Backend> Trainer<B> {
         let mut iteration_tests = Vec::new();
         let mut test_seconds = 0.0;
         let communicator = Arc::clone(&self.communicator);
-        let mut data_parallel = DataParallel::new(communicator.as_ref());
+        let mut data_parallel =
+            DataParallel::new(Arc::clone(&communicator)).with_batch_norm(self.batch_norm);
         for (step, batch) in data.train_epoch(epoch).enumerate() {
             let batch = batch?;
             let lr = self.lr(epoch, step, steps);
@@ -706,7 +723,7 @@ impl<B: Backend> Trainer<B> {
             let backend = self.backend.clone();
             match self.swa_model(data)? {
                 Some(model) => Some(until_error(data.test(), |batches| {
-                    evaluate(&backend, model, batches)
+                    evaluate_across_ranks(communicator.as_ref(), &backend, model, batches)
                 })?),
                 None => None,
             }
@@ -765,7 +782,12 @@ impl<B: Backend> Trainer<B> {
     /// The current weights' metrics on the test set.
     fn evaluate_current(&mut self, data: &dyn BatchSource) -> Result<Metrics, TrainError> {
         until_error(data.test(), |batches| {
-            evaluate(&self.backend, self.model.as_mut(), batches)
+            evaluate_across_ranks(
+                self.communicator.as_ref(),
+                &self.backend,
+                self.model.as_mut(),
+                batches,
+            )
         })
     }
 
@@ -778,7 +800,13 @@ impl<B: Backend> Trainer<B> {
             SnapshotUse::EnsemblePredictions => {
                 let ensemble = self.ensemble.get_or_insert_with(Ensemble::new);
                 until_error(data.test(), |batches| {
-                    ensemble.add_member(&self.backend, self.model.as_mut(), batches)
+                    add_ensemble_member_across_ranks(
+                        self.communicator.as_ref(),
+                        ensemble,
+                        &self.backend,
+                        self.model.as_mut(),
+                        batches,
+                    )
                 })?;
             }
         }

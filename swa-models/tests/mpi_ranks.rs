@@ -4,9 +4,12 @@
 //! the ranks' shards equals one process's over all of them; an SWA run keeps the same average on both
 //! ranks and resumes from rank 0's checkpoint to the uninterrupted result; SWAP's averaged weights are the
 //! mean of the ranks' independently trained ones, with BatchNorm as one process computes it over all
-//! shards; a rank that is killed, panics or stalls ends the run with a message within a bounded time.
+//! shards; synchronised BatchNorm trains as one process on the global batch; evaluation, ensembles and
+//! survey points shared between the ranks equal one process's; three ranks with uneven shards train and
+//! recompute BatchNorm as one process; a rank that is killed, panics or stalls ends the run with a message
+//! within a bounded time.
 //!
-//! Each test starts `mpirun -np 2 --oversubscribe` on this test binary itself, running only
+//! Each test starts `mpirun -np 2 --oversubscribe` (one test `-np 3`) on this test binary itself, running only
 //! [`mpi_rank`], which reads its scenario from [`SCENARIO`]. `mpirun` must be on the PATH (Debian's
 //! `openmpi-bin`); without it the tests fail and say so.
 
@@ -25,7 +28,15 @@ use swa_core::CpuBackend;
 use swa_models::batch::BatchResult;
 use swa_models::checkpoint::{save_module, StateDict, StoredTensor};
 use swa_models::distributed::mpi::{MpiCommunicator, PANIC_EXIT_CODE, STALLED_EXIT_CODE};
-use swa_models::distributed::{shard, update_bn_across_ranks, Communicator, ShardedBatches};
+use swa_models::distributed::{
+    add_ensemble_member_across_ranks, evaluate_across_ranks, shard, update_bn_across_ranks,
+    BatchNormMode, Communicator, ShardedBatches, SingleProcess,
+};
+use swa_models::evaluate::{Ensemble, Metrics};
+use swa_models::geometry::{
+    line, run_survey, run_survey_across_ranks, PointCache, PointMetrics, SurfaceData, SurfaceProbe,
+    WeightVector,
+};
 use swa_models::layers::{
     AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, Flatten, Linear, ReLU, Sequential,
 };
@@ -40,9 +51,11 @@ use swa_models::{update_bn, Architecture, BatchSource, HostBatch, Module};
 const SCENARIO: &str = "SWA_MPI_SCENARIO";
 /// The environment variable that names the folder where ranks write their results.
 const OUT: &str = "SWA_MPI_OUT";
-/// The number of ranks every test starts.
+/// The environment variable that holds the number of ranks `mpirun` started.
+const RANKS_STARTED: &str = "SWA_MPI_RANKS";
+/// The number of ranks most tests start.
 const RANKS: usize = 2;
-/// Images per global batch, split 4 + 4.
+/// Images per global batch, split 4 + 4 over two ranks and 2 + 3 + 3 over three.
 const GLOBAL_BATCH: usize = 8;
 const STEPS_PER_EPOCH: usize = 3;
 const CLASSES: usize = 3;
@@ -112,18 +125,23 @@ impl BatchSource for RankData {
     }
 }
 
-/// Rank `rank`'s shards of an epoch's batches, on which BatchNorm is recomputed.
-fn update_bn_shards(epoch: usize, rank: usize) -> Vec<HostBatch> {
+/// Rank `rank` of `ranks`'s shards of an epoch's batches, on which BatchNorm is recomputed.
+fn update_bn_shards(epoch: usize, rank: usize, ranks: usize) -> Vec<HostBatch> {
     (0..STEPS_PER_EPOCH)
-        .map(|step| shard(&synthetic_batch(epoch, step), rank, RANKS).expect("shard"))
+        .map(|step| shard(&synthetic_batch(epoch, step), rank, ranks).expect("shard"))
         .collect()
 }
 
-/// What one process computes with `update_bn` over every rank's shards of `epoch`, one rank after the
-/// other.
-fn update_bn_alone(backend: &CpuBackend, model: &mut dyn Module<CpuBackend>, epoch: usize) {
-    let all_shards: Vec<HostBatch> = (0..RANKS)
-        .flat_map(|rank| update_bn_shards(epoch, rank))
+/// What one process computes with `update_bn` over every one of `ranks` ranks' shards of `epoch`, one
+/// rank after the other.
+fn update_bn_alone(
+    backend: &CpuBackend,
+    model: &mut dyn Module<CpuBackend>,
+    epoch: usize,
+    ranks: usize,
+) {
+    let all_shards: Vec<HostBatch> = (0..ranks)
+        .flat_map(|rank| update_bn_shards(epoch, rank, ranks))
         .collect();
     let seen = update_bn(backend, model, all_shards, 0).expect("update_bn");
     assert_eq!(seen, STEPS_PER_EPOCH * GLOBAL_BATCH);
@@ -193,7 +211,11 @@ fn mpi_rank() {
     };
     let communicator = Arc::new(MpiCommunicator::initialize(timeout).expect("MPI"));
     let rank = communicator.rank();
-    assert_eq!(communicator.size(), RANKS, "started with -np {RANKS}");
+    let ranks: usize = std::env::var(RANKS_STARTED)
+        .expect("the number of ranks")
+        .parse()
+        .expect("a number of ranks");
+    assert_eq!(communicator.size(), ranks, "started with -np {ranks}");
     let backend = CpuBackend::with_threads(1);
     let data = ShardedBatches::new(Synthetic, communicator.as_ref());
     let save = |model: &dyn Module<CpuBackend>, name: &str| {
@@ -219,11 +241,60 @@ fn mpi_rank() {
                 communicator.as_ref(),
                 &backend,
                 model.as_mut(),
-                update_bn_shards(5, rank),
+                update_bn_shards(5, rank, ranks),
                 0,
             )
             .expect("update_bn");
             assert_eq!(seen, STEPS_PER_EPOCH * GLOBAL_BATCH, "images of all ranks");
+            save(model.as_ref(), "update_bn");
+        }
+        "evaluation" => {
+            let shared = shared_evaluation(
+                communicator.as_ref(),
+                &backend,
+                Some(&out.join("survey.jsonl")),
+            );
+            let json = serde_json::to_string(&shared).expect("JSON");
+            std::fs::write(out.join(format!("evaluation-rank{rank}.json")), json)
+                .expect("writing the rank's results");
+        }
+        "batch_norm_modes" => {
+            for (mode, name) in [
+                (BatchNormMode::Synchronized, "sync_bn"),
+                (BatchNormMode::PerRank, "per_rank_bn"),
+            ] {
+                let mut trainer = trainer(&backend, run_config(2, false), true);
+                trainer
+                    .with_communicator(communicator.clone())
+                    .expect("communicator");
+                trainer.with_batch_norm_mode(mode);
+                trainer.run(&data, &mut Silent).expect("training");
+                save(trainer.model(), name);
+            }
+        }
+        "three_ranks" => {
+            let mut plain = trainer(&backend, run_config(2, false), false);
+            plain
+                .with_communicator(communicator.clone())
+                .expect("communicator");
+            plain.run(&data, &mut Silent).expect("training");
+            save(plain.model(), "sgd");
+            let mut synchronized = trainer(&backend, run_config(2, false), true);
+            synchronized
+                .with_communicator(communicator.clone())
+                .expect("communicator");
+            synchronized.with_batch_norm_mode(BatchNormMode::Synchronized);
+            synchronized.run(&data, &mut Silent).expect("training");
+            save(synchronized.model(), "sync_bn");
+            let mut model = network(&backend, true);
+            update_bn_across_ranks(
+                communicator.as_ref(),
+                &backend,
+                model.as_mut(),
+                update_bn_shards(5, rank, ranks),
+                0,
+            )
+            .expect("update_bn");
             save(model.as_ref(), "update_bn");
         }
         "swa" | "swa_interrupted" => {
@@ -321,6 +392,94 @@ fn mpi_rank() {
     }
 }
 
+/// The test set of the evaluation tests: five batches (three for rank 0 of two, two for rank 1), the
+/// last one smaller.
+fn evaluation_batches() -> Vec<HostBatch> {
+    let mut batches: Vec<HostBatch> = (0..4).map(|i| synthetic_batch(50 + i, 0)).collect();
+    batches.push(shard(&synthetic_batch(60, 0), 0, 2).expect("half a batch"));
+    batches
+}
+
+/// What [`shared_evaluation`] computes.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct SharedEvaluation {
+    /// A network's test metrics.
+    metrics: Metrics,
+    /// Each ensemble member's own metrics, then the ensemble's.
+    ensemble_metrics: Vec<Metrics>,
+    /// The ensemble's mean probabilities.
+    probabilities: Vec<f64>,
+    /// The metrics of a survey's points.
+    survey: Vec<PointMetrics>,
+}
+
+/// A test evaluation, an ensemble of two members and a survey of five points along a line, over
+/// `communicator`'s ranks (with [`SingleProcess`], as one process computes them); rank 0 caches the
+/// survey's points in `cache`.
+fn shared_evaluation(
+    communicator: &dyn Communicator,
+    backend: &CpuBackend,
+    cache: Option<&Path>,
+) -> SharedEvaluation {
+    let test = evaluation_batches();
+    let mut model = network(backend, true);
+    update_bn(backend, model.as_mut(), update_bn_shards(3, 0, 1), 0).expect("update_bn");
+    let metrics =
+        evaluate_across_ranks(communicator, backend, model.as_mut(), &test).expect("evaluation");
+
+    let mut ensemble = Ensemble::new();
+    let mut ensemble_metrics = Vec::new();
+    for epoch in [1, 2] {
+        update_bn(backend, model.as_mut(), update_bn_shards(epoch, 0, 1), 0).expect("update_bn");
+        ensemble_metrics.push(
+            add_ensemble_member_across_ranks(
+                communicator,
+                &mut ensemble,
+                backend,
+                model.as_mut(),
+                &test,
+            )
+            .expect("an ensemble member"),
+        );
+    }
+    ensemble_metrics.push(ensemble.metrics());
+
+    let probe = SurfaceProbe::new(backend.clone(), network(backend, true), 5e-4);
+    let start = probe
+        .layout()
+        .vector_from(backend, network(backend, true).as_ref())
+        .expect("weights");
+    let end = WeightVector(start.0.iter().map(|w| 0.5 * w + 0.01).collect());
+    let survey = line(&start, &end, &[-0.5, 0.0, 0.5, 1.0, 1.5]).expect("a line");
+    let train = update_bn_shards(4, 0, 1);
+    let data = SurfaceData {
+        train: &train[..2],
+        test: &test[..2],
+    };
+    let fingerprint = survey.fingerprint(&[]);
+    let mut cache = cache.map(|path| PointCache::open(path, &survey, fingerprint).expect("cache"));
+    let survey = if communicator.size() == 1 {
+        let mut cache = cache.expect("a cache for one process");
+        run_survey(&survey, data, vec![probe], &mut cache, |_, _| {})
+    } else {
+        run_survey_across_ranks(
+            communicator,
+            &survey,
+            data,
+            vec![probe],
+            cache.as_mut().filter(|_| communicator.rank() == 0),
+            |_, _| {},
+        )
+    }
+    .expect("the survey");
+    SharedEvaluation {
+        metrics,
+        ensemble_metrics,
+        probabilities: ensemble.probabilities().to_vec(),
+        survey,
+    }
+}
+
 /// What one `mpirun` did.
 struct Launch {
     success: bool,
@@ -331,12 +490,17 @@ struct Launch {
 
 /// Runs [`mpi_rank`] as [`RANKS`] ranks on `scenario`, results in `out`.
 fn launch(scenario: &str, out: &Path) -> Launch {
+    launch_ranks(scenario, out, RANKS)
+}
+
+/// Runs [`mpi_rank`] as `ranks` ranks on `scenario`, results in `out`.
+fn launch_ranks(scenario: &str, out: &Path, ranks: usize) -> Launch {
     let exe = std::env::current_exe().expect("the test binary");
     let log = out.join(format!("{scenario}.log"));
     let file = std::fs::File::create(&log).expect("log file");
     let started = Instant::now();
     let spawned = Command::new("mpirun")
-        .args(["-np", &RANKS.to_string(), "--oversubscribe"])
+        .args(["-np", &ranks.to_string(), "--oversubscribe"])
         .arg(&exe)
         .args([
             "--exact",
@@ -347,6 +511,7 @@ fn launch(scenario: &str, out: &Path) -> Launch {
         ])
         .env(SCENARIO, scenario)
         .env(OUT, out)
+        .env(RANKS_STARTED, ranks.to_string())
         // CI runs as root, which OpenMPI refuses without these.
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -384,7 +549,11 @@ fn launch(scenario: &str, out: &Path) -> Launch {
 }
 
 fn launch_ok(scenario: &str, out: &Path) {
-    let run = launch(scenario, out);
+    launch_ranks_ok(scenario, out, RANKS);
+}
+
+fn launch_ranks_ok(scenario: &str, out: &Path, ranks: usize) {
+    let run = launch_ranks(scenario, out, ranks);
     assert!(
         run.success,
         "mpirun {scenario} failed ({:?}):\n{}",
@@ -478,6 +647,131 @@ fn two_ranks_train_as_one_process_on_the_global_batch() {
     );
 }
 
+/// The weights and statistics one process reaches in [`run_config`]`(2, false)` on the global batches.
+fn trained_alone(backend: &CpuBackend, batch_norm: bool) -> Vec<(String, Vec<f32>)> {
+    let mut alone = trainer(backend, run_config(2, false), batch_norm);
+    alone.run(&Synthetic, &mut Silent).expect("training");
+    model_tensors(backend, alone.model())
+}
+
+#[test]
+fn synchronized_batch_norm_trains_two_ranks_as_one_process_on_the_global_batch() {
+    let out = tempfile::tempdir().expect("temporary folder");
+    launch_ok("batch_norm_modes", out.path());
+    let synchronized = tensors(&rank_file(out.path(), "sync_bn", 0));
+    assert_eq!(
+        synchronized,
+        tensors(&rank_file(out.path(), "sync_bn", 1)),
+        "both ranks hold the same weights and statistics"
+    );
+    let per_rank = tensors(&rank_file(out.path(), "per_rank_bn", 0));
+
+    let backend = CpuBackend::with_threads(1);
+    let expected = trained_alone(&backend, true);
+    let initial = model_tensors(&backend, network(&backend, true).as_ref());
+    assert!(
+        largest_difference(&expected, &initial) > 1e-2,
+        "the steps moved the weights"
+    );
+    // Six steps through a BatchNorm whose statistics are combined from the ranks' f32 means and
+    // variances in f64: a few units of f32 rounding per step, as without BatchNorm (measured 1.1e-7).
+    let difference = largest_difference(&synchronized, &expected);
+    eprintln!("synchronised BatchNorm over 2 ranks differs from 1 process by {difference:e}");
+    assert!(
+        difference < 1e-6,
+        "synchronised BatchNorm over 2 ranks differs from 1 process by {difference}"
+    );
+    // Normalising each half-batch on its own trains another network (measured 2e-2): the bound above
+    // tells the two apart.
+    let per_rank_difference = largest_difference(&per_rank, &expected);
+    eprintln!("BatchNorm per rank differs from 1 process by {per_rank_difference:e}");
+    assert!(
+        per_rank_difference > 1e-3,
+        "BatchNorm per rank differs from 1 process by only {per_rank_difference}"
+    );
+}
+
+#[test]
+fn three_ranks_with_uneven_shards_train_and_recompute_batch_norm_as_one_process() {
+    let out = tempfile::tempdir().expect("temporary folder");
+    // 8 images a batch: shards of 2, 3 and 3.
+    launch_ranks_ok("three_ranks", out.path(), 3);
+    let backend = CpuBackend::with_threads(1);
+    for name in ["sgd", "sync_bn", "update_bn"] {
+        let rank0 = tensors(&rank_file(out.path(), name, 0));
+        for rank in 1..3 {
+            assert_eq!(
+                rank0,
+                tensors(&rank_file(out.path(), name, rank)),
+                "{name}: rank {rank} holds rank 0's tensors"
+            );
+        }
+    }
+    let difference = largest_difference(
+        &tensors(&rank_file(out.path(), "sgd", 0)),
+        &trained_alone(&backend, false),
+    );
+    eprintln!("3 ranks without BatchNorm differ from 1 process by {difference:e}");
+    assert!(
+        difference < 1e-6,
+        "3 ranks differ from 1 process by {difference}"
+    );
+    let difference = largest_difference(
+        &tensors(&rank_file(out.path(), "sync_bn", 0)),
+        &trained_alone(&backend, true),
+    );
+    eprintln!("3 ranks with synchronised BatchNorm differ from 1 process by {difference:e}");
+    assert!(
+        difference < 1e-6,
+        "3 ranks with synchronised BatchNorm differ from 1 process by {difference}"
+    );
+    let mut model = network(&backend, true);
+    update_bn_alone(&backend, model.as_mut(), 5, 3);
+    let difference = largest_difference(
+        &tensors(&rank_file(out.path(), "update_bn", 0)),
+        &model_tensors(&backend, model.as_ref()),
+    );
+    eprintln!("update_bn over 3 ranks differs from 1 process by {difference:e}");
+    assert!(
+        difference < 1e-6,
+        "update_bn over 3 ranks differs by {difference}"
+    );
+}
+
+#[test]
+fn evaluation_ensembles_and_surveys_shared_between_ranks_equal_one_process() {
+    let out = tempfile::tempdir().expect("temporary folder");
+    launch_ok("evaluation", out.path());
+    let read = |rank: usize| -> SharedEvaluation {
+        let path = out.path().join(format!("evaluation-rank{rank}.json"));
+        let text = std::fs::read_to_string(&path).expect("a rank's results");
+        serde_json::from_str(&text).expect("a rank's results")
+    };
+    let shared = read(0);
+    assert_eq!(shared, read(1), "both ranks hold the same results");
+
+    let backend = CpuBackend::with_threads(1);
+    let alone_dir = tempfile::tempdir().expect("temporary folder");
+    let alone = shared_evaluation(
+        &SingleProcess,
+        &backend,
+        Some(&alone_dir.path().join("survey.jsonl")),
+    );
+    assert_eq!(alone.metrics.count, 36, "every test image counted once");
+    assert_eq!(alone.survey.len(), 5);
+    assert!(
+        alone.ensemble_metrics[0] != alone.ensemble_metrics[1],
+        "the members predict differently"
+    );
+    // Exact: every image is evaluated by one rank, and the exchange adds zeros to its outcomes. JSON
+    // keeps f64 to the bit (serde_json's float_roundtrip).
+    assert_eq!(shared, alone, "2 ranks compute what one process computes");
+
+    // Rank 0 cached every point of the survey.
+    let cached = std::fs::read_to_string(out.path().join("survey.jsonl")).expect("rank 0's cache");
+    assert_eq!(cached.lines().count(), 1 + 5, "a header and five points");
+}
+
 #[test]
 fn batch_norm_recomputed_over_ranks_equals_one_process_over_all_shards() {
     let out = tempfile::tempdir().expect("temporary folder");
@@ -492,7 +786,7 @@ fn batch_norm_recomputed_over_ranks_equals_one_process_over_all_shards() {
 
     let backend = CpuBackend::with_threads(1);
     let mut model = network(&backend, true);
-    update_bn_alone(&backend, model.as_mut(), 5);
+    update_bn_alone(&backend, model.as_mut(), 5, RANKS);
     let expected = model_tensors(&backend, model.as_ref());
     let running_mean = expected
         .iter()
@@ -614,7 +908,7 @@ fn swap_merges_the_ranks_weights_into_their_mean_with_batch_norm_over_all_shards
         &rank_file(out.path(), "swap_merged", 0),
     )
     .expect("the merged weights");
-    update_bn_alone(&backend, alone.as_mut(), 0);
+    update_bn_alone(&backend, alone.as_mut(), 0, RANKS);
     let difference = largest_difference(&merged, &model_tensors(&backend, alone.as_ref()));
     assert!(difference < 1e-6, "BatchNorm differs by {difference}");
 }

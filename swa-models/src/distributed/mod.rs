@@ -7,7 +7,9 @@
 //! all-reduces the gradients weighted by each rank's share of the batch, and broadcasts rank 0's
 //! BatchNorm running statistics; every rank then applies the same update to the same weights, so the
 //! weights, the SWA average and the evaluations stay identical on every rank without being exchanged.
-//! BatchNorm normalises each rank's shard with that shard's statistics, as in PyTorch's DDP.
+//! BatchNorm normalises each rank's shard with that shard's statistics, as in PyTorch's DDP, or, with
+//! [`BatchNormMode::Synchronized`] (PyTorch's `SyncBatchNorm`, [`crate::layers::BatchNormSync`]), with the
+//! statistics of the global batch, so that networks with BatchNorm too train as one process would.
 //!
 //! Sums over ranks are taken in rank order ([`Communicator::all_reduce_sum_f32`]), so a run gives the
 //! same result every time for a given number of ranks, and on every rank. Compared with one process
@@ -18,6 +20,11 @@
 //! ranks' statistics combined by their image counts: the result is what one process passing all the
 //! ranks' batches would compute.
 //!
+//! [`evaluate_across_ranks`] and [`add_ensemble_member_across_ranks`] (Fast Geometric Ensembling) share
+//! the test set between the ranks, batch by batch, and give every rank the metrics and ensemble
+//! probabilities one process computes, to the bit; the trainer evaluates through them.
+//! [`crate::geometry::run_survey_across_ranks`] shares a loss-surface survey's points.
+//!
 //! [`merge_averages_across_ranks`] averages the ranks' weights (or their own averages) by count into one
 //! held by every rank: the last phase of SWAP ([`crate::protocol::run_swap`]).
 //!
@@ -25,10 +32,13 @@
 //! `distributed::mpi::MpiCommunicator` is one over MPI (OpenMPI through the `mpi` crate), for runs started
 //! with `mpirun`.
 
+mod evaluation;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod scaling;
 
 use std::borrow::Borrow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use swa_core::averaging::{AverageState, WeightAverage, WeightAveraging};
@@ -40,8 +50,11 @@ use crate::batch::{BatchResult, BatchSource, HostBatch};
 use crate::bn::{has_batch_norm, update_bn};
 use crate::error::TrainError;
 use crate::evaluate::MetricsAccumulator;
+use crate::layers::BatchNormSync;
 use crate::module::{read_tensors, write_tensors, Module};
 use crate::step::StepSync;
+
+pub use evaluation::{add_ensemble_member_across_ranks, evaluate_across_ranks};
 
 /// Why a collective operation between the ranks failed. Each names the rank that saw it and what it was
 /// doing.
@@ -175,29 +188,63 @@ pub fn rank_seed(seed: u64, rank: usize) -> u64 {
     }
 }
 
+/// How the BatchNorm layers of a data-parallel run normalise a training batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BatchNormMode {
+    /// Each rank normalises its shard with the shard's statistics, and after each step every rank takes
+    /// rank 0's running statistics: PyTorch's `DistributedDataParallel` with `nn.BatchNorm2d`. The result
+    /// depends on how the global batch is split.
+    #[default]
+    PerRank,
+    /// Every rank normalises with the statistics of the global batch, and the backward pass is that of
+    /// one process normalising the global batch ([`crate::layers::BatchNormSync`], PyTorch's
+    /// `SyncBatchNorm`): the ranks train as one process on the global batch, at the cost of two small
+    /// all-reduces per BatchNorm layer and step.
+    Synchronized,
+}
+
 /// The [`StepSync`] of data-parallel training over `communicator`: the global loss, the gradients
-/// averaged over the global batch, and rank 0's BatchNorm running statistics on every rank. With one rank
-/// it exchanges nothing and changes nothing.
-pub struct DataParallel<'a> {
-    communicator: &'a dyn Communicator,
+/// averaged over the global batch, and BatchNorm as [`BatchNormMode`] says (by default rank 0's running
+/// statistics on every rank). With one rank it exchanges nothing and changes nothing.
+pub struct DataParallel {
+    communicator: Arc<dyn Communicator>,
+    batch_norm: BatchNormMode,
     /// The images of the global batch, known from [`StepSync::reduce_loss`].
     global_images: usize,
     /// The gradients of the step, flattened for the all-reduce (kept to reuse its allocation).
     buffer: Vec<f32>,
 }
 
-impl<'a> DataParallel<'a> {
-    /// Steps synchronised over `communicator`.
-    pub fn new(communicator: &'a dyn Communicator) -> Self {
+impl DataParallel {
+    /// Steps synchronised over `communicator`, BatchNorm per rank.
+    pub fn new(communicator: Arc<dyn Communicator>) -> Self {
         Self {
             communicator,
+            batch_norm: BatchNormMode::PerRank,
             global_images: 0,
             buffer: Vec::new(),
         }
     }
+
+    /// The same steps with BatchNorm as `mode` says.
+    pub fn with_batch_norm(mut self, mode: BatchNormMode) -> Self {
+        self.batch_norm = mode;
+        self
+    }
+
+    /// The same steps with synchronised BatchNorm ([`BatchNormMode::Synchronized`]).
+    pub fn with_synchronized_batch_norm(self) -> Self {
+        self.with_batch_norm(BatchNormMode::Synchronized)
+    }
 }
 
-impl<B: Backend> StepSync<B> for DataParallel<'_> {
+impl<B: Backend> StepSync<B> for DataParallel {
+    fn batch_norm_sync(&self) -> Option<BatchNormSync> {
+        // One rank's batch is the global batch: its own statistics are the global ones.
+        (self.batch_norm == BatchNormMode::Synchronized && self.communicator.size() > 1)
+            .then(|| BatchNormSync::new(Arc::clone(&self.communicator)))
+    }
+
     fn reduce_loss(&mut self, loss: f32, images: usize) -> Result<f32, TrainError> {
         if self.communicator.size() == 1 {
             self.global_images = images;
@@ -266,10 +313,14 @@ impl<B: Backend> StepSync<B> for DataParallel<'_> {
         if let Some(failure) = failure {
             return Err(failure);
         }
+        if self.batch_norm == BatchNormMode::Synchronized {
+            // Every rank moved its running statistics by the same global ones: they agree already.
+            return Ok(());
+        }
         // PyTorch's DDP gives every rank rank 0's buffers; they only serve evaluation and checkpoints, but
         // those must not depend on the rank.
         broadcast_tensors(
-            self.communicator,
+            self.communicator.as_ref(),
             backend,
             model,
             TensorRole::BatchNormStatistic,
@@ -443,7 +494,8 @@ pub fn combine_metrics(
 
 /// A [`BatchSource`] that gives each rank its shard of every training batch of `inner`: all ranks draw the
 /// same batches (the same seed, the same order) and rank `r` of `n` keeps the images from `r·b/n` to
-/// `(r+1)·b/n` of a batch of `b`. Test batches are not sharded: every rank evaluates the whole test set.
+/// `(r+1)·b/n` of a batch of `b`. Test batches are not sharded: every rank passes the whole test set,
+/// which [`evaluate_across_ranks`] and [`add_ensemble_member_across_ranks`] share out themselves.
 ///
 /// A training batch with fewer images than ranks is an error ([`TrainError::BadBatch`]) on every rank at
 /// once, rather than a rank without images.

@@ -17,7 +17,8 @@
 //!
 //! [`run_survey`] evaluates a survey's points in parallel, one probe per worker, and caches every finished
 //! point ([`PointCache`]), so that a killed survey resumes where it stopped; points are pure functions of
-//! their coordinates, so the resumed survey equals an uninterrupted one. [`RayWidth`] turns rays into a
+//! their coordinates, so the resumed survey equals an uninterrupted one. [`run_survey_across_ranks`]
+//! shares the points out between the ranks of an MPI run, with the same results. [`RayWidth`] turns rays into a
 //! number: how far a solution's loss stays within a threshold of its value at the solution. [`SeedRuns`]
 //! finds the weights of the figures in a seed's run folder.
 //!
@@ -71,7 +72,7 @@ pub use flatness::{first_rise, RayWidth};
 pub use plane::{covering_grid, Plane, Projection};
 pub use probe::{Metric, PointMetrics, SurfaceData, SurfaceProbe};
 pub use runs::{RunFolder, SeedRuns, WeightsFile};
-pub use survey::{run_survey, PointCache, Survey, SurveyPoint};
+pub use survey::{run_survey, run_survey_across_ranks, PointCache, Survey, SurveyPoint};
 pub use vector::{ParameterLayout, WeightVector};
 
 use crate::error::TrainError;

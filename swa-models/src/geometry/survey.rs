@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use swa_core::backend::Backend;
 use swa_core::seed::{fold_words, splitmix64_mix};
 
+use crate::distributed::Communicator;
 use crate::error::TrainError;
 use crate::geometry::probe::{PointMetrics, SurfaceData, SurfaceProbe};
 use crate::geometry::vector::WeightVector;
@@ -309,4 +310,196 @@ pub fn run_survey<B: Backend + Send>(
             })
         })
         .collect()
+}
+
+/// The values of a [`PointMetrics`] in a row of a results table, then a status: 0 not evaluated, 1 done,
+/// `r + 2` failed on rank `r`.
+const ROW: usize = 7;
+
+fn metrics_row(metrics: &PointMetrics) -> [f64; ROW - 1] {
+    [
+        metrics.train_loss,
+        metrics.train_nll,
+        metrics.l2_term,
+        metrics.train_error,
+        metrics.test_loss,
+        metrics.test_error,
+    ]
+}
+
+fn row_metrics(row: &[f64]) -> PointMetrics {
+    PointMetrics {
+        train_loss: row[0],
+        train_nll: row[1],
+        l2_term: row[2],
+        train_error: row[3],
+        test_loss: row[4],
+        test_error: row[5],
+    }
+}
+
+/// [`run_survey`] with the points shared between the ranks of an MPI run: each rank evaluates its share of
+/// the points with its own probes (round-robin, one point per probe and round, so that ranks with more
+/// probes take more points), and after every round the ranks exchange the round's metrics, so that every
+/// rank returns every point's metrics, identical to one process's (a point's metrics depend only on its
+/// coordinates, and the exchange adds zeros, which is exact). `on_point` sees each newly finished point,
+/// on every rank.
+///
+/// Only rank 0's `cache` is read and written: its finished points are not evaluated again, and each
+/// round's points are recorded in it as they come, so that a killed survey resumes as [`run_survey`]'s
+/// does. Other ranks pass `None`.
+///
+/// Every rank must call it with the same survey and data. A rank without probes, ranks with different
+/// surveys, or a point that fails on one rank end the survey on every rank with an error, none waiting
+/// for another.
+pub fn run_survey_across_ranks<B: Backend + Send>(
+    communicator: &dyn Communicator,
+    survey: &Survey,
+    data: SurfaceData<'_>,
+    mut probes: Vec<SurfaceProbe<B>>,
+    cache: Option<&mut PointCache>,
+    mut on_point: impl FnMut(usize, &PointMetrics),
+) -> Result<Vec<PointMetrics>, GeometryError> {
+    let (rank, ranks) = (communicator.rank(), communicator.size());
+    let points = survey.points.len();
+    let len = survey.anchors.first().map_or(0, WeightVector::len);
+    if let Some(probe) = probes.first() {
+        if probe.layout().len() != len {
+            return Err(GeometryError::Train(TrainError::StateMismatch(format!(
+                "the survey's points have {len} coordinates, the network {} parameters",
+                probe.layout().len()
+            ))));
+        }
+    }
+    // Every rank's probe count, and the sums of the point and coordinate counts, which must be the same
+    // on every rank.
+    let mut facts = vec![0.0f64; ranks + 2];
+    facts[rank] = probes.len() as f64;
+    facts[ranks] = points as f64;
+    facts[ranks + 1] = len as f64;
+    communicator
+        .all_reduce_sum_f64("the survey's sizes all-reduce", &mut facts)
+        .map_err(TrainError::from)?;
+    if facts[ranks] != (points * ranks) as f64 || facts[ranks + 1] != (len * ranks) as f64 {
+        return Err(GeometryError::InvalidSetting(format!(
+            "rank {rank} of {ranks} surveys {points} points of {len} coordinates, not the same survey as \
+             every rank ({} points, {} coordinates in all)",
+            facts[ranks],
+            facts[ranks + 1]
+        )));
+    }
+    let workers: Vec<usize> = facts[..ranks].iter().map(|&n| n as usize).collect();
+    if let Some(idle) = workers.iter().position(|&n| n == 0) {
+        return Err(GeometryError::InvalidSetting(format!(
+            "rank {idle} of {ranks} has no probe; every rank needs at least one to share the survey"
+        )));
+    }
+
+    // Rank 0's cached points, for every rank.
+    let mut table = vec![0.0f64; points * ROW];
+    if rank == 0 {
+        if let Some(cache) = &cache {
+            for (index, done) in cache.results().iter().enumerate() {
+                if let (Some(metrics), Some(row)) = (done, table.chunks_exact_mut(ROW).nth(index)) {
+                    row[..ROW - 1].copy_from_slice(&metrics_row(metrics));
+                    row[ROW - 1] = 1.0;
+                }
+            }
+        }
+    }
+    communicator
+        .all_reduce_sum_f64("the survey's cached points all-reduce", &mut table)
+        .map_err(TrainError::from)?;
+    let pending: Vec<usize> = (0..points)
+        .filter(|&i| table[i * ROW + ROW - 1] == 0.0)
+        .collect();
+
+    // The owner of each slot of a round: ranks in turn, each as many times as it has probes.
+    let most = workers.iter().copied().max().unwrap_or(0);
+    let workers = &workers;
+    let owners: Vec<usize> = (0..most)
+        .flat_map(|turn| (0..ranks).filter(move |&r| turn < workers[r]))
+        .collect();
+    let mut cache = if rank == 0 { cache } else { None };
+    let mut own_failure: Option<GeometryError> = None;
+    let mut failed_elsewhere: Option<(usize, usize)> = None;
+    for round in pending.chunks(owners.len()) {
+        let mine: Vec<(usize, usize)> = round
+            .iter()
+            .enumerate()
+            .filter(|&(slot, _)| owners[slot] == rank)
+            .map(|(slot, &index)| (slot, index))
+            .collect();
+        let results = evaluate_points(survey, data, &mut probes, &mine);
+        let mut exchanged = vec![0.0f64; round.len() * ROW];
+        for ((slot, _), result) in mine.iter().zip(results) {
+            let row = &mut exchanged[slot * ROW..(slot + 1) * ROW];
+            match result {
+                Ok(metrics) => {
+                    row[..ROW - 1].copy_from_slice(&metrics_row(&metrics));
+                    row[ROW - 1] = 1.0;
+                }
+                Err(e) => {
+                    row[ROW - 1] = (rank + 2) as f64;
+                    own_failure.get_or_insert(e.into());
+                }
+            }
+        }
+        communicator
+            .all_reduce_sum_f64("the survey round's metrics all-reduce", &mut exchanged)
+            .map_err(TrainError::from)?;
+        for (&index, row) in round.iter().zip(exchanged.chunks_exact(ROW)) {
+            let status = row[ROW - 1];
+            if status != 1.0 {
+                failed_elsewhere.get_or_insert((index, (status as usize).saturating_sub(2)));
+                continue;
+            }
+            let metrics = row_metrics(row);
+            table[index * ROW..(index + 1) * ROW].copy_from_slice(row);
+            if let Some(cache) = cache.as_deref_mut() {
+                cache.record(index, metrics)?;
+            }
+            on_point(index, &metrics);
+        }
+        if own_failure.is_some() || failed_elsewhere.is_some() {
+            break;
+        }
+    }
+    if let Some(e) = own_failure {
+        return Err(e);
+    }
+    if let Some((point, failed_rank)) = failed_elsewhere {
+        return Err(GeometryError::InvalidSetting(format!(
+            "point {point} of {} failed on rank {failed_rank}, which reports why; rank {rank} stops \
+             with it",
+            survey.name
+        )));
+    }
+    Ok(table.chunks_exact(ROW).map(row_metrics).collect())
+}
+
+/// Evaluates the points `(slot, index)` of `indices`, at most one per probe, each on a thread of its own.
+fn evaluate_points<B: Backend + Send>(
+    survey: &Survey,
+    data: SurfaceData<'_>,
+    probes: &mut [SurfaceProbe<B>],
+    indices: &[(usize, usize)],
+) -> Vec<Result<PointMetrics, TrainError>> {
+    std::thread::scope(|scope| {
+        let running: Vec<_> = probes
+            .iter_mut()
+            .zip(indices)
+            .map(|(probe, &(_, index))| {
+                scope.spawn(move || probe.evaluate(&survey.point(index), data))
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|thread| {
+                thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
 }

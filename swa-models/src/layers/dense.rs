@@ -219,6 +219,11 @@ impl<B: Backend> DenseLayer<B> {
             .visit_batch_counters_mut(&mut |n, c| f(&child_name("norm1", n), c));
         self.tail.visit_batch_counters_mut(f);
     }
+
+    fn visit_batch_norms_mut(&mut self, f: &mut dyn FnMut(&mut BatchNorm2d<B>)) {
+        f(&mut self.norm1);
+        self.tail.visit_batch_norms_mut(f);
+    }
 }
 
 /// The channel count of an `[N, C, H, W]` tensor (0 for tensors of lower rank, which the operations
@@ -400,6 +405,12 @@ impl<B: Backend> Module<B> for DenseBlock<B> {
         for (index, layer) in self.layers.iter_mut().enumerate() {
             let prefix = layer_name(index);
             layer.visit_batch_counters_mut(&mut |n, c| f(&child_name(&prefix, n), c));
+        }
+    }
+
+    fn visit_batch_norms_mut(&mut self, f: &mut dyn FnMut(&mut BatchNorm2d<B>)) {
+        for layer in &mut self.layers {
+            layer.visit_batch_norms_mut(f);
         }
     }
 }

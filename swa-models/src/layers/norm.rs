@@ -1,8 +1,11 @@
 //! Batch normalisation over `N, H, W` per channel.
 
-use swa_core::backend::{Backend, BackendError, BackendResult, BatchNormSaved, HasShape};
+use swa_core::backend::{
+    Backend, BackendError, BackendResult, BatchNormGrads, BatchNormSaved, HasShape,
+};
 use swa_core::params::{NamedTensors, TensorRole};
 
+use super::norm_sync::BatchNormSync;
 use super::ForwardCache;
 use crate::module::{ForwardInput, ForwardMode, Module, Param};
 
@@ -11,7 +14,9 @@ use crate::module::{ForwardInput, ForwardMode, Module, Param};
 /// counter, visited through [`Module::visit_batch_counters`].
 ///
 /// Training uses the batch statistics and moves the running ones by `momentum` (PyTorch's convention: the
-/// weight of the new batch, 0.1 by default); evaluation uses the running statistics.
+/// weight of the new batch, 0.1 by default); evaluation uses the running statistics. A layer given a
+/// [`BatchNormSync`] ([`BatchNorm2d::set_synchronization`]) takes the statistics of its training passes
+/// over all ranks' batches of a data-parallel run, as PyTorch's `SyncBatchNorm`.
 #[derive(Debug)]
 pub struct BatchNorm2d<B: Backend> {
     weight: Param<B>,
@@ -24,6 +29,8 @@ pub struct BatchNorm2d<B: Backend> {
     /// The input, its batch statistics, and whether a ReLU fused into the pass followed the
     /// normalisation ([`BatchNorm2d::forward_relu`]).
     cache: ForwardCache<(B::Tensor, BatchNormSaved<B::Tensor>, bool)>,
+    /// The ranks whose batches a training pass normalises over; `None` normalises this process's batch.
+    synchronization: Option<BatchNormSync>,
 }
 
 impl<B: Backend> BatchNorm2d<B> {
@@ -49,6 +56,7 @@ impl<B: Backend> BatchNorm2d<B> {
             momentum: Self::DEFAULT_MOMENTUM,
             eps: Self::DEFAULT_EPS,
             cache: ForwardCache::new(),
+            synchronization: None,
         })
     }
 
@@ -97,6 +105,33 @@ impl<B: Backend> BatchNorm2d<B> {
     /// How many batches have updated the running statistics (PyTorch's `num_batches_tracked`).
     pub fn num_batches_tracked(&self) -> u64 {
         self.num_batches_tracked
+    }
+
+    /// Makes training passes ([`ForwardMode::Train`] and their backward passes) normalise over the
+    /// batches of `synchronization`'s ranks, or, with `None`, over this process's batch again.
+    /// Evaluation and BatchNorm recomputation are not affected.
+    pub fn set_synchronization(&mut self, synchronization: Option<BatchNormSync>) {
+        self.synchronization = synchronization;
+    }
+
+    /// Whether training passes normalise over several ranks' batches.
+    pub fn is_synchronized(&self) -> bool {
+        self.synchronization.is_some()
+    }
+
+    /// The backward pass of [`batch_norm_train`] in [`ForwardMode::Train`].
+    fn batch_norm_backward(
+        &self,
+        backend: &B,
+        x: &B::Tensor,
+        gamma: &B::Tensor,
+        saved: &BatchNormSaved<B::Tensor>,
+        dy: &B::Tensor,
+    ) -> BackendResult<BatchNormGrads<B::Tensor>> {
+        match &self.synchronization {
+            Some(sync) => sync.backward(backend, x, gamma, saved, dy),
+            None => backend.batch_norm_backward(x, gamma, saved, dy),
+        }
     }
 }
 
@@ -161,7 +196,9 @@ impl<B: Backend> BatchNorm2d<B> {
             ForwardMode::Train { .. } => self.momentum,
             ForwardMode::RecomputeBatchNorm { momentum, .. } => momentum,
         };
-        let (y, saved) = backend.batch_norm_train(
+        let (y, saved) = batch_norm_train(
+            self.synchronization.as_ref(),
+            backend,
             x,
             &self.weight.value,
             &self.bias.value,
@@ -169,6 +206,7 @@ impl<B: Backend> BatchNorm2d<B> {
             &mut self.running_var,
             momentum,
             self.eps,
+            mode,
         )?;
         self.num_batches_tracked += 1;
         Ok((y, Some(saved)))
@@ -188,6 +226,14 @@ impl<B: Backend> BatchNorm2d<B> {
         x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
+        if self.synchronization.is_some() && matches!(mode, ForwardMode::Train { .. }) {
+            return Err(BackendError::InvalidArgument {
+                op: "BatchNorm2d::forward_relu",
+                message:
+                    "synchronised BatchNorm runs the BatchNorm and its ReLU as separate layers"
+                        .into(),
+            });
+        }
         let momentum = match mode {
             ForwardMode::Eval => {
                 let y = self.forward_input(backend, x, mode)?;
@@ -209,6 +255,36 @@ impl<B: Backend> BatchNorm2d<B> {
         self.cache
             .try_keep_with(mode, || Ok((x.into_owned(backend)?, saved, true)))?;
         Ok(z)
+    }
+}
+
+/// Training-mode batch norm, over the ranks' batches when `synchronization` is given and `mode` is
+/// [`ForwardMode::Train`]; otherwise the backend's, unchanged.
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_train<B: Backend>(
+    synchronization: Option<&BatchNormSync>,
+    backend: &B,
+    x: &B::Tensor,
+    gamma: &B::Tensor,
+    beta: &B::Tensor,
+    running_mean: &mut B::Tensor,
+    running_var: &mut B::Tensor,
+    momentum: f32,
+    eps: f32,
+    mode: ForwardMode,
+) -> BackendResult<(B::Tensor, BatchNormSaved<B::Tensor>)> {
+    match (synchronization, mode) {
+        (Some(sync), ForwardMode::Train { .. }) => sync.train(
+            backend,
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+        ),
+        _ => backend.batch_norm_train(x, gamma, beta, running_mean, running_var, momentum, eps),
     }
 }
 
@@ -265,8 +341,18 @@ impl<B: Backend> BatchNorm2d<B> {
             ForwardMode::Train { .. } => self.momentum,
             ForwardMode::RecomputeBatchNorm { momentum, .. } => momentum,
         };
-        let (y, saved) =
-            backend.batch_norm_train(x, &gamma, &beta, &mut mean, &mut var, momentum, self.eps)?;
+        let (y, saved) = batch_norm_train(
+            self.synchronization.as_ref(),
+            backend,
+            x,
+            &gamma,
+            &beta,
+            &mut mean,
+            &mut var,
+            momentum,
+            self.eps,
+            mode,
+        )?;
         backend.narrow_assign_(&mut self.running_mean, 0, start, &mean)?;
         backend.narrow_assign_(&mut self.running_var, 0, start, &var)?;
         Ok((y, Some(saved)))
@@ -293,7 +379,7 @@ impl<B: Backend> BatchNorm2d<B> {
     ) -> BackendResult<B::Tensor> {
         let channels = x.dims().get(1).copied().unwrap_or(0);
         let gamma = channel_slice(backend, &self.weight.value, start, channels)?;
-        let grads = backend.batch_norm_backward(x, &gamma, saved, dy)?;
+        let grads = self.batch_norm_backward(backend, x, &gamma, saved, dy)?;
         accumulate_grad_slice(backend, &mut self.weight, 0, start, &grads.gamma)?;
         accumulate_grad_slice(backend, &mut self.bias, 0, start, &grads.beta)?;
         Ok(grads.input)
@@ -328,7 +414,7 @@ impl<B: Backend> Module<B> for BatchNorm2d<B> {
                 dy,
             )?
         } else {
-            backend.batch_norm_backward(&x, &self.weight.value, &saved, dy)?
+            self.batch_norm_backward(backend, &x, &self.weight.value, &saved, dy)?
         };
         self.weight.accumulate_grad(backend, grads.gamma)?;
         self.bias.accumulate_grad(backend, grads.beta)?;
@@ -360,5 +446,9 @@ impl<B: Backend> Module<B> for BatchNorm2d<B> {
 
     fn as_batch_norm_mut(&mut self) -> Option<&mut BatchNorm2d<B>> {
         Some(self)
+    }
+
+    fn visit_batch_norms_mut(&mut self, f: &mut dyn FnMut(&mut BatchNorm2d<B>)) {
+        f(self);
     }
 }

@@ -315,4 +315,11 @@ impl<B: Backend> Module<B> for Residual<B> {
             shortcut.visit_batch_counters_mut(&mut |n, c| f(&child_name(name, n), c));
         }
     }
+
+    fn visit_batch_norms_mut(&mut self, f: &mut dyn FnMut(&mut BatchNorm2d<B>)) {
+        self.main.visit_batch_norms_mut(f);
+        if let Some((_, shortcut)) = &mut self.shortcut {
+            shortcut.visit_batch_norms_mut(f);
+        }
+    }
 }

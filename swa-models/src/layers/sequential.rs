@@ -3,7 +3,7 @@
 use swa_core::backend::{Backend, BackendResult};
 use swa_core::params::{NamedTensors, TensorRole};
 
-use super::Conv2d;
+use super::{BatchNorm2d, Conv2d};
 use crate::module::{child_name, ForwardInput, ForwardMode, Module, Param};
 
 /// Children run one after the other, PyTorch's `nn.Sequential`: a child's tensors are named
@@ -99,9 +99,13 @@ impl<B: Backend> Sequential<B> {
 
 impl<B: Backend> Sequential<B> {
     /// Whether the child at `index` is a BatchNorm directly followed by a ReLU, which training runs as
-    /// one fused pass ([`BatchNorm2d::forward_relu`](super::BatchNorm2d::forward_relu)).
+    /// one fused pass ([`BatchNorm2d::forward_relu`](super::BatchNorm2d::forward_relu)). A BatchNorm
+    /// synchronised over ranks normalises through its own collectives, and runs alone.
     fn relu_fused_after(&self, index: usize) -> bool {
-        self.children[index].1.as_batch_norm().is_some()
+        self.children[index]
+            .1
+            .as_batch_norm()
+            .is_some_and(|norm| !norm.is_synchronized())
             && self
                 .children
                 .get(index + 1)
@@ -269,6 +273,12 @@ impl<B: Backend> Module<B> for Sequential<B> {
     fn visit_batch_counters_mut(&mut self, f: &mut dyn FnMut(&str, &mut u64)) {
         for (name, child) in &mut self.children {
             child.visit_batch_counters_mut(&mut |n, c| f(&child_name(name, n), c));
+        }
+    }
+
+    fn visit_batch_norms_mut(&mut self, f: &mut dyn FnMut(&mut BatchNorm2d<B>)) {
+        for (_, child) in &mut self.children {
+            child.visit_batch_norms_mut(f);
         }
     }
 }

@@ -313,6 +313,10 @@ impl<B: Backend> Module<B> for ShakeShortcut<B> {
         self.bn
             .visit_batch_counters_mut(&mut |n, c| f(&child_name("bn", n), c));
     }
+
+    fn visit_batch_norms_mut(&mut self, f: &mut dyn FnMut(&mut BatchNorm2d<B>)) {
+        self.bn.visit_batch_norms_mut(f);
+    }
 }
 
 /// A Shake-Shake residual block: `branch1` and `branch2` (each ReLU → conv3×3 → BN → ReLU → conv3×3 → BN,
@@ -509,6 +513,14 @@ impl<B: Backend> Module<B> for ShakeBlock<B> {
             .visit_batch_counters_mut(&mut |n, c| f(&child_name("branch2", n), c));
         if let Some(shortcut) = &mut self.shortcut {
             shortcut.visit_batch_counters_mut(&mut |n, c| f(&child_name("shortcut", n), c));
+        }
+    }
+
+    fn visit_batch_norms_mut(&mut self, f: &mut dyn FnMut(&mut BatchNorm2d<B>)) {
+        self.branch1.visit_batch_norms_mut(f);
+        self.branch2.visit_batch_norms_mut(f);
+        if let Some(shortcut) = &mut self.shortcut {
+            shortcut.visit_batch_norms_mut(f);
         }
     }
 }

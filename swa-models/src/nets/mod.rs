@@ -33,7 +33,7 @@ use rand::SeedableRng;
 use swa_core::backend::{Backend, BackendResult};
 use swa_core::params::{NamedTensors, TensorRole};
 
-use crate::layers::Sequential;
+use crate::layers::{BatchNorm2d, Sequential};
 use crate::module::{ForwardInput, ForwardMode, Module, Param};
 
 /// What to build: an architecture and the number of classes it predicts.
@@ -178,5 +178,9 @@ impl<B: Backend> Module<B> for Network<B> {
 
     fn visit_batch_counters_mut(&mut self, f: &mut dyn FnMut(&str, &mut u64)) {
         self.body.visit_batch_counters_mut(f);
+    }
+
+    fn visit_batch_norms_mut(&mut self, f: &mut dyn FnMut(&mut BatchNorm2d<B>)) {
+        self.body.visit_batch_norms_mut(f);
     }
 }

@@ -20,9 +20,12 @@ use swa_core::schedule::Schedule;
 
 use crate::batch::{until_error, BatchSource};
 use crate::checkpoint::StateDict;
-use crate::distributed::{merge_averages_across_ranks, update_bn_across_ranks, Communicator};
+use crate::distributed::{
+    evaluate_across_ranks, merge_averages_across_ranks, update_bn_across_ranks, BatchNormMode,
+    Communicator, SingleProcess,
+};
 use crate::error::TrainError;
-use crate::evaluate::{evaluate, Metrics};
+use crate::evaluate::Metrics;
 use crate::module::Module;
 use crate::train::{RunConfig, TrainObserver, Trainer};
 
@@ -35,6 +38,8 @@ pub struct SwapConfig {
     pub synchronous: RunConfig,
     /// The independent phase: the SWA learning rate, constant, from `swa_start` to the SWA run's end.
     pub independent: RunConfig,
+    /// How BatchNorm normalises the synchronous phase's batches (per rank by default).
+    pub batch_norm: BatchNormMode,
 }
 
 impl Recipe {
@@ -58,6 +63,7 @@ impl Recipe {
         Ok(SwapConfig {
             synchronous,
             independent,
+            batch_norm: BatchNormMode::PerRank,
         })
     }
 }
@@ -105,9 +111,15 @@ pub fn run_swap<B: Backend>(
         build()?,
     )?;
     synchronous.with_communicator(Arc::clone(&communicator))?;
+    synchronous.with_batch_norm_mode(config.batch_norm);
     synchronous.with_checkpoints(dir.join("synchronous"))?;
     synchronous.run(data.synchronous, observer)?;
-    let synchronous_test = test_metrics(backend, synchronous.model(), data.synchronous)?;
+    let synchronous_test = test_metrics(
+        communicator.as_ref(),
+        backend,
+        synchronous.model(),
+        data.synchronous,
+    )?;
 
     let mut independent = Trainer::new(
         backend.clone(),
@@ -123,7 +135,13 @@ pub fn run_swap<B: Backend>(
     // A checkpoint of this phase, when there is one, replaces the synchronous phase's weights.
     independent.with_checkpoints(independent_dir(dir, rank))?;
     independent.run(data.independent, observer)?;
-    let independent_test = test_metrics(backend, independent.model(), data.independent)?;
+    // Each rank's own weights: evaluated by that rank alone.
+    let independent_test = test_metrics(
+        &SingleProcess,
+        backend,
+        independent.model(),
+        data.independent,
+    )?;
 
     let mut average =
         WeightAverage::swa(backend, independent.model(), BufferPolicy::RecomputeLater)?;
@@ -139,7 +157,7 @@ pub fn run_swap<B: Backend>(
             config.synchronous.seed,
         )
     })?;
-    let swap_test = test_metrics(backend, model, data.synchronous)?;
+    let swap_test = test_metrics(communicator.as_ref(), backend, model, data.synchronous)?;
     Ok(SwapOutcome {
         synchronous_test,
         independent_test,
@@ -152,10 +170,14 @@ pub fn independent_dir(dir: &Path, rank: usize) -> PathBuf {
     dir.join(format!("independent-rank{rank}"))
 }
 
+/// The test metrics of `model`, the same on every rank of `communicator`, which share the test set out.
 fn test_metrics<B: Backend>(
+    communicator: &dyn Communicator,
     backend: &B,
     model: &mut dyn Module<B>,
     data: &dyn BatchSource,
 ) -> Result<Metrics, TrainError> {
-    until_error(data.test(), |batches| evaluate(backend, model, batches))
+    until_error(data.test(), |batches| {
+        evaluate_across_ranks(communicator, backend, model, batches)
+    })
 }

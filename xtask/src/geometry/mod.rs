@@ -9,7 +9,7 @@ mod plots;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -19,12 +19,13 @@ use swa_core::backend::Backend;
 use swa_core::CpuBackend;
 use swa_data::{BatchConfig, Batches, DatasetKind};
 use swa_models::geometry::{
-    line, linspace, plane, ray_seed, rays, run_survey, Metric, PlaneMark, PointCache, PointMetrics,
-    RayWidth, SeedRuns, SurfaceData, SurfaceProbe, Survey, WeightsFile,
+    line, linspace, plane, ray_seed, rays, run_survey, run_survey_across_ranks, Metric, PlaneMark,
+    PointCache, PointMetrics, RayWidth, SeedRuns, SurfaceData, SurfaceProbe, Survey, WeightsFile,
 };
 use swa_models::protocol::RunKind;
 use swa_models::{Architecture, HostBatch};
 
+use crate::reproduce::ranks::Ranks;
 use crate::reproduce::{choose_device, normalization_of, write_reports, Device, DeviceChoice};
 
 /// Which figures to make.
@@ -199,6 +200,10 @@ pub struct GeometryArgs {
     /// threads (on a GPU: one).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Under mpirun: seconds a collective between ranks may wait before the survey is aborted as
+    /// stalled (it must exceed the evaluation of a point).
+    #[arg(long, default_value_t = 3600)]
+    pub collective_timeout: u64,
 }
 
 fn parse_range(text: &str) -> Result<(f64, f64), String> {
@@ -283,6 +288,14 @@ struct PointReport {
 
 /// Runs the command.
 pub fn run(args: GeometryArgs) -> Result<()> {
+    let ranks = Ranks::join(Duration::from_secs(args.collective_timeout))?;
+    let outcome = survey_on(&args, &ranks);
+    ranks.end_all_on_error(outcome)
+}
+
+/// The command on this process's rank: under mpirun, every rank evaluates its share of each survey's
+/// points and rank 0 alone prints, caches and writes.
+fn survey_on(args: &GeometryArgs, ranks: &Ranks) -> Result<()> {
     let (runs, architecture, kind, out) = args.folder.open("geometry")?;
 
     match choose_device(args.device, args.threads)? {
@@ -295,10 +308,11 @@ pub fn run(args: GeometryArgs) -> Result<()> {
             let probes = (0..workers)
                 .map(|_| CpuBackend::with_threads(threads / workers))
                 .collect();
-            survey_all(&args, &runs, architecture, kind, &out, probes, 5000)
+            survey_all(args, ranks, &runs, architecture, kind, &out, probes, 5000)
         }
         Device::Gpu(gpu) => survey_all(
-            &args,
+            args,
+            ranks,
             &runs,
             architecture,
             kind,
@@ -387,8 +401,10 @@ fn eval_batches(
         .collect())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn survey_all<B: Backend + Send>(
     args: &GeometryArgs,
+    ranks: &Ranks,
     runs: &SeedRuns,
     architecture: Architecture,
     kind: DatasetKind,
@@ -420,12 +436,21 @@ fn survey_all<B: Backend + Send>(
         .first()
         .map(|b| format!("{} x {}", backends.len(), b.name()))
         .unwrap_or_default();
-    println!(
-        "geometry of {architecture} on {} ({} train / {} test images, weight decay {weight_decay}) on {device}",
-        kind.display_name(),
-        data.train_images(),
-        data.test_images()
-    );
+    let writes = ranks.writes();
+    let communicator = ranks.communicator().as_ref();
+    if writes {
+        println!(
+            "geometry of {architecture} on {} ({} train / {} test images, weight decay {weight_decay}) \
+             on {device}{}",
+            kind.display_name(),
+            data.train_images(),
+            data.test_images(),
+            match communicator.size() {
+                1 => String::new(),
+                n => format!(" on each of {n} ranks"),
+            }
+        );
+    }
     let build_probes = || -> Result<Vec<SurfaceProbe<B>>> {
         backends
             .iter()
@@ -472,31 +497,61 @@ fn survey_all<B: Backend + Send>(
     let wants = |f: Figures| args.figures == f || args.figures == Figures::All;
     let evaluate = |survey: &Survey| -> Result<(Vec<PointMetrics>, f64)> {
         let path = out.join(format!("{}.jsonl", survey.name));
-        let mut cache = PointCache::open(&path, survey, survey.fingerprint(&context))?;
-        let pending = cache.pending().len();
-        let bar = progress(&survey.name, survey.points.len(), pending);
+        // Rank 0 alone keeps the cache; the other ranks learn from it which points are done.
+        let mut cache = if writes {
+            Some(PointCache::open(
+                &path,
+                survey,
+                survey.fingerprint(&context),
+            )?)
+        } else {
+            None
+        };
+        let pending = cache
+            .as_ref()
+            .map_or(survey.points.len(), |c| c.pending().len());
+        let bar = if writes {
+            progress(&survey.name, survey.points.len(), pending)
+        } else {
+            ProgressBar::hidden()
+        };
         let started = Instant::now();
-        let metrics = run_survey(survey, data, build_probes()?, &mut cache, |_, m| {
+        let show = |m: &PointMetrics| {
             bar.inc(1);
             bar.set_message(format!(
                 "train loss {:.3}, test error {:.2}%",
                 m.train_loss, m.test_error
             ));
-        })?;
+        };
+        let metrics = match cache.as_mut() {
+            Some(cache) if communicator.size() == 1 => {
+                run_survey(survey, data, build_probes()?, cache, |_, m| show(m))?
+            }
+            cache => run_survey_across_ranks(
+                communicator,
+                survey,
+                data,
+                build_probes()?,
+                cache,
+                |_, m| show(m),
+            )?,
+        };
         bar.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
-        println!(
-            "{}: {} points ({} cached) in {:.0} s{}",
-            survey.name,
-            survey.points.len(),
-            survey.points.len() - pending,
-            seconds,
-            if pending > 0 {
-                format!(", {:.1} s a point", seconds / pending as f64)
-            } else {
-                String::new()
-            }
-        );
+        if writes {
+            println!(
+                "{}: {} points ({} cached) in {:.0} s{}",
+                survey.name,
+                survey.points.len(),
+                survey.points.len() - pending,
+                seconds,
+                if pending > 0 {
+                    format!(", {:.1} s a point", seconds / pending as f64)
+                } else {
+                    String::new()
+                }
+            );
+        }
         Ok((metrics, seconds))
     };
 
@@ -519,14 +574,18 @@ fn survey_all<B: Backend + Send>(
 
     if let Some(((_, sgd), (_, swa))) = &solutions {
         let span = sgd.distance(swa);
-        println!("distance between the SGD and SWA solutions: {span:.3}");
+        if writes {
+            println!("distance between the SGD and SWA solutions: {span:.3}");
+        }
         if wants(Figures::Line) {
             let ts = linspace(args.line_range.0, args.line_range.1, args.points.max(2));
             let survey = line(sgd, swa, &ts)?;
             let (metrics, seconds) = evaluate(&survey)?;
             let path = out.join("line.svg");
-            plots::line(&path, &architecture.to_string(), span, &survey, &metrics)?;
-            written.push(path);
+            if writes {
+                plots::line(&path, &architecture.to_string(), span, &survey, &metrics)?;
+                written.push(path);
+            }
             report.surveys.push(survey_report(
                 &survey,
                 &metrics,
@@ -546,8 +605,10 @@ fn survey_all<B: Backend + Send>(
             )?;
             let (metrics, seconds) = evaluate(&survey)?;
             let path = out.join("rays.svg");
-            plots::rays(&path, &architecture.to_string(), &survey, &metrics)?;
-            written.push(path);
+            if writes {
+                plots::rays(&path, &architecture.to_string(), &survey, &metrics)?;
+                written.push(path);
+            }
             let mut entry = survey_report(
                 &survey,
                 &metrics,
@@ -577,7 +638,9 @@ fn survey_all<B: Backend + Send>(
             let files = match plane_files(runs, plane_kind) {
                 Ok(files) => files,
                 Err(e) if args.planes.is_empty() => {
-                    println!("{}: skipped: {e}", plane_kind.name());
+                    if writes {
+                        println!("{}: skipped: {e}", plane_kind.name());
+                    }
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -595,7 +658,10 @@ fn survey_all<B: Backend + Send>(
                 args.margin,
             )?;
             let (metrics, seconds) = evaluate(&built.survey)?;
-            for metric in [Metric::TrainLoss, Metric::TestError] {
+            for metric in [Metric::TrainLoss, Metric::TestError]
+                .into_iter()
+                .filter(|_| writes)
+            {
                 let path = out.join(format!(
                     "{}-{}.svg",
                     plane_kind.name(),
@@ -634,6 +700,9 @@ fn survey_all<B: Backend + Send>(
         }
     }
 
+    if !writes {
+        return Ok(());
+    }
     let json_path = out.join("geometry.json");
     let json = serde_json::to_vec_pretty(&report)?;
     swa_models::checkpoint::write_atomically(&json_path, &json)?;

@@ -10,7 +10,7 @@
 
 mod imagenet;
 mod presets;
-mod ranks;
+pub(crate) mod ranks;
 mod report;
 mod source;
 mod swap;
@@ -27,7 +27,7 @@ use swa_core::backend::{Backend, BackendError};
 use swa_core::CpuBackend;
 use swa_data::DatasetKind;
 use swa_gpu::{GpuBackend, GpuOptions};
-use swa_models::distributed::ShardedBatches;
+use swa_models::distributed::{BatchNormMode, ShardedBatches};
 use swa_models::protocol::{plan_seed, PlannedRun, RunStart, FINAL_WEIGHTS_FILE, SWA_WEIGHTS_FILE};
 use swa_models::train::{EpochRecord, Silent, TrainObserver, Trainer};
 use swa_models::{module::parameter_count, Module};
@@ -122,6 +122,12 @@ pub struct ReproduceArgs {
     /// must exceed rank 0's checkpoint writes).
     #[arg(long, default_value_t = 600)]
     pub collective_timeout: u64,
+    /// Under mpirun: synchronised BatchNorm (PyTorch's `SyncBatchNorm`): every BatchNorm layer normalises
+    /// a training batch with the statistics of all ranks' shards, so that the ranks train as one process
+    /// on the global batch. Without it each rank normalises its own shard, as PyTorch's DDP does. No
+    /// effect in one process. Part of a run's configuration: keep it when resuming.
+    #[arg(long)]
+    pub sync_bn: bool,
     /// Stop after this many epochs of each run in this invocation (to split long runs; rerun to continue).
     #[arg(long, hide = true)]
     pub max_epochs_per_run: Option<usize>,
@@ -154,6 +160,17 @@ pub struct ReproduceArgs {
     /// at the first one with its path.
     #[arg(long)]
     pub skip_bad_images: bool,
+}
+
+impl ReproduceArgs {
+    /// How BatchNorm normalises the training batches of a run over several ranks (`--sync-bn`).
+    pub fn batch_norm_mode(&self) -> BatchNormMode {
+        if self.sync_bn {
+            BatchNormMode::Synchronized
+        } else {
+            BatchNormMode::PerRank
+        }
+    }
 }
 
 /// Runs the reproduction.
@@ -448,6 +465,7 @@ fn run_all<B: Backend>(
                     classes,
                     &source,
                     args.max_epochs_per_run,
+                    args.batch_norm_mode(),
                 )?;
             }
         }
@@ -465,11 +483,13 @@ fn train_one<B: Backend>(
     classes: usize,
     sharded: &ShardedBatches<CifarSource>,
     max_epochs: Option<usize>,
+    batch_norm: BatchNormMode,
 ) -> Result<()> {
     let (run, config, dir) = (plan.kind, &plan.config, plan.dir.as_path());
     let source = sharded.inner();
     let mut trainer = plan.trainer(backend, recipe.architecture, classes, seed)?;
     trainer.with_communicator(Arc::clone(ranks.communicator()))?;
+    trainer.with_batch_norm_mode(batch_norm);
     let label = format!("{} seed {seed} {run}", recipe.architecture);
     let say = |line: String| {
         if ranks.writes() {

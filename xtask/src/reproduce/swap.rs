@@ -87,7 +87,7 @@ mod swap_ranks {
     use anyhow::Context;
     use swa_core::backend::Backend;
     use swa_models::distributed::{rank_seed, Communicator, ShardedBatches};
-    use swa_models::protocol::{run_swap, SwapData, SwapOutcome};
+    use swa_models::protocol::{run_swap, SwapConfig, SwapData, SwapOutcome};
     use swa_models::train::{save_weights, Silent, TrainObserver};
     use swa_models::Module;
 
@@ -126,7 +126,10 @@ mod swap_ranks {
                     communicator.as_ref(),
                 );
                 let independent = CifarSource::new(train, test, recipe, rank_seed(seed, rank))?;
-                let config = recipe.swap_config(seed)?;
+                let config = SwapConfig {
+                    batch_norm: args.batch_norm_mode(),
+                    ..recipe.swap_config(seed)?
+                };
                 if rank == 0 {
                     println!(
                         "{label} over {ranks} ranks: {} synchronous epochs at a global batch of {}, \
