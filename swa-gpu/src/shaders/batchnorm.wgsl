@@ -107,6 +107,15 @@ fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     out[i] = (x[i] - coeff[c]) * coeff[p.channels + c] + coeff[2u * p.channels + c];
 }
 
+// `apply` followed by a ReLU, for evaluation-mode batch norm feeding a ReLU.
+@compute @workgroup_size(256)
+fn apply_relu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.y * nwg.x * WG + gid.x;
+    if (i >= p.total) { return; }
+    let c = (i / p.hw) % p.channels;
+    out[i] = max((x[i] - coeff[c]) * coeff[p.channels + c] + coeff[2u * p.channels + c], 0.0);
+}
+
 // dgamma = Σ dy·x̂, dbeta = Σ dy.
 @compute @workgroup_size(256)
 fn backward_reduce(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
