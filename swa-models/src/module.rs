@@ -166,6 +166,12 @@ pub trait Module<B: Backend>: NamedTensors<B> + Send {
     fn as_batch_norm(&self) -> Option<&BatchNorm2d<B>> {
         None
     }
+
+    /// Whether this module is a ReLU, so that a container can run the BatchNorm before it and the ReLU
+    /// as one pass in evaluation ([`BatchNorm2d::forward_eval_relu`]); `false` for every other module.
+    fn is_relu(&self) -> bool {
+        false
+    }
 }
 
 /// Prefixes a child's names with `prefix.`, as PyTorch's `state_dict` does.
