@@ -114,9 +114,7 @@ fn copy_tensors<B: Backend>(backend: &B, from: &dyn Module<B>, to: &mut dyn Modu
     to.visit_tensors_mut(&mut |name, _, t| {
         let (from_name, v) = values.next().expect("as many tensors");
         assert_eq!(from_name, name, "the same network");
-        *t = backend
-            .from_host(&v, &t.dims().to_vec())
-            .expect("the same shape");
+        *t = backend.from_host(&v, t.dims()).expect("the same shape");
     });
 }
 
@@ -215,9 +213,7 @@ fn evaluation_follows_loaded_weights_swapped_averages_and_recomputed_statistics(
                     .iter()
                     .map(|v| v * 0.5 + 0.25)
                     .collect();
-                *t = backend
-                    .from_host(&v, &t.dims().to_vec())
-                    .expect("its shape");
+                *t = backend.from_host(&v, t.dims()).expect("its shape");
             }
         });
         let mut fresh = architecture.build(&backend, CLASSES, 6).expect("a network");
