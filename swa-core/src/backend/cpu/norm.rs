@@ -1,8 +1,8 @@
 //! Batch norm over `[N, C, H, W]` (or `[N, C]`), per channel, in PyTorch's formulation.
 //!
-//! Each channel is one parallel task that computes its statistics and then writes its outputs while the
-//! channel's values are still in cache. Sums run over each `H·W` row in f32 with eight lanes and over the
-//! rows in f64, always in the same order, so results are deterministic and accurate for large batches.
+//! Statistics are computed with one parallel task per channel; outputs are then written `H·W` row by
+//! row, each value once. Sums run over each `H·W` row in f32 with eight lanes and over the rows in f64,
+//! always in the same order, so results are deterministic and accurate for large batches.
 
 use ndarray::{ArrayViewMut3, Axis, Zip};
 use rayon::prelude::*;
