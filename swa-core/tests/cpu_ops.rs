@@ -695,6 +695,32 @@ fn batch_norm_train_matches_pytorch_including_running_statistics() {
 }
 
 #[test]
+fn batch_norm_relu_eval_equals_batch_norm_eval_then_relu_exactly() {
+    let b = CpuBackend::with_threads(2);
+    let mut r = rng(9);
+    // A large one too, so that the rows are split between threads.
+    for shape in [vec![3, 4, 5, 7], vec![5, 3], vec![8, 16, 32, 32]] {
+        let c = shape[1];
+        let x = tensor(&b, &uniform(&mut r, shape.iter().product()), &shape);
+        let gamma = tensor(&b, &uniform(&mut r, c), &[c]);
+        let beta = tensor(&b, &uniform(&mut r, c), &[c]);
+        let rm = tensor(&b, &uniform(&mut r, c), &[c]);
+        let rv: Vec<f32> = uniform(&mut r, c).iter().map(|v| 1.5 + v).collect();
+        let rv = tensor(&b, &rv, &[c]);
+        let normalised = b
+            .batch_norm_eval(&x, &gamma, &beta, &rm, &rv, 1e-5)
+            .expect("batch_norm_eval");
+        let want = host(&b, &b.relu(&normalised).expect("relu"));
+        let got = b
+            .batch_norm_relu_eval(&x, &gamma, &beta, &rm, &rv, 1e-5)
+            .expect("batch_norm_relu_eval");
+        assert_eq!(got.shape(), x.shape(), "{shape:?}: shape");
+        assert_eq!(host(&b, &got), want, "{shape:?}: values");
+        assert!(want.contains(&0.0) && want.iter().any(|&v| v > 0.0));
+    }
+}
+
+#[test]
 fn batch_norm_eval_uses_the_running_statistics() {
     let b = CpuBackend::with_threads(2);
     let mut r = rng(8);
@@ -1291,6 +1317,28 @@ fn relu_gradient_matches_finite_differences() {
             &probe,
         )
     });
+}
+
+#[test]
+fn relu_in_place_equals_relu_small_large_and_strided() {
+    let b = CpuBackend::with_threads(2);
+    let mut r = rng(17);
+    // Small (one thread), large (split over the threads), and a transposed view (not contiguous).
+    for shape in [vec![4, 10], vec![4, 16, 32, 32]] {
+        let x = tensor(&b, &uniform(&mut r, shape.iter().product()), &shape);
+        let want = host(&b, &b.relu(&x).expect("relu"));
+        let mut in_place = x.clone();
+        b.relu_(&mut in_place).expect("relu_");
+        assert_eq!(host(&b, &in_place), want, "{shape:?}");
+        let mut transposed = x.clone().reversed_axes();
+        b.relu_(&mut transposed).expect("relu_ of a view");
+        let want_transposed = host(&b, &b.relu(&x.reversed_axes()).expect("relu"));
+        assert_eq!(
+            host(&b, &transposed),
+            want_transposed,
+            "{shape:?} transposed"
+        );
+    }
 }
 
 #[test]

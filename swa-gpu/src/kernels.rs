@@ -56,6 +56,13 @@ kernel!(ADD, "elementwise", ELEMENTWISE, "add", [W(1), R(2), R(4)]);
 kernel!(MUL, "elementwise", ELEMENTWISE, "mul", [W(1), R(2), R(4)]);
 kernel!(RELU, "elementwise", ELEMENTWISE, "relu", [W(1), R(2)]);
 kernel!(
+    RELU_IN_PLACE,
+    "elementwise",
+    ELEMENTWISE,
+    "relu_in_place",
+    [W(1)]
+);
+kernel!(
     RELU_BACKWARD,
     "elementwise",
     ELEMENTWISE,

@@ -140,3 +140,45 @@ fn resnet_matches_cpu() {
 fn densenet_matches_cpu() {
     compare_at("densenet21-k4".parse().unwrap(), 64);
 }
+
+/// Logits in evaluation mode after a BatchNorm recomputation pass: the paths that run layers together
+/// (BatchNorm folded into the convolution before it, BatchNorm and ReLU in one pass, ReLU in place).
+fn recompute_then_evaluate<B: Backend>(b: &B, architecture: Architecture) -> Vec<f32> {
+    let config = NetworkConfig {
+        architecture,
+        classes: CLASSES,
+    };
+    let mut net = Network::new(b, &config, 23).unwrap();
+    let shape = [BATCH, 3, 32, 32];
+    let x = b
+        .from_host(&random(6, BATCH * 3 * 32 * 32), &shape)
+        .unwrap();
+    let recompute = ForwardMode::RecomputeBatchNorm {
+        momentum: 1.0,
+        seed: 5,
+    };
+    net.forward(b, &x, recompute).unwrap();
+    let x = b
+        .from_host(&random(7, BATCH * 3 * 32 * 32), &shape)
+        .unwrap();
+    let logits = net.forward(b, &x, ForwardMode::Eval).unwrap();
+    b.to_host(&logits).unwrap()
+}
+
+#[test]
+fn evaluation_after_recomputation_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    for architecture in [
+        Architecture::PreResNet { depth: 8 },
+        "vgg16bn".parse().unwrap(),
+    ] {
+        let want = recompute_then_evaluate(&cpu(), architecture);
+        let got = recompute_then_evaluate(&g, architecture);
+        assert_within(
+            &format!("{architecture} evaluation logits"),
+            &got,
+            &want,
+            &relative_bounds(&want),
+        );
+    }
+}

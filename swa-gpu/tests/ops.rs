@@ -244,6 +244,11 @@ fn arithmetic_relu_and_bias_match_cpu() {
     let gy = g.relu(&ga).unwrap();
     let cy = c.relu(&ca).unwrap();
     assert_close("relu", &g, &gy, &cy, 0.0, 0.0);
+    let (mut g_in_place, mut c_in_place) = (g.duplicate(&ga).unwrap(), c.duplicate(&ca).unwrap());
+    g.relu_(&mut g_in_place).unwrap();
+    c.relu_(&mut c_in_place).unwrap();
+    assert_close("relu_", &g, &g_in_place, &c_in_place, 0.0, 0.0);
+    assert_close("relu_ and relu", &g, &g_in_place, &cy, 0.0, 0.0);
     assert_close(
         "relu_backward",
         &g,
@@ -379,6 +384,14 @@ fn batch_norm_matches_cpu() {
             .batch_norm_eval(&cx, &cgamma, &cbeta, &crm, &crv, 1e-5)
             .unwrap();
         assert_close("bn eval", &g, &ge, &ce, t, t);
+
+        let gr = g
+            .batch_norm_relu_eval(&gx, &ggamma, &gbeta, &grm, &grv, 1e-5)
+            .unwrap();
+        let cr = c
+            .batch_norm_relu_eval(&cx, &cgamma, &cbeta, &crm, &crv, 1e-5)
+            .unwrap();
+        assert_close("bn relu eval", &g, &gr, &cr, t, t);
     }
 }
 

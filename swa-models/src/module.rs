@@ -177,7 +177,9 @@ pub trait Module<B: Backend>: NamedTensors<B> + Send {
         None
     }
 
-    /// Whether this module is a plain ReLU, which a container may fuse into the BatchNorm before it.
+    /// Whether this module is a plain ReLU, so that a container can run the BatchNorm before it and
+    /// the ReLU as one pass ([`BatchNorm2d::forward_relu`] in training,
+    /// [`BatchNorm2d::forward_eval_relu`] in evaluation); `false` for every other module.
     fn is_relu(&self) -> bool {
         false
     }

@@ -97,6 +97,7 @@ impl ElementwiseOps<CpuTensor> for CopyCounter {
         add(&self, a: &CpuTensor, b: &CpuTensor) -> BackendResult<CpuTensor>;
         mul(&self, a: &CpuTensor, b: &CpuTensor) -> BackendResult<CpuTensor>;
         relu(&self, x: &CpuTensor) -> BackendResult<CpuTensor>;
+        relu_(&self, x: &mut CpuTensor) -> BackendResult<()>;
         relu_backward(&self, y: &CpuTensor, dy: &CpuTensor) -> BackendResult<CpuTensor>;
         dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<CpuTensor>;
     }
@@ -160,6 +161,8 @@ impl NormOps<CpuTensor> for CopyCounter {
             running_mean: &mut CpuTensor, running_var: &mut CpuTensor, momentum: f32, eps: f32)
             -> BackendResult<(CpuTensor, BatchNormSaved<CpuTensor>)>;
         batch_norm_eval(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor,
+            running_mean: &CpuTensor, running_var: &CpuTensor, eps: f32) -> BackendResult<CpuTensor>;
+        batch_norm_relu_eval(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor,
             running_mean: &CpuTensor, running_var: &CpuTensor, eps: f32) -> BackendResult<CpuTensor>;
         batch_norm_backward(&self, x: &CpuTensor, gamma: &CpuTensor,
             saved: &BatchNormSaved<CpuTensor>, dy: &CpuTensor)

@@ -117,6 +117,9 @@ impl<D: ForwardElementwise> ElementwiseOps<InnerTensor<D>> for D {
     fn relu(&self, x: &InnerTensor<D>) -> BackendResult<InnerTensor<D>> {
         self.inner().relu(x)
     }
+    fn relu_(&self, x: &mut InnerTensor<D>) -> BackendResult<()> {
+        self.inner().relu_(x)
+    }
     fn relu_backward(
         &self,
         y: &InnerTensor<D>,
@@ -223,6 +226,18 @@ impl<D: ForwardNorm> NormOps<InnerTensor<D>> for D {
     ) -> BackendResult<InnerTensor<D>> {
         self.inner()
             .batch_norm_eval(x, gamma, beta, running_mean, running_var, eps)
+    }
+    fn batch_norm_relu_eval(
+        &self,
+        x: &InnerTensor<D>,
+        gamma: &InnerTensor<D>,
+        beta: &InnerTensor<D>,
+        running_mean: &InnerTensor<D>,
+        running_var: &InnerTensor<D>,
+        eps: f32,
+    ) -> BackendResult<InnerTensor<D>> {
+        self.inner()
+            .batch_norm_relu_eval(x, gamma, beta, running_mean, running_var, eps)
     }
     fn batch_norm_backward(
         &self,

@@ -340,6 +340,9 @@ pub trait ElementwiseOps<T> {
     fn mul(&self, a: &T, b: &T) -> BackendResult<T>;
     /// `max(x, 0)`.
     fn relu(&self, x: &T) -> BackendResult<T>;
+    /// [`ElementwiseOps::relu`] in place, for a pass that keeps nothing for a backward pass: no second
+    /// tensor is allocated and written.
+    fn relu_(&self, x: &mut T) -> BackendResult<()>;
     /// `dy` where the ReLU's output `y` is positive, else 0.
     fn relu_backward(&self, y: &T, dy: &T) -> BackendResult<T>;
     /// A dropout mask of `shape`: each element is `1/(1−p)` when [`dropout_keeps`] keeps it, else 0.
@@ -401,6 +404,18 @@ pub trait NormOps<T> {
     ) -> BackendResult<(T, BatchNormSaved<T>)>;
     /// Evaluation-mode batch norm with the running statistics.
     fn batch_norm_eval(
+        &self,
+        x: &T,
+        gamma: &T,
+        beta: &T,
+        running_mean: &T,
+        running_var: &T,
+        eps: f32,
+    ) -> BackendResult<T>;
+    /// `max(batch_norm_eval(x, …), 0)` in one pass over `x`: an evaluation-mode batch norm followed by a
+    /// ReLU, as pre-activation blocks run them, without the intermediate tensor. Equal, element for
+    /// element, to [`NormOps::batch_norm_eval`] followed by [`ElementwiseOps::relu`].
+    fn batch_norm_relu_eval(
         &self,
         x: &T,
         gamma: &T,

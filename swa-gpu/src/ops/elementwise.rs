@@ -86,6 +86,20 @@ impl ElementwiseOps<GpuTensor> for GpuBackend {
         Ok(out)
     }
 
+    fn relu_(&self, x: &mut GpuTensor) -> BackendResult<()> {
+        let n = x.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let params = self.elementwise_params("relu_", n)?;
+        self.ctx.encode(&[Dispatch::new(
+            &kernels::RELU_IN_PLACE,
+            params,
+            vec![x],
+            self.ctx.grid_1d(n),
+        )])
+    }
+
     fn dropout_mask(&self, shape: &[usize], p: f32, seed: u64) -> BackendResult<GpuTensor> {
         if !(0.0..1.0).contains(&p) {
             return Err(BackendError::InvalidArgument {

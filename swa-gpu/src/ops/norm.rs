@@ -65,12 +65,22 @@ impl GpuBackend {
         Ok([c as u32, 1, 1])
     }
 
-    /// `out = (x − centre[c])·scale[c] + shift[c]` from coefficients `[centre | scale | shift]`, through
-    /// `kernel` (`BN_APPLY`, or `BN_APPLY_RELU` for the same followed by a ReLU).
+    /// `out = (x − centre[c])·scale[c] + shift[c]` from coefficients `[centre | scale | shift]`.
     fn bn_apply(
         &self,
         op: &'static str,
+        x: &GpuTensor,
+        coeff: &GpuTensor,
+        dims: (usize, usize, usize),
+    ) -> BackendResult<GpuTensor> {
+        self.bn_apply_with(&kernels::BN_APPLY, op, x, coeff, dims)
+    }
+
+    /// [`GpuBackend::bn_apply`] with `kernel`, one of the `apply` entry points of `batchnorm.wgsl`.
+    fn bn_apply_with(
+        &self,
         kernel: &'static kernels::Kernel,
+        op: &'static str,
         x: &GpuTensor,
         coeff: &GpuTensor,
         dims: (usize, usize, usize),
@@ -87,6 +97,42 @@ impl GpuBackend {
             )])?;
         }
         Ok(out)
+    }
+
+    /// The `[centre C | scale C | shift C]` coefficients of an evaluation-mode batch norm of `x`, after
+    /// checking that each per-channel tensor has one value per channel.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_eval_coefficients(
+        &self,
+        op: &'static str,
+        x: &GpuTensor,
+        gamma: &GpuTensor,
+        beta: &GpuTensor,
+        running_mean: &GpuTensor,
+        running_var: &GpuTensor,
+        eps: f32,
+    ) -> BackendResult<GpuTensor> {
+        let dims = layout(op, x)?;
+        let c = dims.1;
+        for (what, t) in [
+            ("gamma", gamma),
+            ("beta", beta),
+            ("running mean", running_mean),
+            ("running variance", running_var),
+        ] {
+            per_channel(op, what, t, c)?;
+        }
+        let coeff = self.ctx.alloc(op, &[3 * c])?;
+        if c > 0 {
+            let params = self.bn_params(op, dims, 0.0, eps)?;
+            self.ctx.encode(&[Dispatch::new(
+                &kernels::BN_EVAL_COEFF,
+                params,
+                vec![gamma, beta, running_mean, running_var, &coeff],
+                [c.div_ceil(64) as u32, 1, 1],
+            )])?;
+        }
+        Ok(coeff)
     }
 
     /// `out[c] = Σ dy[n, c, ·]`: a convolution's bias gradient.
@@ -166,7 +212,7 @@ impl GpuBackend {
             ],
             self.channel_groups(op, c)?,
         )])?;
-        let out = self.bn_apply(op, apply, x, &coeff, dims)?;
+        let out = self.bn_apply_with(apply, op, x, &coeff, dims)?;
         Ok((out, BatchNormSaved { mean, inv_std }))
     }
 
@@ -329,27 +375,24 @@ impl NormOps<GpuTensor> for GpuBackend {
         eps: f32,
     ) -> BackendResult<GpuTensor> {
         let op = "batch_norm_eval";
-        let dims = layout(op, x)?;
-        let c = dims.1;
-        for (what, t) in [
-            ("gamma", gamma),
-            ("beta", beta),
-            ("running mean", running_mean),
-            ("running variance", running_var),
-        ] {
-            per_channel(op, what, t, c)?;
-        }
-        let coeff = self.ctx.alloc(op, &[3 * c])?;
-        if c > 0 {
-            let params = self.bn_params(op, dims, 0.0, eps)?;
-            self.ctx.encode(&[Dispatch::new(
-                &kernels::BN_EVAL_COEFF,
-                params,
-                vec![gamma, beta, running_mean, running_var, &coeff],
-                [c.div_ceil(64) as u32, 1, 1],
-            )])?;
-        }
-        self.bn_apply(op, &kernels::BN_APPLY, x, &coeff, dims)
+        let coeff =
+            self.bn_eval_coefficients(op, x, gamma, beta, running_mean, running_var, eps)?;
+        self.bn_apply(op, x, &coeff, layout(op, x)?)
+    }
+
+    fn batch_norm_relu_eval(
+        &self,
+        x: &GpuTensor,
+        gamma: &GpuTensor,
+        beta: &GpuTensor,
+        running_mean: &GpuTensor,
+        running_var: &GpuTensor,
+        eps: f32,
+    ) -> BackendResult<GpuTensor> {
+        let op = "batch_norm_relu_eval";
+        let coeff =
+            self.bn_eval_coefficients(op, x, gamma, beta, running_mean, running_var, eps)?;
+        self.bn_apply_with(&kernels::BN_APPLY_RELU, op, x, &coeff, layout(op, x)?)
     }
 
     fn batch_norm_backward(

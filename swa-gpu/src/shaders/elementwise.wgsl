@@ -88,6 +88,13 @@ fn relu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     dst[i] = max(src[i], 0.0);
 }
 
+@compute @workgroup_size(256)
+fn relu_in_place(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    dst[i] = max(dst[i], 0.0);
+}
+
 // src = the ReLU's output y, src2 = dy.
 @compute @workgroup_size(256)
 fn relu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

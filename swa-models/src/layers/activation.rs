@@ -50,6 +50,18 @@ impl<B: Backend> Module<B> for ReLU<B> {
         x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
+        // Outside training nothing is kept for a backward pass, so an input handed over is rectified
+        // where it lies instead of into a second tensor.
+        let x = match (x, mode) {
+            (
+                ForwardInput::Owned(mut x),
+                ForwardMode::Eval | ForwardMode::RecomputeBatchNorm { .. },
+            ) => {
+                backend.relu_(&mut x)?;
+                return Ok(x);
+            }
+            (x, _) => x,
+        };
         let y = backend.relu(x.tensor())?;
         self.input.keep_input(backend, x, mode)?;
         Ok(y)

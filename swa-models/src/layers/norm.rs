@@ -133,6 +133,19 @@ impl<B: Backend> BatchNorm2d<B> {
             None => backend.batch_norm_backward(x, gamma, saved, dy),
         }
     }
+
+    /// This layer in evaluation mode followed by a ReLU, in one pass over `x` (`max(y, 0)` of what
+    /// [`ForwardMode::Eval`] gives, element for element); nothing is cached.
+    pub fn forward_eval_relu(&self, backend: &B, x: &B::Tensor) -> BackendResult<B::Tensor> {
+        backend.batch_norm_relu_eval(
+            x,
+            &self.weight.value,
+            &self.bias.value,
+            &self.running_mean,
+            &self.running_var,
+            self.eps,
+        )
+    }
 }
 
 impl<B: Backend> NamedTensors<B> for BatchNorm2d<B> {

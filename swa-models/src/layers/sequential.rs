@@ -18,7 +18,8 @@ use crate::module::{child_name, ForwardInput, ForwardMode, Module, Param};
 ///
 /// In [`ForwardMode::Eval`], a [`Conv2d`] directly followed by a [`BatchNorm2d`](super::BatchNorm2d)
 /// runs as one convolution with the BatchNorm folded into its weights ([`Conv2d::fold_batch_norm`]),
-/// which saves the BatchNorm's pass over the activations. The folded convolutions are made on the first evaluation pass and kept
+/// which saves the BatchNorm's pass over the activations; any other BatchNorm directly followed by a
+/// [`ReLU`](super::ReLU) runs with it as one pass. The folded convolutions are made on the first evaluation pass and kept
 /// for the next ones until the weights or statistics may change: every way to change them goes through
 /// this container (`visit_tensors_mut`, `visit_params_mut`, a training or recomputation pass, a
 /// backward pass), and each drops them.
@@ -136,7 +137,8 @@ impl<B: Backend> Sequential<B> {
 }
 
 /// Runs `children` in evaluation mode on `x`, replacing each convolution listed in `folded` and the
-/// BatchNorm after it by the folded convolution.
+/// BatchNorm after it by the folded convolution, and each other BatchNorm directly followed by a ReLU
+/// by one pass of both ([`BatchNorm2d::forward_eval_relu`](super::BatchNorm2d::forward_eval_relu)).
 fn run_folded<B: Backend>(
     children: &mut [(String, Box<dyn Module<B>>)],
     folded: &mut [(usize, Conv2d<B>)],
@@ -149,20 +151,22 @@ fn run_folded<B: Backend>(
     let steps = children.len();
     let mut folded = folded.iter_mut().peekable();
     let mut index = 0;
-    // Runs the step at `index` (one child, or a folded pair) and moves `index` past it.
-    let mut step =
-        |index: &mut usize, x: ForwardInput<'_, B>| match folded.next_if(|(at, _)| at == index) {
-            Some((_, conv)) => {
-                *index += 2;
-                conv.forward_input(backend, x, ForwardMode::Eval)
-            }
-            None => {
-                *index += 1;
-                children[*index - 1]
-                    .1
-                    .forward_input(backend, x, ForwardMode::Eval)
-            }
-        };
+    // Runs the step at `index` (one child, a folded pair, or a BatchNorm with its ReLU) and moves
+    // `index` past it.
+    let mut step = |index: &mut usize, x: ForwardInput<'_, B>| {
+        let at = *index;
+        if let Some((_, conv)) = folded.next_if(|(folded_at, _)| *folded_at == at) {
+            *index += 2;
+            return conv.forward_input(backend, x, ForwardMode::Eval);
+        }
+        let rectified = children.get(at + 1).is_some_and(|(_, next)| next.is_relu());
+        if let (Some(norm), true) = (children[at].1.as_batch_norm(), rectified) {
+            *index += 2;
+            return norm.forward_eval_relu(backend, x.tensor());
+        }
+        *index += 1;
+        children[at].1.forward_input(backend, x, ForwardMode::Eval)
+    };
     let mut y = step(&mut index, x)?;
     while index < steps {
         y = step(&mut index, ForwardInput::Owned(y))?;
@@ -305,6 +309,8 @@ mod tests {
         eval_inputs: Arc<Mutex<Vec<Vec<usize>>>>,
         /// Calls of the fused BatchNorm + ReLU ops, forward and backward.
         fused_passes: Arc<Mutex<usize>>,
+        /// The inputs of evaluation-mode BatchNorms run with the ReLU after them.
+        rectified_inputs: Arc<Mutex<Vec<Vec<usize>>>>,
     }
 
     impl NormLog {
@@ -313,6 +319,7 @@ mod tests {
                 inner: CpuBackend::with_threads(2),
                 eval_inputs: Arc::default(),
                 fused_passes: Arc::default(),
+                rectified_inputs: Arc::default(),
             }
         }
 
@@ -330,9 +337,16 @@ mod tests {
                 .count()
         }
 
+        /// How many BatchNorms ran with their ReLU as one pass.
+        fn normalised_with_relu(&self) -> usize {
+            self.rectified_inputs.lock().map(|v| v.len()).unwrap_or(0)
+        }
+
         fn clear(&self) {
-            if let Ok(mut inputs) = self.eval_inputs.lock() {
-                inputs.clear();
+            for log in [&self.eval_inputs, &self.rectified_inputs] {
+                if let Ok(mut inputs) = log.lock() {
+                    inputs.clear();
+                }
             }
         }
     }
@@ -379,6 +393,22 @@ mod tests {
             }
             self.inner
                 .batch_norm_eval(x, gamma, beta, running_mean, running_var, eps)
+        }
+
+        fn batch_norm_relu_eval(
+            &self,
+            x: &CpuTensor,
+            gamma: &CpuTensor,
+            beta: &CpuTensor,
+            running_mean: &CpuTensor,
+            running_var: &CpuTensor,
+            eps: f32,
+        ) -> BackendResult<CpuTensor> {
+            if let Ok(mut inputs) = self.rectified_inputs.lock() {
+                inputs.push(x.dims().to_vec());
+            }
+            self.inner
+                .batch_norm_relu_eval(x, gamma, beta, running_mean, running_var, eps)
         }
 
         fn batch_norm_backward(
@@ -649,5 +679,35 @@ mod tests {
         assert_eq!(training_step(&backend, &mut fused), want);
         // The BatchNorm → ReLU pair ran as one op forward and one backward; the last BatchNorm alone.
         assert_eq!(calls(&backend), 2);
+    }
+
+    #[test]
+    fn evaluation_runs_a_batch_norm_and_the_relu_after_it_as_one_pass_with_the_same_values() {
+        let backend = NormLog::new();
+        let mut rng = StdRng::seed_from_u64(7);
+        let conv = Conv2dConfig::new(3, 4, 3).padding(1).bias(false);
+        // Pre-activation order: BN → ReLU → conv → BN → ReLU, as in a PreResNet block.
+        let mut sequential = Sequential::new()
+            .with(BatchNorm2d::new(&backend, 3).expect("a valid BatchNorm"))
+            .with(ReLU::new())
+            .with(Conv2d::new(&backend, conv, &mut rng).expect("a valid convolution"))
+            .with(BatchNorm2d::new(&backend, 4).expect("a valid BatchNorm"))
+            .with(ReLU::new());
+        perturb(&backend, &mut sequential, 8);
+        let x = input(&backend);
+        let want = unfolded(&backend, &mut sequential, &x);
+        backend.clear();
+        let got = folded(&backend, &mut sequential, &x);
+        assert_eq!(
+            backend.normalised_with_relu(),
+            1,
+            "the first BatchNorm runs with its ReLU; the second is folded"
+        );
+        assert_eq!(
+            backend.activations_normalised(),
+            0,
+            "no BatchNorm runs alone"
+        );
+        assert_close("pre-activation pass", &got, &want);
     }
 }

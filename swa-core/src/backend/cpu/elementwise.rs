@@ -169,6 +169,21 @@ impl ElementwiseOps<CpuTensor> for CpuBackend {
         }))
     }
 
+    fn relu_(&self, x: &mut CpuTensor) -> BackendResult<()> {
+        if x.len() < PARALLEL_MIN_LEN {
+            x.mapv_inplace(|v| v.max(0.0));
+            return Ok(());
+        }
+        self.install(|| match x.as_slice_mut() {
+            Some(values) => values
+                .par_iter_mut()
+                .with_min_len(PARALLEL_MIN_LEN / 4)
+                .for_each(|v| *v = v.max(0.0)),
+            None => x.par_mapv_inplace(|v| v.max(0.0)),
+        });
+        Ok(())
+    }
+
     /// `dy` where the ReLU's output `y` is positive, else 0.
     fn relu_backward(&self, y: &CpuTensor, dy: &CpuTensor) -> BackendResult<CpuTensor> {
         same_shape("relu_backward", y, dy)?;

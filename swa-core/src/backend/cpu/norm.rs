@@ -1,8 +1,8 @@
 //! Batch norm over `[N, C, H, W]` (or `[N, C]`), per channel, in PyTorch's formulation.
 //!
-//! Each channel is one parallel task that computes its statistics and then writes its outputs while the
-//! channel's values are still in cache. Sums run over each `H·W` row in f32 with eight lanes and over the
-//! rows in f64, always in the same order, so results are deterministic and accurate for large batches.
+//! Statistics are computed with one parallel task per channel; outputs are then written `H·W` row by
+//! row, each value once. Sums run over each `H·W` row in f32 with eight lanes and over the rows in f64,
+//! always in the same order, so results are deterministic and accurate for large batches.
 
 use ndarray::{ArrayViewMut3, Axis, Zip};
 use rayon::prelude::*;
@@ -149,32 +149,66 @@ fn moments(layout: &Layout, x: &[f32], c: usize) -> Moments {
     }
 }
 
-/// Writes `y = x · scale[c] + shift[c]` channel by channel, or `max(x · scale[c] + shift[c], 0)` with
-/// `relu`, in the expression the ReLU op and [`relu_mask`] use, so that the fused and separate ops agree
-/// bit for bit.
-fn affine(
+/// Each channel's `(scale, shift)` of an evaluation-mode batch norm, after checking that every
+/// per-channel tensor has one value per channel of `layout`.
+fn eval_coefficients(
+    op: &'static str,
     layout: &Layout,
-    x: &[f32],
-    y: &mut [f32],
-    relu: bool,
-    coefficients: impl Fn(usize) -> (f32, f32) + Sync,
-) -> BackendResult<()> {
-    let mut y3 = layout.view_mut(y)?;
-    y3.axis_iter_mut(Axis(1))
-        .into_par_iter()
+    gamma: &CpuTensor,
+    beta: &CpuTensor,
+    running_mean: &CpuTensor,
+    running_var: &CpuTensor,
+    eps: f32,
+) -> BackendResult<Vec<(f32, f32)>> {
+    check_per_channel(op, "gamma", gamma, layout)?;
+    check_per_channel(op, "beta", beta, layout)?;
+    check_per_channel(op, "running_mean", running_mean, layout)?;
+    check_per_channel(op, "running_var", running_var, layout)?;
+    let (gamma, beta) = (contiguous(gamma), contiguous(beta));
+    let (mean, var) = (contiguous(running_mean), contiguous(running_var));
+    Ok((0..layout.channels)
+        .map(|c| {
+            let scale = gamma[c] / (var[c] + eps).sqrt();
+            (scale, beta[c] - mean[c] * scale)
+        })
+        .collect())
+}
+
+/// Below this many values a thread takes the rows of [`affine_rows`] alone.
+const AFFINE_ROWS_MIN_LEN: usize = 1 << 14;
+
+/// `y = x · scale[c] + shift[c]` (then `max(y, 0)` when `rectify`) into a new buffer, one `H·W` row at a
+/// time. The buffer is written once, not zeroed first: an evaluation pass is bound by memory traffic, and
+/// zeroing would add a third of it.
+fn affine_rows(layout: &Layout, x: &[f32], coefficients: &[(f32, f32)], rectify: bool) -> Vec<f32> {
+    let len = x.len();
+    let mut y = Vec::with_capacity(len);
+    if len == 0 || coefficients.is_empty() {
+        return y;
+    }
+    let plane = layout.plane;
+    y.spare_capacity_mut()[..len]
+        .par_chunks_mut(plane)
+        .zip(x.par_chunks(plane))
         .enumerate()
-        .for_each(|(c, mut y_channel)| {
-            let (scale, shift) = coefficients(c);
-            for (n, y_row) in y_channel.outer_iter_mut().enumerate() {
-                let row = Zip::from(y_row).and(layout.row(x, n, c));
-                if relu {
-                    row.for_each(|y, &x| *y = (x * scale + shift).max(0.0));
-                } else {
-                    row.for_each(|y, &x| *y = x * scale + shift);
+        .with_min_len((AFFINE_ROWS_MIN_LEN / plane).max(1))
+        .for_each(|(row, (out, input))| {
+            let (scale, shift) = coefficients[row % coefficients.len()];
+            if rectify {
+                for (o, &v) in out.iter_mut().zip(input) {
+                    o.write((v * scale + shift).max(0.0));
+                }
+            } else {
+                for (o, &v) in out.iter_mut().zip(input) {
+                    o.write(v * scale + shift);
                 }
             }
         });
-    Ok(())
+    // SAFETY: `len` is a multiple of `plane` (`x` holds `batch · channels` rows of it), so the chunks of
+    // `plane` cover the first `len` spare elements exactly, and each chunk's loop wrote every element of
+    // it, since `input` is as long as `out`.
+    unsafe { y.set_len(len) };
+    y
 }
 
 /// The gradient a ReLU passes back given its input `y` and output gradient `dz`, as the ReLU backward op
@@ -245,10 +279,10 @@ impl CpuBackend {
                 .collect();
             let mean: Vec<f32> = stats.iter().map(|m| m.mean as f32).collect();
 
-            let mut y = zeroed(xs.len());
-            affine(&layout, &xs, &mut y, relu, |c| {
-                batch_coefficients(gamma[c], beta[c], mean[c], inv_std[c])
-            })?;
+            let coefficients: Vec<(f32, f32)> = (0..layout.channels)
+                .map(|c| batch_coefficients(gamma[c], beta[c], mean[c], inv_std[c]))
+                .collect();
+            let y = affine_rows(&layout, &xs, &coefficients, relu);
 
             let unbias = layout.count() as f64 / (layout.count() - 1) as f64;
             let keep = 1.0 - momentum;
@@ -439,14 +473,28 @@ impl NormOps<CpuTensor> for CpuBackend {
             check_per_channel(OP, "beta", beta, &layout)?;
             check_per_channel(OP, "running_mean", running_mean, &layout)?;
             check_per_channel(OP, "running_var", running_var, &layout)?;
-            let xs = contiguous(x);
-            let (gamma, beta) = (contiguous(gamma), contiguous(beta));
-            let (mean, var) = (contiguous(running_mean), contiguous(running_var));
-            let mut y = zeroed(xs.len());
-            affine(&layout, &xs, &mut y, false, |c| {
-                let scale = gamma[c] / (var[c] + eps).sqrt();
-                (scale, beta[c] - mean[c] * scale)
-            })?;
+            let coefficients =
+                eval_coefficients(OP, &layout, gamma, beta, running_mean, running_var, eps)?;
+            let y = affine_rows(&layout, &contiguous(x), &coefficients, false);
+            into_tensor(OP, x.shape(), y)
+        })
+    }
+
+    fn batch_norm_relu_eval(
+        &self,
+        x: &CpuTensor,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        running_mean: &CpuTensor,
+        running_var: &CpuTensor,
+        eps: f32,
+    ) -> BackendResult<CpuTensor> {
+        self.install(|| {
+            const OP: &str = "batch_norm_relu_eval";
+            let layout = Layout::of(OP, x)?;
+            let coefficients =
+                eval_coefficients(OP, &layout, gamma, beta, running_mean, running_var, eps)?;
+            let y = affine_rows(&layout, &contiguous(x), &coefficients, true);
             into_tensor(OP, x.shape(), y)
         })
     }
