@@ -97,6 +97,14 @@ class ShakeBlock(nn.Module):
         return skip + mixed
 
 
+def init_convolutions(model):
+    """He-normal convolution weights over the fan-out, std sqrt(2 / (k·k·out)), as the authors' code and
+    swa-models initialise these networks (BatchNorm and the classifier keep PyTorch's defaults)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+
+
 class ShakeShake(nn.Module):
     def __init__(self, classes, depth=26, width=64):
         super().__init__()
@@ -112,6 +120,7 @@ class ShakeShake(nn.Module):
                 in_channels = channels
             setattr(self, f'layer{stage + 1}', nn.Sequential(*layer))
         self.fc = nn.Linear(in_channels, classes)
+        init_convolutions(self)
 
     def forward(self, x):
         x = self.bn1(self.conv1(x))
@@ -185,6 +194,7 @@ class PyramidNet(nn.Module):
             setattr(self, f'layer{stage + 1}', nn.Sequential(*layer))
         self.bn_final = nn.BatchNorm2d(in_channels)
         self.fc = nn.Linear(in_channels, classes)
+        init_convolutions(self)
 
     def forward(self, x):
         x = self.bn1(self.conv1(x))
