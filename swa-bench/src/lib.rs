@@ -12,6 +12,7 @@
 //! | `overhead` | a PreResNet-20 training span with and without an SWA update; `update_bn` | an epoch (target ≤ 1%); a forward-only pass (target: no slower) |
 //! | `kernels` | convolutions (forward, weight gradient, both gradients) and their GEMMs at the shapes of PreResNet-20/164 and VGG-16, GFLOP/s | a large square GEMM from the `gemm` crate (the machine's practical peak) |
 //! | `training` | training images/s of PreResNet-20 (batch 32, 64, 128, 256), PreResNet-164, VGG-16, WRN-16-4 (batch 128), GFLOP/s, and the peak resident memory of training, each side in a child process of its own ([`memory`]) | the GEMM peak; PyTorch on the same network and batch (`--torch PYTHON`), in alternating rounds, per-round ratios included: memory target ≤ 1.0× |
+//! | `layers` | the trainer's step on the training suite's networks and batches, one row per layer operation and shape: time per step, share of the step, convolutions' GFLOP/s ([`profile`]) | the GEMM peak |
 //! | `epoch` | img/s of a slice of a real CIFAR-10 epoch (`--data DIR` or `SWA_CIFAR10_DIR`): swa-data's shuffled, augmented batches into the trainer's step | PyTorch's same loop with numpy augmentation (`--torch PYTHON`), in alternating rounds |
 //! | `eval` | img/s of `evaluate` and `update_bn` on PreResNet-20, VGG-16 and VGG-16-BN at batch 128, in rounds | PyTorch's `model.eval()` under `no_grad` and `swa_utils.update_bn` (`--torch PYTHON`): targets ≥ 1.5× and ≥ 1.3× |
 //! | `data` | augmented batches/s from swa-data | — |
@@ -24,12 +25,14 @@
 //! The library holds the pieces the binary puts together: [`stats`] (median, min, max, per-round
 //! ratios), [`flops`] (FLOP counts, including a counting backend that measures a network's FLOPs by
 //! running it), [`timing`] (how each backend is timed), [`memory`] (peak resident memory of training,
-//! measured in child processes), [`workload`] (what is run), [`torch`] (the PyTorch reference) and
+//! measured in child processes), [`profile`] (a backend that times each layer operation), [`workload`]
+//! (what is run), [`torch`] (the PyTorch reference) and
 //! [`suites`].
 
 pub mod flops;
 pub mod machine;
 pub mod memory;
+pub mod profile;
 pub mod report;
 pub mod stats;
 pub mod suites;

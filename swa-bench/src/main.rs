@@ -13,7 +13,7 @@ use swa_bench::machine::{load_average, Machine};
 use swa_bench::memory::{probe_this_process, ProbeRequest, SelfProbe, PROBE_COMMAND};
 use swa_bench::report::{header, Report, Versions};
 use swa_bench::suites::{
-    averaging, data, epoch, evaluation, folder, geometry, kernels, overhead, training,
+    averaging, data, epoch, evaluation, folder, geometry, kernels, layers, overhead, training,
 };
 use swa_bench::torch::{default_script, TorchRunner};
 use swa_bench::{Recorder, Settings, BATCH};
@@ -34,6 +34,8 @@ enum Suite {
     Kernels,
     /// Training images/s, GFLOP/s and peak memory of the paper's networks (and PyTorch's with --torch).
     Training,
+    /// Per-layer time and GFLOP/s of the trainer's step on the CPU, against the GEMM peak.
+    Layers,
     /// Images/s of a slice of a real CIFAR-10 epoch, data pipeline included (and PyTorch's with --torch).
     Epoch,
     /// Images/s of `evaluate` and `update_bn` (and PyTorch's with --torch).
@@ -49,11 +51,12 @@ enum Suite {
 }
 
 impl Suite {
-    const ALL: [Suite; 10] = [
+    const ALL: [Suite; 11] = [
         Suite::Averaging,
         Suite::Overhead,
         Suite::Kernels,
         Suite::Training,
+        Suite::Layers,
         Suite::Epoch,
         Suite::Eval,
         Suite::Geometry,
@@ -68,6 +71,7 @@ impl Suite {
             Suite::Overhead => "overhead",
             Suite::Kernels => "kernels",
             Suite::Training => "training",
+            Suite::Layers => "layers",
             Suite::Epoch => "epoch",
             Suite::Eval => "eval",
             Suite::Geometry => "geometry",
@@ -508,6 +512,22 @@ fn run_suite(
                             memory: memory.as_ref(),
                             cpu: &machine.cpu_model,
                         },
+                        recorder,
+                    )?;
+                }
+            }
+        }
+        Suite::Layers => {
+            let peak = gemm_peak(settings, peak, recorder)?;
+            for &architecture in &settings.networks {
+                for batch in settings.train_batches.as_deref().unwrap_or(&[BATCH]) {
+                    layers::run_network(
+                        backend,
+                        "layers",
+                        architecture,
+                        *batch,
+                        settings.train_steps.max(3),
+                        Some(("GEMM peak", peak)),
                         recorder,
                     )?;
                 }

@@ -138,7 +138,7 @@ impl SwaPolicy {
             Period::Epochs(c) if c > 0 => {
                 let completed = epoch as u64 + 1;
                 let start = self.swa_start_epoch as u64;
-                completed >= start && (completed - start) % c as u64 == 0
+                completed >= start && (completed - start).is_multiple_of(c as u64)
             }
             _ => false,
         }
@@ -157,7 +157,7 @@ impl SwaPolicy {
                     .saturating_mul(steps_per_epoch)
                     .saturating_add(step as u64 + 1);
                 let start = (self.swa_start_epoch as u64).saturating_mul(steps_per_epoch);
-                completed >= start && (completed - start) % c as u64 == 0
+                completed >= start && (completed - start).is_multiple_of(c as u64)
             }
             _ => false,
         }

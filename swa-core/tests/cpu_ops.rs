@@ -211,8 +211,10 @@ const fn case(x: [usize; 4], cout: usize, k: usize, stride: usize, pad: usize) -
 /// small images that the backend groups into one GEMM, large images that it unrolls in bands of rows, and
 /// wide layers on small planes that it runs as one GEMM per kernel position (with "same" and "valid"
 /// padding, 3×3 and 5×5 kernels, and channel counts that do not split evenly over the threads) or by
-/// Winograd's F(2×2, 3×3) (3×3, padding 1, even planes, square or not).
-const CONV_CASES: [ConvCase; 20] = [
+/// Winograd's F(2×2, 3×3) (3×3, padding 1, even planes, square or not), and few-channel 3×3 convolutions
+/// with padding 1 on rows of whole vectors that run directly in registers (odd heights and output
+/// channel counts that leave partial tiles, rows of one and two AVX-512 vectors and of one AVX2 vector).
+const CONV_CASES: [ConvCase; 23] = [
     case([1, 3, 5, 7], 4, 3, 1, 1),
     case([3, 3, 5, 7], 2, 3, 2, 1),
     case([3, 2, 7, 5], 3, 3, 1, 0),
@@ -233,6 +235,9 @@ const CONV_CASES: [ConvCase; 20] = [
     case([2, 128, 3, 4], 129, 5, 1, 2),
     case([1, 128, 8, 7], 128, 3, 1, 1),
     case([2, 128, 6, 8], 129, 3, 1, 1),
+    case([3, 5, 7, 16], 11, 3, 1, 1),
+    case([5, 16, 4, 32], 16, 3, 1, 1),
+    case([4, 3, 5, 8], 9, 3, 1, 1),
 ];
 
 #[test]
@@ -315,6 +320,42 @@ fn conv_backward_matches_the_direct_sums() {
             assert!(without.input.is_none() && without.bias.is_none());
             assert_eq!(host(&b, &without.weight), host(&b, &grads.weight), "{what}");
         }
+    }
+}
+
+/// The direct kernels come in an AVX-512 and an AVX2 build, and a machine runs only its best one: this
+/// runs the two tests above again in a child process capped at AVX2 (`SWA_CPU_VECTOR=avx2`), so that a
+/// machine with AVX-512 checks the AVX2 kernels too, and with the direct kernels off (`none`), so that
+/// the `im2col` path they replace stays checked on the same shapes.
+#[test]
+fn conv_cases_pass_with_every_kernel_choice() {
+    if std::env::var_os(swa_core::backend::cpu::VECTOR_VARIABLE).is_some() {
+        // The child itself: the two tests run on their own.
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    for cap in ["avx2", "none"] {
+        let output = std::process::Command::new(&exe)
+            .env(swa_core::backend::cpu::VECTOR_VARIABLE, cap)
+            .args([
+                "--exact",
+                "conv_forward_matches_the_direct_sum",
+                "conv_backward_matches_the_direct_sums",
+                "--test-threads",
+                "1",
+            ])
+            .output()
+            .expect("the test binary runs again");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "with {cap}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains("2 passed"),
+            "with {cap} the two tests should have run: {stdout}"
+        );
     }
 }
 

@@ -688,7 +688,7 @@ impl<B: Backend> Trainer<B> {
             observer.on_step(epoch, step, steps, loss);
             let iteration = epoch * steps + step + 1;
             let every = self.config.test_every_iterations;
-            if every > 0 && iteration % every == 0 && step + 1 < steps {
+            if every > 0 && iteration.is_multiple_of(every) && step + 1 < steps {
                 let evaluating = Instant::now();
                 let test = self.evaluate_current(data)?;
                 iteration_tests.push(IterationTest {
@@ -776,7 +776,7 @@ impl<B: Backend> Trainer<B> {
         let start = self.config.snapshots.map_or(0, |s| s.start_epoch);
         done == self.config.epochs
             || self.config.swa_eval_epochs.contains(&done)
-            || (every > 0 && done >= start && (done - start) % every == 0)
+            || (every > 0 && done >= start && (done - start).is_multiple_of(every))
     }
 
     /// The current weights' metrics on the test set.

@@ -13,5 +13,6 @@ pub mod geometry;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod kernels;
+pub mod layers;
 pub mod overhead;
 pub mod training;

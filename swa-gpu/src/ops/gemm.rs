@@ -155,11 +155,11 @@ impl GpuBackend {
         );
         // vec4 loads need contiguous rows whose length (and so every tile's start) is a multiple of 4.
         let vec_a = match mode {
-            GemmMode::Dense => shape.a_strides.1 == 1 && shape.k % 4 == 0,
-            GemmMode::ConvForward => shape.k % 4 == 0,
+            GemmMode::Dense => shape.a_strides.1 == 1 && shape.k.is_multiple_of(4),
+            GemmMode::ConvForward => shape.k.is_multiple_of(4),
             GemmMode::ConvInputGrad | GemmMode::ConvWeightGrad => false,
         };
-        let vec_b = mode == GemmMode::Dense && shape.b_strides.1 == 1 && shape.n % 4 == 0;
+        let vec_b = mode == GemmMode::Dense && shape.b_strides.1 == 1 && shape.n.is_multiple_of(4);
         let ksize = match mode {
             GemmMode::Dense => 1,
             _ => u("kernel", c.ksize)?,

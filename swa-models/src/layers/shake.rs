@@ -158,7 +158,7 @@ impl<B: Backend> ShakeShortcut<B> {
         stride: usize,
         rng: &mut R,
     ) -> BackendResult<Self> {
-        if in_channels == 0 || out_channels == 0 || out_channels % 2 != 0 || stride == 0 {
+        if in_channels == 0 || out_channels == 0 || !out_channels.is_multiple_of(2) || stride == 0 {
             return Err(BackendError::InvalidArgument {
                 op: "ShakeShortcut::new",
                 message: format!(

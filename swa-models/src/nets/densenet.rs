@@ -42,7 +42,7 @@ pub(super) fn blocks_per_depth(depth: usize) -> Option<[usize; 4]> {
         161 => Some([6, 12, 36, 24]),
         169 => Some([6, 12, 32, 32]),
         201 => Some([6, 12, 48, 32]),
-        _ if depth >= 13 && (depth - 5) % 8 == 0 => Some([(depth - 5) / 8; 4]),
+        _ if depth >= 13 && (depth - 5).is_multiple_of(8) => Some([(depth - 5) / 8; 4]),
         _ => None,
     }
 }

@@ -15,7 +15,7 @@ pub(super) fn blocks_per_stage(depth: usize) -> Option<[usize; 4]> {
         50 => Some([3, 4, 6, 3]),
         101 => Some([3, 4, 23, 3]),
         152 => Some([3, 8, 36, 3]),
-        _ if depth >= 14 && (depth - 2) % 12 == 0 => Some([(depth - 2) / 12; 4]),
+        _ if depth >= 14 && (depth - 2).is_multiple_of(12) => Some([(depth - 2) / 12; 4]),
         _ => None,
     }
 }

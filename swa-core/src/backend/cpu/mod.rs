@@ -17,6 +17,8 @@ use ndarray::{ArrayD, IxDyn};
 
 use super::{Backend, BackendError, BackendResult, HasShape, SgdStep};
 
+pub use conv::VECTOR_VARIABLE;
+
 /// The tensor type of [`CpuBackend`].
 pub type CpuTensor = ArrayD<f32>;
 

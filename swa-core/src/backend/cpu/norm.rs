@@ -1,13 +1,15 @@
 //! Batch norm over `[N, C, H, W]` (or `[N, C]`), per channel, in PyTorch's formulation.
 //!
-//! Statistics are computed with one parallel task per channel; outputs are then written `H·W` row by
-//! row, each value once. Sums run over each `H·W` row in f32 with eight lanes and over the rows in f64,
-//! always in the same order, so results are deterministic and accurate for large batches.
+//! Every pass walks the batch in memory order, image by image, so that it streams through contiguous
+//! memory (a channel's rows lie a whole image apart: walking one channel at a time would jump a page
+//! or more per row, which defeats the hardware prefetcher). Statistics are summed per fixed group of
+//! images, in parallel, each row in f32 with eight lanes and the rows in f64; the groups' sums are then
+//! added in order. The groups do not depend on the thread count, so results are bit-identical whatever
+//! the threads, and accurate for large batches. Outputs are written `H·W` row by row, each value once.
 
-use ndarray::{ArrayViewMut3, Axis, Zip};
 use rayon::prelude::*;
 
-use super::matrix::{contiguous, into_tensor, zeroed};
+use super::matrix::{contiguous, into_tensor};
 use super::{CpuBackend, CpuTensor};
 use crate::backend::{BackendError, BackendResult, BatchNormGrads, BatchNormSaved, NormOps};
 
@@ -48,19 +50,6 @@ impl Layout {
     /// Channel `c`'s row of image `n`.
     fn row<'a>(&self, data: &'a [f32], n: usize, c: usize) -> &'a [f32] {
         &data[(n * self.channels + c) * self.plane..][..self.plane]
-    }
-
-    fn view_mut<'a>(&self, data: &'a mut [f32]) -> BackendResult<ArrayViewMut3<'a, f32>> {
-        let shape = [self.batch, self.channels, self.plane];
-        let len = data.len();
-        ArrayViewMut3::from_shape(shape, data).map_err(|_| BackendError::ShapeMismatch {
-            op: "batch_norm",
-            expected: format!(
-                "{} values for the shape {shape:?}",
-                shape.iter().product::<usize>()
-            ),
-            got: vec![len],
-        })
     }
 }
 
@@ -125,28 +114,70 @@ fn gradient_sums(dy: &[f32], x: &[f32], mean: f32) -> (f32, f32) {
     (s, p)
 }
 
+/// Images per group of the per-channel sums: fixed, so that the sums do not depend on the thread count;
+/// small, so that the groups keep both threads busy on a batch of 128.
+const IMAGES_PER_GROUP: usize = 4;
+
+/// Two sums per channel over the batch: `row_sums(n, c, scratch)` gives image `n`'s two f32 sums for
+/// channel `c` (`scratch` is a buffer of the task's, for a row derived on the fly), added up in f64 per
+/// group of [`IMAGES_PER_GROUP`] images in parallel, and the groups in order.
+fn channel_sums<F>(layout: &Layout, row_sums: F) -> Vec<(f64, f64)>
+where
+    F: Fn(usize, usize, &mut Vec<f32>) -> (f32, f32) + Sync,
+{
+    let groups = layout.batch.div_ceil(IMAGES_PER_GROUP);
+    let partials: Vec<Vec<(f64, f64)>> = (0..groups)
+        .into_par_iter()
+        .map(|group| {
+            let mut sums = vec![(0.0f64, 0.0f64); layout.channels];
+            let mut scratch = Vec::new();
+            let first = group * IMAGES_PER_GROUP;
+            for n in first..(first + IMAGES_PER_GROUP).min(layout.batch) {
+                for (c, sum) in sums.iter_mut().enumerate() {
+                    let (a, b) = row_sums(n, c, &mut scratch);
+                    sum.0 += f64::from(a);
+                    sum.1 += f64::from(b);
+                }
+            }
+            sums
+        })
+        .collect();
+    let mut total = vec![(0.0f64, 0.0f64); layout.channels];
+    for partial in partials {
+        for (t, p) in total.iter_mut().zip(partial) {
+            t.0 += p.0;
+            t.1 += p.1;
+        }
+    }
+    total
+}
+
 /// Channel statistics of a training batch.
 struct Moments {
     mean: f64,
     biased_var: f64,
 }
 
-/// Mean and biased variance of channel `c`, shifted by its first value so that a large mean does not
-/// cancel the variance away.
-fn moments(layout: &Layout, x: &[f32], c: usize) -> Moments {
-    let shift = layout.row(x, 0, c)[0];
-    let (mut sum, mut squares) = (0.0f64, 0.0f64);
-    for n in 0..layout.batch {
-        let (s, q) = shifted_sums(layout.row(x, n, c), shift);
-        sum += f64::from(s);
-        squares += f64::from(q);
-    }
+/// Mean and biased variance of every channel, each shifted by the channel's first value so that a large
+/// mean does not cancel the variance away.
+fn moments(layout: &Layout, x: &[f32]) -> Vec<Moments> {
+    let shifts: Vec<f32> = (0..layout.channels)
+        .map(|c| layout.row(x, 0, c)[0])
+        .collect();
     let count = layout.count() as f64;
-    let shifted_mean = sum / count;
-    Moments {
-        mean: f64::from(shift) + shifted_mean,
-        biased_var: (squares / count - shifted_mean * shifted_mean).max(0.0),
-    }
+    channel_sums(layout, |n, c, _| {
+        shifted_sums(layout.row(x, n, c), shifts[c])
+    })
+    .into_iter()
+    .zip(&shifts)
+    .map(|((sum, squares), &shift)| {
+        let shifted_mean = sum / count;
+        Moments {
+            mean: f64::from(shift) + shifted_mean,
+            biased_var: (squares / count - shifted_mean * shifted_mean).max(0.0),
+        }
+    })
+    .collect()
 }
 
 /// Each channel's `(scale, shift)` of an evaluation-mode batch norm, after checking that every
@@ -269,10 +300,7 @@ impl CpuBackend {
             let gamma = contiguous(gamma);
             let beta = contiguous(beta);
 
-            let stats: Vec<Moments> = (0..layout.channels)
-                .into_par_iter()
-                .map(|c| moments(&layout, &xs, c))
-                .collect();
+            let stats = moments(&layout, &xs);
             let inv_std: Vec<f32> = stats
                 .iter()
                 .map(|m| (1.0 / (m.biased_var + f64::from(eps)).sqrt()) as f32)
@@ -340,65 +368,83 @@ impl CpuBackend {
             let inv_std = contiguous(&saved.inv_std);
             let count = layout.count() as f64;
 
-            let mut dx = zeroed(xs.len());
-            let mut dx3 = layout.view_mut(&mut dx)?;
-            let sums: Vec<(f32, f32)> = dx3
-                .axis_iter_mut(Axis(1))
-                .into_par_iter()
+            // The ReLU's input is the forward pass's `x·scale + shift`, recomputed (no mask without β).
+            let relu_coefficients: Option<Vec<(f32, f32)>> = beta.as_ref().map(|beta| {
+                (0..layout.channels)
+                    .map(|c| batch_coefficients(gamma[c], beta[c], mean[c], inv_std[c]))
+                    .collect()
+            });
+            let masked = |n: usize, c: usize, buffer: &mut Vec<f32>| {
+                let Some(coefficients) = &relu_coefficients else {
+                    return;
+                };
+                let (scale_y, shift_y) = coefficients[c];
+                buffer.clear();
+                buffer.extend(
+                    layout
+                        .row(&dys, n, c)
+                        .iter()
+                        .zip(layout.row(&xs, n, c))
+                        .map(|(&dz, &x)| relu_mask(x * scale_y + shift_y, dz)),
+                );
+            };
+            let sums = channel_sums(&layout, |n, c, buffer| {
+                masked(n, c, buffer);
+                let dy_row = match &relu_coefficients {
+                    Some(_) => &buffer[..],
+                    None => layout.row(&dys, n, c),
+                };
+                gradient_sums(dy_row, layout.row(&xs, n, c), mean[c])
+            });
+            // dx = γ·σ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂)), with x̂ = (x − μ)·σ⁻¹: per channel
+            // `dx = scale·(dy − mean_dy − (x − μ)·slope)`.
+            let terms: Vec<(f32, f32, f32, f32)> = sums
+                .iter()
                 .enumerate()
-                .map(|(c, mut dx_channel)| {
-                    let mu = mean[c];
-                    // The ReLU's input is the forward pass's `x·scale + shift`, recomputed.
-                    let (scale_y, shift_y) = match &beta {
-                        Some(beta) => batch_coefficients(gamma[c], beta[c], mu, inv_std[c]),
-                        None => (0.0, 0.0),
-                    };
-                    let masked = beta.is_some();
-                    // One row of the ReLU's input gradient at a time, in cache for the pass reading it.
-                    let mut masked_row = Vec::new();
-                    let row_dy = |buffer: &mut Vec<f32>, n: usize| {
-                        buffer.clear();
-                        buffer.extend(
-                            layout
-                                .row(&dys, n, c)
-                                .iter()
-                                .zip(layout.row(&xs, n, c))
-                                .map(|(&dz, &x)| relu_mask(x * scale_y + shift_y, dz)),
-                        );
-                    };
-                    let (mut dbeta, mut dot) = (0.0f64, 0.0f64);
-                    for n in 0..layout.batch {
-                        let dy_row = if masked {
-                            row_dy(&mut masked_row, n);
-                            &masked_row[..]
-                        } else {
-                            layout.row(&dys, n, c)
-                        };
-                        let (s, p) = gradient_sums(dy_row, layout.row(&xs, n, c), mu);
-                        dbeta += f64::from(s);
-                        dot += f64::from(p);
-                    }
+                .map(|(c, &(dbeta, dot))| {
                     let dgamma = dot * f64::from(inv_std[c]);
-                    // dx = γ·σ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂)), with x̂ = (x − μ)·σ⁻¹.
-                    let scale = gamma[c] * inv_std[c];
-                    let mean_dy = (dbeta / count) as f32;
-                    let slope = (dgamma / count) as f32 * inv_std[c];
-                    for (n, dx_row) in dx_channel.outer_iter_mut().enumerate() {
-                        let dy_row = if masked {
-                            row_dy(&mut masked_row, n);
-                            &masked_row[..]
-                        } else {
-                            layout.row(&dys, n, c)
-                        };
-                        Zip::from(dx_row)
-                            .and(dy_row)
-                            .and(layout.row(&xs, n, c))
-                            .for_each(|dx, &dy, &x| {
-                                *dx = scale * (dy - mean_dy - (x - mu) * slope)
-                            });
-                    }
-                    (dgamma as f32, dbeta as f32)
+                    (
+                        gamma[c] * inv_std[c],
+                        (dbeta / count) as f32,
+                        (dgamma / count) as f32 * inv_std[c],
+                        mean[c],
+                    )
                 })
+                .collect();
+            let len = xs.len();
+            let plane = layout.plane;
+            let mut dx = Vec::with_capacity(len);
+            dx.spare_capacity_mut()[..len]
+                .par_chunks_mut(plane)
+                .zip(dys.par_chunks(plane).zip(xs.par_chunks(plane)))
+                .enumerate()
+                .with_min_len((AFFINE_ROWS_MIN_LEN / plane).max(1))
+                .for_each(|(row, (out, (dy, x)))| {
+                    let c = row % layout.channels;
+                    let (scale, mean_dy, slope, mu) = terms[c];
+                    match &relu_coefficients {
+                        Some(coefficients) => {
+                            let (scale_y, shift_y) = coefficients[c];
+                            for ((o, &dz), &x) in out.iter_mut().zip(dy).zip(x) {
+                                let dy = relu_mask(x * scale_y + shift_y, dz);
+                                o.write(scale * (dy - mean_dy - (x - mu) * slope));
+                            }
+                        }
+                        None => {
+                            for ((o, &dy), &x) in out.iter_mut().zip(dy).zip(x) {
+                                o.write(scale * (dy - mean_dy - (x - mu) * slope));
+                            }
+                        }
+                    }
+                });
+            // SAFETY: `len` is `batch · channels · plane`, so the chunks of `plane` cover the first `len`
+            // spare elements exactly, and each chunk's loop wrote every element of it, since `dy` and `x`
+            // are as long as `out` (all three have the input's shape, checked above).
+            unsafe { dx.set_len(len) };
+            let sums: Vec<(f32, f32)> = sums
+                .iter()
+                .zip(&inv_std[..])
+                .map(|(&(dbeta, dot), &inv_std)| ((dot * f64::from(inv_std)) as f32, dbeta as f32))
                 .collect();
             let c = layout.channels;
             Ok(BatchNormGrads {

@@ -19,6 +19,10 @@
 //!   kernel position over pixel-major activations, which skips the products with padding that `im2col`
 //!   makes (31% of them at 4×4, 56% at 2×2).
 //!
+//! 3×3 stride-1 convolutions with padding 1 and at most 64 channels take a third path, [`direct`]: each
+//! output tile is accumulated in vector registers straight from zero-padded copies of the images, with no
+//! unrolled input at all (PreResNet's and Shake-Shake's first stages).
+//!
 //! Other tiny output planes (at most 16 pixels, fewer channels) unroll the whole batch and run each
 //! product as one GEMM split over the pool by `gemm` itself, which divides the output into tiles and keeps
 //! every element's summation order, so these results are bit-identical for a given thread count too.
@@ -29,8 +33,11 @@ use rayon::prelude::*;
 
 use gemm::Parallelism;
 
+mod direct;
 mod shifted;
 mod winograd;
+
+pub use direct::VECTOR_VARIABLE;
 
 use super::matrix::{
     contiguous, gemm_into, gemm_into_col_major, gemm_into_rows, into_tensor, parallelism, zeroed,
@@ -693,10 +700,14 @@ impl ConvOps<CpuTensor> for CpuBackend {
             let x = contiguous(x);
             let w = contiguous(w);
             let bias = bias.map(contiguous);
-            let mut y = zeroed(g.batch * g.out_image());
-            if y.is_empty() {
+            if g.batch * g.out_image() == 0 {
+                return into_tensor("conv2d", &g.output_shape(), Vec::new());
+            }
+            if let Some(isa) = direct::fits(&g) {
+                let y = direct::forward(isa, &g, &w, &x, bias.as_deref());
                 return into_tensor("conv2d", &g.output_shape(), y);
             }
+            let mut y = zeroed(g.batch * g.out_image());
             let threads = rayon::current_num_threads();
             let per_chunk = g.images_per_chunk(threads);
             let chunks = g.batch.div_ceil(per_chunk);
@@ -815,6 +826,14 @@ fn gradients(
     dy: &[f32],
     need_input: bool,
 ) -> (Vec<f32>, Vec<f32>) {
+    if let Some(isa) = direct::fits(g) {
+        let dw = direct::weight_gradient(isa, g, x, dy);
+        let Some(t) = g.input_gradient_as_convolution().filter(|_| need_input) else {
+            return (Vec::new(), dw);
+        };
+        let dx = direct::forward(isa, &t, &g.flipped_weight(w), dy, None);
+        return (dx, dw);
+    }
     if let Some(t) = g
         .input_gradient_as_convolution()
         .filter(|_| need_input && g.winograd())

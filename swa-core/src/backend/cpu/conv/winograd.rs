@@ -26,7 +26,11 @@ const POSITIONS: usize = 16;
 
 /// Whether `g` can run as F(2×2, 3×3): a 3×3 stride-1 convolution with padding 1 on even planes.
 pub(super) fn fits(g: &Geometry) -> bool {
-    g.kernel == 3 && g.stride == 1 && g.padding == 1 && g.height % 2 == 0 && g.width % 2 == 0
+    g.kernel == 3
+        && g.stride == 1
+        && g.padding == 1
+        && g.height.is_multiple_of(2)
+        && g.width.is_multiple_of(2)
 }
 
 /// The rows of a position-major buffer `[16][channels][pitch]` grouped by channel: entry `c` holds channel
