@@ -214,7 +214,7 @@ const fn case(x: [usize; 4], cout: usize, k: usize, stride: usize, pad: usize) -
 /// Winograd's F(2×2, 3×3) (3×3, padding 1, even planes, square or not), and few-channel 3×3 convolutions
 /// with padding 1 on rows of whole vectors that run directly in registers (odd heights and output
 /// channel counts that leave partial tiles, rows of one and two AVX-512 vectors and of one AVX2 vector).
-const CONV_CASES: [ConvCase; 23] = [
+const CONV_CASES: [ConvCase; 24] = [
     case([1, 3, 5, 7], 4, 3, 1, 1),
     case([3, 3, 5, 7], 2, 3, 2, 1),
     case([3, 2, 7, 5], 3, 3, 1, 0),
@@ -238,6 +238,7 @@ const CONV_CASES: [ConvCase; 23] = [
     case([3, 5, 7, 16], 11, 3, 1, 1),
     case([5, 16, 4, 32], 16, 3, 1, 1),
     case([4, 3, 5, 8], 9, 3, 1, 1),
+    case([2, 100, 3, 16], 70, 3, 1, 1),
 ];
 
 #[test]

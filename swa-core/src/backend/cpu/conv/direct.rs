@@ -26,17 +26,10 @@ use rayon::prelude::*;
 
 use super::{resized, with_scratch, Geometry};
 
-/// Convolutions with more channels than this on either side use `im2col`: their GEMMs are long enough
-/// to run near the GEMM kernel's peak. Set by measurement on the paper's networks.
-pub(super) const MAX_CHANNELS: usize = 64;
-
-/// Below this width, only convolutions of at most [`NARROW_MAX_CHANNELS`] channels run here: on 16×16
-/// planes with 32 channels `im2col` was measured faster (its GEMMs are long enough, and the weight
-/// gradient's tiles here cover too few pixels per image to pay for loading and storing their sums).
-const WIDE_MIN_WIDTH: usize = 32;
-
-/// See [`WIDE_MIN_WIDTH`].
-const NARROW_MAX_CHANNELS: usize = 16;
+/// Convolutions with more channels than this on either side use `im2col` (or Winograd's algorithm):
+/// measured no slower there up to 128 channels (64 and 128 on 32×32 and 16×16 planes), and untried
+/// beyond.
+pub(super) const MAX_CHANNELS: usize = 128;
 
 /// The vector instructions a kernel is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,21 +96,14 @@ const GRADIENT_CHANNELS_512: usize = 2;
 const GRADIENT_CHANNELS_256: usize = 1;
 
 /// The instruction set to run `g` with, when it runs here: a 3×3 stride-1 convolution with padding 1,
-/// rows a whole number of vectors long, at most [`MAX_CHANNELS`] channels on either side on planes at
-/// least [`WIDE_MIN_WIDTH`] wide and at most [`NARROW_MAX_CHANNELS`] on narrower ones, on a processor
+/// at most [`MAX_CHANNELS`] channels on either side, rows a whole number of vectors long, on a processor
 /// with AVX-512 or AVX2.
 pub(super) fn fits(g: &Geometry) -> Option<Isa> {
     let isa = Isa::detected()?;
-    let channels = g.in_channels.max(g.out_channels);
-    let max_channels = if g.width >= WIDE_MIN_WIDTH {
-        MAX_CHANNELS
-    } else {
-        NARROW_MAX_CHANNELS
-    };
     (g.kernel == 3
         && g.stride == 1
         && g.padding == 1
-        && channels <= max_channels
+        && g.in_channels.max(g.out_channels) <= MAX_CHANNELS
         && g.width.is_multiple_of(isa.lanes()))
     .then_some(isa)
 }
@@ -146,7 +132,12 @@ fn pad_image(
             .zip(plane.chunks_exact(width))
         {
             row[0] = 0.0;
-            row[1..=width].copy_from_slice(src);
+            // Eight values at a time: the width is a whole number of vectors, and a copy of a fixed
+            // size compiles to vector moves where a row-long `copy_from_slice` would call `memmove`
+            // once per row (a third of a small plane's padding time).
+            for (to, from) in row[1..=width].chunks_exact_mut(8).zip(src.chunks_exact(8)) {
+                to.copy_from_slice(from);
+            }
             row[width + 1] = 0.0;
         }
         padded[(height + 1) * pitch..].fill(0.0);
@@ -469,13 +460,18 @@ unsafe fn gradient_image<V: Vector, const C: usize>(
 ) {
     let out_plane = p.height * p.width;
     let block = 9 * V::LANES;
+    // Rows past the last (an odd height) and channels past the last (the tile's rounding) read this row
+    // of zeros, so that every load of the inner loop is unconditional and the gradients stay in
+    // registers.
+    let zeros = vec![0.0f32; p.width];
     let (x, dy, lanes) = (padded.as_ptr(), dy.as_ptr(), lanes.as_mut_ptr());
     for co0 in (0..p.out_channels).step_by(C) {
         let channels = C.min(p.out_channels - co0);
         for ci in 0..p.in_channels {
-            // SAFETY: by the function's contract: images below `images`, input rows `oh + t ≤ H + 2` and columns
-            // `col + kw + LANES ≤ W + 2` of each padded plane, output channels below `Cout`, and sums of
-            // output channels below `Cout` rounded up to `C`.
+            // SAFETY: by the function's contract: images below `images`, input rows
+            // `oh + t ≤ H + 2` and columns `col + kw + LANES ≤ W + 2` of each padded plane, output
+            // gradient rows below `H` of channels below `Cout` (or the row of zeros, `W` long), and
+            // sums of output channels below `Cout` rounded up to `C`.
             unsafe {
                 let mut acc = [[V::zero(); 9]; C];
                 for j in 0..C {
@@ -488,19 +484,22 @@ unsafe fn gradient_image<V: Vector, const C: usize>(
                 for image in 0..images {
                     let plane = x.add((image * p.in_channels + ci) * p.padded_plane);
                     let dy = dy.add(image * p.out_channels * out_plane);
-                    // Two output rows at a time: padded input rows `oh .. oh + 4` each serve both rows (the
-                    // first with kernel rows `t`, the second with `t − 1`), so every input vector is loaded
-                    // once for up to six products per output channel.
+                    // Two output rows at a time: padded input rows `oh .. oh + 4` each serve both
+                    // rows (the first with kernel rows `t`, the second with `t − 1`), so every input
+                    // vector is loaded once for up to six products per output channel.
                     for oh in (0..p.height).step_by(2) {
-                        let both = oh + 1 < p.height;
+                        let mut rows = [[zeros.as_ptr(); 2]; C];
+                        for (j, rows) in rows.iter_mut().enumerate().take(channels) {
+                            rows[0] = dy.add((co0 + j) * out_plane + oh * p.width);
+                            if oh + 1 < p.height {
+                                rows[1] = rows[0].add(p.width);
+                            }
+                        }
                         for col in (0..p.width).step_by(V::LANES) {
                             let mut dyv = [[V::zero(); 2]; C];
-                            for j in 0..channels {
-                                let row = dy.add((co0 + j) * out_plane + oh * p.width + col);
-                                dyv[j][0] = V::load(row);
-                                if both {
-                                    dyv[j][1] = V::load(row.add(p.width));
-                                }
+                            for j in 0..C {
+                                dyv[j] =
+                                    [V::load(rows[j][0].add(col)), V::load(rows[j][1].add(col))];
                             }
                             for t in 0..4 {
                                 for kw in 0..3 {

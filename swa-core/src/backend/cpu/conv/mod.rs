@@ -19,9 +19,10 @@
 //!   kernel position over pixel-major activations, which skips the products with padding that `im2col`
 //!   makes (31% of them at 4×4, 56% at 2×2).
 //!
-//! 3×3 stride-1 convolutions with padding 1 and at most 64 channels take a third path, [`direct`]: each
-//! output tile is accumulated in vector registers straight from zero-padded copies of the images, with no
-//! unrolled input at all (PreResNet's and Shake-Shake's first stages).
+//! 3×3 stride-1 convolutions with padding 1 and at most 128 channels, on rows a whole number of vectors
+//! long, take a third path, [`direct`]: each output tile is accumulated in vector registers straight from
+//! zero-padded copies of the images, with no unrolled input at all (the first two stages of PreResNet,
+//! WRN, Shake-Shake and PyramidNet, VGG-16's first four layers).
 //!
 //! Other tiny output planes (at most 16 pixels, fewer channels) unroll the whole batch and run each
 //! product as one GEMM split over the pool by `gemm` itself, which divides the output into tiles and keeps
