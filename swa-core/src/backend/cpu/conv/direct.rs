@@ -1,4 +1,4 @@
-//! 3×3 stride-1 convolutions with padding 1 on few channels, computed directly in registers.
+//! 3×3 stride-1 convolutions with padding 1 on up to 128 channels, computed directly in registers.
 //!
 //! With 16 or 32 channels, `im2col` writes nine copies of every input value and the GEMM then reads
 //! them back, and its short dimension (the output channels) is too small for the GEMM kernel's
@@ -15,9 +15,10 @@
 //!   accumulated per vector lane over a segment of the batch, the lanes and then the segments summed in
 //!   a fixed order, so the result is bit-identical for a given thread count.
 //!
-//! The kernels are written once over fixed-size arrays, which the compiler keeps in vector registers,
-//! and compiled for AVX-512 (16 lanes) and for AVX2 with FMA (8 lanes); which one runs is decided from
-//! the processor's features at run time. Without either, or for other shapes, the caller uses `im2col`.
+//! The kernels are written once over a small [`Vector`] trait (load, store, broadcast, fused
+//! multiply-add), with the tile's accumulators in fixed-size arrays the compiler keeps in registers, and
+//! compiled for AVX-512 (16 lanes) and for AVX2 with FMA (8 lanes); which one runs is decided from the
+//! processor's features at run time. Without either, or for other shapes, the caller uses `im2col`.
 
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
