@@ -334,6 +334,29 @@ impl CpuBackend {
         })
     }
 
+    /// Evaluation-mode batch norm, followed by a ReLU when `rectify`: one pass writing each output once.
+    /// [`eval_coefficients`] checks every per-channel tensor against the input's channels.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_eval_with(
+        &self,
+        op: &'static str,
+        x: &CpuTensor,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        running_mean: &CpuTensor,
+        running_var: &CpuTensor,
+        eps: f32,
+        rectify: bool,
+    ) -> BackendResult<CpuTensor> {
+        self.install(|| {
+            let layout = Layout::of(op, x)?;
+            let coefficients =
+                eval_coefficients(op, &layout, gamma, beta, running_mean, running_var, eps)?;
+            let y = affine_rows(&layout, &contiguous(x), &coefficients, rectify);
+            into_tensor(op, x.shape(), y)
+        })
+    }
+
     /// Gradients of training-mode batch norm from the gradient `dy` of its output, or with `relu_beta`
     /// from the gradient of `max(bn(x), 0)`, the ReLU's mask recomputed from `x` and the shift β.
     fn batch_norm_backward_with(
@@ -512,18 +535,16 @@ impl NormOps<CpuTensor> for CpuBackend {
         running_var: &CpuTensor,
         eps: f32,
     ) -> BackendResult<CpuTensor> {
-        self.install(|| {
-            const OP: &str = "batch_norm_eval";
-            let layout = Layout::of(OP, x)?;
-            check_per_channel(OP, "gamma", gamma, &layout)?;
-            check_per_channel(OP, "beta", beta, &layout)?;
-            check_per_channel(OP, "running_mean", running_mean, &layout)?;
-            check_per_channel(OP, "running_var", running_var, &layout)?;
-            let coefficients =
-                eval_coefficients(OP, &layout, gamma, beta, running_mean, running_var, eps)?;
-            let y = affine_rows(&layout, &contiguous(x), &coefficients, false);
-            into_tensor(OP, x.shape(), y)
-        })
+        self.batch_norm_eval_with(
+            "batch_norm_eval",
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            eps,
+            false,
+        )
     }
 
     fn batch_norm_relu_eval(
@@ -535,14 +556,16 @@ impl NormOps<CpuTensor> for CpuBackend {
         running_var: &CpuTensor,
         eps: f32,
     ) -> BackendResult<CpuTensor> {
-        self.install(|| {
-            const OP: &str = "batch_norm_relu_eval";
-            let layout = Layout::of(OP, x)?;
-            let coefficients =
-                eval_coefficients(OP, &layout, gamma, beta, running_mean, running_var, eps)?;
-            let y = affine_rows(&layout, &contiguous(x), &coefficients, true);
-            into_tensor(OP, x.shape(), y)
-        })
+        self.batch_norm_eval_with(
+            "batch_norm_relu_eval",
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            eps,
+            true,
+        )
     }
 
     fn batch_norm_backward(
