@@ -293,6 +293,14 @@ impl<B: Backend> ElementwiseOps<B::Tensor> for OpProfiler<B> {
     fn mul(&self, a: &B::Tensor, b: &B::Tensor) -> BackendResult<B::Tensor> {
         self.timed("mul", || dims_label(a.dims()), 0, || self.inner.mul(a, b))
     }
+    fn scale_per_image(&self, x: &B::Tensor, scales: &B::Tensor) -> BackendResult<B::Tensor> {
+        self.timed(
+            "scale per image",
+            || dims_label(x.dims()),
+            0,
+            || self.inner.scale_per_image(x, scales),
+        )
+    }
     fn relu(&self, x: &B::Tensor) -> BackendResult<B::Tensor> {
         self.timed("ReLU", || dims_label(x.dims()), 0, || self.inner.relu(x))
     }

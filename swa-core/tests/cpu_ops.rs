@@ -1416,6 +1416,52 @@ fn large_elementwise_ops_match_their_definitions() {
     ));
 }
 
+#[test]
+fn scale_per_image_multiplies_each_image_by_its_own_scale() {
+    let mut r = rng(17);
+    // One shape split over the threads and one below the parallel threshold; images of odd length.
+    for (threads, shape) in [
+        (2, [6usize, 16, 32, 32]),
+        (1, [3, 5, 7, 3]),
+        (3, [5, 1, 1, 1]),
+    ] {
+        let b = CpuBackend::with_threads(threads);
+        let n: usize = shape.iter().product();
+        let per_image = n / shape[0];
+        let x = uniform(&mut r, n);
+        let scales = uniform(&mut r, shape[0]);
+        let scaled = b
+            .scale_per_image(&tensor(&b, &x, &shape), &tensor(&b, &scales, &[shape[0]]))
+            .expect("scale_per_image");
+        assert_eq!(scaled.shape(), shape);
+        let want: Vec<f64> = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| f64::from(v * scales[i / per_image]))
+            .collect();
+        assert_close("scale_per_image", &host(&b, &scaled), &want, 0.0);
+    }
+    let b = CpuBackend::with_threads(1);
+    let empty = b
+        .scale_per_image(
+            &b.zeros(&[0, 3]).expect("zeros"),
+            &b.zeros(&[0]).expect("zeros"),
+        )
+        .expect("an empty batch");
+    assert_eq!(empty.len(), 0);
+    let x = b.zeros(&[4, 2, 2]).expect("zeros");
+    for wrong in [vec![3], vec![4, 1], vec![]] {
+        let scales = b.zeros(&wrong).expect("zeros");
+        assert!(
+            matches!(
+                b.scale_per_image(&x, &scales),
+                Err(BackendError::ShapeMismatch { op: "scale_per_image", ref got, .. }) if *got == wrong
+            ),
+            "scales of shape {wrong:?} for 4 images"
+        );
+    }
+}
+
 // ------------------------------------------------------------------------------------------ SGD
 
 #[test]

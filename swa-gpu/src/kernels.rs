@@ -54,6 +54,13 @@ kernel!(AXPY, "elementwise", ELEMENTWISE, "axpy", [W(1), R(2)]);
 kernel!(SGD, "elementwise", ELEMENTWISE, "sgd", [W(1), R(2), W(3)]);
 kernel!(ADD, "elementwise", ELEMENTWISE, "add", [W(1), R(2), R(4)]);
 kernel!(MUL, "elementwise", ELEMENTWISE, "mul", [W(1), R(2), R(4)]);
+kernel!(
+    SCALE_PER_IMAGE,
+    "elementwise",
+    ELEMENTWISE,
+    "scale_per_image",
+    [W(1), R(2), R(4)]
+);
 kernel!(RELU, "elementwise", ELEMENTWISE, "relu", [W(1), R(2)]);
 kernel!(
     RELU_IN_PLACE,

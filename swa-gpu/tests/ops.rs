@@ -16,7 +16,7 @@ mod common;
 
 use common::*;
 use swa_core::backend::prelude::*;
-use swa_core::backend::{dropout_keeps, Conv2dSpec, SgdStep};
+use swa_core::backend::{dropout_keeps, BackendError, Conv2dSpec, SgdStep};
 
 const ELEMENTWISE_TOL: f32 = 1e-6;
 const TRANSCENDENTAL_TOL: f32 = 2e-5;
@@ -233,6 +233,22 @@ fn arithmetic_relu_and_bias_match_cpu() {
         0.0,
         0.0,
     );
+    let (gs, cs) = random_pair(&g, 52, &[2]);
+    assert_close(
+        "scale_per_image",
+        &g,
+        &g.scale_per_image(&ga, &gs).unwrap(),
+        &c.scale_per_image(&ca, &cs).unwrap(),
+        0.0,
+        0.0,
+    );
+    assert!(matches!(
+        g.scale_per_image(&ga, &gb),
+        Err(BackendError::ShapeMismatch {
+            op: "scale_per_image",
+            ..
+        })
+    ));
     assert_close(
         "add(a, a)",
         &g,

@@ -96,6 +96,7 @@ impl ElementwiseOps<CpuTensor> for CopyCounter {
     delegate! {
         add(&self, a: &CpuTensor, b: &CpuTensor) -> BackendResult<CpuTensor>;
         mul(&self, a: &CpuTensor, b: &CpuTensor) -> BackendResult<CpuTensor>;
+        scale_per_image(&self, x: &CpuTensor, scales: &CpuTensor) -> BackendResult<CpuTensor>;
         relu(&self, x: &CpuTensor) -> BackendResult<CpuTensor>;
         relu_(&self, x: &mut CpuTensor) -> BackendResult<()>;
         relu_backward(&self, y: &CpuTensor, dy: &CpuTensor) -> BackendResult<CpuTensor>;

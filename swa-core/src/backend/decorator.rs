@@ -114,6 +114,13 @@ impl<D: ForwardElementwise> ElementwiseOps<InnerTensor<D>> for D {
     fn mul(&self, a: &InnerTensor<D>, b: &InnerTensor<D>) -> BackendResult<InnerTensor<D>> {
         self.inner().mul(a, b)
     }
+    fn scale_per_image(
+        &self,
+        x: &InnerTensor<D>,
+        scales: &InnerTensor<D>,
+    ) -> BackendResult<InnerTensor<D>> {
+        self.inner().scale_per_image(x, scales)
+    }
     fn relu(&self, x: &InnerTensor<D>) -> BackendResult<InnerTensor<D>> {
         self.inner().relu(x)
     }

@@ -330,6 +330,23 @@ impl AxisSlice {
     }
 }
 
+/// The number of elements per image of a tensor of shape `x` scaled by a per-image vector of shape
+/// `scales` ([`ElementwiseOps::scale_per_image`]): an error naming `op` unless `scales` is `[N]` for an
+/// `x` of shape `[N, …]`.
+pub fn per_image_extent(op: &'static str, x: &[usize], scales: &[usize]) -> BackendResult<usize> {
+    match (x.split_first(), scales) {
+        (Some((&images, rest)), &[count]) if count == images => Ok(rest.iter().product()),
+        _ => Err(BackendError::ShapeMismatch {
+            op,
+            expected: format!(
+                "one scale per image of a tensor of shape {x:?}: [{}]",
+                x.first().copied().unwrap_or(0)
+            ),
+            got: scales.to_vec(),
+        }),
+    }
+}
+
 /// Element-wise operations of network layers on tensors `T`, producing new tensors, and the copies of
 /// slices along one axis that let a layer read and write channel ranges of a concatenation (the dense
 /// blocks of DenseNet) and of the parameters acting on them.
@@ -338,6 +355,10 @@ pub trait ElementwiseOps<T> {
     fn add(&self, a: &T, b: &T) -> BackendResult<T>;
     /// `a ⊙ b` (same shapes): dropout masks.
     fn mul(&self, a: &T, b: &T) -> BackendResult<T>;
+    /// `x` with every element of image `n` (index `n` along the leading axis) multiplied by
+    /// `scales[n]`; `scales` has shape `[N]` for an `x` of shape `[N, …]`. Shake-Shake's per-image
+    /// mixing coefficients, in one pass and without a broadcast tensor.
+    fn scale_per_image(&self, x: &T, scales: &T) -> BackendResult<T>;
     /// `max(x, 0)`.
     fn relu(&self, x: &T) -> BackendResult<T>;
     /// [`ElementwiseOps::relu`] in place, for a pass that keeps nothing for a backward pass: no second

@@ -1,6 +1,6 @@
 //! Element-wise operations, the SGD step, the averaging updates and dropout masks.
 
-use swa_core::backend::{BackendError, BackendResult, ElementwiseOps, HasShape};
+use swa_core::backend::{per_image_extent, BackendError, BackendResult, ElementwiseOps, HasShape};
 
 use crate::backend::{same_shape, u32_extent, GpuBackend};
 use crate::context::{Dispatch, GpuTensor, Params};
@@ -133,6 +133,26 @@ impl ElementwiseOps<GpuTensor> for GpuBackend {
 
     fn mul(&self, a: &GpuTensor, b: &GpuTensor) -> BackendResult<GpuTensor> {
         self.binary("mul", &kernels::MUL, a, b)
+    }
+
+    fn scale_per_image(&self, x: &GpuTensor, scales: &GpuTensor) -> BackendResult<GpuTensor> {
+        let op = "scale_per_image";
+        let per_image = per_image_extent(op, x.dims(), scales.dims())?;
+        let out = self.ctx.alloc(op, x.dims())?;
+        let n = x.numel();
+        if n > 0 {
+            let params = Params::of(&ElementwiseParams {
+                inner: u32_extent(op, "elements per image", per_image)?,
+                ..ElementwiseParams::count(op, n)?
+            });
+            self.ctx.encode(&[Dispatch::new(
+                &kernels::SCALE_PER_IMAGE,
+                params,
+                vec![&out, x, scales],
+                self.ctx.grid_1d(n),
+            )])?;
+        }
+        Ok(out)
     }
 
     fn relu_backward(&self, y: &GpuTensor, dy: &GpuTensor) -> BackendResult<GpuTensor> {

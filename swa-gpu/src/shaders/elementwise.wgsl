@@ -1,5 +1,5 @@
-// Element-wise kernels: fills, scaling, axpy, the fused SGD step, arithmetic, ReLU, dropout masks,
-// row biases and column sums.
+// Element-wise kernels: fills, scaling (whole and per image), axpy, the fused SGD step, arithmetic,
+// ReLU, dropout masks, row biases and column sums.
 //
 // One thread per element over a 2-D grid of 256-wide workgroups (the host spreads large tensors over y
 // because a dimension holds at most 65535 workgroups).
@@ -79,6 +79,14 @@ fn mul(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
     let i = flat(gid, nwg);
     if (i >= p.n) { return; }
     dst[i] = src[i] * src2[i];
+}
+
+// dst = src scaled per image: src2[k] scales the k-th run of `inner` elements.
+@compute @workgroup_size(256)
+fn scale_per_image(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n) { return; }
+    dst[i] = src[i] * src2[i / p.inner];
 }
 
 @compute @workgroup_size(256)

@@ -31,7 +31,7 @@ pub use pool::{AvgPool2d, Flatten, MaxPool2d};
 pub use residual::Residual;
 pub use sequential::Sequential;
 pub use shake::{
-    per_image, shake_coefficients, ShakeBackward, ShakeBlock, ShakeForward, ShakeMix, ShakeShortcut,
+    shake_coefficients, ShakeBackward, ShakeBlock, ShakeForward, ShakeMix, ShakeShortcut,
 };
 
 use swa_core::backend::{Backend, BackendError, BackendResult};

@@ -9,9 +9,9 @@
 //! The coefficients are a pure function of the pass's seed, the block's id and the image's index in the
 //! batch (see [`shake_coefficients`]), so a resumed run draws exactly what the uninterrupted one drew.
 //!
-//! The backend has no channel concatenation, pixel shift or per-image scale; the block composes them
-//! from convolutions and matrix products that every backend has (see [`ShakeShortcut`] and
-//! [`per_image`]).
+//! The per-image mix is the backend's `scale_per_image`. The backend has no channel concatenation or
+//! pixel shift; the shortcut composes them from a convolution and matrix products that every backend
+//! has (see [`ShakeShortcut`]).
 
 use rand::Rng;
 use swa_core::backend::{Backend, BackendError, BackendResult, Conv2dSpec, HasShape};
@@ -85,27 +85,7 @@ pub fn shake_coefficients(seed: u64, block_id: u64, batch: usize) -> (Vec<f32>, 
     (draw(0), draw(1))
 }
 
-/// A tensor of `dims` (batch first) whose every element of image `n` is `values[n]`: the outer product
-/// of the column `values` with a row of ones, exact since each element is one product by 1.
-pub fn per_image<B: Backend>(
-    backend: &B,
-    values: &[f32],
-    dims: &[usize],
-) -> BackendResult<B::Tensor> {
-    let per_image: usize = dims.iter().skip(1).product();
-    if dims.first() != Some(&values.len()) {
-        return Err(BackendError::ShapeMismatch {
-            op: "per_image",
-            expected: format!("a shape [{}, …]", values.len()),
-            got: dims.to_vec(),
-        });
-    }
-    let column = backend.from_host(values, &[values.len(), 1])?;
-    let ones = backend.from_host(&vec![1.0; per_image], &[1, per_image])?;
-    backend.reshape(backend.matmul(&column, &ones, false, false)?, dims)
-}
-
-/// `a ⊙ s + b ⊙ (1 − s)` with `s` constant per image.
+/// `(a ⊙ s, b ⊙ (1 − s))` with `s[n]` the coefficient of image `n`.
 fn mix_per_image<B: Backend>(
     backend: &B,
     a: &B::Tensor,
@@ -113,8 +93,8 @@ fn mix_per_image<B: Backend>(
     s: &[f32],
 ) -> BackendResult<(B::Tensor, B::Tensor)> {
     let complement: Vec<f32> = s.iter().map(|v| 1.0 - v).collect();
-    let first = backend.mul(a, &per_image(backend, s, a.dims())?)?;
-    let second = backend.mul(b, &per_image(backend, &complement, b.dims())?)?;
+    let first = backend.scale_per_image(a, &backend.from_host(s, &[s.len()])?)?;
+    let second = backend.scale_per_image(b, &backend.from_host(&complement, &[s.len()])?)?;
     Ok((first, second))
 }
 

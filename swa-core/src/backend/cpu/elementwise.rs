@@ -1,11 +1,14 @@
 //! Element-wise kernels: averaging, the fused SGD step, dropout masks.
 
+use std::mem::MaybeUninit;
+
 use ndarray::{ArrayD, IxDyn, Zip};
 use rayon::prelude::*;
 
 use super::{same_shape, CpuBackend, CpuTensor};
 use crate::backend::{
-    dropout_keeps, AxisSlice, BackendError, BackendResult, ElementwiseOps, HasShape, SgdStep,
+    dropout_keeps, per_image_extent, AxisSlice, BackendError, BackendResult, ElementwiseOps,
+    HasShape, SgdStep,
 };
 
 /// Elements per task of the in-place updates: 64 KiB of each operand, large enough to stream and small
@@ -109,6 +112,45 @@ fn zip_map(a: &CpuTensor, b: &CpuTensor, f: impl Fn(f32, f32) -> f32 + Sync + Se
     out
 }
 
+/// `x` with each run of `per_image` elements (one image, in standard layout) multiplied by its image's
+/// scale (the shapes were checked to agree). Every output element is written exactly once, so the
+/// output is never zero-filled.
+fn scale_per_image(x: &CpuTensor, scales: &CpuTensor, per_image: usize) -> CpuTensor {
+    let x = x.as_standard_layout();
+    let values = x.as_slice().expect("a standard-layout array is contiguous");
+    let scales: Vec<f32> = scales.iter().copied().collect();
+    let mut out = Vec::with_capacity(values.len());
+    if per_image > 0 {
+        let scale_image = |(out, image): (&mut [MaybeUninit<f32>], &[f32]), scale: f32| {
+            for (o, &v) in out.iter_mut().zip(image) {
+                o.write(v * scale);
+            }
+        };
+        let spare = &mut out.spare_capacity_mut()[..values.len()];
+        if values.len() >= PARALLEL_MIN_LEN {
+            spare
+                .par_chunks_mut(per_image)
+                .zip(values.par_chunks(per_image))
+                .zip(&scales)
+                .with_min_len((PARALLEL_MIN_LEN / 4).div_ceil(per_image))
+                .for_each(|(pair, &scale)| scale_image(pair, scale));
+        } else {
+            for (pair, &scale) in spare
+                .chunks_mut(per_image)
+                .zip(values.chunks(per_image))
+                .zip(&scales)
+            {
+                scale_image(pair, scale);
+            }
+        }
+    }
+    // SAFETY: the chunks of `per_image` elements, one per scale, cover all `values.len()` elements of
+    // the spare capacity (there are as many scales as images), and each was written above.
+    unsafe { out.set_len(values.len()) };
+    ArrayD::from_shape_vec(x.raw_dim(), out)
+        .expect("one value per element of a standard-layout array")
+}
+
 /// `dst += alpha · x` (the shapes were checked to agree): residual sums and gradient accumulation.
 pub(super) fn axpy(dst: &mut CpuTensor, alpha: f32, x: &CpuTensor) {
     let zip = Zip::from(dst).and(x);
@@ -143,6 +185,11 @@ impl ElementwiseOps<CpuTensor> for CpuBackend {
     fn mul(&self, a: &CpuTensor, b: &CpuTensor) -> BackendResult<CpuTensor> {
         same_shape("mul", a, b)?;
         Ok(self.install(|| zip_map(a, b, |a, b| a * b)))
+    }
+
+    fn scale_per_image(&self, x: &CpuTensor, scales: &CpuTensor) -> BackendResult<CpuTensor> {
+        let per_image = per_image_extent("scale_per_image", x.shape(), scales.shape())?;
+        Ok(self.install(|| scale_per_image(x, scales, per_image)))
     }
 
     fn relu(&self, x: &CpuTensor) -> BackendResult<CpuTensor> {
