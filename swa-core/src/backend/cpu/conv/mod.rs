@@ -14,7 +14,8 @@
 //! Wide layers on small planes take one of two other paths, chosen per geometry by measurement on the
 //! paper's networks:
 //! - [`winograd`]: 3×3 stride-1 convolutions with padding 1 on planes of at most 64 pixels with enough
-//!   tiles (VGG-16's 8×8 layers) by Winograd's F(2×2, 3×3), with 2.25× fewer multiplications;
+//!   tiles (VGG-16's 8×8 layers) by Winograd's F(2×2, 3×3), with 2.25× fewer multiplications; so are
+//!   the weight gradients of such convolutions with many channels on planes of 4×4 to 16×16;
 //! - [`shifted`]: other stride-1 convolutions on such planes (VGG-16's 4×4 and 2×2 layers) as one GEMM per
 //!   kernel position over pixel-major activations, which skips the products with padding that `im2col`
 //!   makes (31% of them at 4×4, 56% at 2×2).
@@ -73,6 +74,15 @@ const WINOGRAD_MIN_TILES: usize = 1024;
 /// See [`WINOGRAD_MIN_CHANNELS`]: the transformed input and the products are four times the size of the
 /// activations; on larger planes they no longer stay in cache and `im2col` was measured faster.
 const WINOGRAD_MAX_PLANE: usize = 64;
+
+/// See [`Geometry::winograd_weight_gradient`]. Measured at batch 128 (both gradients, 2 threads): 1.8×
+/// faster than the shifted GEMMs at 640 channels on 8×8, 1.15–1.35× at 128–320 channels on 8×8 and
+/// 16×16, 1.05× at 512 channels on 4×4; on 32×32 (160 channels) no faster than `im2col`, which computes
+/// both gradients in one pass, and on 2×2 (a single tile per image) no faster than the shifted GEMMs.
+const WINOGRAD_GRADIENT_MAX_PLANE: usize = 256;
+
+/// See [`WINOGRAD_GRADIENT_MAX_PLANE`].
+const WINOGRAD_GRADIENT_MIN_PLANE: usize = 16;
 
 /// Columns of the unrolled input handled at once for a large image.
 const TILE_COLUMNS: usize = 256;
@@ -214,6 +224,18 @@ impl Geometry {
             && self.kernel > 1
             && self.out_plane() <= SHIFTED_MAX_PLANE
             && self.in_channels.min(self.out_channels) >= SHIFTED_MIN_CHANNELS
+    }
+
+    /// Whether to compute the weight gradient by Winograd's F(2×2, 3×3) ([`winograd::weight_gradient`]),
+    /// the input gradient then being a convolution of its own: with enough channels for the 16 GEMMs to
+    /// run at speed, on planes of [`WINOGRAD_GRADIENT_MIN_PLANE`] to [`WINOGRAD_GRADIENT_MAX_PLANE`] pixels
+    /// (it works through the batch a bounded number of tiles at a time, so its buffers do not grow with the
+    /// plane).
+    fn winograd_weight_gradient(&self) -> bool {
+        winograd::fits(self)
+            && self.in_channels.min(self.out_channels) >= WINOGRAD_MIN_CHANNELS
+            && (WINOGRAD_GRADIENT_MIN_PLANE..=WINOGRAD_GRADIENT_MAX_PLANE)
+                .contains(&self.out_plane())
     }
 
     /// Whether to run by Winograd's F(2×2, 3×3) ([`winograd`]).
@@ -704,56 +726,7 @@ impl ConvOps<CpuTensor> for CpuBackend {
             if g.batch * g.out_image() == 0 {
                 return into_tensor("conv2d", &g.output_shape(), Vec::new());
             }
-            if let Some(isa) = direct::fits(&g) {
-                let y = direct::forward(isa, &g, &w, &x, bias.as_deref());
-                return into_tensor("conv2d", &g.output_shape(), y);
-            }
-            let mut y = zeroed(g.batch * g.out_image());
-            let threads = rayon::current_num_threads();
-            let per_chunk = g.images_per_chunk(threads);
-            let chunks = g.batch.div_ceil(per_chunk);
-            let par = parallelism(chunks < threads);
-            let weight = MatRef::row_major(&w, g.out_channels, g.patch());
-
-            if g.winograd() {
-                with_scratch(|scratch| {
-                    winograd::forward(&g, &w, &x, bias.as_deref(), &mut y, scratch)
-                });
-                return into_tensor("conv2d", &g.output_shape(), y);
-            }
-            if g.shifted() || g.whole_batch() {
-                with_scratch(|scratch| {
-                    if g.shifted() {
-                        shifted::forward(&g, &w, &x, &mut y, scratch);
-                    } else {
-                        forward_whole_batch(&g, weight, &x, &mut y, scratch);
-                    }
-                });
-                if let Some(b) = &bias {
-                    y.par_chunks_mut(g.out_image()).for_each(|image| {
-                        for (plane, &b) in image.chunks_exact_mut(g.out_plane()).zip(b.iter()) {
-                            plane.iter_mut().for_each(|v| *v += b);
-                        }
-                    });
-                }
-                return into_tensor("conv2d", &g.output_shape(), y);
-            }
-
-            y.par_chunks_mut(per_chunk * g.out_image())
-                .zip(x.par_chunks(per_chunk * g.in_image()))
-                .for_each(|(y_chunk, x_chunk)| {
-                    with_scratch(|scratch| {
-                        forward_chunk(&g, weight, x_chunk, y_chunk, scratch, par)
-                    });
-                    if let Some(b) = &bias {
-                        for (plane, &b) in y_chunk
-                            .chunks_exact_mut(g.out_plane())
-                            .zip(b.iter().cycle())
-                        {
-                            plane.iter_mut().for_each(|v| *v += b);
-                        }
-                    }
-                });
+            let y = forward(&g, &w, &x, bias.as_deref());
             into_tensor("conv2d", &g.output_shape(), y)
         })
     }
@@ -818,6 +791,54 @@ impl ConvOps<CpuTensor> for CpuBackend {
     }
 }
 
+/// `y = conv(x, w) + bias` `[N, Cout, Ho, Wo]` for a non-empty batch and output, by the fastest method for
+/// the geometry.
+fn forward(g: &Geometry, w: &[f32], x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    if let Some(isa) = direct::fits(g) {
+        return direct::forward(isa, g, w, x, bias);
+    }
+    let mut y = zeroed(g.batch * g.out_image());
+    if g.winograd() {
+        with_scratch(|scratch| winograd::forward(g, w, x, bias, &mut y, scratch));
+        return y;
+    }
+    let weight = MatRef::row_major(w, g.out_channels, g.patch());
+    if g.shifted() || g.whole_batch() {
+        with_scratch(|scratch| {
+            if g.shifted() {
+                shifted::forward(g, w, x, &mut y, scratch);
+            } else {
+                forward_whole_batch(g, weight, x, &mut y, scratch);
+            }
+        });
+        if let Some(b) = bias {
+            y.par_chunks_mut(g.out_image()).for_each(|image| {
+                for (plane, &b) in image.chunks_exact_mut(g.out_plane()).zip(b) {
+                    plane.iter_mut().for_each(|v| *v += b);
+                }
+            });
+        }
+        return y;
+    }
+    let threads = rayon::current_num_threads();
+    let per_chunk = g.images_per_chunk(threads);
+    let par = parallelism(g.batch.div_ceil(per_chunk) < threads);
+    y.par_chunks_mut(per_chunk * g.out_image())
+        .zip(x.par_chunks(per_chunk * g.in_image()))
+        .for_each(|(y_chunk, x_chunk)| {
+            with_scratch(|scratch| forward_chunk(g, weight, x_chunk, y_chunk, scratch, par));
+            if let Some(b) = bias {
+                for (plane, &b) in y_chunk
+                    .chunks_exact_mut(g.out_plane())
+                    .zip(b.iter().cycle())
+                {
+                    plane.iter_mut().for_each(|v| *v += b);
+                }
+            }
+        });
+    y
+}
+
 /// The input gradient (when `need_input`, else empty) and the weight gradient, by the fastest method for
 /// the geometry.
 fn gradients(
@@ -835,15 +856,12 @@ fn gradients(
         let dx = direct::forward(isa, &t, &g.flipped_weight(w), dy, None);
         return (dx, dw);
     }
-    if let Some(t) = g
-        .input_gradient_as_convolution()
-        .filter(|_| need_input && g.winograd())
-    {
-        let (_, dw) = gradients(g, x, w, dy, false);
-        let flipped = g.flipped_weight(w);
-        let mut dx = zeroed(g.batch * g.in_image());
-        with_scratch(|scratch| winograd::forward(&t, &flipped, dy, None, &mut dx, scratch));
-        return (dx, dw);
+    if g.winograd_weight_gradient() {
+        let dw = with_scratch(|scratch| winograd::weight_gradient(g, x, dy, scratch));
+        let Some(t) = g.input_gradient_as_convolution().filter(|_| need_input) else {
+            return (Vec::new(), dw);
+        };
+        return (forward(&t, &g.flipped_weight(w), dy, None), dw);
     }
     if g.shifted() {
         with_scratch(|scratch| shifted::gradients(g, x, w, dy, need_input, scratch))

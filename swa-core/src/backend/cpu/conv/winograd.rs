@@ -6,7 +6,9 @@
 //! `V = Bᵀ d B`), multiplied element-wise at each of the 16 positions and summed over input channels
 //! (one GEMM `U_ξ · V_ξ` per position ξ), and transformed back (`Y = Aᵀ M A`). The GEMMs do 2.25× fewer
 //! multiplications than `im2col`'s. The input gradient of such a convolution is again one (the weight
-//! flipped and transposed, see [`Geometry::input_gradient_as_convolution`]), so it takes this path too.
+//! flipped and transposed, see [`Geometry::input_gradient_as_convolution`]), so it takes this path too,
+//! and so does the weight gradient: one GEMM per position of the transformed output gradient by the
+//! transformed input over the batch's tiles (see [`weight_gradient`]).
 //!
 //! The transforms' coefficients are 0, ±1 and ±½, so the only rounding beyond a direct convolution's
 //! comes from the few extra additions of the transforms. Every GEMM runs on one thread, the 16 of them in
@@ -257,6 +259,189 @@ pub(super) fn forward(
     from_pixel_major(yt, g.batch, g.out_channels, g.out_plane(), out_pitch, y);
 }
 
+/// `dM[ξ][co][t] = (A dy_t Aᵀ)[ξ]` for every 2×2 block `dy_t` of the pixel-major output gradient `dyt`
+/// `[Cout, H, W, N]` (channels `in_pitch` apart): the gradient of the products `m` of [`forward`], whose
+/// outputs are `y = Aᵀ m A`. Position-major with rows `pitch` apart, tiles ordered as in
+/// [`transform_input`].
+fn transform_output_gradient(
+    g: &Geometry,
+    dyt: &[f32],
+    in_pitch: usize,
+    pitch: usize,
+    dm: &mut [f32],
+) {
+    let (tiles_h, tiles_w, n) = (g.height / 2, g.width / 2, g.batch);
+    let mut rows = rows_by_channel(dm, g.out_channels, pitch);
+    rows.par_iter_mut().enumerate().for_each(|(co, out)| {
+        let channel = &dyt[co * in_pitch..];
+        for i in 0..tiles_h {
+            for j in 0..tiles_w {
+                let tile = (i * tiles_w + j) * n;
+                for k0 in (0..n).step_by(LANES) {
+                    let len = LANES.min(n - k0);
+                    let mut d = [[[0.0f32; LANES]; 2]; 2];
+                    for (a, d) in d.iter_mut().enumerate() {
+                        for (b, d) in d.iter_mut().enumerate() {
+                            let pixel = (2 * i + a) * g.width + 2 * j + b;
+                            d[..len].copy_from_slice(&channel[pixel * n + k0..][..len]);
+                        }
+                    }
+                    // s = A d (4×2), then v = s Aᵀ (4×4), lane by lane.
+                    let mut v = [[0.0f32; LANES]; POSITIONS];
+                    for k in 0..LANES {
+                        let mut s = [[0.0f32; 2]; 4];
+                        for c in 0..2 {
+                            let (d0, d1) = (d[0][c][k], d[1][c][k]);
+                            s[0][c] = d0;
+                            s[1][c] = d0 + d1;
+                            s[2][c] = d0 - d1;
+                            s[3][c] = -d1;
+                        }
+                        for (r, s) in s.iter().enumerate() {
+                            v[r * 4][k] = s[0];
+                            v[r * 4 + 1][k] = s[0] + s[1];
+                            v[r * 4 + 2][k] = s[0] - s[1];
+                            v[r * 4 + 3][k] = -s[1];
+                        }
+                    }
+                    for (row, v) in out.iter_mut().zip(&v) {
+                        row[tile + k0..][..len].copy_from_slice(&v[..len]);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `dw[co][ci] = Gᵀ dU[·][co][ci] G` (3×3) for the transformed weight gradient `du[ξ][co][ci]`
+/// (position-major, rows `pitch` apart): the gradient of `w` through `U = G g Gᵀ`.
+fn inverse_transform_weights(
+    du: &[f32],
+    out_channels: usize,
+    in_channels: usize,
+    pitch: usize,
+    dw: &mut [f32],
+) {
+    let position_len = out_channels * pitch;
+    dw.par_chunks_mut(in_channels * 9)
+        .enumerate()
+        .for_each(|(co, out)| {
+            for (ci, dg) in out.chunks_exact_mut(9).enumerate() {
+                let p = |position: usize| du[position * position_len + co * pitch + ci];
+                // q = Gᵀ P (3×4) column by column, then dg = q G (3×3) row by row.
+                let columns: [[f32; 3]; 4] = std::array::from_fn(|c| {
+                    let (p0, p1, p2, p3) = (p(c), p(4 + c), p(8 + c), p(12 + c));
+                    [p0 + 0.5 * (p1 + p2), 0.5 * (p1 - p2), 0.5 * (p1 + p2) + p3]
+                });
+                for r in 0..3 {
+                    let q = columns.map(|column| column[r]);
+                    dg[r * 3] = q[0] + 0.5 * (q[1] + q[2]);
+                    dg[r * 3 + 1] = 0.5 * (q[1] - q[2]);
+                    dg[r * 3 + 2] = 0.5 * (q[1] + q[2]) + q[3];
+                }
+            }
+        });
+}
+
+/// Output tiles [`weight_gradient`] transforms at a time: the transformed input and output gradient
+/// of this many tiles (16 positions × channels × tiles each) stay the size of a batch of 128 8×8 images,
+/// however large the planes.
+const GRADIENT_TILES: usize = 2048;
+
+/// The weight gradient `[Cout, Cin, 3, 3]` of a convolution that [`fits`], from its input `x` and output
+/// gradient `dy`: since `m[ξ] = U[ξ] · V[ξ]` and `y = Aᵀ m A`, the gradient of `U[ξ]` is one GEMM
+/// `dM[ξ] · V[ξ]ᵀ` over the tiles per position ξ (`dM = A dy Aᵀ` tile by tile), with 2.25× fewer
+/// multiplications than the direct sums, and the weights' gradient is `Gᵀ dU G`.
+///
+/// The batch is worked through in fixed groups of images of about [`GRADIENT_TILES`] tiles, each group's
+/// GEMMs adding into `dU` in order; each GEMM runs on one thread, so no sum's order depends on the
+/// scheduling or the thread count.
+pub(super) fn weight_gradient(
+    g: &Geometry,
+    x: &[f32],
+    dy: &[f32],
+    scratch: &mut Scratch,
+) -> Vec<f32> {
+    let tiles_per_image = (g.height / 2) * (g.width / 2);
+    let images_per_group = (GRADIENT_TILES / tiles_per_image.max(1)).clamp(1, g.batch.max(1));
+    let channel_pitch = padded_pitch(g.in_channels);
+    let du_len = POSITIONS * g.out_channels * channel_pitch;
+    // dU lives in a buffer of its own: the scratch buffers hold each group's transforms.
+    let mut du = vec![0.0f32; du_len];
+    for (group, first) in (0..g.batch).step_by(images_per_group).enumerate() {
+        let images = images_per_group.min(g.batch - first);
+        let part = Geometry {
+            batch: images,
+            ..*g
+        };
+        let x = &x[first * g.in_image()..][..images * g.in_image()];
+        let dy = &dy[first * g.out_image()..][..images * g.out_image()];
+        add_transformed_weight_gradient(&part, x, dy, group > 0, &mut du, scratch);
+    }
+    let mut dw = vec![0.0; g.out_channels * g.patch()];
+    inverse_transform_weights(&du, g.out_channels, g.in_channels, channel_pitch, &mut dw);
+    dw
+}
+
+/// `dU[ξ] (+)= dM[ξ] · V[ξ]ᵀ` for the images of `g` (see [`weight_gradient`]), into `du`
+/// `[16][Cout][pitch]` with `pitch = padded_pitch(Cin)`; overwritten unless `accumulate`.
+fn add_transformed_weight_gradient(
+    g: &Geometry,
+    x: &[f32],
+    dy: &[f32],
+    accumulate: bool,
+    du: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let tiles = g.batch * (g.height / 2) * (g.width / 2);
+    let tile_pitch = padded_pitch(tiles);
+    let channel_pitch = padded_pitch(g.in_channels);
+    let pixel_pitch = padded_pitch(g.in_plane() * g.batch);
+
+    let xt = resized(&mut scratch.output_gradient, g.in_channels * pixel_pitch);
+    to_pixel_major(x, g.batch, g.in_channels, g.in_plane(), pixel_pitch, xt);
+    let v = resized(&mut scratch.col, POSITIONS * g.in_channels * tile_pitch);
+    transform_input(g, xt, pixel_pitch, tile_pitch, v);
+    let v = &*v;
+    // The pixel-major input is no longer needed: its buffer receives the pixel-major output gradient.
+    let dyt = resized(&mut scratch.output_gradient, g.out_channels * pixel_pitch);
+    to_pixel_major(dy, g.batch, g.out_channels, g.out_plane(), pixel_pitch, dyt);
+    let dm = resized(
+        &mut scratch.grouped,
+        POSITIONS * g.out_channels * tile_pitch,
+    );
+    transform_output_gradient(g, dyt, pixel_pitch, tile_pitch, dm);
+    let dm = &*dm;
+
+    du.par_chunks_mut(g.out_channels * channel_pitch)
+        .enumerate()
+        .for_each(|(position, product)| {
+            let output_gradient = MatRef {
+                data: &dm[position * g.out_channels * tile_pitch..],
+                rows: g.out_channels,
+                cols: tiles,
+                row_stride: tile_pitch,
+                col_stride: 1,
+            };
+            let input_transposed = MatRef {
+                data: &v[position * g.in_channels * tile_pitch..],
+                rows: tiles,
+                cols: g.in_channels,
+                row_stride: 1,
+                col_stride: tile_pitch,
+            };
+            gemm_into_strided(
+                product,
+                channel_pitch,
+                1,
+                output_gradient,
+                input_transposed,
+                accumulate,
+                Parallelism::None,
+            );
+        });
+}
+
 #[cfg(test)]
 mod tests {
     //! The public tests reach this path only at full-network sizes (see `Geometry::winograd`), too large
@@ -399,6 +584,46 @@ mod tests {
                 }
             }
             assert_close(&format!("dx {g:?}"), &dx, &want, cout * 9);
+        }
+    }
+
+    #[test]
+    fn weight_gradient_matches_the_direct_sum() {
+        // The last shape has more tiles than one group holds: 70 images of 64 tiles are three groups
+        // (32, 32 and 6 images).
+        for (n, cin, cout, h, w) in SHAPES.into_iter().chain([(70, 2, 3, 16, 16)]) {
+            let g = geometry(n, cin, cout, h, w);
+            let (x, dy) = (values(n * cin * h * w, 6), values(n * cout * h * w, 7));
+            let dw = weight_gradient(&g, &x, &dy, &mut Scratch::default());
+            // dw[co, ci, kh, kw] = Σ dy[n, co, oh, ow] · x[n, ci, oh + kh − 1, ow + kw − 1].
+            let mut want = vec![0.0f64; cout * cin * 9];
+            let (hi, wi) = (h as isize, w as isize);
+            for b in 0..n {
+                for co in 0..cout {
+                    for ci in 0..cin {
+                        for kh in 0..3isize {
+                            for kw in 0..3isize {
+                                let mut sum = 0.0;
+                                for oh in 0..hi {
+                                    for ow in 0..wi {
+                                        let (ih, iw) = (oh + kh - 1, ow + kw - 1);
+                                        if ih < 0 || iw < 0 || ih >= hi || iw >= wi {
+                                            continue;
+                                        }
+                                        let d = dy
+                                            [((b * cout + co) * h + oh as usize) * w + ow as usize];
+                                        let v =
+                                            x[((b * cin + ci) * h + ih as usize) * w + iw as usize];
+                                        sum += f64::from(d) * f64::from(v);
+                                    }
+                                }
+                                want[((co * cin + ci) * 3 + kh as usize) * 3 + kw as usize] += sum;
+                            }
+                        }
+                    }
+                }
+            }
+            assert_close(&format!("dw {g:?}"), &dw, &want, n * h * w);
         }
     }
 
