@@ -213,8 +213,9 @@ const fn case(x: [usize; 4], cout: usize, k: usize, stride: usize, pad: usize) -
 /// padding, 3×3 and 5×5 kernels, and channel counts that do not split evenly over the threads) or by
 /// Winograd's F(2×2, 3×3) (3×3, padding 1, even planes, square or not), and few-channel 3×3 convolutions
 /// with padding 1 on rows of whole vectors that run directly in registers (odd heights and output
-/// channel counts that leave partial tiles, rows of one and two AVX-512 vectors and of one AVX2 vector).
-const CONV_CASES: [ConvCase; 24] = [
+/// channel counts that leave partial tiles, rows of one and two AVX-512 vectors and of one AVX2 vector)
+/// or on rows half a vector long, two to a vector (even heights, a multiple of the tile's rows or not).
+const CONV_CASES: [ConvCase; 27] = [
     case([1, 3, 5, 7], 4, 3, 1, 1),
     case([3, 3, 5, 7], 2, 3, 2, 1),
     case([3, 2, 7, 5], 3, 3, 1, 0),
@@ -239,6 +240,10 @@ const CONV_CASES: [ConvCase; 24] = [
     case([5, 16, 4, 32], 16, 3, 1, 1),
     case([4, 3, 5, 8], 9, 3, 1, 1),
     case([2, 100, 3, 16], 70, 3, 1, 1),
+    // Rows half a vector long (AVX-512: 8 columns, AVX2: 4), heights a multiple of 4 and not.
+    case([2, 64, 8, 8], 64, 3, 1, 1),
+    case([3, 5, 6, 8], 11, 3, 1, 1),
+    case([2, 7, 6, 4], 5, 3, 1, 1),
 ];
 
 #[test]

@@ -13,7 +13,12 @@
 //!   transposed in channels, [`Geometry::input_gradient_as_convolution`]), on the same kernel.
 //! - Weight gradient: `dW[co, ci, kh, kw] = Σ_{n, oh, ow} dy[n, co, oh, ow] · x̃[n, ci, oh + kh, ow + kw]`,
 //!   accumulated per vector lane over a segment of the batch, the lanes and then the segments summed in
-//!   a fixed order, so the result is bit-identical for a given thread count.
+//!   a fixed order, so the result is bit-identical for a given thread count (used for few channels:
+//!   see [`computes_weight_gradient`]).
+//!
+//! Rows a whole number of vectors long are read in place from the padded planes. Rows half a vector
+//! long (8×8 planes on AVX-512) are read from three copies of each padded plane shifted by one column
+//! each ([`Layout::RowPairs`]), in which two rows are one vector.
 //!
 //! The kernels are written once over a small [`Vector`] trait (load, store, broadcast, fused
 //! multiply-add), with the tile's accumulators in fixed-size arrays the compiler keeps in registers, and
@@ -97,16 +102,92 @@ const GRADIENT_CHANNELS_512: usize = 2;
 const GRADIENT_CHANNELS_256: usize = 1;
 
 /// The instruction set to run `g` with, when it runs here: a 3×3 stride-1 convolution with padding 1,
-/// at most [`MAX_CHANNELS`] channels on either side, rows a whole number of vectors long, on a processor
-/// with AVX-512 or AVX2.
+/// at most [`MAX_CHANNELS`] channels on either side, on a processor with AVX-512 or AVX2, with rows a
+/// whole number of vectors long or half a vector long in pairs (an even height: see
+/// [`Layout::RowPairs`]).
 pub(super) fn fits(g: &Geometry) -> Option<Isa> {
     let isa = Isa::detected()?;
     (g.kernel == 3
         && g.stride == 1
         && g.padding == 1
         && g.in_channels.max(g.out_channels) <= MAX_CHANNELS
-        && g.width.is_multiple_of(isa.lanes()))
+        && Layout::for_geometry(isa, g).is_some())
     .then_some(isa)
+}
+
+/// Whether [`weight_gradient`] should compute the weight gradient of `g` (which [`fits`] with `isa`):
+/// on rows a whole number of vectors long with at most [`GRADIENT_MAX_CHANNELS`] channels. With more
+/// channels `im2col`'s GEMM was measured faster (batch 128, 2 threads, AVX-512: 32 channels on 16×16
+/// 3.6 against 4.6 ms, 64 on 16×16 12 against 20 ms, 64 on 8×8 3.3 against 8 ms; level at 32 on 32×32),
+/// although the forward pass and the input gradient stay faster here.
+pub(super) fn computes_weight_gradient(isa: Isa, g: &Geometry) -> bool {
+    Layout::for_geometry(isa, g) == Some(Layout::Padded)
+        && g.in_channels.max(g.out_channels) <= GRADIENT_MAX_CHANNELS
+}
+
+/// See [`computes_weight_gradient`]: 16 channels on 32×32 planes take 4.3 ms here against `im2col`'s
+/// 5.8.
+const GRADIENT_MAX_CHANNELS: usize = 16;
+
+/// How the kernels see one image's input planes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// Zero-padded planes `[H + 2 + extra][W + 2]`, the image at row 1, column 1: for rows a whole
+    /// number of vectors long, each vector a piece of one row.
+    Padded,
+    /// For rows half a vector long (8 columns on AVX-512, PreResNet's and Shake-Shake's 8×8 stages):
+    /// per channel, the zero-padded plane three times, shifted left by kernel column 0, 1 and 2 and cut
+    /// to `W` columns, `[3][H + 2 + extra][W]`. Two consecutive rows are then one contiguous vector, so
+    /// a vector holds two output rows and, for each kernel position, its inputs are one load.
+    RowPairs,
+}
+
+impl Layout {
+    fn for_geometry(isa: Isa, g: &Geometry) -> Option<Layout> {
+        if g.width.is_multiple_of(isa.lanes()) {
+            Some(Layout::Padded)
+        } else if 2 * g.width == isa.lanes() && g.height.is_multiple_of(2) {
+            Some(Layout::RowPairs)
+        } else {
+            None
+        }
+    }
+
+    /// Output rows one vector covers.
+    fn rows_per_vector(self) -> usize {
+        match self {
+            Layout::Padded => 1,
+            Layout::RowPairs => 2,
+        }
+    }
+
+    /// The plan of one image of `height × width` with `extra` rows of zeros below the padding.
+    fn plan(
+        self,
+        in_channels: usize,
+        out_channels: usize,
+        height: usize,
+        width: usize,
+        extra_rows: usize,
+    ) -> Plan {
+        let rows = height + 2 + extra_rows;
+        let (pitch, kw_step, padded_plane) = match self {
+            Layout::Padded => (width + 2, 1, rows * (width + 2)),
+            Layout::RowPairs => (width, rows * width, 3 * rows * width),
+        };
+        Plan {
+            in_channels,
+            out_channels,
+            height,
+            width,
+            layout: self,
+            pitch,
+            kw_step,
+            extra_rows,
+            padded_plane,
+            weight_stride: 0,
+        }
+    }
 }
 
 /// The zero-padded planes of one image: `[channels][height + 2 + extra][width + 2]`, the image at row 1,
@@ -145,6 +226,47 @@ fn pad_image(
     }
 }
 
+/// One image's input planes in the plan's layout, into `out` (`Cin` planes of `padded_plane` values).
+fn lay_out_image(p: &Plan, image: &[f32], out: &mut [f32]) {
+    match p.layout {
+        Layout::Padded => pad_image(image, p.in_channels, p.height, p.width, p.extra_rows, out),
+        Layout::RowPairs => shift_image(p, image, out),
+    }
+}
+
+/// [`Layout::RowPairs`]: `out[c][kw][h][w]` = the padded plane's `[h][w + kw]`.
+fn shift_image(p: &Plan, image: &[f32], out: &mut [f32]) {
+    let (height, width) = (p.height, p.width);
+    for (c, planes) in out
+        .chunks_exact_mut(p.padded_plane)
+        .take(p.in_channels)
+        .enumerate()
+    {
+        let plane = &image[c * height * width..][..height * width];
+        for (kw, shifted) in planes.chunks_exact_mut(p.kw_step).enumerate() {
+            shifted[..width].fill(0.0);
+            for (row, src) in shifted[width..]
+                .chunks_exact_mut(width)
+                .zip(plane.chunks_exact(width))
+            {
+                // Padded column `w + kw` is image column `w + kw − 1`, zero outside the image.
+                match kw {
+                    0 => {
+                        row[0] = 0.0;
+                        row[1..].copy_from_slice(&src[..width - 1]);
+                    }
+                    1 => row.copy_from_slice(src),
+                    _ => {
+                        row[..width - 1].copy_from_slice(&src[1..]);
+                        row[width - 1] = 0.0;
+                    }
+                }
+            }
+            shifted[(height + 1) * width..].fill(0.0);
+        }
+    }
+}
+
 /// `w` `[Cout, Cin, 3, 3]` as `[Cin][3][3][Cout rounded up to tile]`: a tile's output channels adjacent,
 /// the rounding zero.
 fn pack_weights(
@@ -165,19 +287,49 @@ fn pack_weights(
     (packed, stride)
 }
 
-/// The shape of one image's forward pass.
+/// The shape of one image's pass and the layout of its input.
 #[derive(Clone, Copy, Debug)]
 struct Plan {
     in_channels: usize,
     out_channels: usize,
     height: usize,
     width: usize,
-    /// Row pitch of the padded planes.
+    /// How the input planes are laid out.
+    layout: Layout,
+    /// Distance between consecutive rows of the input planes.
     pitch: usize,
-    /// Values per padded plane.
+    /// Distance between the inputs of consecutive kernel columns (1, or a shifted plane's size).
+    kw_step: usize,
+    /// Rows of zeros below the bottom padding row, for tiles that run past the last row.
+    extra_rows: usize,
+    /// Values per channel of the laid-out input.
     padded_plane: usize,
     /// Row stride of the packed weights (output channels rounded up to the tile).
     weight_stride: usize,
+}
+
+impl Plan {
+    /// Whether the plan's layout holds every value the kernels read: rows `rows_read` past the top
+    /// padding row (the caller's tile shape sets that) and, per row, one vector from each kernel column.
+    fn covers(&self, lanes: usize, rows_read: usize) -> bool {
+        let rows = self.height + 2 + self.extra_rows;
+        let layout_fits = match self.layout {
+            Layout::Padded => {
+                self.width.is_multiple_of(lanes)
+                    && self.kw_step == 1
+                    && self.pitch >= self.width + 2
+                    && self.padded_plane >= rows * self.pitch
+            }
+            Layout::RowPairs => {
+                2 * self.width == lanes
+                    && self.height.is_multiple_of(2)
+                    && self.pitch == self.width
+                    && self.kw_step >= rows * self.width
+                    && self.padded_plane >= 3 * self.kw_step
+            }
+        };
+        layout_fits && rows_read <= rows
+    }
 }
 
 /// Vector operations on `LANES` f32 values, for one instruction set. Every function is unsafe: it
@@ -256,16 +408,17 @@ mod x86 {
     }
 }
 
-/// The forward pass of one padded image into `y` `[Cout, H, W]`, every element written: tiles of `C`
-/// output channels × `R` rows × one vector of columns, accumulated in registers.
+/// The forward pass of one laid-out image into `y` `[Cout, H, W]`, every element written: tiles of `C`
+/// output channels × `R` vectors of `S` rows each (the plan's [`Layout::rows_per_vector`]) × one vector
+/// of columns, accumulated in registers.
 ///
 /// # Safety
-/// The processor has `V`'s instruction set; `padded` holds `Cin` padded planes with `R − 1` extra rows,
-/// `packed` the weights packed for tiles of `C`, `bias` (when given) `Cout` values and `y` `Cout · H · W`
-/// values, and `W` is a multiple of `V::LANES` (all checked by the caller, [`forward`]).
+/// The processor has `V`'s instruction set; `padded` holds `Cin` planes laid out by the plan with
+/// `R · S − 1` extra rows, `packed` the weights packed for tiles of `C`, `bias` (when given) `Cout`
+/// values and `y` `Cout · H · W` values (all checked by the caller, [`run_forward`]).
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn forward_image<V: Vector, const C: usize, const R: usize>(
+unsafe fn forward_image<V: Vector, const C: usize, const R: usize, const S: usize>(
     p: &Plan,
     padded: &[f32],
     packed: &[f32],
@@ -280,13 +433,13 @@ unsafe fn forward_image<V: Vector, const C: usize, const R: usize>(
     );
     for co0 in (0..p.out_channels).step_by(C) {
         let channels = C.min(p.out_channels - co0);
-        for oh0 in (0..p.height).step_by(R) {
-            let rows = R.min(p.height - oh0);
+        for oh0 in (0..p.height).step_by(R * S) {
+            let rows = R.min((p.height - oh0).div_ceil(S));
             for col in (0..p.width).step_by(V::LANES) {
                 // SAFETY: every offset below stays inside the slices, by the function's contract: input
-                // rows `oh0 + r + kh ≤ H + 1 + (R − 1)` and columns `col + kw + LANES ≤ W + 2` of each
-                // padded plane, packed rows of `weight_stride ≥ co0 + C` values, and output channels and
-                // rows below `Cout` and `H`.
+                // rows `oh0 + r·S + kh + S − 1 ≤ H + 1 + (R·S − 1)` of each laid-out plane and, per row,
+                // one vector from each kernel column's position; packed rows of `weight_stride ≥ co0 + C`
+                // values; output channels below `Cout` and the `rows` vectors' rows below `H`.
                 unsafe {
                     let mut acc = [[V::zero(); R]; C];
                     if let Some(bias) = bias {
@@ -301,7 +454,8 @@ unsafe fn forward_image<V: Vector, const C: usize, const R: usize>(
                                 let weights = w.add((ci * 9 + kh * 3 + kw) * p.weight_stride + co0);
                                 let mut xv = [V::zero(); R];
                                 for r in 0..R {
-                                    xv[r] = V::load(plane.add((r + kh) * p.pitch + kw));
+                                    xv[r] =
+                                        V::load(plane.add((r * S + kh) * p.pitch + kw * p.kw_step));
                                 }
                                 for j in 0..C {
                                     let wj = V::splat(*weights.add(j));
@@ -314,8 +468,9 @@ unsafe fn forward_image<V: Vector, const C: usize, const R: usize>(
                     }
                     for j in 0..channels {
                         for r in 0..rows {
-                            acc[j][r]
-                                .store(y.add((co0 + j) * out_plane + (oh0 + r) * p.width + col));
+                            acc[j][r].store(
+                                y.add((co0 + j) * out_plane + (oh0 + r * S) * p.width + col),
+                            );
                         }
                     }
                 }
@@ -333,9 +488,17 @@ unsafe fn forward_image_avx512(
     bias: Option<&[f32]>,
     y: &mut [MaybeUninit<f32>],
 ) {
+    const C: usize = FORWARD_CHANNELS_512;
     // SAFETY: forwarded from the caller.
     unsafe {
-        forward_image::<x86::V512, FORWARD_CHANNELS_512, FORWARD_ROWS>(p, padded, packed, bias, y)
+        match p.layout {
+            Layout::Padded => {
+                forward_image::<x86::V512, C, FORWARD_ROWS, 1>(p, padded, packed, bias, y)
+            }
+            Layout::RowPairs => {
+                forward_image::<x86::V512, C, FORWARD_ROWS, 2>(p, padded, packed, bias, y)
+            }
+        }
     }
 }
 
@@ -348,9 +511,17 @@ unsafe fn forward_image_avx2(
     bias: Option<&[f32]>,
     y: &mut [MaybeUninit<f32>],
 ) {
+    const C: usize = FORWARD_CHANNELS_256;
     // SAFETY: forwarded from the caller.
     unsafe {
-        forward_image::<x86::V256, FORWARD_CHANNELS_256, FORWARD_ROWS>(p, padded, packed, bias, y)
+        match p.layout {
+            Layout::Padded => {
+                forward_image::<x86::V256, C, FORWARD_ROWS, 1>(p, padded, packed, bias, y)
+            }
+            Layout::RowPairs => {
+                forward_image::<x86::V256, C, FORWARD_ROWS, 2>(p, padded, packed, bias, y)
+            }
+        }
     }
 }
 
@@ -371,36 +542,30 @@ pub(super) fn forward(
         Isa::Avx2 => FORWARD_CHANNELS_256,
     };
     let (packed, weight_stride) = pack_weights(w, g.out_channels, g.in_channels, tile);
-    let pitch = g.width + 2;
-    let padded_rows = g.height + 2 + FORWARD_ROWS - 1;
+    let layout = Layout::for_geometry(isa, g).expect("the caller checked that the geometry fits");
     let plan = Plan {
-        in_channels: g.in_channels,
-        out_channels: g.out_channels,
-        height: g.height,
-        width: g.width,
-        pitch,
-        padded_plane: padded_rows * pitch,
         weight_stride,
+        ..layout.plan(
+            g.in_channels,
+            g.out_channels,
+            g.height,
+            g.width,
+            FORWARD_ROWS * layout.rows_per_vector() - 1,
+        )
     };
     y.par_chunks_mut(g.out_image())
         .zip(x.par_chunks(g.in_image()))
         .for_each(|(y_image, x_image)| {
             with_scratch(|scratch| {
                 let padded = resized(&mut scratch.col, g.in_channels * plan.padded_plane);
-                pad_image(
-                    x_image,
-                    g.in_channels,
-                    g.height,
-                    g.width,
-                    FORWARD_ROWS - 1,
-                    padded,
-                );
+                lay_out_image(&plan, x_image, padded);
                 run_forward(isa, &plan, padded, &packed, bias, y_image);
             })
         });
     // SAFETY: the images' chunks cover the `len` values, and `run_forward` wrote all of each chunk: its
-    // tiles step over every output channel, every row and (the width being a whole number of vectors)
-    // every column, storing each tile's channels below `Cout` and rows below `H`.
+    // tiles step over every output channel, every row and (the width being a whole number of vectors, or
+    // half a vector with an even height) every column, storing each tile's channels below `Cout` and rows
+    // below `H`.
     unsafe { output.set_len(len) };
     output
 }
@@ -419,10 +584,9 @@ fn run_forward(
     };
     // The kernels' contract, which every caller meets by construction: checked once per image, so
     // that a mistake here cannot turn into an access outside the buffers.
+    let s = p.layout.rows_per_vector();
     assert!(
-        p.width.is_multiple_of(isa.lanes())
-            && p.pitch >= p.width + 2
-            && p.padded_plane >= (p.height + 1 + FORWARD_ROWS) * p.pitch
+        p.covers(isa.lanes(), p.height + 1 + FORWARD_ROWS * s)
             && padded.len() >= p.in_channels * p.padded_plane
             && p.weight_stride >= p.out_channels.div_ceil(tile) * tile
             && packed.len() >= p.in_channels * 9 * p.weight_stride
@@ -442,17 +606,18 @@ fn run_forward(
     }
 }
 
-/// Adds `images` padded images' contributions to the per-lane weight-gradient sums `lanes`
+/// Adds `images` laid-out images' contributions to the per-lane weight-gradient sums `lanes`
 /// `[Cout rounded up to C][Cin][9][LANES]`: tiles of `C` output channels × one input channel × the nine
-/// kernel positions, accumulated in registers over the images' rows and columns.
+/// kernel positions, accumulated in registers over the images' rows and columns; a vector covers `S`
+/// rows (the plan's [`Layout::rows_per_vector`]).
 ///
 /// # Safety
-/// The processor has `V`'s instruction set; `padded` holds `images` images of `Cin` padded planes with
-/// one extra row each, `dy` `images · Cout · H · W` values, `lanes` `Cout rounded up to C · Cin · 9 ·
-/// LANES` values, and `W` is a multiple of `V::LANES` (all checked by the caller, [`weight_gradient`]).
+/// The processor has `V`'s instruction set; `padded` holds `images` images of `Cin` planes laid out by
+/// the plan with `2·S − 1` extra rows, `dy` `images · Cout · H · W` values and `lanes` `Cout rounded up
+/// to C · Cin · 9 · LANES` values (all checked by the caller, [`weight_gradient`]).
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn gradient_image<V: Vector, const C: usize>(
+unsafe fn gradient_image<V: Vector, const C: usize, const S: usize>(
     p: &Plan,
     images: usize,
     padded: &[f32],
@@ -464,15 +629,18 @@ unsafe fn gradient_image<V: Vector, const C: usize>(
     // Rows past the last (an odd height) and channels past the last (the tile's rounding) read this row
     // of zeros, so that every load of the inner loop is unconditional and the gradients stay in
     // registers.
-    let zeros = vec![0.0f32; p.width];
+    let zeros = vec![0.0f32; p.width.max(V::LANES)];
     let (x, dy, lanes) = (padded.as_ptr(), dy.as_ptr(), lanes.as_mut_ptr());
-    for co0 in (0..p.out_channels).step_by(C) {
-        let channels = C.min(p.out_channels - co0);
-        for ci in 0..p.in_channels {
+    // Input channels outermost: one input channel's planes of the group stay in the first-level cache
+    // while every tile of output channels reads them (the other way round, each tile re-read them from
+    // the second level, whose bandwidth then bounded the kernel).
+    for ci in 0..p.in_channels {
+        for co0 in (0..p.out_channels).step_by(C) {
+            let channels = C.min(p.out_channels - co0);
             // SAFETY: by the function's contract: images below `images`, input rows
-            // `oh + t ≤ H + 2` and columns `col + kw + LANES ≤ W + 2` of each padded plane, output
-            // gradient rows below `H` of channels below `Cout` (or the row of zeros, `W` long), and
-            // sums of output channels below `Cout` rounded up to `C`.
+            // `oh + t + S − 1 ≤ H + 2·S` of each laid-out plane and, per row, one vector from each
+            // kernel column's position; output gradient rows below `H` of channels below `Cout` (or the
+            // row of zeros, a vector long); sums of output channels below `Cout` rounded up to `C`.
             unsafe {
                 let mut acc = [[V::zero(); 9]; C];
                 for j in 0..C {
@@ -485,15 +653,15 @@ unsafe fn gradient_image<V: Vector, const C: usize>(
                 for image in 0..images {
                     let plane = x.add((image * p.in_channels + ci) * p.padded_plane);
                     let dy = dy.add(image * p.out_channels * out_plane);
-                    // Two output rows at a time: padded input rows `oh .. oh + 4` each serve both
-                    // rows (the first with kernel rows `t`, the second with `t − 1`), so every input
-                    // vector is loaded once for up to six products per output channel.
-                    for oh in (0..p.height).step_by(2) {
+                    // Two vectors of output rows at a time: input rows `oh + t` for `t < 3 + S` each
+                    // serve both (the first with kernel row `t`, the second with `t − S`), so every
+                    // input vector is loaded once for up to six products per output channel.
+                    for oh in (0..p.height).step_by(2 * S) {
                         let mut rows = [[zeros.as_ptr(); 2]; C];
                         for (j, rows) in rows.iter_mut().enumerate().take(channels) {
                             rows[0] = dy.add((co0 + j) * out_plane + oh * p.width);
-                            if oh + 1 < p.height {
-                                rows[1] = rows[0].add(p.width);
+                            if oh + S < p.height {
+                                rows[1] = rows[0].add(S * p.width);
                             }
                         }
                         for col in (0..p.width).step_by(V::LANES) {
@@ -502,16 +670,18 @@ unsafe fn gradient_image<V: Vector, const C: usize>(
                                 dyv[j] =
                                     [V::load(rows[j][0].add(col)), V::load(rows[j][1].add(col))];
                             }
-                            for t in 0..4 {
+                            for t in 0..3 + S {
                                 for kw in 0..3 {
-                                    let xv = V::load(plane.add((oh + t) * p.pitch + col + kw));
+                                    let xv = V::load(
+                                        plane.add((oh + t) * p.pitch + col + kw * p.kw_step),
+                                    );
                                     for j in 0..C {
                                         if t < 3 {
                                             acc[j][t * 3 + kw] =
                                                 acc[j][t * 3 + kw].fma(dyv[j][0], xv);
                                         }
-                                        if t > 0 {
-                                            let k = (t - 1) * 3 + kw;
+                                        if t >= S {
+                                            let k = (t - S) * 3 + kw;
                                             acc[j][k] = acc[j][k].fma(dyv[j][1], xv);
                                         }
                                     }
@@ -541,8 +711,14 @@ unsafe fn gradient_image_avx512(
     dy: &[f32],
     lanes: &mut [f32],
 ) {
+    const C: usize = GRADIENT_CHANNELS_512;
     // SAFETY: forwarded from the caller.
-    unsafe { gradient_image::<x86::V512, GRADIENT_CHANNELS_512>(p, images, padded, dy, lanes) }
+    unsafe {
+        match p.layout {
+            Layout::Padded => gradient_image::<x86::V512, C, 1>(p, images, padded, dy, lanes),
+            Layout::RowPairs => gradient_image::<x86::V512, C, 2>(p, images, padded, dy, lanes),
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -554,8 +730,14 @@ unsafe fn gradient_image_avx2(
     dy: &[f32],
     lanes: &mut [f32],
 ) {
+    const C: usize = GRADIENT_CHANNELS_256;
     // SAFETY: forwarded from the caller.
-    unsafe { gradient_image::<x86::V256, GRADIENT_CHANNELS_256>(p, images, padded, dy, lanes) }
+    unsafe {
+        match p.layout {
+            Layout::Padded => gradient_image::<x86::V256, C, 1>(p, images, padded, dy, lanes),
+            Layout::RowPairs => gradient_image::<x86::V256, C, 2>(p, images, padded, dy, lanes),
+        }
+    }
 }
 
 /// The weight gradient `[Cout, Cin, 3, 3]` of a geometry that [`fits`] with `isa`, from the input `x` and the output
@@ -566,17 +748,11 @@ pub(super) fn weight_gradient(isa: Isa, g: &Geometry, x: &[f32], dy: &[f32]) -> 
         Isa::Avx2 => (8, GRADIENT_CHANNELS_256),
     };
     let rounded = g.out_channels.div_ceil(tile) * tile;
-    let pitch = g.width + 2;
-    let plan = Plan {
-        in_channels: g.in_channels,
-        out_channels: g.out_channels,
-        height: g.height,
-        width: g.width,
-        pitch,
-        // One extra row of zeros: the last pair of output rows reads padded row `H + 2` when `H` is odd.
-        padded_plane: (g.height + 3) * pitch,
-        weight_stride: 0,
-    };
+    let layout = Layout::for_geometry(isa, g).expect("the caller checked that the geometry fits");
+    let s = layout.rows_per_vector();
+    // Extra rows of zeros: the last pair of output vectors reads `2·S − 1` rows past the bottom padding
+    // row when it runs past the last row.
+    let plan = layout.plan(g.in_channels, g.out_channels, g.height, g.width, 2 * s - 1);
     let lanes_len = rounded * g.in_channels * 9 * lanes_n;
     // Fixed segments of the batch, each summed in order into its own lanes, then the segments in order.
     let threads = rayon::current_num_threads().max(1);
@@ -588,9 +764,7 @@ pub(super) fn weight_gradient(isa: Isa, g: &Geometry, x: &[f32], dy: &[f32]) -> 
     let group = (GRADIENT_GROUP_PIXELS / (g.height * g.width).max(1)).clamp(1, per_segment);
     // The kernels' contract (see `run_forward`), for the buffers this function sizes itself.
     assert!(
-        g.width.is_multiple_of(isa.lanes())
-            && plan.padded_plane == (g.height + 3) * plan.pitch
-            && plan.pitch == g.width + 2
+        plan.covers(isa.lanes(), g.height + 1 + 2 * s)
             && x.len() >= g.batch * g.in_image()
             && dy.len() >= g.batch * g.out_image(),
         "direct convolution: buffers do not match the plan {plan:?}"
@@ -612,7 +786,7 @@ pub(super) fn weight_gradient(isa: Isa, g: &Geometry, x: &[f32], dy: &[f32]) -> 
                         .chunks_exact(g.in_image())
                         .zip(padded.chunks_exact_mut(padded_image))
                     {
-                        pad_image(image, g.in_channels, g.height, g.width, 1, into);
+                        lay_out_image(&plan, image, into);
                     }
                     match isa {
                         // SAFETY: as in `run_forward`; the group's `images` padded images and output

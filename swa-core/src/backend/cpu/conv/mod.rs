@@ -21,9 +21,11 @@
 //!   makes (31% of them at 4×4, 56% at 2×2).
 //!
 //! 3×3 stride-1 convolutions with padding 1 and at most 128 channels, on rows a whole number of vectors
-//! long, take a third path, [`direct`]: each output tile is accumulated in vector registers straight from
-//! zero-padded copies of the images, with no unrolled input at all (the first two stages of PreResNet,
-//! WRN, Shake-Shake and PyramidNet, VGG-16's first four layers).
+//! long or half a vector long, take a third path, [`direct`]: each output tile is accumulated in vector
+//! registers straight from zero-padded copies of the images, with no unrolled input at all (the three
+//! stages of PreResNet, Shake-Shake and PyramidNet, the first two of WRN, VGG-16's first four layers).
+//! That path computes the forward pass and the input gradient; the weight gradient only for up to 16
+//! channels, `im2col` or Winograd's algorithm being faster with more.
 //!
 //! Other tiny output planes (at most 16 pixels, fewer channels) unroll the whole batch and run each
 //! product as one GEMM split over the pool by `gemm` itself, which divides the output into tiles and keeps
@@ -849,7 +851,13 @@ fn gradients(
     need_input: bool,
 ) -> (Vec<f32>, Vec<f32>) {
     if let Some(isa) = direct::fits(g) {
-        let dw = direct::weight_gradient(isa, g, x, dy);
+        let dw = if g.winograd_weight_gradient() {
+            with_scratch(|scratch| winograd::weight_gradient(g, x, dy, scratch))
+        } else if direct::computes_weight_gradient(isa, g) {
+            direct::weight_gradient(isa, g, x, dy)
+        } else {
+            input_and_weight_gradients(g, x, w, dy, false).1
+        };
         let Some(t) = g.input_gradient_as_convolution().filter(|_| need_input) else {
             return (Vec::new(), dw);
         };
