@@ -248,10 +248,7 @@ impl<B: Backend> BatchNorm2d<B> {
             });
         }
         let momentum = match mode {
-            ForwardMode::Eval => {
-                let y = self.forward_input(backend, x, mode)?;
-                return backend.relu(&y);
-            }
+            ForwardMode::Eval => return self.forward_eval_relu(backend, x.tensor()),
             ForwardMode::Train { .. } => self.momentum,
             ForwardMode::RecomputeBatchNorm { momentum, .. } => momentum,
         };

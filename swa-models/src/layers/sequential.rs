@@ -98,21 +98,21 @@ impl<B: Backend> Sequential<B> {
     }
 }
 
-impl<B: Backend> Sequential<B> {
-    /// Whether the child at `index` is a BatchNorm directly followed by a ReLU, which training runs as
-    /// one fused pass ([`BatchNorm2d::forward_relu`](super::BatchNorm2d::forward_relu)). A BatchNorm
-    /// synchronised over ranks normalises through its own collectives, and runs alone.
-    fn relu_fused_after(&self, index: usize) -> bool {
-        self.children[index]
-            .1
-            .as_batch_norm()
-            .is_some_and(|norm| !norm.is_synchronized())
-            && self
-                .children
-                .get(index + 1)
-                .is_some_and(|(_, next)| next.is_relu())
-    }
+/// Whether the child at `index` is a BatchNorm directly followed by a ReLU, which training runs as one
+/// fused pass ([`BatchNorm2d::forward_relu`](super::BatchNorm2d::forward_relu)) and evaluation too
+/// ([`BatchNorm2d::forward_eval_relu`](super::BatchNorm2d::forward_eval_relu)). A BatchNorm
+/// synchronised over ranks normalises through its own collectives, and runs alone.
+fn relu_fused_after<B: Backend>(children: &[(String, Box<dyn Module<B>>)], index: usize) -> bool {
+    children[index]
+        .1
+        .as_batch_norm()
+        .is_some_and(|norm| !norm.is_synchronized())
+        && children
+            .get(index + 1)
+            .is_some_and(|(_, next)| next.is_relu())
+}
 
+impl<B: Backend> Sequential<B> {
     /// Each convolution directly followed by a BatchNorm, folded, with the convolution's index.
     fn fold(&self, backend: &B) -> BackendResult<Vec<(usize, Conv2d<B>)>> {
         let mut folded = Vec::new();
@@ -159,7 +159,7 @@ fn run_folded<B: Backend>(
             *index += 2;
             return conv.forward_input(backend, x, ForwardMode::Eval);
         }
-        let rectified = children.get(at + 1).is_some_and(|(_, next)| next.is_relu());
+        let rectified = relu_fused_after(children, at);
         if let (Some(norm), true) = (children[at].1.as_batch_norm(), rectified) {
             *index += 2;
             return norm.forward_eval_relu(backend, x.tensor());
@@ -209,7 +209,7 @@ impl<B: Backend> Module<B> for Sequential<B> {
         let mut index = 0;
         let mut input = x;
         loop {
-            let fused = self.relu_fused_after(index);
+            let fused = relu_fused_after(&self.children, index);
             let child = &mut self.children[index].1;
             let y = match child.as_batch_norm_mut() {
                 Some(norm) if fused => norm.forward_relu(backend, input, mode)?,
@@ -232,7 +232,7 @@ impl<B: Backend> Module<B> for Sequential<B> {
         loop {
             // A ReLU fused into the BatchNorm before it ran in that BatchNorm's pass, whose backward
             // takes the ReLU's output gradient.
-            if index > 0 && self.relu_fused_after(index - 1) {
+            if index > 0 && relu_fused_after(&self.children, index - 1) {
                 index -= 1;
             }
             let gradient = d.as_ref().unwrap_or(dy);

@@ -606,30 +606,30 @@ fn run_forward(
     }
 }
 
-/// Adds `images` laid-out images' contributions to the per-lane weight-gradient sums `lanes`
+/// Adds `images` padded images' contributions to the per-lane weight-gradient sums `lanes`
 /// `[Cout rounded up to C][Cin][9][LANES]`: tiles of `C` output channels × one input channel × the nine
-/// kernel positions, accumulated in registers over the images' rows and columns; a vector covers `S`
-/// rows (the plan's [`Layout::rows_per_vector`]).
+/// kernel positions, accumulated in registers over the images' rows and columns.
 ///
 /// # Safety
-/// The processor has `V`'s instruction set; `padded` holds `images` images of `Cin` planes laid out by
-/// the plan with `2·S − 1` extra rows, `dy` `images · Cout · H · W` values and `lanes` `Cout rounded up
-/// to C · Cin · 9 · LANES` values (all checked by the caller, [`weight_gradient`]).
+/// The processor has `V`'s instruction set; `padded` holds `images` images of `Cin` planes in the
+/// [`Layout::Padded`] layout with one extra row, `dy` `images · Cout · H · W` values, `lanes` `Cout
+/// rounded up to C · Cin · 9 · LANES` values and `zeros` at least `W` zeros (all checked by the caller,
+/// [`weight_gradient`]).
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-unsafe fn gradient_image<V: Vector, const C: usize, const S: usize>(
+unsafe fn gradient_image<V: Vector, const C: usize>(
     p: &Plan,
     images: usize,
     padded: &[f32],
     dy: &[f32],
     lanes: &mut [f32],
+    zeros: &[f32],
 ) {
     let out_plane = p.height * p.width;
     let block = 9 * V::LANES;
-    // Rows past the last (an odd height) and channels past the last (the tile's rounding) read this row
-    // of zeros, so that every load of the inner loop is unconditional and the gradients stay in
+    // Rows past the last (an odd height) and channels past the last (the tile's rounding) read the row
+    // of `zeros`, so that every load of the inner loop is unconditional and the gradients stay in
     // registers.
-    let zeros = vec![0.0f32; p.width.max(V::LANES)];
     let (x, dy, lanes) = (padded.as_ptr(), dy.as_ptr(), lanes.as_mut_ptr());
     // Input channels outermost: one input channel's planes of the group stay in the first-level cache
     // while every tile of output channels reads them (the other way round, each tile re-read them from
@@ -638,9 +638,9 @@ unsafe fn gradient_image<V: Vector, const C: usize, const S: usize>(
         for co0 in (0..p.out_channels).step_by(C) {
             let channels = C.min(p.out_channels - co0);
             // SAFETY: by the function's contract: images below `images`, input rows
-            // `oh + t + S − 1 ≤ H + 2·S` of each laid-out plane and, per row, one vector from each
-            // kernel column's position; output gradient rows below `H` of channels below `Cout` (or the
-            // row of zeros, a vector long); sums of output channels below `Cout` rounded up to `C`.
+            // `oh + t ≤ H + 2` and columns `col + kw + LANES ≤ W + 2` of each padded plane, output
+            // gradient rows below `H` of channels below `Cout` (or the row of zeros, `W` long), and
+            // sums of output channels below `Cout` rounded up to `C`.
             unsafe {
                 let mut acc = [[V::zero(); 9]; C];
                 for j in 0..C {
@@ -653,15 +653,15 @@ unsafe fn gradient_image<V: Vector, const C: usize, const S: usize>(
                 for image in 0..images {
                     let plane = x.add((image * p.in_channels + ci) * p.padded_plane);
                     let dy = dy.add(image * p.out_channels * out_plane);
-                    // Two vectors of output rows at a time: input rows `oh + t` for `t < 3 + S` each
-                    // serve both (the first with kernel row `t`, the second with `t − S`), so every
-                    // input vector is loaded once for up to six products per output channel.
-                    for oh in (0..p.height).step_by(2 * S) {
+                    // Two output rows at a time: padded input rows `oh .. oh + 4` each serve both
+                    // rows (the first with kernel rows `t`, the second with `t − 1`), so every input
+                    // vector is loaded once for up to six products per output channel.
+                    for oh in (0..p.height).step_by(2) {
                         let mut rows = [[zeros.as_ptr(); 2]; C];
                         for (j, rows) in rows.iter_mut().enumerate().take(channels) {
                             rows[0] = dy.add((co0 + j) * out_plane + oh * p.width);
-                            if oh + S < p.height {
-                                rows[1] = rows[0].add(S * p.width);
+                            if oh + 1 < p.height {
+                                rows[1] = rows[0].add(p.width);
                             }
                         }
                         for col in (0..p.width).step_by(V::LANES) {
@@ -670,18 +670,16 @@ unsafe fn gradient_image<V: Vector, const C: usize, const S: usize>(
                                 dyv[j] =
                                     [V::load(rows[j][0].add(col)), V::load(rows[j][1].add(col))];
                             }
-                            for t in 0..3 + S {
+                            for t in 0..4 {
                                 for kw in 0..3 {
-                                    let xv = V::load(
-                                        plane.add((oh + t) * p.pitch + col + kw * p.kw_step),
-                                    );
+                                    let xv = V::load(plane.add((oh + t) * p.pitch + col + kw));
                                     for j in 0..C {
                                         if t < 3 {
                                             acc[j][t * 3 + kw] =
                                                 acc[j][t * 3 + kw].fma(dyv[j][0], xv);
                                         }
-                                        if t >= S {
-                                            let k = (t - S) * 3 + kw;
+                                        if t > 0 {
+                                            let k = (t - 1) * 3 + kw;
                                             acc[j][k] = acc[j][k].fma(dyv[j][1], xv);
                                         }
                                     }
@@ -710,14 +708,11 @@ unsafe fn gradient_image_avx512(
     padded: &[f32],
     dy: &[f32],
     lanes: &mut [f32],
+    zeros: &[f32],
 ) {
-    const C: usize = GRADIENT_CHANNELS_512;
     // SAFETY: forwarded from the caller.
     unsafe {
-        match p.layout {
-            Layout::Padded => gradient_image::<x86::V512, C, 1>(p, images, padded, dy, lanes),
-            Layout::RowPairs => gradient_image::<x86::V512, C, 2>(p, images, padded, dy, lanes),
-        }
+        gradient_image::<x86::V512, GRADIENT_CHANNELS_512>(p, images, padded, dy, lanes, zeros)
     }
 }
 
@@ -729,30 +724,25 @@ unsafe fn gradient_image_avx2(
     padded: &[f32],
     dy: &[f32],
     lanes: &mut [f32],
+    zeros: &[f32],
 ) {
-    const C: usize = GRADIENT_CHANNELS_256;
     // SAFETY: forwarded from the caller.
     unsafe {
-        match p.layout {
-            Layout::Padded => gradient_image::<x86::V256, C, 1>(p, images, padded, dy, lanes),
-            Layout::RowPairs => gradient_image::<x86::V256, C, 2>(p, images, padded, dy, lanes),
-        }
+        gradient_image::<x86::V256, GRADIENT_CHANNELS_256>(p, images, padded, dy, lanes, zeros)
     }
 }
 
-/// The weight gradient `[Cout, Cin, 3, 3]` of a geometry that [`fits`] with `isa`, from the input `x` and the output
-/// gradient `dy`.
+/// The weight gradient `[Cout, Cin, 3, 3]` of a geometry for which [`computes_weight_gradient`] holds
+/// with `isa`, from the input `x` and the output gradient `dy`.
 pub(super) fn weight_gradient(isa: Isa, g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (lanes_n, tile) = match isa {
         Isa::Avx512 => (16, GRADIENT_CHANNELS_512),
         Isa::Avx2 => (8, GRADIENT_CHANNELS_256),
     };
     let rounded = g.out_channels.div_ceil(tile) * tile;
-    let layout = Layout::for_geometry(isa, g).expect("the caller checked that the geometry fits");
-    let s = layout.rows_per_vector();
-    // Extra rows of zeros: the last pair of output vectors reads `2·S − 1` rows past the bottom padding
-    // row when it runs past the last row.
-    let plan = layout.plan(g.in_channels, g.out_channels, g.height, g.width, 2 * s - 1);
+    // One extra row of zeros: the last pair of output rows reads padded row `H + 2` when `H` is odd.
+    let plan = Layout::Padded.plan(g.in_channels, g.out_channels, g.height, g.width, 1);
+    let zeros = vec![0.0f32; g.width];
     let lanes_len = rounded * g.in_channels * 9 * lanes_n;
     // Fixed segments of the batch, each summed in order into its own lanes, then the segments in order.
     let threads = rayon::current_num_threads().max(1);
@@ -764,7 +754,7 @@ pub(super) fn weight_gradient(isa: Isa, g: &Geometry, x: &[f32], dy: &[f32]) -> 
     let group = (GRADIENT_GROUP_PIXELS / (g.height * g.width).max(1)).clamp(1, per_segment);
     // The kernels' contract (see `run_forward`), for the buffers this function sizes itself.
     assert!(
-        plan.covers(isa.lanes(), g.height + 1 + 2 * s)
+        plan.covers(isa.lanes(), g.height + 3)
             && x.len() >= g.batch * g.in_image()
             && dy.len() >= g.batch * g.out_image(),
         "direct convolution: buffers do not match the plan {plan:?}"
@@ -793,11 +783,11 @@ pub(super) fn weight_gradient(isa: Isa, g: &Geometry, x: &[f32], dy: &[f32]) -> 
                         // gradients are the slices' first.
                         #[cfg(target_arch = "x86_64")]
                         Isa::Avx512 => unsafe {
-                            gradient_image_avx512(&plan, images, padded, dy_group, lanes)
+                            gradient_image_avx512(&plan, images, padded, dy_group, lanes, &zeros)
                         },
                         #[cfg(target_arch = "x86_64")]
                         Isa::Avx2 => unsafe {
-                            gradient_image_avx2(&plan, images, padded, dy_group, lanes)
+                            gradient_image_avx2(&plan, images, padded, dy_group, lanes, &zeros)
                         },
                         #[cfg(not(target_arch = "x86_64"))]
                         _ => unreachable!("no vector instruction set is detected off x86-64"),
