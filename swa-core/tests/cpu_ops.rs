@@ -1686,3 +1686,58 @@ fn narrow_rejects_slices_outside_the_tensor() {
         assert!(b.narrow_add_(&mut dst, 1, start, &src).is_err());
     }
 }
+
+#[test]
+fn lerp_many_over_many_tensors_equals_lerp_tensor_by_tensor() {
+    let mut r = rng(18);
+    // Sizes from a BatchNorm's few values to more than one piece, together well above the threshold
+    // where the pass uses the threads; and a set too small for that, which takes the other path.
+    for sizes in [vec![16usize, 40_000, 3, 70_001, 512, 9], vec![5, 7, 100]] {
+        for threads in [1, 2, 3] {
+            let b = CpuBackend::with_threads(threads);
+            let weight = 0.37;
+            let dst: Vec<Vec<f32>> = sizes.iter().map(|&n| uniform(&mut r, n)).collect();
+            let src: Vec<Vec<f32>> = sizes.iter().map(|&n| uniform(&mut r, n)).collect();
+            let mut fused: Vec<CpuTensor> = dst.iter().map(|d| tensor(&b, d, &[d.len()])).collect();
+            let srcs: Vec<CpuTensor> = src.iter().map(|s| tensor(&b, s, &[s.len()])).collect();
+            let mut dsts: Vec<&mut CpuTensor> = fused.iter_mut().collect();
+            let src_refs: Vec<&CpuTensor> = srcs.iter().collect();
+            b.lerp_many_(&mut dsts, &src_refs, weight)
+                .expect("lerp_many_");
+            for ((got, d), s) in fused.iter().zip(&dst).zip(&src) {
+                let mut one = tensor(&b, d, &[d.len()]);
+                b.lerp_(&mut one, &tensor(&b, s, &[s.len()]), weight)
+                    .expect("lerp_");
+                assert_eq!(
+                    host(&b, got),
+                    host(&b, &one),
+                    "{sizes:?}, {threads} threads"
+                );
+                let want: Vec<f32> = d
+                    .iter()
+                    .zip(s)
+                    .map(|(&d, &s)| d + weight * (s - d))
+                    .collect();
+                assert_eq!(host(&b, got), want, "{sizes:?}, {threads} threads");
+            }
+        }
+    }
+    let b = CpuBackend::with_threads(2);
+    let mut a = b.zeros(&[40_000]).expect("zeros");
+    let wrong = b.zeros(&[39_999]).expect("zeros");
+    let mut dsts = vec![&mut a];
+    assert!(matches!(
+        b.lerp_many_(&mut dsts, &[&wrong], 0.5),
+        Err(BackendError::ShapeMismatch {
+            op: "lerp_many_",
+            ..
+        })
+    ));
+    assert!(matches!(
+        b.lerp_many_(&mut dsts, &[], 0.5),
+        Err(BackendError::InvalidArgument {
+            op: "lerp_many_",
+            ..
+        })
+    ));
+}

@@ -13,7 +13,7 @@ use crate::backend::{
 
 /// Elements per task of the in-place updates: 64 KiB of each operand, large enough to stream and small
 /// enough to balance the threads.
-const CHUNK_LEN: usize = 1 << 14;
+pub(super) const CHUNK_LEN: usize = 1 << 14;
 
 /// Whether an update of `len` elements is worth handing to the thread pool: below
 /// [`PARALLEL_MIN_LEN`] the hand-over costs more than the work, which matters for the many small
@@ -22,14 +22,17 @@ pub(super) fn worth_parallel(len: usize) -> bool {
     len >= PARALLEL_MIN_LEN
 }
 
+/// `dst += weight · (src − dst)` element by element over two slices of one length.
+pub(super) fn lerp_slice(dst: &mut [f32], src: &[f32], weight: f32) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d += weight * (s - *d);
+    }
+}
+
 /// `dst += weight · (src − dst)` (the shapes were checked to agree). Every element is the same
 /// expression on every path, so results do not depend on the thread count.
 pub(super) fn lerp(dst: &mut CpuTensor, src: &CpuTensor, weight: f32) {
-    let update = |d: &mut [f32], s: &[f32]| {
-        for (d, &s) in d.iter_mut().zip(s) {
-            *d += weight * (s - *d);
-        }
-    };
+    let update = |d: &mut [f32], s: &[f32]| lerp_slice(d, s, weight);
     if let (Some(d), Some(s)) = (dst.as_slice_mut(), src.as_slice()) {
         if worth_parallel(d.len()) {
             d.par_chunks_mut(CHUNK_LEN)

@@ -14,6 +14,7 @@ mod pool;
 use std::sync::Arc;
 
 use ndarray::{ArrayD, IxDyn};
+use rayon::prelude::*;
 
 use super::{Backend, BackendError, BackendResult, HasShape, SgdStep};
 
@@ -210,6 +211,55 @@ impl Backend for CpuBackend {
     fn lerp_(&self, dst: &mut CpuTensor, src: &CpuTensor, weight: f32) -> BackendResult<()> {
         same_shape("lerp_", dst, src)?;
         self.install_if_worth(dst.len(), || elementwise::lerp(dst, src, weight));
+        Ok(())
+    }
+
+    /// One parallel pass over all the pairs: a network's parameters are hundreds of tensors, most too
+    /// small to be worth splitting alone (BatchNorm's scales, a small convolution's weight), so each
+    /// tensor on its own would run on one thread or pay for a hand-over to the pool. Here the pairs are
+    /// cut into pieces of at most [`elementwise::CHUNK_LEN`] elements that every thread takes from, and
+    /// whether to use the threads at all is decided from the total size. Each element is the same
+    /// expression as in [`Backend::lerp_`], so the results are identical.
+    fn lerp_many_(
+        &self,
+        dsts: &mut [&mut CpuTensor],
+        srcs: &[&CpuTensor],
+        weight: f32,
+    ) -> BackendResult<()> {
+        if dsts.len() != srcs.len() {
+            return Err(BackendError::InvalidArgument {
+                op: "lerp_many_",
+                message: format!("{} destinations but {} sources", dsts.len(), srcs.len()),
+            });
+        }
+        for (dst, src) in dsts.iter().zip(srcs) {
+            same_shape("lerp_many_", dst, src)?;
+        }
+        let contiguous = dsts
+            .iter()
+            .zip(srcs)
+            .all(|(d, s)| d.is_standard_layout() && s.is_standard_layout());
+        let total: usize = dsts.iter().map(|d| d.len()).sum();
+        if !contiguous || !elementwise::worth_parallel(total) {
+            for (dst, src) in dsts.iter_mut().zip(srcs) {
+                self.lerp_(dst, src, weight)?;
+            }
+            return Ok(());
+        }
+        let mut pieces: Vec<(&mut [f32], &[f32])> = Vec::new();
+        for (dst, src) in dsts.iter_mut().zip(srcs) {
+            if let (Some(d), Some(s)) = (dst.as_slice_mut(), src.as_slice()) {
+                pieces.extend(
+                    d.chunks_mut(elementwise::CHUNK_LEN)
+                        .zip(s.chunks(elementwise::CHUNK_LEN)),
+                );
+            }
+        }
+        self.install(|| {
+            pieces
+                .into_par_iter()
+                .for_each(|(d, s)| elementwise::lerp_slice(d, s, weight))
+        });
         Ok(())
     }
 

@@ -116,18 +116,27 @@ pub(super) fn fits(g: &Geometry) -> Option<Isa> {
 }
 
 /// Whether [`weight_gradient`] should compute the weight gradient of `g` (which [`fits`] with `isa`):
-/// on rows a whole number of vectors long with at most [`GRADIENT_MAX_CHANNELS`] channels. With more
-/// channels `im2col`'s GEMM was measured faster (batch 128, 2 threads, AVX-512: 32 channels on 16×16
-/// 3.6 against 4.6 ms, 64 on 16×16 12 against 20 ms, 64 on 8×8 3.3 against 8 ms; level at 32 on 32×32),
-/// although the forward pass and the input gradient stay faster here.
+/// on rows a whole number of vectors long with few channels, at most [`GRADIENT_MAX_CHANNELS`], or
+/// [`GRADIENT_MAX_CHANNELS_LARGE_PLANE`] on planes of [`GRADIENT_LARGE_PLANE`] pixels or more. With
+/// more channels `im2col`'s GEMM was measured faster (batch 128, 2 threads, AVX-512, dW only: 32
+/// channels on 16×16 3.6 against 4.6 ms, 64 on 16×16 12 against 20 ms, 64 on 32×32 46 against 72 ms;
+/// both gradients, 40→41 on 16×16 11.3 against 12.0 ms), although the forward pass and the input
+/// gradient stay faster here; with fewer, this kernel (both gradients, 16 channels on 32×32 7.4 against
+/// 11.1 ms, 24→25 on 32×32 15.9 against 19.5 ms, 30→31 23.3 against 28.8 ms).
 pub(super) fn computes_weight_gradient(isa: Isa, g: &Geometry) -> bool {
+    let channels = g.in_channels.max(g.out_channels);
     Layout::for_geometry(isa, g) == Some(Layout::Padded)
-        && g.in_channels.max(g.out_channels) <= GRADIENT_MAX_CHANNELS
+        && (channels <= GRADIENT_MAX_CHANNELS
+            || (channels <= GRADIENT_MAX_CHANNELS_LARGE_PLANE
+                && g.height * g.width >= GRADIENT_LARGE_PLANE))
 }
 
-/// See [`computes_weight_gradient`]: 16 channels on 32×32 planes take 4.3 ms here against `im2col`'s
-/// 5.8.
+/// See [`computes_weight_gradient`].
 const GRADIENT_MAX_CHANNELS: usize = 16;
+/// See [`computes_weight_gradient`].
+const GRADIENT_MAX_CHANNELS_LARGE_PLANE: usize = 32;
+/// See [`computes_weight_gradient`]: 32×32, CIFAR's full resolution.
+const GRADIENT_LARGE_PLANE: usize = 1024;
 
 /// How the kernels see one image's input planes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
