@@ -217,7 +217,7 @@ impl Backend for CpuBackend {
     /// One parallel pass over all the pairs: a network's parameters are hundreds of tensors, most too
     /// small to be worth splitting alone (BatchNorm's scales, a small convolution's weight), so each
     /// tensor on its own would run on one thread or pay for a hand-over to the pool. Here the pairs are
-    /// cut into pieces of at most [`elementwise::CHUNK_LEN`] elements that every thread takes from, and
+    /// cut into pieces of at most 16K elements that every thread takes from, and
     /// whether to use the threads at all is decided from the total size. Each element is the same
     /// expression as in [`Backend::lerp_`], so the results are identical.
     fn lerp_many_(

@@ -25,7 +25,7 @@
 //! registers straight from zero-padded copies of the images, with no unrolled input at all (the three
 //! stages of PreResNet, Shake-Shake and PyramidNet, the first two of WRN, VGG-16's first four layers).
 //! That path computes the forward pass and the input gradient; the weight gradient only for up to 16
-//! channels, `im2col` or Winograd's algorithm being faster with more.
+//! channels (32 on 32×32 planes), `im2col` or Winograd's algorithm being faster with more.
 //!
 //! Other tiny output planes (at most 16 pixels, fewer channels) unroll the whole batch and run each
 //! product as one GEMM split over the pool by `gemm` itself, which divides the output into tiles and keeps
