@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use swa_core::backend::{Backend, BackendError, BackendResult, HasShape, SgdStep};
+use swa_core::backend::{same_pair_count, Backend, BackendError, BackendResult, HasShape, SgdStep};
 
 use crate::context::{Context, Dispatch, GpuTensor, Params, PoolStats, Variant};
 use crate::device::{self, GpuOptions};
@@ -211,12 +211,7 @@ impl Backend for GpuBackend {
         weight: f32,
     ) -> BackendResult<()> {
         let op = "lerp_many_";
-        if dsts.len() != srcs.len() {
-            return Err(BackendError::InvalidArgument {
-                op,
-                message: format!("{} destinations but {} sources", dsts.len(), srcs.len()),
-            });
-        }
+        same_pair_count(op, dsts.len(), srcs.len())?;
         let mut pairs = Vec::with_capacity(dsts.len());
         for (dst, src) in dsts.iter().zip(srcs) {
             same_shape("lerp_", dst, src)?;

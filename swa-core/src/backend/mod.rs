@@ -219,12 +219,7 @@ pub trait Backend:
         srcs: &[&Self::Tensor],
         weight: f32,
     ) -> BackendResult<()> {
-        if dsts.len() != srcs.len() {
-            return Err(BackendError::InvalidArgument {
-                op: "lerp_many_",
-                message: format!("{} destinations but {} sources", dsts.len(), srcs.len()),
-            });
-        }
+        same_pair_count("lerp_many_", dsts.len(), srcs.len())?;
         for (dst, src) in dsts.iter_mut().zip(srcs) {
             self.lerp_(dst, src, weight)?;
         }
@@ -327,6 +322,19 @@ impl AxisSlice {
     /// The number of elements in the slice.
     pub fn numel(&self) -> usize {
         self.outer * self.len * self.inner
+    }
+}
+
+/// An error naming `op` unless an operation over pairs got as many destinations as sources
+/// ([`Backend::lerp_many_`]).
+pub fn same_pair_count(op: &'static str, dsts: usize, srcs: usize) -> BackendResult<()> {
+    if dsts == srcs {
+        Ok(())
+    } else {
+        Err(BackendError::InvalidArgument {
+            op,
+            message: format!("{dsts} destinations but {srcs} sources"),
+        })
     }
 }
 

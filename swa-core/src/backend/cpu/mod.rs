@@ -16,7 +16,7 @@ use std::sync::Arc;
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
-use super::{Backend, BackendError, BackendResult, HasShape, SgdStep};
+use super::{same_pair_count, Backend, BackendError, BackendResult, HasShape, SgdStep};
 
 pub use conv::VECTOR_VARIABLE;
 
@@ -226,12 +226,7 @@ impl Backend for CpuBackend {
         srcs: &[&CpuTensor],
         weight: f32,
     ) -> BackendResult<()> {
-        if dsts.len() != srcs.len() {
-            return Err(BackendError::InvalidArgument {
-                op: "lerp_many_",
-                message: format!("{} destinations but {} sources", dsts.len(), srcs.len()),
-            });
-        }
+        same_pair_count("lerp_many_", dsts.len(), srcs.len())?;
         for (dst, src) in dsts.iter().zip(srcs) {
             same_shape("lerp_many_", dst, src)?;
         }

@@ -850,22 +850,17 @@ fn gradients(
     dy: &[f32],
     need_input: bool,
 ) -> (Vec<f32>, Vec<f32>) {
-    if let Some(isa) = direct::fits(g) {
+    let direct = direct::fits(g);
+    if direct.is_some() || g.winograd_weight_gradient() {
+        // The weight gradient by the fastest method for the geometry; the input gradient as the
+        // transposed convolution, which `forward` sends to the direct kernel whenever `g` fits it.
         let dw = if g.winograd_weight_gradient() {
             with_scratch(|scratch| winograd::weight_gradient(g, x, dy, scratch))
-        } else if direct::computes_weight_gradient(isa, g) {
+        } else if let Some(isa) = direct.filter(|&isa| direct::computes_weight_gradient(isa, g)) {
             direct::weight_gradient(isa, g, x, dy)
         } else {
             input_and_weight_gradients(g, x, w, dy, false).1
         };
-        let Some(t) = g.input_gradient_as_convolution().filter(|_| need_input) else {
-            return (Vec::new(), dw);
-        };
-        let dx = direct::forward(isa, &t, &g.flipped_weight(w), dy, None);
-        return (dx, dw);
-    }
-    if g.winograd_weight_gradient() {
-        let dw = with_scratch(|scratch| winograd::weight_gradient(g, x, dy, scratch));
         let Some(t) = g.input_gradient_as_convolution().filter(|_| need_input) else {
             return (Vec::new(), dw);
         };
