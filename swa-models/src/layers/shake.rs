@@ -98,9 +98,10 @@ fn mix_per_image<B: Backend>(
     Ok((first, second))
 }
 
-/// Shake-Shake's shortcut where a block changes the shape: ReLU, then two 1×1 convolutions `conv1` and
-/// `conv2` of `out/2` channels each, the second reading the input shifted by one pixel right and down
-/// (zero-filled), both subsampled by the stride, concatenated in channels and batch-normalised (`bn`).
+/// Shake-Shake's shortcut where a block changes the shape: on the block's rectified input (the ReLU is
+/// the block's, shared with its branches), two 1×1 convolutions `conv1` and `conv2` of `out/2` channels
+/// each, the second reading the input shifted by one pixel right and down (zero-filled), both subsampled
+/// by the stride, concatenated in channels and batch-normalised (`bn`).
 ///
 /// The subsampling, the shift and the concatenation are one 3×3 convolution with padding 1 and the
 /// block's stride, whose weight holds `conv1` at the kernel's centre for the first `out/2` output
@@ -124,8 +125,10 @@ pub struct ShakeShortcut<B: Backend> {
     centre: B::Tensor,
     /// `[1, 9]`: the kernel's bottom-right tap.
     corner: B::Tensor,
-    /// The rectified input and the combined weight of the last training pass.
-    kept: ForwardCache<(B::Tensor, B::Tensor)>,
+    /// The (rectified) input of the last training pass.
+    kept_input: ForwardCache<B::Tensor>,
+    /// The combined weight of the last training pass.
+    kept_weight: ForwardCache<B::Tensor>,
 }
 
 impl<B: Backend> ShakeShortcut<B> {
@@ -179,7 +182,8 @@ impl<B: Backend> ShakeShortcut<B> {
             lower: selection(half)?,
             centre: tap(4)?,
             corner: tap(8)?,
-            kept: ForwardCache::new(),
+            kept_input: ForwardCache::new(),
+            kept_weight: ForwardCache::new(),
         })
     }
 
@@ -240,21 +244,24 @@ impl<B: Backend> NamedTensors<B> for ShakeShortcut<B> {
 }
 
 impl<B: Backend> Module<B> for ShakeShortcut<B> {
+    /// `x` is the block's rectified input (the block rectifies once for its branches and this path).
     fn forward_input(
         &mut self,
         backend: &B,
         x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
-        let rectified = backend.relu(x.tensor())?;
         let weight = self.combined_weight(backend)?;
-        let z = backend.conv2d(&rectified, &weight, None, self.spec())?;
-        self.kept.keep_with(mode, || (rectified, weight));
+        let z = backend.conv2d(x.tensor(), &weight, None, self.spec())?;
+        self.kept_weight.keep_with(mode, || weight);
+        self.kept_input.keep_input(backend, x, mode)?;
         self.bn.forward_owned(backend, z, mode)
     }
 
+    /// The gradient with respect to the rectified input.
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
-        let (rectified, weight) = self.kept.take("ShakeShortcut::backward")?;
+        let rectified = self.kept_input.take("ShakeShortcut::backward")?;
+        let weight = self.kept_weight.take("ShakeShortcut::backward")?;
         let dz = self.bn.backward(backend, dy)?;
         let grads = backend.conv2d_backward(&rectified, &weight, &dz, self.spec(), true, false)?;
         let flat = [self.out_channels * self.in_channels, 9];
@@ -263,11 +270,10 @@ impl<B: Backend> Module<B> for ShakeShortcut<B> {
         let d2 = self.split_grad(backend, &dw, &self.lower, &self.corner)?;
         self.conv1.accumulate_grad(backend, d1)?;
         self.conv2.accumulate_grad(backend, d2)?;
-        let dx = grads.input.ok_or(BackendError::InvalidArgument {
+        grads.input.ok_or(BackendError::InvalidArgument {
             op: "ShakeShortcut::backward",
             message: "the backend returned no input gradient".into(),
-        })?;
-        backend.relu_backward(&rectified, &dx)
+        })
     }
 
     fn visit_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Param<B>)) {
@@ -281,7 +287,8 @@ impl<B: Backend> Module<B> for ShakeShortcut<B> {
         self.conv1.grad = None;
         self.conv2.grad = None;
         self.bn.zero_grads();
-        self.kept.clear();
+        self.kept_input.clear();
+        self.kept_weight.clear();
     }
 
     fn visit_batch_counters(&self, f: &mut dyn FnMut(&str, u64)) {
@@ -302,6 +309,7 @@ impl<B: Backend> Module<B> for ShakeShortcut<B> {
 /// A Shake-Shake residual block: `branch1` and `branch2` (each ReLU → conv3×3 → BN → ReLU → conv3×3 → BN,
 /// children named by position as in an `nn.Sequential`, the first convolution with the block's stride)
 /// mixed per image, plus the identity or, where the shape changes, a [`ShakeShortcut`] named `shortcut`.
+/// The ReLU that opens both branches and the shortcut runs once for all three, on the block's input.
 #[derive(Debug)]
 pub struct ShakeBlock<B: Backend> {
     branch1: Sequential<B>,
@@ -311,6 +319,8 @@ pub struct ShakeBlock<B: Backend> {
     block_id: u64,
     /// The backward coefficient of each image of the last training pass.
     backward_coefficients: ForwardCache<Vec<f32>>,
+    /// The block's input in the last training pass, whose sign the shared ReLU's gradient needs.
+    input: ForwardCache<B::Tensor>,
 }
 
 impl<B: Backend> ShakeBlock<B> {
@@ -334,13 +344,14 @@ impl<B: Backend> ShakeBlock<B> {
                     .bias(false)
                     .init(ConvInit::HeNormalFanOut)
             };
+            // Child "0", the branch's ReLU, is the block's (see `ShakeBlock::forward_input`); the
+            // others keep their positions in PyTorch's `nn.Sequential`, and so their names.
             let mut s = Sequential::new();
-            s.push(ReLU::new());
-            s.push(Conv2d::new(backend, conv(in_channels, stride), rng)?);
-            s.push(BatchNorm2d::new(backend, channels)?);
-            s.push(ReLU::new());
-            s.push(Conv2d::new(backend, conv(channels, 1), rng)?);
-            s.push(BatchNorm2d::new(backend, channels)?);
+            s.push_named("1", Conv2d::new(backend, conv(in_channels, stride), rng)?);
+            s.push_named("2", BatchNorm2d::new(backend, channels)?);
+            s.push_named("3", ReLU::new());
+            s.push_named("4", Conv2d::new(backend, conv(channels, 1), rng)?);
+            s.push_named("5", BatchNorm2d::new(backend, channels)?);
             Ok(s)
         };
         let (branch1, branch2) = (branch()?, branch()?);
@@ -362,6 +373,7 @@ impl<B: Backend> ShakeBlock<B> {
             mix,
             block_id,
             backward_coefficients: ForwardCache::new(),
+            input: ForwardCache::new(),
         })
     }
 
@@ -427,34 +439,49 @@ impl<B: Backend> Module<B> for ShakeBlock<B> {
         x: ForwardInput<'_, B>,
         mode: ForwardMode,
     ) -> BackendResult<B::Tensor> {
-        let a = self.branch1.forward(backend, x.tensor(), mode)?;
-        let b = self.branch2.forward(backend, x.tensor(), mode)?;
+        // Both branches and the projection shortcut begin with a ReLU of the block's input: it runs
+        // once, and its gradient once on the sum of the three paths' gradients.
+        let rectified = backend.relu(x.tensor())?;
+        let b = self
+            .branch2
+            .forward_input(backend, ForwardInput::Borrowed(&rectified), mode)?;
+        let skip = match &mut self.shortcut {
+            Some(shortcut) => {
+                Some(shortcut.forward_input(backend, ForwardInput::Borrowed(&rectified), mode)?)
+            }
+            None => None,
+        };
+        let a = self
+            .branch1
+            .forward_input(backend, ForwardInput::Owned(rectified), mode)?;
         let batch = x.tensor().dims().first().copied().unwrap_or(0);
         let (forward, backward) = self.coefficients(mode, batch);
         // α·a + (1 − α)·b as PyTorch rounds it: two products, then their sum.
         let (mut y, second) = mix_per_image(backend, &a, &b, &forward)?;
         backend.axpy_(&mut y, 1.0, &second)?;
+        backend.axpy_(&mut y, 1.0, skip.as_ref().unwrap_or(x.tensor()))?;
         self.backward_coefficients.keep_with(mode, || backward);
-        match &mut self.shortcut {
-            Some(shortcut) => {
-                let skip = shortcut.forward_input(backend, x, mode)?;
-                backend.axpy_(&mut y, 1.0, &skip)?;
-            }
-            None => backend.axpy_(&mut y, 1.0, x.tensor())?,
-        }
+        self.input.keep_input(backend, x, mode)?;
         Ok(y)
     }
 
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
         let beta = self.backward_coefficients.take("ShakeBlock::backward")?;
+        let x = self.input.take("ShakeBlock::backward")?;
         let (da, db) = mix_per_image(backend, dy, dy, &beta)?;
-        let mut dx = self.branch1.backward(backend, &da)?;
-        backend.axpy_(&mut dx, 1.0, &self.branch2.backward(backend, &db)?)?;
+        let mut d_rectified = self.branch1.backward(backend, &da)?;
+        backend.axpy_(&mut d_rectified, 1.0, &self.branch2.backward(backend, &db)?)?;
         match &mut self.shortcut {
-            Some(shortcut) => backend.axpy_(&mut dx, 1.0, &shortcut.backward(backend, dy)?)?,
-            None => backend.axpy_(&mut dx, 1.0, dy)?,
+            Some(shortcut) => {
+                backend.axpy_(&mut d_rectified, 1.0, &shortcut.backward(backend, dy)?)?;
+                backend.relu_backward(&x, &d_rectified)
+            }
+            None => {
+                let mut dx = backend.relu_backward(&x, &d_rectified)?;
+                backend.axpy_(&mut dx, 1.0, dy)?;
+                Ok(dx)
+            }
         }
-        Ok(dx)
     }
 
     fn visit_params_mut(&mut self, f: &mut dyn FnMut(&str, &mut Param<B>)) {
@@ -474,6 +501,7 @@ impl<B: Backend> Module<B> for ShakeBlock<B> {
             shortcut.zero_grads();
         }
         self.backward_coefficients.clear();
+        self.input.clear();
     }
 
     fn visit_batch_counters(&self, f: &mut dyn FnMut(&str, u64)) {
