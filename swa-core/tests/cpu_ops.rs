@@ -210,12 +210,13 @@ const fn case(x: [usize; 4], cout: usize, k: usize, stride: usize, pad: usize) -
 /// Odd sizes, strides 1 and 2, padding 0 and 1, 1×1 and 3×3 kernels, batches of 1 and 3, and batches of
 /// small images that the backend groups into one GEMM, large images that it unrolls in bands of rows, and
 /// wide layers on small planes that it runs as one GEMM per kernel position (with "same" and "valid"
-/// padding, 3×3 and 5×5 kernels, and channel counts that do not split evenly over the threads) or by
+/// padding, 3×3 and 5×5 kernels, channel counts that do not split evenly over the threads, and a batch of
+/// more than one block of the pixel-major transposes) or by
 /// Winograd's F(2×2, 3×3) (3×3, padding 1, even planes, square or not), and few-channel 3×3 convolutions
 /// with padding 1 on rows of whole vectors that run directly in registers (odd heights and output
 /// channel counts that leave partial tiles, rows of one and two AVX-512 vectors and of one AVX2 vector)
 /// or on rows half a vector long, two to a vector (even heights, a multiple of the tile's rows or not).
-const CONV_CASES: [ConvCase; 27] = [
+const CONV_CASES: [ConvCase; 28] = [
     case([1, 3, 5, 7], 4, 3, 1, 1),
     case([3, 3, 5, 7], 2, 3, 2, 1),
     case([3, 2, 7, 5], 3, 3, 1, 0),
@@ -234,6 +235,7 @@ const CONV_CASES: [ConvCase; 27] = [
     case([2, 131, 2, 2], 128, 3, 1, 1),
     case([2, 129, 5, 3], 128, 3, 1, 0),
     case([2, 128, 3, 4], 129, 5, 1, 2),
+    case([17, 128, 4, 4], 130, 3, 1, 1),
     case([1, 128, 8, 7], 128, 3, 1, 1),
     case([2, 128, 6, 8], 129, 3, 1, 1),
     case([3, 5, 7, 16], 11, 3, 1, 1),

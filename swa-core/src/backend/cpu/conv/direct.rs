@@ -144,7 +144,7 @@ enum Layout {
     /// Zero-padded planes `[H + 2 + extra][W + 2]`, the image at row 1, column 1: for rows a whole
     /// number of vectors long, each vector a piece of one row.
     Padded,
-    /// For rows half a vector long (8 columns on AVX-512, PreResNet's and Shake-Shake's 8×8 stages):
+    /// For rows half a vector long (8 columns on AVX-512, PreResNet's 8×8 stage):
     /// per channel, the zero-padded plane three times, shifted left by kernel column 0, 1 and 2 and cut
     /// to `W` columns, `[3][H + 2 + extra][W]`. Two consecutive rows are then one contiguous vector, so
     /// a vector holds two output rows and, for each kernel position, its inputs are one load.

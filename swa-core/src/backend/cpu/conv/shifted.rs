@@ -75,6 +75,45 @@ fn taps(g: &Geometry) -> Vec<Tap> {
     taps
 }
 
+/// Side of the square blocks [`transpose_block`] moves at a time.
+const BLOCK: usize = 16;
+
+/// `dst[j·dst_stride + i] = src[i·src_stride + j]` for `i < rows`, `j < cols`, both at most [`BLOCK`].
+///
+/// The pixel-major layouts are transposes of the batch's: element by element, one of the two sides is
+/// written or read a whole row apart, which on 8×8 planes of 128 images was measured at under 3 GB/s.
+/// Through a block held in registers and L1, both sides move in runs of [`BLOCK`] values.
+#[inline(always)]
+fn transpose_block(
+    src: &[f32],
+    src_stride: usize,
+    dst: &mut [f32],
+    dst_stride: usize,
+    rows: usize,
+    cols: usize,
+) {
+    if rows == BLOCK && cols == BLOCK {
+        let mut block = [[0.0f32; BLOCK]; BLOCK];
+        for (i, row) in block.iter_mut().enumerate() {
+            row.copy_from_slice(&src[i * src_stride..][..BLOCK]);
+        }
+        for j in 0..BLOCK {
+            let to: &mut [f32; BLOCK] = (&mut dst[j * dst_stride..][..BLOCK])
+                .try_into()
+                .expect("a slice of BLOCK values");
+            for (i, t) in to.iter_mut().enumerate() {
+                *t = block[i][j];
+            }
+        }
+        return;
+    }
+    for i in 0..rows {
+        for j in 0..cols {
+            dst[j * dst_stride + i] = src[i * src_stride + j];
+        }
+    }
+}
+
 /// `[N, C, plane]` → `[C, plane, N]` with channels `pitch` apart, one channel per task.
 pub(super) fn to_pixel_major(
     src: &[f32],
@@ -84,19 +123,28 @@ pub(super) fn to_pixel_major(
     pitch: usize,
     dst: &mut [f32],
 ) {
+    let image = channels * plane;
     dst.par_chunks_mut(pitch)
         .enumerate()
         .for_each(|(c, channel)| {
-            for n in 0..batch {
-                let from = &src[(n * channels + c) * plane..][..plane];
-                for (q, &v) in from.iter().enumerate() {
-                    channel[q * batch + n] = v;
+            for n in (0..batch).step_by(BLOCK) {
+                let rows = BLOCK.min(batch - n);
+                for q in (0..plane).step_by(BLOCK) {
+                    let cols = BLOCK.min(plane - q);
+                    transpose_block(
+                        &src[n * image + c * plane + q..],
+                        image,
+                        &mut channel[q * batch + n..],
+                        batch,
+                        rows,
+                        cols,
+                    );
                 }
             }
         });
 }
 
-/// `[C, plane, N]` with channels `pitch` apart → `[N, C, plane]`, one image per task.
+/// `[C, plane, N]` with channels `pitch` apart → `[N, C, plane]`, [`BLOCK`] images per task.
 pub(super) fn from_pixel_major(
     src: &[f32],
     batch: usize,
@@ -105,13 +153,23 @@ pub(super) fn from_pixel_major(
     pitch: usize,
     dst: &mut [f32],
 ) {
-    dst.par_chunks_mut(channels * plane)
+    let image = channels * plane;
+    dst.par_chunks_mut(BLOCK * image)
         .enumerate()
-        .for_each(|(n, image)| {
-            for (c, to) in image.chunks_exact_mut(plane).enumerate() {
-                let from = &src[c * pitch + n..];
-                for (q, t) in to.iter_mut().enumerate() {
-                    *t = from[q * batch];
+        .for_each(|(block, images)| {
+            let n = block * BLOCK;
+            let cols = BLOCK.min(batch - n);
+            for c in 0..channels {
+                for q in (0..plane).step_by(BLOCK) {
+                    let rows = BLOCK.min(plane - q);
+                    transpose_block(
+                        &src[c * pitch + q * batch + n..],
+                        batch,
+                        &mut images[c * plane + q..],
+                        image,
+                        rows,
+                        cols,
+                    );
                 }
             }
         });
