@@ -600,7 +600,6 @@ fn gradients_whole_batch(
 #[derive(Default)]
 struct Scratch {
     col: Vec<f32>,
-    weights: Vec<f32>,
     grouped: Vec<f32>,
     output_gradient: Vec<f32>,
 }
@@ -804,7 +803,7 @@ fn forward(g: &Geometry, w: &[f32], x: &[f32], bias: Option<&[f32]>) -> Vec<f32>
     // in five alternating pairs).
     if g.winograd() {
         let mut y = zeroed(g.batch * g.out_image());
-        with_scratch(|scratch| winograd::forward(g, w, x, bias, &mut y, scratch));
+        winograd::forward(g, w, x, bias, &mut y);
         return y;
     }
     if let Some(isa) = direct::fits(g) {
@@ -862,7 +861,7 @@ fn gradients(
         // The weight gradient by the fastest method for the geometry; the input gradient as the
         // transposed convolution, which `forward` sends to the direct kernel whenever `g` fits it.
         let dw = if g.winograd_weight_gradient() {
-            with_scratch(|scratch| winograd::weight_gradient(g, x, dy, scratch))
+            winograd::weight_gradient(g, x, dy)
         } else if let Some(isa) = direct.filter(|&isa| direct::computes_weight_gradient(isa, g)) {
             direct::weight_gradient(isa, g, x, dy)
         } else {

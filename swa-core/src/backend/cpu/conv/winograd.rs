@@ -11,9 +11,15 @@
 //! transformed input over the batch's tiles (see [`weight_gradient`]).
 //!
 //! The transforms' coefficients are 0, ±1 and ±½, so the only rounding beyond a direct convolution's
-//! comes from the few extra additions of the transforms. Every GEMM runs on one thread, the 16 of them in
-//! parallel, and the transforms in parallel over channels and images: no sum depends on the scheduling,
-//! so results are bit-identical whatever the thread count.
+//! comes from the few extra additions of the transforms.
+//!
+//! The transformed activations are four times the size of the activations, so the batch is worked
+//! through in fixed groups of images, one task each (the forward pass: [`FORWARD_GROUP_IMAGES`]; the
+//! weight gradient: parts with partial sums, see [`weight_gradient`]), whose transforms the GEMMs read
+//! back from cache: in a training step, transforming the whole batch first streamed them through memory
+//! and made the forward pass no faster than the direct kernel's. Every GEMM runs on one thread and the
+//! groups depend only on the geometry: no sum depends on the scheduling, so results are bit-identical
+//! whatever the thread count.
 
 use rayon::prelude::*;
 
@@ -21,7 +27,7 @@ use gemm::Parallelism;
 
 use super::super::matrix::{gemm_into_strided, MatRef};
 use super::shifted::{from_pixel_major, to_pixel_major};
-use super::{padded_pitch, resized, Geometry, Scratch};
+use super::{padded_pitch, resized, with_scratch, Geometry, Scratch};
 
 /// Positions of a transformed 4×4 block.
 const POSITIONS: usize = 16;
@@ -95,7 +101,7 @@ fn transform_weights(
 
 /// Values of a tile position handled at once: the batch is innermost, so each of a tile's 16 inputs is a
 /// run of consecutive images, and the transforms run on fixed-size arrays that the compiler vectorises.
-const LANES: usize = 32;
+const LANES: usize = 16;
 
 /// `dst[..len] = src[..len]` for `len` at most [`LANES`]: a whole run of [`LANES`] (every run when the batch
 /// is a multiple of it) as a copy of known length, which compiles to a few vector moves rather than a
@@ -216,10 +222,39 @@ fn transform_output(
         });
 }
 
+/// Images [`forward`] runs through the transforms and products at a time, one group per task: the
+/// transformed input and the products of a group (16 positions × channels × tiles each) stay small
+/// enough to be read back from cache, where whole-batch buffers four times the activations' size
+/// streamed through memory between the passes.
+const FORWARD_GROUP_IMAGES: usize = LANES;
+
 /// `y = conv(x, w) + bias` for a convolution that [`fits`], `y` `[N, Cout, H, W]`.
-pub(super) fn forward(
+///
+/// The weights are transformed once; then each group of [`FORWARD_GROUP_IMAGES`] images is a task of
+/// its own. Each output depends only on its group's products, in a fixed order, so results are
+/// bit-identical whatever the thread count.
+pub(super) fn forward(g: &Geometry, w: &[f32], x: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    let channel_pitch = padded_pitch(g.in_channels);
+    let mut u = vec![0.0f32; POSITIONS * g.out_channels * channel_pitch];
+    transform_weights(w, g.out_channels, g.in_channels, channel_pitch, &mut u);
+    let u = &u[..];
+    let images = FORWARD_GROUP_IMAGES.min(g.batch).max(1);
+    y.par_chunks_mut(images * g.out_image())
+        .zip(x.par_chunks(images * g.in_image()))
+        .for_each(|(y, x)| {
+            let part = Geometry {
+                batch: x.len() / g.in_image(),
+                ..*g
+            };
+            with_scratch(|scratch| forward_group(&part, u, channel_pitch, x, bias, y, scratch));
+        });
+}
+
+/// [`forward`] for the images of `g`, with the transformed weights `u` (rows `channel_pitch` apart).
+fn forward_group(
     g: &Geometry,
-    w: &[f32],
+    u: &[f32],
+    channel_pitch: usize,
     x: &[f32],
     bias: Option<&[f32]>,
     y: &mut [f32],
@@ -227,18 +262,10 @@ pub(super) fn forward(
 ) {
     let tiles = g.batch * (g.height / 2) * (g.width / 2);
     let tile_pitch = padded_pitch(tiles);
-    let channel_pitch = padded_pitch(g.in_channels);
     let (in_pitch, out_pitch) = (
         padded_pitch(g.in_plane() * g.batch),
         padded_pitch(g.out_plane() * g.batch),
     );
-
-    let u = resized(
-        &mut scratch.weights,
-        POSITIONS * g.out_channels * channel_pitch,
-    );
-    transform_weights(w, g.out_channels, g.in_channels, channel_pitch, u);
-    let u = &*u;
     let xt = resized(&mut scratch.output_gradient, g.in_channels * in_pitch);
     to_pixel_major(x, g.batch, g.in_channels, g.in_plane(), in_pitch, xt);
     let v = resized(&mut scratch.col, POSITIONS * g.in_channels * tile_pitch);
@@ -249,33 +276,31 @@ pub(super) fn forward(
         &mut scratch.grouped,
         POSITIONS * g.out_channels * tile_pitch,
     );
-    m.par_chunks_mut(g.out_channels * tile_pitch)
-        .enumerate()
-        .for_each(|(position, product)| {
-            let weight = MatRef {
-                data: &u[position * g.out_channels * channel_pitch..],
-                rows: g.out_channels,
-                cols: g.in_channels,
-                row_stride: channel_pitch,
-                col_stride: 1,
-            };
-            let input = MatRef {
-                data: &v[position * g.in_channels * tile_pitch..],
-                rows: g.in_channels,
-                cols: tiles,
-                row_stride: tile_pitch,
-                col_stride: 1,
-            };
-            gemm_into_strided(
-                product,
-                tile_pitch,
-                1,
-                weight,
-                input,
-                false,
-                Parallelism::None,
-            );
-        });
+    for (position, product) in m.chunks_mut(g.out_channels * tile_pitch).enumerate() {
+        let weight = MatRef {
+            data: &u[position * g.out_channels * channel_pitch..],
+            rows: g.out_channels,
+            cols: g.in_channels,
+            row_stride: channel_pitch,
+            col_stride: 1,
+        };
+        let input = MatRef {
+            data: &v[position * g.in_channels * tile_pitch..],
+            rows: g.in_channels,
+            cols: tiles,
+            row_stride: tile_pitch,
+            col_stride: 1,
+        };
+        gemm_into_strided(
+            product,
+            tile_pitch,
+            1,
+            weight,
+            input,
+            false,
+            Parallelism::None,
+        );
+    }
     // The pixel-major input is no longer needed: its buffer receives the pixel-major output.
     let yt = resized(&mut scratch.output_gradient, g.out_channels * out_pitch);
     transform_output(g, m, tile_pitch, bias, out_pitch, yt);
@@ -366,40 +391,74 @@ fn inverse_transform_weights(
         });
 }
 
-/// Output tiles [`weight_gradient`] transforms at a time: the transformed input and output gradient
-/// of this many tiles (16 positions × channels × tiles each) stay the size of a batch of 128 8×8 images,
-/// however large the planes.
+/// Output tiles [`weight_gradient`] transforms at a time when it works through the batch alone: the
+/// transformed input and output gradient of this many tiles (16 positions × channels × tiles each) stay
+/// the size of a batch of 128 8×8 images, however large the planes.
 const GRADIENT_TILES: usize = 2048;
+
+/// Values (f32) of the partial sums of `dU` that [`weight_gradient`] may hold at once: with narrow
+/// layers the batch is split into up to [`GRADIENT_MAX_PARTS`] parts, each a task adding its own
+/// partial sum, so that each part's transforms are read back by its GEMMs from cache.
+const GRADIENT_PARTIALS: usize = 1 << 22;
+
+/// See [`GRADIENT_PARTIALS`].
+const GRADIENT_MAX_PARTS: usize = 8;
+
+/// The largest power of two at most `n` (`n` ≥ 1).
+fn prev_power_of_two(n: usize) -> usize {
+    1 << (usize::BITS - 1 - n.max(1).leading_zeros())
+}
 
 /// The weight gradient `[Cout, Cin, 3, 3]` of a convolution that [`fits`], from its input `x` and output
 /// gradient `dy`: since `m[ξ] = U[ξ] · V[ξ]` and `y = Aᵀ m A`, the gradient of `U[ξ]` is one GEMM
 /// `dM[ξ] · V[ξ]ᵀ` over the tiles per position ξ (`dM = A dy Aᵀ` tile by tile), with 2.25× fewer
 /// multiplications than the direct sums, and the weights' gradient is `Gᵀ dU G`.
 ///
-/// The batch is worked through in fixed groups of images of about [`GRADIENT_TILES`] tiles, each group's
-/// GEMMs adding into `dU` in order; each GEMM runs on one thread, so no sum's order depends on the
-/// scheduling or the thread count.
-pub(super) fn weight_gradient(
-    g: &Geometry,
-    x: &[f32],
-    dy: &[f32],
-    scratch: &mut Scratch,
-) -> Vec<f32> {
-    let tiles_per_image = (g.height / 2) * (g.width / 2);
-    let images_per_group = (GRADIENT_TILES / tiles_per_image.max(1)).clamp(1, g.batch.max(1));
+/// The batch is split into equal parts (as many as [`GRADIENT_PARTIALS`] allows, a power of two up to
+/// [`GRADIENT_MAX_PARTS`], each of at least [`LANES`] images), each a task that works through its images
+/// in fixed groups of about [`GRADIENT_TILES`] / parts tiles (at least [`LANES`] images), each group's
+/// GEMMs adding into the part's `dU` in order; the parts' sums are then added in order. The parts and groups depend only on
+/// the geometry and each GEMM runs on one thread, so no sum's order depends on the scheduling or the
+/// thread count.
+pub(super) fn weight_gradient(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let tiles_per_image = ((g.height / 2) * (g.width / 2)).max(1);
     let channel_pitch = padded_pitch(g.in_channels);
     let du_len = POSITIONS * g.out_channels * channel_pitch;
-    // dU lives in a buffer of its own: the scratch buffers hold each group's transforms.
-    let mut du = vec![0.0f32; du_len];
-    for (group, first) in (0..g.batch).step_by(images_per_group).enumerate() {
-        let images = images_per_group.min(g.batch - first);
-        let part = Geometry {
-            batch: images,
-            ..*g
-        };
-        let x = &x[first * g.in_image()..][..images * g.in_image()];
-        let dy = &dy[first * g.out_image()..][..images * g.out_image()];
-        add_transformed_weight_gradient(&part, x, dy, group > 0, &mut du, scratch);
+    // A power of two, so that the parts share out evenly over the usual thread counts, and at least
+    // a run of lanes of images each.
+    let parts = prev_power_of_two(
+        (GRADIENT_PARTIALS / du_len.max(1))
+            .min(g.batch / LANES)
+            .clamp(1, GRADIENT_MAX_PARTS),
+    );
+    let images_per_part = g.batch.div_ceil(parts).max(1);
+    let images_per_group = (GRADIENT_TILES / parts / tiles_per_image)
+        .max(LANES)
+        .min(images_per_part);
+    let mut partials: Vec<Vec<f32>> = (0..g.batch.div_ceil(images_per_part).max(1))
+        .into_par_iter()
+        .map(|part| {
+            let first = part * images_per_part;
+            let last = (first + images_per_part).min(g.batch);
+            let mut du = vec![0.0f32; du_len];
+            with_scratch(|scratch| {
+                for (i, first) in (first..last).step_by(images_per_group).enumerate() {
+                    let images = images_per_group.min(last - first);
+                    let group = Geometry {
+                        batch: images,
+                        ..*g
+                    };
+                    let x = &x[first * g.in_image()..][..images * g.in_image()];
+                    let dy = &dy[first * g.out_image()..][..images * g.out_image()];
+                    add_transformed_weight_gradient(&group, x, dy, i > 0, &mut du, scratch);
+                }
+            });
+            du
+        })
+        .collect();
+    let mut du = partials.remove(0);
+    for partial in &partials {
+        du.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
     }
     let mut dw = vec![0.0; g.out_channels * g.patch()];
     inverse_transform_weights(&du, g.out_channels, g.in_channels, channel_pitch, &mut dw);
@@ -555,7 +614,7 @@ mod tests {
             let (x, wt) = (values(n * cin * h * w, 1), values(cout * cin * 9, 2));
             let bias = values(cout, 3);
             let mut y = vec![f32::NAN; n * cout * h * w];
-            forward(&g, &wt, &x, Some(&bias), &mut y, &mut Scratch::default());
+            forward(&g, &wt, &x, Some(&bias), &mut y);
             let mut want = direct(&g, &x, &wt);
             for (i, v) in want.iter_mut().enumerate() {
                 *v += f64::from(bias[(i / (h * w)) % cout]);
@@ -574,14 +633,7 @@ mod tests {
             assert!(fits(&t));
             let (wt, dy) = (values(cout * cin * 9, 4), values(n * cout * h * w, 5));
             let mut dx = vec![f32::NAN; n * cin * h * w];
-            forward(
-                &t,
-                &g.flipped_weight(&wt),
-                &dy,
-                None,
-                &mut dx,
-                &mut Scratch::default(),
-            );
+            forward(&t, &g.flipped_weight(&wt), &dy, None, &mut dx);
             // dx[n, ci, ih, iw] = Σ dy[n, co, ih − kh + 1, iw − kw + 1] · w[co, ci, kh, kw].
             let mut want = vec![0.0f64; dx.len()];
             let (hi, wi) = (h as isize, w as isize);
@@ -616,12 +668,12 @@ mod tests {
 
     #[test]
     fn weight_gradient_matches_the_direct_sum() {
-        // The last shape has more tiles than one group holds: 70 images of 64 tiles are three groups
-        // (32, 32 and 6 images).
+        // The last shape is split into parts of more than one group: 70 images are four parts of 18,
+        // 18, 18 and 16 images, each of a group of 16 images and one of the rest.
         for (n, cin, cout, h, w) in SHAPES.into_iter().chain([(70, 2, 3, 16, 16)]) {
             let g = geometry(n, cin, cout, h, w);
             let (x, dy) = (values(n * cin * h * w, 6), values(n * cout * h * w, 7));
-            let dw = weight_gradient(&g, &x, &dy, &mut Scratch::default());
+            let dw = weight_gradient(&g, &x, &dy);
             // dw[co, ci, kh, kw] = Σ dy[n, co, oh, ow] · x[n, ci, oh + kh − 1, ow + kw − 1].
             let mut want = vec![0.0f64; cout * cin * 9];
             let (hi, wi) = (h as isize, w as isize);
