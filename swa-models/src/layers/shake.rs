@@ -125,10 +125,8 @@ pub struct ShakeShortcut<B: Backend> {
     centre: B::Tensor,
     /// `[1, 9]`: the kernel's bottom-right tap.
     corner: B::Tensor,
-    /// The (rectified) input of the last training pass.
-    kept_input: ForwardCache<B::Tensor>,
-    /// The combined weight of the last training pass.
-    kept_weight: ForwardCache<B::Tensor>,
+    /// The (rectified) input and the combined weight of the last training pass.
+    kept: ForwardCache<(B::Tensor, B::Tensor)>,
 }
 
 impl<B: Backend> ShakeShortcut<B> {
@@ -182,8 +180,7 @@ impl<B: Backend> ShakeShortcut<B> {
             lower: selection(half)?,
             centre: tap(4)?,
             corner: tap(8)?,
-            kept_input: ForwardCache::new(),
-            kept_weight: ForwardCache::new(),
+            kept: ForwardCache::new(),
         })
     }
 
@@ -253,15 +250,14 @@ impl<B: Backend> Module<B> for ShakeShortcut<B> {
     ) -> BackendResult<B::Tensor> {
         let weight = self.combined_weight(backend)?;
         let z = backend.conv2d(x.tensor(), &weight, None, self.spec())?;
-        self.kept_weight.keep_with(mode, || weight);
-        self.kept_input.keep_input(backend, x, mode)?;
+        self.kept
+            .try_keep_with(mode, || Ok((x.into_owned(backend)?, weight)))?;
         self.bn.forward_owned(backend, z, mode)
     }
 
     /// The gradient with respect to the rectified input.
     fn backward(&mut self, backend: &B, dy: &B::Tensor) -> BackendResult<B::Tensor> {
-        let rectified = self.kept_input.take("ShakeShortcut::backward")?;
-        let weight = self.kept_weight.take("ShakeShortcut::backward")?;
+        let (rectified, weight) = self.kept.take("ShakeShortcut::backward")?;
         let dz = self.bn.backward(backend, dy)?;
         let grads = backend.conv2d_backward(&rectified, &weight, &dz, self.spec(), true, false)?;
         let flat = [self.out_channels * self.in_channels, 9];
@@ -287,8 +283,7 @@ impl<B: Backend> Module<B> for ShakeShortcut<B> {
         self.conv1.grad = None;
         self.conv2.grad = None;
         self.bn.zero_grads();
-        self.kept_input.clear();
-        self.kept_weight.clear();
+        self.kept.clear();
     }
 
     fn visit_batch_counters(&self, f: &mut dyn FnMut(&str, u64)) {

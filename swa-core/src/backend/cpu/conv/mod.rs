@@ -859,7 +859,8 @@ fn gradients(
     let direct = direct::fits(g);
     if direct.is_some() || g.winograd_weight_gradient() {
         // The weight gradient by the fastest method for the geometry; the input gradient as the
-        // transposed convolution, which `forward` sends to the direct kernel whenever `g` fits it.
+        // transposed convolution, which `forward` sends to Winograd's algorithm or the direct kernel
+        // as it does a forward pass of that geometry.
         let dw = if g.winograd_weight_gradient() {
             winograd::weight_gradient(g, x, dy)
         } else if let Some(isa) = direct.filter(|&isa| direct::computes_weight_gradient(isa, g)) {

@@ -417,9 +417,9 @@ fn prev_power_of_two(n: usize) -> usize {
 /// The batch is split into equal parts (as many as [`GRADIENT_PARTIALS`] allows, a power of two up to
 /// [`GRADIENT_MAX_PARTS`], each of at least [`LANES`] images), each a task that works through its images
 /// in fixed groups of about [`GRADIENT_TILES`] / parts tiles (at least [`LANES`] images), each group's
-/// GEMMs adding into the part's `dU` in order; the parts' sums are then added in order. The parts and groups depend only on
-/// the geometry and each GEMM runs on one thread, so no sum's order depends on the scheduling or the
-/// thread count.
+/// GEMMs adding into the part's `dU` in order; the parts' sums are then added in order. The parts and
+/// groups depend only on the geometry and each GEMM runs on one thread, so no sum's order depends on
+/// the scheduling or the thread count.
 pub(super) fn weight_gradient(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let tiles_per_image = ((g.height / 2) * (g.width / 2)).max(1);
     let channel_pitch = padded_pitch(g.in_channels);
